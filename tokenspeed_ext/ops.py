@@ -1,0 +1,100 @@
+"""Typed wrappers over torch.ops.tokenspeed.*, each with the fake kernel torch.compile uses.
+
+Argument checks live inside the C++ ops (shared by CPU and CUDA), not here, so
+``torch.compile(fullgraph=True)`` traces these wrappers without a graph break.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._build import load_library
+
+BUILD = load_library()
+_ops = torch.ops.tokenspeed
+
+
+def logprobs(logits: Tensor, targets: Tensor, temperature: float = 1.0,
+             return_entropy: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """``log_softmax(logits / temperature)[t, targets[t]]`` for every row, in fp32.
+
+    logits [T, V] fp32/bf16/fp16 (rows may be strided, e.g. ``x[:, :V]``), targets [T]
+    int32/int64. Returns logprobs [T] fp32, or (logprobs, entropy) with
+    ``return_entropy=True``. Never materialises [T, V].
+    """
+    lp, ent = _ops.logprobs.default(logits, targets, float(temperature), bool(return_entropy))
+    return (lp, ent) if return_entropy else lp
+
+
+def logprob_partials(logits: Tensor, targets: Tensor, vocab_start: int,
+                     temperature: float = 1.0) -> Tensor:
+    """Per-row state [T, 4] fp32 of one vocabulary shard (ids vocab_start .. +Vs).
+
+    Columns: m = max x, s = sum exp(x - m), w = sum exp(x - m) * (x - m), t = x[target]
+    (-inf when the target is outside the shard), with x = logits / temperature.
+    """
+    return _ops.logprob_partials.default(logits, targets, int(vocab_start), float(temperature))
+
+
+def combine_logprob_partials(partials: Tensor) -> tuple[Tensor, Tensor]:
+    """Merge shard partials [S, T, 4] in shard order -> (logprobs [T], entropy [T])."""
+    return _ops.combine_logprob_partials.default(partials)
+
+
+def store_kv(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
+             slot_mapping: Tensor) -> None:
+    """Write k, v [N, Hk, D] into the paged caches [P, page_size, Hk, D] in place.
+
+    slot_mapping [N] holds flat slots ``page * page_size + offset``; negative slots are
+    skipped.
+    """
+    _ops.store_kv.default(k, v, k_cache, v_cache, slot_mapping)
+
+
+def paged_prefill_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, page_table: Tensor,
+                            cu_seqlens_q: Tensor, kv_lens: Tensor,
+                            scale: float | None = None) -> Tensor:
+    """Causal GQA attention of each request's new tokens over its paged sequence.
+
+    q [N, Hq, D]; caches [P, page_size, Hk, D]; page_table [B, max_pages] int32;
+    cu_seqlens_q [B+1] int32; kv_lens [B] int32. Request b's new tokens (rows
+    cu_seqlens_q[b]:cu_seqlens_q[b+1] of q) are the last of its kv_lens[b] positions.
+    Returns [N, Hq, D] in q's dtype; softmax state in fp32; scale defaults to D**-0.5.
+    """
+    return _ops.paged_prefill_attention.default(
+        q, k_cache, v_cache, page_table, cu_seqlens_q, kv_lens,
+        None if scale is None else float(scale))
+
+
+# Fake kernels: shapes and dtypes only, for torch.compile / FakeTensor tracing.
+
+@torch.library.register_fake("tokenspeed::logprobs")
+def _logprobs_fake(logits, targets, temperature, return_entropy):
+    torch._check(logits.dim() == 2, lambda: f"logits must be [T, V], got {logits.shape}")
+    t = logits.shape[0]
+    lp = logits.new_empty((t,), dtype=torch.float32)
+    ent = logits.new_empty((t if return_entropy else 0,), dtype=torch.float32)
+    return lp, ent
+
+
+@torch.library.register_fake("tokenspeed::logprob_partials")
+def _logprob_partials_fake(logits, targets, vocab_start, temperature):
+    torch._check(logits.dim() == 2, lambda: f"logits must be [T, Vs], got {logits.shape}")
+    return logits.new_empty((logits.shape[0], 4), dtype=torch.float32)
+
+
+@torch.library.register_fake("tokenspeed::combine_logprob_partials")
+def _combine_fake(partials):
+    torch._check(partials.dim() == 3, lambda: f"partials must be [S, T, 4], got {partials.shape}")
+    t = partials.shape[1]
+    return partials.new_empty((t,)), partials.new_empty((t,))
+
+
+@torch.library.register_fake("tokenspeed::store_kv")
+def _store_kv_fake(k, v, k_cache, v_cache, slot_mapping):
+    return None
+
+
+@torch.library.register_fake("tokenspeed::paged_prefill_attention")
+def _paged_prefill_attention_fake(q, k_cache, v_cache, page_table, cu_seqlens_q, kv_lens, scale):
+    return torch.empty_like(q)

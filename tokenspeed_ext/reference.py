@@ -1,0 +1,108 @@
+"""Pure-PyTorch reference of every op: the executable spec the kernels are tested against.
+
+Each function computes and returns in ``dtype`` (float64 by default), so a kernel's fp32
+error can be measured against it. Attention returns [N, Hq, D] in ``dtype`` too.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def logprobs(logits: Tensor, targets: Tensor, temperature: float = 1.0,
+             return_entropy: bool = False, dtype: torch.dtype = torch.float64
+             ) -> Tensor | tuple[Tensor, Tensor]:
+    x = logits.to(dtype) / temperature
+    logp = torch.log_softmax(x, dim=-1)
+    lp = logp.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
+    if not return_entropy:
+        return lp
+    p = logp.exp()
+    # -inf logits have p = 0 and contribute nothing (0 * -inf would be nan)
+    ent = -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1)
+    return lp, ent
+
+
+def logprob_partials(logits: Tensor, targets: Tensor, vocab_start: int,
+                     temperature: float = 1.0, dtype: torch.dtype = torch.float64) -> Tensor:
+    """[T, 4] rows (m, s, w, t) of one shard; see tokenspeed_ext.ops.logprob_partials."""
+    x = logits.to(dtype) / temperature
+    t_rows, vs = x.shape
+    m = x.max(dim=-1).values if vs else x.new_full((t_rows,), -math.inf)
+    finite_m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    shifted = x - finite_m.unsqueeze(-1)
+    e = torch.where(torch.isneginf(x), torch.zeros_like(x), shifted.exp())
+    s = e.sum(-1)
+    w = torch.where(e > 0, e * shifted, torch.zeros_like(e)).sum(-1)
+    local = targets.long() - vocab_start
+    inside = (local >= 0) & (local < vs)
+    t = x.gather(-1, local.clamp(0, max(vs - 1, 0)).unsqueeze(-1)).squeeze(-1)
+    t = torch.where(inside, t, torch.full_like(t, -math.inf))
+    return torch.stack([m, s, w, t], dim=-1)
+
+
+def combine_logprob_partials(partials: Tensor, dtype: torch.dtype = torch.float64
+                             ) -> tuple[Tensor, Tensor]:
+    """Merge [S, T, 4] shard states; rows with no finite logit give nan."""
+    p = partials.to(dtype)
+    m, s, w, t = p.unbind(-1)
+    big_m = m.max(dim=0).values
+    safe_m = torch.where(torch.isfinite(big_m), big_m, torch.zeros_like(big_m))
+    scale = torch.where(torch.isneginf(m), torch.zeros_like(m), (m - safe_m).exp())
+    big_s = (s * scale).sum(0)
+    # w_i is relative to m_i: move it to M before summing
+    shift = torch.where(torch.isneginf(m), torch.zeros_like(m), m - safe_m)
+    big_w = ((w + s * shift) * scale).sum(0)
+    big_t = t.max(dim=0).values
+    log_s = big_s.log()
+    lp = big_t - big_m - log_s
+    ent = log_s - big_w / big_s
+    nan = torch.full_like(lp, math.nan)
+    lp = torch.where(torch.isneginf(big_m), nan, lp)
+    ent = torch.where(torch.isneginf(big_m), nan, ent)
+    return lp, ent
+
+
+def store_kv(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
+             slot_mapping: Tensor) -> None:
+    """In place, like the op: rows with a negative slot are skipped."""
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    hk, d = k_cache.shape[2], k_cache.shape[3]
+    k_cache.view(-1, hk, d)[slots] = k[keep]
+    v_cache.view(-1, hk, d)[slots] = v[keep]
+
+
+def depage(cache: Tensor, pages: Tensor, length: int) -> Tensor:
+    """Rebuild one request's contiguous [length, Hk, D] from its page list."""
+    page_size = cache.shape[1]
+    n_pages = (length + page_size - 1) // page_size
+    return cache[pages[:n_pages].long()].reshape(-1, *cache.shape[2:])[:length]
+
+
+def paged_prefill_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, page_table: Tensor,
+                            cu_seqlens_q: Tensor, kv_lens: Tensor, scale: float | None = None,
+                            dtype: torch.dtype = torch.float64) -> Tensor:
+    n, hq, d = q.shape
+    hk = k_cache.shape[2]
+    scale = d ** -0.5 if scale is None else scale
+    out = torch.zeros(n, hq, d, dtype=dtype, device=q.device)
+    cu = cu_seqlens_q.tolist()
+    for b, kv_len in enumerate(kv_lens.tolist()):
+        q_b = q[cu[b]:cu[b + 1]].to(dtype)  # [n_new, Hq, D]
+        n_new = q_b.shape[0]
+        if n_new == 0:
+            continue
+        k_b = depage(k_cache, page_table[b], kv_len).to(dtype)
+        v_b = depage(v_cache, page_table[b], kv_len).to(dtype)
+        k_b = k_b.repeat_interleave(hq // hk, dim=1)  # [kv_len, Hq, D]
+        v_b = v_b.repeat_interleave(hq // hk, dim=1)
+        scores = torch.einsum("qhd,khd->hqk", q_b, k_b) * scale
+        q_pos = torch.arange(kv_len - n_new, kv_len, device=q.device)
+        k_pos = torch.arange(kv_len, device=q.device)
+        mask = k_pos.unsqueeze(0) > q_pos.unsqueeze(1)  # [n_new, kv_len]
+        scores = scores.masked_fill(mask, -math.inf)
+        out[cu[b]:cu[b + 1]] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v_b)
+    return out
