@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import glob
 import hashlib
+import logging
 import os
 import shutil
 import sys
@@ -34,6 +35,19 @@ from types import ModuleType
 import torch
 
 _PKG = Path(__file__).resolve().parent
+
+
+def _cpp_extension() -> ModuleType:
+    """torch.utils.cpp_extension, imported without its warning about a missing CUDA
+    runtime on CPU-only machines (the toolkit is located here, see find_cuda_home)."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        logger.setLevel(level)
+    return cpp_extension
 
 
 def source_root() -> Path:
@@ -77,7 +91,7 @@ def find_cuda_home() -> str | None:
     for c in candidates:
         if _valid_toolkit(c):
             return str(Path(c).resolve())
-    from torch.utils import cpp_extension  # its import-time guess, the last resort
+    cpp_extension = _cpp_extension()  # its import-time guess, the last resort
     return str(Path(cpp_extension.CUDA_HOME).resolve()) if _valid_toolkit(
         cpp_extension.CUDA_HOME) else None
 
@@ -114,8 +128,7 @@ def _jit(name: str, sources: list[Path], headers: list[Path], *, cflags: list[st
          cuda_flags: list[str] | None = None, python_module: bool = False,
          cuda_home: str | None = None) -> ModuleType | None:
     """Build (or reuse) one shared object; say so on stderr only when it really builds."""
-    from torch.utils import cpp_extension
-
+    cpp_extension = _cpp_extension()
     build_dir = _cache_root() / name
     build_dir.mkdir(parents=True, exist_ok=True)
     digest = _digest(sources + headers, cflags + (cuda_flags or []) + [str(cuda_home)])
