@@ -1,0 +1,39 @@
+"""Paged attention: write this step's K/V into the pool, then attend over each request's
+whole cached sequence. Everything about the batch layout arrives in ``AttentionMetadata``."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import tokenspeed_ext as tse
+from torch import Tensor, nn
+
+from ..kv_cache import KVCache
+
+
+@dataclass
+class AttentionMetadata:
+    """One packed forward. N tokens of B requests; all index tensors int32 on the device.
+
+    slot_mapping [N]: flat pool slot of each token; page_table [B, max_pages];
+    cu_seqlens_q [B+1]: token rows of each request; kv_lens [B]: its cached length
+    including this step's tokens.
+    """
+    slot_mapping: Tensor
+    page_table: Tensor
+    cu_seqlens_q: Tensor
+    kv_lens: Tensor
+    kv_cache: KVCache
+
+
+class PagedAttention(nn.Module):
+    def __init__(self, layer_id: int, scale: float):
+        super().__init__()
+        self.layer_id = layer_id
+        self.scale = scale
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, meta: AttentionMetadata) -> Tensor:
+        """q [N, Hq, D], k/v [N, Hk, D] -> [N, Hq, D]."""
+        k_cache, v_cache = meta.kv_cache.layer(self.layer_id)
+        tse.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        return tse.paged_prefill_attention(q, k_cache, v_cache, meta.page_table,
+                                           meta.cu_seqlens_q, meta.kv_lens, self.scale)

@@ -1,0 +1,123 @@
+"""Linear layers whose parameters load (and shard) HF checkpoint tensors themselves.
+
+Column-parallel layers split the output dimension across the tensor-parallel group,
+row-parallel ones the input dimension; fused layers (qkv, gate_up) place each HF tensor
+in its slice of the fused weight. The model files only name shards, never ranks.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..distributed import tp_group
+
+
+def check_shape(param: Tensor, loaded: Tensor, what: str) -> None:
+    if tuple(param.shape) != tuple(loaded.shape):
+        raise ValueError(f"{what}: expected shape {tuple(param.shape)}, got {tuple(loaded.shape)}")
+
+
+def _param(*shape: int) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape), requires_grad=False)
+
+
+def _default_loader(param: nn.Parameter, loaded: Tensor, shard: str | int | None = None) -> None:
+    check_shape(param, loaded, "weight")
+    param.data.copy_(loaded)
+
+
+class ReplicatedLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__()
+        self.weight = _param(out_features, in_features)
+        self.weight.weight_loader = _default_loader
+        self.bias = None
+        if bias:
+            self.bias = _param(out_features)
+            self.bias.weight_loader = _default_loader
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x W^T with W's rows (outputs) made of named shards, each split over ranks.
+
+    ``shard_sizes`` maps a shard id to its full (unsplit) output size, in the order the
+    shards are laid out; a plain column-parallel layer has one shard, ``None``.
+    """
+
+    def __init__(self, in_features: int, shard_sizes: dict[str | int | None, int],
+                 bias: bool = False):
+        super().__init__()
+        group = tp_group()
+        self.tp_rank, self.tp_size = group.rank, group.size
+        self.offsets: dict[str | int | None, tuple[int, int]] = {}
+        local_total = 0
+        for shard, size in shard_sizes.items():
+            assert size % self.tp_size == 0, (shard, size, self.tp_size)
+            local = size // self.tp_size
+            self.offsets[shard] = (local_total, local)
+            local_total += local
+        self.weight = _param(local_total, in_features)
+        self.weight.weight_loader = self._load
+        self.bias = None
+        if bias:
+            self.bias = _param(local_total)
+            self.bias.weight_loader = self._load
+
+    def _load(self, param: nn.Parameter, loaded: Tensor, shard: str | int | None = None) -> None:
+        if shard not in self.offsets:
+            raise ValueError(f"unknown shard {shard!r}; this layer has {list(self.offsets)}")
+        start, local = self.offsets[shard]
+        expected = (local * self.tp_size, *param.shape[1:])
+        if tuple(loaded.shape) != expected:
+            raise ValueError(f"shard {shard!r}: expected shape {expected}, "
+                             f"got {tuple(loaded.shape)}")
+        piece = loaded.narrow(0, self.tp_rank * local, local)
+        param.data.narrow(0, start, local).copy_(piece)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class RowParallelLinear(nn.Module):
+    """y = x W^T with W's columns (inputs) split over ranks; the partial sums would be
+    all-reduced across the group, which is a no-op at tp_size 1."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__()
+        group = tp_group()
+        self.tp_rank, self.tp_size = group.rank, group.size
+        assert in_features % self.tp_size == 0, (in_features, self.tp_size)
+        self.local_in = in_features // self.tp_size
+        self.weight = _param(out_features, self.local_in)
+        self.weight.weight_loader = self._load
+        self.bias = None
+        if bias:
+            self.bias = _param(out_features)
+            self.bias.weight_loader = _default_loader
+
+    def _load(self, param: nn.Parameter, loaded: Tensor, shard: str | int | None = None) -> None:
+        expected = (param.shape[0], self.local_in * self.tp_size)
+        if tuple(loaded.shape) != expected:
+            raise ValueError(f"expected shape {expected}, got {tuple(loaded.shape)}")
+        param.data.copy_(loaded.narrow(1, self.tp_rank * self.local_in, self.local_in))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class QKVLinear(ColumnParallelLinear):
+    """The fused q/k/v projection; HF's q_proj, k_proj, v_proj load as shards q, k, v."""
+
+    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
+                 bias: bool = False):
+        super().__init__(hidden_size, {"q": num_heads * head_dim, "k": num_kv_heads * head_dim,
+                                       "v": num_kv_heads * head_dim}, bias=bias)
+        self.q_size = self.offsets["q"][1]
+        self.kv_size = self.offsets["k"][1]
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return super().forward(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)

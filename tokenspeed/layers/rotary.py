@@ -1,0 +1,109 @@
+"""Rotary position embedding on explicit positions, with the scalings HF models ship.
+
+Inverse frequencies follow transformers' ``modeling_rope_utils`` (default, linear,
+llama3, yarn) so that fp32 results match HF to rounding; cos/sin are built per call from
+the packed positions, so any chunk of any request rotates exactly as a full pass would.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+def _base_inv_freq(theta: float, dim: int) -> Tensor:
+    return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+
+
+def _llama3(inv_freq: Tensor, p: dict[str, Any]) -> Tensor:
+    factor, low, high = p["factor"], p["low_freq_factor"], p["high_freq_factor"]
+    old_len = p["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def _yarn(theta: float, dim: int, p: dict[str, Any], max_positions: int) -> tuple[Tensor, float]:
+    original = p["original_max_position_embeddings"]
+    factor = p.get("factor") or max_positions / original
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention_factor = p.get("attention_factor")
+    if attention_factor is None:
+        if p.get("mscale") and p.get("mscale_all_dim"):
+            attention_factor = mscale(factor, p["mscale"]) / mscale(factor, p["mscale_all_dim"])
+        else:
+            attention_factor = mscale(factor)
+    beta_fast, beta_slow = p.get("beta_fast") or 32, p.get("beta_slow") or 1
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if p.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # the ramp would divide by zero
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    pos_freqs = theta ** (torch.arange(0, dim, 2).float() / dim)
+    extrapolation = 1 - ramp
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    return inv_freq, float(attention_factor)
+
+
+def rope_parameters(hf_config: dict[str, Any]) -> dict[str, Any]:
+    """One dict with rope_theta and rope_type, from either the transformers 5 layout
+    (``rope_parameters``) or the older one (``rope_theta`` + ``rope_scaling``)."""
+    params = dict(hf_config.get("rope_parameters") or hf_config.get("rope_scaling") or {})
+    params.setdefault("rope_theta", hf_config.get("rope_theta", 10000.0))
+    params["rope_type"] = params.get("rope_type", params.get("type", "default"))
+    return params
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, head_dim: int, params: dict[str, Any], max_positions: int):
+        super().__init__()
+        rope_type, theta = params["rope_type"], float(params["rope_theta"])
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ValueError(f"rope scaling type {rope_type!r} is not supported; "
+                             f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+        if params.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ValueError("partial_rotary_factor != 1 is not supported")
+        self.attention_factor = 1.0
+        inv_freq = _base_inv_freq(theta, head_dim)
+        if rope_type == "linear":
+            inv_freq = inv_freq / params["factor"]
+        elif rope_type == "llama3":
+            inv_freq = _llama3(inv_freq, params)
+        elif rope_type == "yarn":
+            inv_freq, self.attention_factor = _yarn(theta, head_dim, params, max_positions)
+        # kept fp32 whatever the model dtype: bf16 frequencies cost HF-level accuracy
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def cos_sin(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        freqs = positions.float().unsqueeze(-1) * self.inv_freq.unsqueeze(0)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = (emb.cos() * self.attention_factor).to(dtype).unsqueeze(1)
+        sin = (emb.sin() * self.attention_factor).to(dtype).unsqueeze(1)
+        return cos, sin
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [N, H, D] rotated by cos/sin [N, 1, D]."""
+    return x * cos + _rotate_half(x) * sin

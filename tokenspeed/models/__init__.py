@@ -1,0 +1,49 @@
+"""Model registry: HF architecture name -> model class, and building one from a directory."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+from .llama import LlamaForCausalLM, Qwen2ForCausalLM
+from .loader import load_checkpoint
+from .qwen3 import Qwen3ForCausalLM
+
+ARCHITECTURES: dict[str, type[nn.Module]] = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "Qwen2ForCausalLM": Qwen2ForCausalLM,
+    "Qwen3ForCausalLM": Qwen3ForCausalLM,
+}
+
+
+def model_class(config: ModelConfig) -> type[nn.Module]:
+    if config.architecture not in ARCHITECTURES:
+        raise ValueError(f"architecture {config.architecture!r} is not supported; "
+                         f"supported: {', '.join(ARCHITECTURES)}")
+    return ARCHITECTURES[config.architecture]
+
+
+def build_model(config: ModelConfig, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """An uninitialised model with parameters allocated directly on ``device`` in ``dtype``
+    (rotary frequencies stay fp32: they are built with explicit dtypes)."""
+    cls = model_class(config)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return cls(config).eval()
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def load_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype
+               ) -> tuple[nn.Module, ModelConfig]:
+    config = ModelConfig.from_dir(model_dir)
+    model = build_model(config, device, dtype)
+    load_checkpoint(model, model_dir)
+    return model, config
+
+
+__all__ = ["ARCHITECTURES", "ModelConfig", "build_model", "load_model", "model_class"]

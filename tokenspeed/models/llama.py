@@ -1,0 +1,108 @@
+"""Llama and Qwen2 decoder-only models (Qwen2 is Llama with a q/k/v bias).
+
+forward() runs the packed tokens of one scheduler batch through every layer and returns
+the final-normed hidden states of the scored rows only; the log-prob head does the rest.
+"""
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from ..layers.activation import silu_and_mul
+from ..layers.attention import AttentionMetadata, PagedAttention
+from ..layers.embedding import LogprobHead, VocabEmbedding
+from ..layers.linear import ColumnParallelLinear, QKVLinear, RowParallelLinear
+from ..layers.norm import RMSNorm
+from ..layers.rotary import RotaryEmbedding, apply_rotary
+from .config import ModelConfig
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_id: int, rotary: RotaryEmbedding):
+        super().__init__()
+        self.head_dim = config.head_dim
+        self.qkv_proj = QKVLinear(config.hidden_size, config.head_dim, config.num_heads,
+                                  config.num_kv_heads, bias=config.attention_bias)
+        self.o_proj = RowParallelLinear(config.num_heads * config.head_dim, config.hidden_size)
+        self.rotary = rotary
+        self.attn = PagedAttention(layer_id, config.head_dim ** -0.5)
+
+    def project(self, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """[N, H] -> q [N, Hq, D], k, v [N, Hk, D] before rotary."""
+        q, k, v = self.qkv_proj(hidden)
+        n = hidden.shape[0]
+        return (q.view(n, -1, self.head_dim), k.view(n, -1, self.head_dim),
+                v.view(n, -1, self.head_dim))
+
+    def forward(self, hidden: Tensor, cos_sin: tuple[Tensor, Tensor],
+                meta: AttentionMetadata) -> Tensor:
+        q, k, v = self.project(hidden)
+        q, k = apply_rotary(q, *cos_sin), apply_rotary(k, *cos_sin)
+        out = self.attn(q, k, v, meta)
+        return self.o_proj(out.flatten(1))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        size = config.intermediate_size
+        self.gate_up_proj = ColumnParallelLinear(config.hidden_size, {0: size, 1: size})
+        self.down_proj = RowParallelLinear(size, config.hidden_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    attention_cls = LlamaAttention
+
+    def __init__(self, config: ModelConfig, layer_id: int, rotary: RotaryEmbedding):
+        super().__init__()
+        self.self_attn = self.attention_cls(config, layer_id, rotary)
+        self.mlp = LlamaMLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, hidden: Tensor, cos_sin: tuple[Tensor, Tensor],
+                meta: AttentionMetadata) -> Tensor:
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos_sin, meta)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig, layer_cls: type[LlamaDecoderLayer]):
+        super().__init__()
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
+        # one rotary table, shared by every layer
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope, config.max_position_embeddings)
+        self.layers = nn.ModuleList(layer_cls(config, i, self.rotary)
+                                    for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, input_ids: Tensor, positions: Tensor, meta: AttentionMetadata,
+                score_rows: Tensor) -> Tensor:
+        hidden = self.embed_tokens(input_ids)
+        cos_sin = self.rotary.cos_sin(positions, hidden.dtype)
+        for layer in self.layers:
+            hidden = layer(hidden, cos_sin, meta)
+        return self.norm(hidden[score_rows])
+
+
+class LlamaForCausalLM(nn.Module):
+    layer_cls = LlamaDecoderLayer
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config, self.layer_cls)
+        self.lm_head = LogprobHead(config.vocab_size, config.hidden_size,
+                                   tied=self.model.embed_tokens if config.tie_word_embeddings
+                                   else None)
+
+    def forward(self, input_ids: Tensor, positions: Tensor, meta: AttentionMetadata,
+                score_rows: Tensor) -> Tensor:
+        """Packed input_ids/positions [N] -> final hidden states of score_rows [S, H]."""
+        return self.model(input_ids, positions, meta, score_rows)
+
+
+class Qwen2ForCausalLM(LlamaForCausalLM):
+    """Same graph as Llama; ModelConfig turns on the q/k/v bias Qwen2 always has."""
