@@ -1,0 +1,85 @@
+"""EngineConfig: every engine setting, validated and normalised on construction."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+          "fp16": torch.float16, "half": torch.float16, "float32": torch.float32,
+          "fp32": torch.float32, "float": torch.float32}
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"device must be a string or torch.device, got {type(device).__name__}")
+    try:
+        device = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"device {device!r}: {e}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be cpu or cuda, got {device}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("device cuda requested but torch sees no CUDA device")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise ValueError(f"dtype must be bfloat16, float16 or float32, got {dtype}")
+        return dtype
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:
+        return DTYPES[dtype.removeprefix("torch.")]
+    raise ValueError(f"dtype must be one of {sorted(DTYPES)} or a torch.dtype, got {dtype!r}")
+
+
+def _positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+
+
+@dataclass
+class EngineConfig:
+    """``device``/``dtype`` accept strings or torch objects and become torch objects.
+
+    kv_cache_tokens: size of the paged K/V pool in tokens; None sizes it from free GPU
+    memory (CUDA) or a fixed memory budget (CPU). lean_vocab_chunk: vocabulary chunk of
+    the log-prob head's lean mode; None computes full logits rows at once.
+    """
+    model_path: str | Path
+    device: str | torch.device | None = None
+    dtype: str | torch.dtype | None = None
+    page_size: int = 16
+    max_batch_tokens: int = 8192
+    max_batch_requests: int = 256
+    kv_cache_tokens: int | None = None
+    enable_prefix_cache: bool = True
+    tp_size: int = 1
+    lean_vocab_chunk: int | None = 8192
+
+    def __post_init__(self) -> None:
+        self.model_path = Path(self.model_path)
+        if not self.model_path.is_dir():
+            raise FileNotFoundError(f"model directory {self.model_path} does not exist")
+        self.device = resolve_device(self.device)
+        self.dtype = resolve_dtype(self.dtype, self.device)
+        for name in ("page_size", "max_batch_tokens", "max_batch_requests", "tp_size"):
+            _positive_int(name, getattr(self, name))
+        for name in ("kv_cache_tokens", "lean_vocab_chunk"):
+            if getattr(self, name) is not None:
+                _positive_int(name, getattr(self, name))
+        if not isinstance(self.enable_prefix_cache, bool):
+            raise TypeError(f"enable_prefix_cache must be a bool, got {self.enable_prefix_cache!r}")
+        if self.tp_size != 1:
+            raise ValueError(f"tp_size {self.tp_size}: tensor parallelism is not available yet")

@@ -1,0 +1,257 @@
+"""Engine: validate a batch of (prompt, completion) sequences, schedule, run, gather.
+
+Data flows one way: the whole call is validated first (so a bad call changes nothing),
+every sequence with a completion becomes one scheduler request, each scheduler batch
+runs as one packed forward, and each batch entry's scores land in its request's slice of
+one flat result buffer.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import tokenspeed_ext as tse
+import torch
+from torch import Tensor
+
+from .config import EngineConfig
+from .kv_cache import KVCache, kv_bytes_per_token
+from .models import load_model
+from .models.loader import WeightMap
+from .runner import ModelRunner
+
+KEYS = ("prompt_token_ids", "completion_token_ids")
+MAX_CPU_KV_TOKENS = 1 << 18
+
+
+def _token_list(seq: int, key: str, value: Any, vocab: int) -> list[int]:
+    """The ids of one field as a list of int, or a ValueError/TypeError naming them."""
+    if isinstance(value, Tensor):
+        if value.dim() != 1 or value.dtype.is_floating_point or value.dtype == torch.bool:
+            raise TypeError(f"sequence {seq}: {key} must be a 1-D integer tensor, "
+                            f"got {value.dtype} of shape {tuple(value.shape)}")
+        value = value.tolist()
+    elif isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
+        raise TypeError(f"sequence {seq}: {key} must be a list of ints, "
+                        f"got {type(value).__name__}")
+    tokens = value if isinstance(value, list) else list(value)
+    if not all(type(t) is int for t in tokens):
+        for j, t in enumerate(tokens):
+            if isinstance(t, bool) or not isinstance(t, numbers.Integral):
+                raise TypeError(f"sequence {seq}: {key}[{j}] is {t!r} "
+                                f"({type(t).__name__}), not an int")
+        tokens = [int(t) for t in tokens]
+    if tokens and (min(tokens) < 0 or max(tokens) >= vocab):
+        j = next(j for j, t in enumerate(tokens) if not 0 <= t < vocab)
+        raise ValueError(f"sequence {seq}: {key}[{j}] is {tokens[j]}, "
+                         f"vocabulary is [0, {vocab})")
+    return tokens
+
+
+def _pad(rows: list[Tensor], dtype: torch.dtype) -> Tensor:
+    width = max((len(r) for r in rows), default=0)
+    out = torch.zeros(len(rows), width, dtype=dtype)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = r
+    return out
+
+
+class Engine:
+    """Scores completions under an HF Llama/Qwen2/Qwen3 checkpoint; see DESIGN.md's API."""
+
+    def __init__(self, model_path: str | os.PathLike, *, device: str | torch.device | None = None,
+                 dtype: str | torch.dtype | None = None, page_size: int = 16,
+                 max_batch_tokens: int = 8192, kv_cache_tokens: int | None = None,
+                 enable_prefix_cache: bool = True, tp_size: int = 1,
+                 max_batch_requests: int = 256, lean_vocab_chunk: int | None = 8192):
+        self.config = EngineConfig(model_path, device=device, dtype=dtype, page_size=page_size,
+                                   max_batch_tokens=max_batch_tokens,
+                                   max_batch_requests=max_batch_requests,
+                                   kv_cache_tokens=kv_cache_tokens,
+                                   enable_prefix_cache=enable_prefix_cache, tp_size=tp_size,
+                                   lean_vocab_chunk=lean_vocab_chunk)
+        cfg = self.config
+        self.model, self.model_config = load_model(cfg.model_path, cfg.device, cfg.dtype)
+        num_pages = self._num_pages()
+        mc = self.model_config
+        self.kv_cache = KVCache(mc.num_layers, num_pages, cfg.page_size, mc.num_kv_heads,
+                                mc.head_dim, cfg.dtype, cfg.device)
+        self.scheduler = tse.Scheduler(num_pages, cfg.page_size, cfg.max_batch_tokens,
+                                       cfg.max_batch_requests, cfg.enable_prefix_cache)
+        self.runner = ModelRunner(self.model, self.kv_cache, cfg.device, cfg.lean_vocab_chunk)
+        self.weight_version = 0
+        self.scored_tokens = 0
+        self._next_request_id = 0
+        self._closed = False
+
+    def _num_pages(self) -> int:
+        cfg, mc = self.config, self.model_config
+        per_token = kv_bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim, cfg.dtype)
+        tokens = cfg.kv_cache_tokens
+        if tokens is None:
+            if cfg.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(cfg.device)
+                elem = torch.empty((), dtype=cfg.dtype).element_size()
+                # room for one batch's activations and one head chunk of fp32 logits
+                activations = cfg.max_batch_tokens * (
+                    8 * mc.hidden_size * elem + 3 * mc.intermediate_size * elem
+                    + 4 * min(mc.vocab_size, cfg.lean_vocab_chunk or mc.vocab_size))
+                tokens = int((0.85 * free - activations) // per_token)
+            else:
+                ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+                tokens = min(int(min(4 << 30, ram // 8) // per_token), MAX_CPU_KV_TOKENS)
+        pages = tokens // cfg.page_size
+        if pages < 1:
+            raise ValueError(f"KV pool of {tokens} tokens holds no page of {cfg.page_size}")
+        return min(pages, 2**31 - 1)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("engine is closed")
+
+    def _validate(self, sequences: Any, temperature: Any) -> list[tuple[list[int], list[int]]]:
+        if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+            raise TypeError(f"temperature must be a number, got {temperature!r}")
+        if not (math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"temperature must be finite and > 0, got {temperature!r}")
+        if isinstance(sequences, (str, bytes, Mapping)) or not isinstance(sequences, Sequence):
+            raise TypeError(f"sequences must be a list of dicts, got {type(sequences).__name__}")
+        vocab, max_len = self.model_config.vocab_size, self.model_config.max_position_embeddings
+        pool = self.kv_cache.num_tokens
+        out = []
+        for i, item in enumerate(sequences):
+            if not isinstance(item, Mapping):
+                raise TypeError(f"sequence {i}: expected a dict with {KEYS}, "
+                                f"got {type(item).__name__}")
+            for key in KEYS:
+                if key not in item:
+                    raise ValueError(f"sequence {i}: missing key {key!r}")
+            prompt = _token_list(i, KEYS[0], item[KEYS[0]], vocab)
+            completion = _token_list(i, KEYS[1], item[KEYS[1]], vocab)
+            if not prompt:
+                raise ValueError(f"sequence {i}: empty prompt (the first completion token "
+                                 f"needs at least one token before it)")
+            length = len(prompt) + len(completion)
+            if length > max_len:
+                raise ValueError(f"sequence {i}: length {length} exceeds the model's "
+                                 f"max_position_embeddings {max_len}")
+            page = self.config.page_size
+            if completion and -(-length // page) * page > pool:
+                raise ValueError(f"sequence {i}: length {length} does not fit the KV pool of "
+                                 f"{pool} tokens (raise kv_cache_tokens)")
+            out.append((prompt, completion))
+        return out
+
+    def compute_log_probs(self, sequences: Sequence[Mapping[str, Any]], temperature: float = 1.0,
+                          *, return_entropy: bool = False, return_tensors: bool = False
+                          ) -> dict[str, Any]:
+        """log p(completion token | everything before it) for every completion token.
+
+        Returns {"log_probs", "tokens"} (+ "entropy"): lists of exactly len(completion)
+        floats/ints per sequence, or with return_tensors padded [N, max_M] tensors (fp32
+        scores, int64 tokens) plus a bool "mask".
+        """
+        self._check_open()
+        seqs = self._validate(sequences, temperature)
+        lengths = [len(c) for _, c in seqs]
+        offsets = [0]
+        for n in lengths:
+            offsets.append(offsets[-1] + n)
+        flat_lp = torch.empty(offsets[-1], dtype=torch.float32)
+        flat_ent = torch.empty(offsets[-1], dtype=torch.float32) if return_entropy else None
+        # request id -> (first output slot, logprob_start)
+        requests: dict[int, tuple[int, int]] = {}
+        try:
+            for i, (prompt, completion) in enumerate(seqs):
+                if completion:
+                    rid = self._next_request_id
+                    self._next_request_id += 1
+                    start = len(prompt) - 1
+                    requests[rid] = (offsets[i], start)
+                    self.scheduler.add(rid, prompt + completion, start)
+            self._run(requests, float(temperature), flat_lp, flat_ent)
+        finally:
+            for rid in requests:
+                self.scheduler.abort(rid)
+        self.scored_tokens += offsets[-1]
+        return self._package(seqs, lengths, flat_lp, flat_ent, return_tensors)
+
+    def _run(self, requests: dict[int, tuple[int, int]], temperature: float,
+             flat_lp: Tensor, flat_ent: Tensor | None) -> None:
+        """Drive the scheduler until every request finished; pops finished ids."""
+        while requests:
+            batch = self.scheduler.schedule()
+            assert batch is not None, "scheduler has unfinished requests but made no batch"
+            scores = self.runner.run(batch, temperature, flat_ent is not None)
+            src = 0
+            for e in batch.entries:
+                n = e.score_end - e.score_begin
+                if n <= 0:
+                    continue
+                first, start = requests[e.request_id]
+                dst = first + e.begin + e.score_begin - start
+                flat_lp[dst:dst + n] = scores.log_probs[src:src + n]
+                if flat_ent is not None:
+                    flat_ent[dst:dst + n] = scores.entropy[src:src + n]
+                src += n
+            assert src == scores.log_probs.shape[0], (src, scores.log_probs.shape)
+            for rid in self.scheduler.complete(batch):
+                requests.pop(rid)
+
+    @staticmethod
+    def _package(seqs: list[tuple[list[int], list[int]]], lengths: list[int], flat_lp: Tensor,
+                 flat_ent: Tensor | None, return_tensors: bool) -> dict[str, Any]:
+        lps = list(flat_lp.split(lengths))
+        ents = list(flat_ent.split(lengths)) if flat_ent is not None else None
+        if not return_tensors:
+            out = {"log_probs": [r.tolist() for r in lps], "tokens": [c for _, c in seqs]}
+            if ents is not None:
+                out["entropy"] = [r.tolist() for r in ents]
+            return out
+        width = max(lengths, default=0)
+        out = {"log_probs": _pad(lps, torch.float32),
+               "tokens": _pad([torch.tensor(c, dtype=torch.int64) for _, c in seqs], torch.int64),
+               "mask": torch.arange(width) < torch.tensor(lengths, dtype=torch.int64).view(-1, 1)}
+        if ents is not None:
+            out["entropy"] = _pad(ents, torch.float32)
+        return out
+
+    def update_weights(self, weights: Mapping[str, Tensor] | Iterable[tuple[str, Tensor]]) -> None:
+        """Replace weights by HF name; all names and shapes are checked before any is
+        written. The prefix cache is flushed: K/V computed under old weights never scores."""
+        self._check_open()
+        items = list(weights.items() if isinstance(weights, Mapping) else weights)
+        weight_map = WeightMap(self.model)
+        for entry in items:
+            if not (isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[0], str)):
+                raise TypeError(f"weights must map HF names to tensors, got entry {entry!r:.80}")
+            weight_map.check(*entry)
+        with torch.no_grad():
+            for name, tensor in items:
+                weight_map.load(name, tensor)
+        self.scheduler.flush()
+        self.weight_version += 1
+
+    def stats(self) -> dict[str, Any]:
+        self._check_open()
+        out = dict(self.scheduler.stats())
+        out.update(scored_tokens=self.scored_tokens, weight_version=self.weight_version,
+                   page_size=self.config.page_size, kv_cache_tokens=self.kv_cache.num_tokens)
+        return out
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        del self.runner, self.kv_cache, self.model, self.scheduler
+        if self.config.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
