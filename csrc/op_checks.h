@@ -7,6 +7,9 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
+#include <optional>
+
 namespace tokenspeed {
 
 inline void check_float_input(const at::Tensor& t, const char* name) {
@@ -44,6 +47,11 @@ inline void check_logits_targets(const at::Tensor& logits, const at::Tensor& tar
               "logits must be contiguous along the vocabulary (stride(1) == 1), got strides ",
               logits.strides());
   check_same_device(logits, "logits", targets, "targets");
+}
+
+// First global vocabulary id of a shard.
+inline void check_vocab_start(int64_t vocab_start) {
+  TORCH_CHECK(vocab_start >= 0, "vocab_start must be >= 0, got ", vocab_start);
 }
 
 // Every target must lie in [lo, hi) (hi < 0: no upper bound, for vocabulary shards).
@@ -108,6 +116,12 @@ inline void check_store_kv(const at::Tensor& k, const at::Tensor& v, const at::T
                   " slots");
     }
   }
+}
+
+// Softmax scale of paged_prefill_attention; None means D**-0.5.
+inline void check_attention_scale(const std::optional<double>& scale) {
+  TORCH_CHECK(!scale.has_value() || std::isfinite(*scale), "scale must be finite, got ",
+              scale.value_or(0.0));
 }
 
 // Shapes of paged_prefill_attention; returns nothing, throws on the first problem.

@@ -1,0 +1,217 @@
+// CPU log-prob kernels: logprobs, logprob_partials, combine_logprob_partials.
+//
+// Fuses temperature scaling, the log-sum-exp, the target gather and the entropy into one
+// read of each logits row; never writes [T, V] nor any fp32 copy of a row (a 512-column
+// block is converted into a stack buffer that stays in L1). Every row runs through one
+// routine, row_state(), which returns the shard state (m, s, w, t) of the design doc;
+// logprobs finalises it directly and the partials op returns it, so a single-shard
+// combine reproduces logprobs bit for bit. Parallel over rows with at::parallel_for.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <tuple>
+
+#include "cpu/cpu_math.h"
+#include "op_checks.h"
+
+namespace tokenspeed::cpu {
+namespace {
+
+// x = logits / temperature. m = max x, s = sum exp(x - m), w = sum exp(x - m) * (x - m),
+// t = x[target] (-inf when the target lies outside this row). fp32 throughout.
+struct RowState {
+  float m, s, w, t;
+};
+
+constexpr int64_t kBlock = 512;
+
+// Max of buf[0, n) after padding it with -inf to whole vectors. Built for AVX2 too, as
+// the 8-lane select only becomes a single instruction there.
+__attribute__((target_clones("avx2", "default")))
+float padded_block_max(float* __restrict__ buf, int64_t n) {
+  for (int64_t i = n; i % kLanes != 0; ++i) buf[i] = kNegInf;
+  vfloat bm = vsplat(kNegInf);
+  for (int64_t i = 0; i < n; i += kLanes) bm = vmax(bm, vload(buf + i));
+  return hmax(bm);
+}
+
+// Converts one block to scaled fp32 in `buf` and returns its max.
+template <typename scalar_t>
+float load_block(const scalar_t* __restrict__ src, int64_t n, float inv_temp,
+                 float* __restrict__ buf) {
+  for (int64_t i = 0; i < n; ++i) buf[i] = to_float(src[i]) * inv_temp;
+  return padded_block_max(buf, n);
+}
+
+// Adds the block's sum exp(x - m) and sum exp(x - m) * (x - m) to s, w. The clamp turns
+// -inf logits (and the padding) into exp = 0 times a finite value: they add nothing.
+// Two accumulators per sum hide the add latency.
+__attribute__((target_clones("avx2", "default")))
+void accumulate_block(const float* __restrict__ buf, int64_t n, float m, float& s, float& w) {
+  const vfloat vm = vsplat(m);
+  vfloat s0{}, s1{}, w0{}, w1{};
+  int64_t i = 0;
+  for (; i + 2 * kLanes <= n; i += 2 * kLanes) {
+    const vfloat d0 = clamp_exp_arg(vload(buf + i) - vm);
+    const vfloat d1 = clamp_exp_arg(vload(buf + i + kLanes) - vm);
+    const vfloat e0 = exp_clamped(d0), e1 = exp_clamped(d1);
+    s0 += e0;
+    s1 += e1;
+    w0 += e0 * d0;
+    w1 += e1 * d1;
+  }
+  for (; i < n; i += kLanes) {  // the -inf padding completes the last vector
+    const vfloat d0 = clamp_exp_arg(vload(buf + i) - vm);
+    const vfloat e0 = exp_clamped(d0);
+    s0 += e0;
+    w0 += e0 * d0;
+  }
+  s += hsum(s0 + s1);
+  w += hsum(w0 + w1);
+}
+
+// One pass over a row with online rescaling: when the running max moves from m to
+// m' > m, every term exp(x - m) gains a = exp(m - m') and every (x - m) gains
+// delta = m - m', so s' = a * s and w' = a * (w + s * delta).
+template <typename scalar_t>
+RowState row_state(const scalar_t* row, int64_t v, float inv_temp, int64_t target) {
+  alignas(64) float buf[kBlock];
+  float m = kNegInf, s = 0.0f, w = 0.0f;
+  for (int64_t j0 = 0; j0 < v; j0 += kBlock) {
+    const int64_t n = std::min(kBlock, v - j0);
+    const float bm = load_block(row + j0, n, inv_temp, buf);
+    if (bm == kNegInf) continue;  // an all -inf block adds nothing
+    if (bm > m) {
+      if (m != kNegInf) {
+        const float delta = m - bm;
+        const float a = std::exp(delta);
+        w = a * (w + s * delta);
+        s = a * s;
+      }
+      m = bm;
+    }
+    accumulate_block(buf, n, m, s, w);
+  }
+  const float t = (target >= 0 && target < v) ? to_float(row[target]) * inv_temp : kNegInf;
+  return {m, s, w, t};
+}
+
+// logprob = t - m - log s, entropy = log s - w / s; nan for a row with no finite logit.
+std::pair<float, float> finalize(const RowState& st) {
+  if (st.m == kNegInf) {
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    return {nan, nan};
+  }
+  const float log_s = std::log(st.s);
+  return {st.t - st.m - log_s, log_s - st.w / st.s};
+}
+
+// Calls fn(row, RowState) for every row in parallel; targets are shifted by -offset.
+template <typename Fn>
+void for_each_row_state(const at::Tensor& logits, const at::Tensor& targets, int64_t offset,
+                        double temperature, Fn&& fn) {
+  const int64_t t_rows = logits.size(0), v = logits.size(1);
+  const int64_t row_stride = logits.stride(0);
+  const float inv_temp = static_cast<float>(1.0 / temperature);
+  const at::Tensor tg = targets.to(at::kLong).contiguous();
+  const int64_t* tgt = tg.data_ptr<int64_t>();
+  // enough rows per task to amortise the fork for short rows
+  const int64_t grain = std::max<int64_t>(1, 16384 / v);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, logits.scalar_type(), "tokenspeed_row_state", [&] {
+        const scalar_t* base = logits.const_data_ptr<scalar_t>();
+        at::parallel_for(0, t_rows, grain, [&](int64_t begin, int64_t end) {
+          for (int64_t r = begin; r < end; ++r)
+            fn(r, row_state(base + r * row_stride, v, inv_temp, tgt[r] - offset));
+        });
+      });
+}
+
+std::tuple<at::Tensor, at::Tensor> logprobs_cpu(const at::Tensor& logits,
+                                                const at::Tensor& targets, double temperature,
+                                                bool return_entropy) {
+  check_logits_targets(logits, targets);
+  check_temperature(temperature);
+  check_target_range(targets, 0, logits.size(1));
+  const int64_t t_rows = logits.size(0);
+  const auto f32 = logits.options().dtype(at::kFloat);
+  at::Tensor lp = at::empty({t_rows}, f32);
+  at::Tensor ent = at::empty({return_entropy ? t_rows : 0}, f32);
+  float* lp_p = lp.data_ptr<float>();
+  float* ent_p = return_entropy ? ent.data_ptr<float>() : nullptr;
+  for_each_row_state(logits, targets, 0, temperature, [&](int64_t r, const RowState& st) {
+    const auto [l, e] = finalize(st);
+    lp_p[r] = l;
+    if (ent_p != nullptr) ent_p[r] = e;
+  });
+  return {lp, ent};
+}
+
+at::Tensor logprob_partials_cpu(const at::Tensor& logits, const at::Tensor& targets,
+                                int64_t vocab_start, double temperature) {
+  check_logits_targets(logits, targets);
+  check_temperature(temperature);
+  check_vocab_start(vocab_start);
+  check_target_range(targets, 0, -1);
+  at::Tensor out = at::empty({logits.size(0), 4}, logits.options().dtype(at::kFloat));
+  float* o = out.data_ptr<float>();
+  for_each_row_state(logits, targets, vocab_start, temperature,
+                     [&](int64_t r, const RowState& st) {
+                       o[4 * r + 0] = st.m;
+                       o[4 * r + 1] = st.s;
+                       o[4 * r + 2] = st.w;
+                       o[4 * r + 3] = st.t;
+                     });
+  return out;
+}
+
+// Shard i's state moves to the global max M with scale_i = exp(m_i - M) and
+// shift_i = m_i - M: S = sum s_i scale_i, W = sum (w_i + s_i shift_i) scale_i, summed in
+// shard order so the result does not depend on how the vocabulary was split. One shard
+// gives scale 1 and shift 0 exactly, i.e. logprobs' own state.
+std::tuple<at::Tensor, at::Tensor> combine_logprob_partials_cpu(const at::Tensor& partials) {
+  check_partials(partials);
+  const at::Tensor p = partials.contiguous();
+  const int64_t shards = p.size(0), t_rows = p.size(1);
+  const auto f32 = p.options();
+  at::Tensor lp = at::empty({t_rows}, f32), ent = at::empty({t_rows}, f32);
+  const float* in = p.const_data_ptr<float>();
+  float* lp_p = lp.data_ptr<float>();
+  float* ent_p = ent.data_ptr<float>();
+  at::parallel_for(0, t_rows, 1024, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      RowState g{kNegInf, 0.0f, 0.0f, kNegInf};
+      for (int64_t i = 0; i < shards; ++i) g.m = std::max(g.m, in[(i * t_rows + r) * 4]);
+      if (g.m != kNegInf) {
+        for (int64_t i = 0; i < shards; ++i) {
+          const float* st = in + (i * t_rows + r) * 4;
+          if (st[0] == kNegInf) {
+            g.t = std::max(g.t, st[3]);
+            continue;
+          }
+          const float shift = st[0] - g.m;
+          const float scale = std::exp(shift);
+          g.s += st[1] * scale;
+          g.w += (st[2] + st[1] * shift) * scale;
+          g.t = std::max(g.t, st[3]);
+        }
+      }
+      const auto [l, e] = finalize(g);
+      lp_p[r] = l;
+      ent_p[r] = e;
+    }
+  });
+  return {lp, ent};
+}
+
+}  // namespace
+}  // namespace tokenspeed::cpu
+
+TORCH_LIBRARY_IMPL(tokenspeed, CPU, m) {
+  m.impl("logprobs", &tokenspeed::cpu::logprobs_cpu);
+  m.impl("logprob_partials", &tokenspeed::cpu::logprob_partials_cpu);
+  m.impl("combine_logprob_partials", &tokenspeed::cpu::combine_logprob_partials_cpu);
+}
