@@ -69,7 +69,7 @@ def paged_prefill_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, page_ta
 # Fake kernels: shapes and dtypes only, for torch.compile / FakeTensor tracing.
 
 @torch.library.register_fake("tokenspeed::logprobs")
-def _logprobs_fake(logits, targets, temperature, return_entropy):
+def _logprobs_fake(logits, targets, temperature=1.0, return_entropy=False):
     torch._check(logits.dim() == 2, lambda: f"logits must be [T, V], got {logits.shape}")
     t = logits.shape[0]
     lp = logits.new_empty((t,), dtype=torch.float32)
@@ -78,7 +78,7 @@ def _logprobs_fake(logits, targets, temperature, return_entropy):
 
 
 @torch.library.register_fake("tokenspeed::logprob_partials")
-def _logprob_partials_fake(logits, targets, vocab_start, temperature):
+def _logprob_partials_fake(logits, targets, vocab_start, temperature=1.0):
     torch._check(logits.dim() == 2, lambda: f"logits must be [T, Vs], got {logits.shape}")
     return logits.new_empty((logits.shape[0], 4), dtype=torch.float32)
 
@@ -96,5 +96,6 @@ def _store_kv_fake(k, v, k_cache, v_cache, slot_mapping):
 
 
 @torch.library.register_fake("tokenspeed::paged_prefill_attention")
-def _paged_prefill_attention_fake(q, k_cache, v_cache, page_table, cu_seqlens_q, kv_lens, scale):
+def _paged_prefill_attention_fake(q, k_cache, v_cache, page_table, cu_seqlens_q, kv_lens,
+                                  scale=None):
     return torch.empty_like(q)
