@@ -19,6 +19,7 @@ from torch import Tensor
 
 from .config import EngineConfig
 from .kv_cache import KVCache, kv_bytes_per_token
+from .layers.embedding import MAX_LOGITS_ELEMENTS
 from .models import load_model
 from .models.loader import WeightMap
 from .runner import ModelRunner
@@ -66,7 +67,7 @@ class Engine:
                  dtype: str | torch.dtype | None = None, page_size: int = 16,
                  max_batch_tokens: int = 8192, kv_cache_tokens: int | None = None,
                  enable_prefix_cache: bool = True, tp_size: int = 1,
-                 max_batch_requests: int = 256, lean_vocab_chunk: int | None = 8192):
+                 max_batch_requests: int = 256, lean_vocab_chunk: int | None = None):
         self.config = EngineConfig(model_path, device=device, dtype=dtype, page_size=page_size,
                                    max_batch_tokens=max_batch_tokens,
                                    max_batch_requests=max_batch_requests,
@@ -95,10 +96,10 @@ class Engine:
             if cfg.device.type == "cuda":
                 free, _ = torch.cuda.mem_get_info(cfg.device)
                 elem = torch.empty((), dtype=cfg.dtype).element_size()
-                # room for one batch's activations and one head chunk of fp32 logits
-                activations = cfg.max_batch_tokens * (
-                    8 * mc.hidden_size * elem + 3 * mc.intermediate_size * elem
-                    + 4 * min(mc.vocab_size, cfg.lean_vocab_chunk or mc.vocab_size))
+                # room for one batch's activations and the head's bounded logits
+                activations = (cfg.max_batch_tokens * (8 * mc.hidden_size
+                                                       + 3 * mc.intermediate_size) * elem
+                               + 2 * 4 * MAX_LOGITS_ELEMENTS)
                 tokens = int((0.85 * free - activations) // per_token)
             else:
                 ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -6,6 +6,7 @@ rows reach the final norm and the log-prob head.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -23,10 +24,14 @@ class BatchScores:
 
 
 def _int32(buffer, device: torch.device) -> Tensor:
-    # the scheduler's buffers are read-only and live as long as the batch; the copy to the
-    # device (or to fresh CPU memory) makes them safe to keep
-    t = torch.frombuffer(memoryview(buffer), dtype=torch.int32) if len(memoryview(buffer)) \
-        else torch.empty(0, dtype=torch.int32)
+    # the scheduler's buffers are read-only and live only as long as the batch: the copy
+    # (to the device or fresh CPU memory) is what makes the tensor safe to keep, so
+    # torch's warning about non-writable buffers does not apply
+    if not len(memoryview(buffer)):
+        return torch.empty(0, dtype=torch.int32, device=device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        t = torch.frombuffer(buffer, dtype=torch.int32)
     return t.to(device, copy=True)
 
 

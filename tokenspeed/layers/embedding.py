@@ -14,6 +14,9 @@ from torch import Tensor, nn
 
 from .linear import _default_loader
 
+# logits held at once by the non-lean head: 256 MiB in fp32
+MAX_LOGITS_ELEMENTS = 1 << 26
+
 
 class VocabEmbedding(nn.Module):
     def __init__(self, vocab_size: int, hidden_size: int):
@@ -47,8 +50,12 @@ class LogprobHead(nn.Module):
         weight = self.head_weight()
         vocab = weight.shape[0]
         if vocab_chunk is None or vocab_chunk >= vocab:
-            out = tse.logprobs(F.linear(hidden, weight), targets, temperature, return_entropy)
-            return out if return_entropy else (out, None)
+            # full rows, but a bounded number at a time, so [rows, V] logits stay small
+            step = max(1, MAX_LOGITS_ELEMENTS // vocab)
+            outs = [tse.logprobs(F.linear(hidden[r:r + step], weight), targets[r:r + step],
+                                 temperature, True) for r in range(0, hidden.shape[0], step)]
+            lp = torch.cat([o[0] for o in outs])
+            return lp, torch.cat([o[1] for o in outs]) if return_entropy else None
         partials = torch.stack([
             tse.logprob_partials(F.linear(hidden, weight[start:start + vocab_chunk]), targets,
                                  start, temperature)
