@@ -1,0 +1,261 @@
+"""Engine.compute_log_probs end to end: properties against HF, invariances, the KV pool,
+update_weights and input validation."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from model_factory import hf_scores, load_hf, make_checkpoint, max_abs_diff
+
+from tokenspeed import Engine
+
+pytest.importorskip("transformers")
+TOL = 1e-4
+VOCAB = 97
+PROPERTY = settings(max_examples=30, deadline=None,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                           HealthCheck.too_slow])
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = make_checkpoint(tmp_path_factory.mktemp("a"), "Qwen3ForCausalLM", vocab=VOCAB,
+                           seed=11)
+    return path, load_hf(path)
+
+
+@pytest.fixture(scope="module")
+def ckpt_b(tmp_path_factory):
+    path = make_checkpoint(tmp_path_factory.mktemp("b"), "Qwen3ForCausalLM", vocab=VOCAB,
+                           seed=12)
+    return path, load_hf(path)
+
+
+def no_leaks(engine: Engine) -> None:
+    s = engine.stats()
+    assert s["free_pages"] + s["cached_pages"] == s["total_pages"], s
+
+
+tokens = st.lists(st.integers(0, VOCAB - 1), min_size=0, max_size=14)
+sequence = st.builds(lambda p, c: {"prompt_token_ids": p, "completion_token_ids": c},
+                     st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=20), tokens)
+
+
+@PROPERTY
+@given(seqs=st.lists(sequence, max_size=6), max_batch_tokens=st.integers(1, 48),
+       page_size=st.sampled_from([1, 4, 16]), prefix=st.booleans(),
+       temperature=st.sampled_from([1.0, 0.45, 2.5]))
+def test_matches_hf_any_chunking(ckpt, seqs, max_batch_tokens, page_size, prefix, temperature):
+    path, hf = ckpt
+    ref_lp, ref_ent = hf_scores(hf, seqs, temperature)
+    with Engine(path, page_size=page_size, max_batch_tokens=max_batch_tokens,
+                kv_cache_tokens=256, enable_prefix_cache=prefix) as engine:
+        for _ in range(2):  # the second pass hits the prefix cache when it is on
+            out = engine.compute_log_probs(seqs, temperature, return_entropy=True)
+            assert [len(x) for x in out["log_probs"]] == [len(s["completion_token_ids"])
+                                                           for s in seqs]
+            assert max_abs_diff(out["log_probs"], ref_lp) <= TOL
+            assert max_abs_diff(out["entropy"], ref_ent) <= TOL
+            no_leaks(engine)
+
+
+@PROPERTY
+@given(seqs=st.lists(sequence, min_size=1, max_size=6), company=st.lists(sequence, max_size=4),
+       data=st.data())
+def test_order_and_company_invariance(ckpt, seqs, company, data):
+    path, _ = ckpt
+    with Engine(path, page_size=4, max_batch_tokens=24, kv_cache_tokens=512) as engine:
+        alone = engine.compute_log_probs(seqs)["log_probs"]
+        mixed = data.draw(st.permutations(list(range(len(seqs))) + [-1 - i for i in
+                                                                     range(len(company))]))
+        batch = [seqs[i] if i >= 0 else company[-1 - i] for i in mixed]
+        out = engine.compute_log_probs(batch)["log_probs"]
+    again = [out[mixed.index(i)] for i in range(len(seqs))]
+    assert max_abs_diff(again, alone) <= 1e-5
+
+
+@PROPERTY
+@given(prompt_pages=st.integers(1, 3), extra=st.sampled_from([0, 0, 1, 3]),
+       page_size=st.sampled_from([4, 16]), n=st.integers(2, 6), seed=st.integers(0, 2**16))
+def test_grpo_groups(ckpt, prompt_pages, extra, page_size, n, seed):
+    """One prompt, many completions; page-aligned prompt lengths (extra == 0) included."""
+    path, hf = ckpt
+    gen = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, VOCAB, (prompt_pages * page_size + extra,), generator=gen).tolist()
+    seqs = [{"prompt_token_ids": prompt,
+             "completion_token_ids": torch.randint(0, VOCAB, (1 + i % 5,), generator=gen).tolist()}
+            for i in range(n)]
+    ref_lp, _ = hf_scores(hf, seqs)
+    with Engine(path, page_size=page_size, max_batch_tokens=64, kv_cache_tokens=1024) as engine:
+        first = engine.compute_log_probs(seqs)["log_probs"]
+        second = engine.compute_log_probs(seqs)["log_probs"]
+        assert max_abs_diff(first, ref_lp) <= TOL
+        assert max_abs_diff(second, first) <= 1e-5
+        if len(prompt) - 1 >= page_size:  # at least one full page before the scored window
+            assert engine.stats()["prefix_hit_tokens"] > 0
+        no_leaks(engine)
+
+
+def test_tiny_pool_exact_and_no_leaks(ckpt):
+    path, hf = ckpt
+    gen = torch.Generator().manual_seed(5)
+    seqs = [{"prompt_token_ids": torch.randint(0, VOCAB, (int(p),), generator=gen).tolist(),
+             "completion_token_ids": torch.randint(0, VOCAB, (int(c),), generator=gen).tolist()}
+            for p, c in zip(torch.randint(1, 30, (24,), generator=gen),
+                            torch.randint(0, 12, (24,), generator=gen))]
+    ref_lp, _ = hf_scores(hf, seqs)
+    # 12 pages of 4: far less than the ~600 tokens of the workload; the longest fits
+    with Engine(path, page_size=4, max_batch_tokens=16, kv_cache_tokens=48) as engine:
+        assert engine.stats()["total_pages"] == 12
+        for _ in range(2):
+            out = engine.compute_log_probs(seqs)
+            assert max_abs_diff(out["log_probs"], ref_lp) <= TOL
+            no_leaks(engine)
+
+
+def test_update_weights_matches_fresh_engine(ckpt, ckpt_b):
+    from safetensors.torch import load_file
+    (path_a, _), (path_b, hf_b) = ckpt, ckpt_b
+    gen = torch.Generator().manual_seed(6)
+    prompt = torch.randint(0, VOCAB, (20,), generator=gen).tolist()
+    seqs = [{"prompt_token_ids": prompt, "completion_token_ids": [i, i + 1, i + 2]}
+            for i in range(5)]
+    new = load_file(path_b / "model.safetensors")
+    with Engine(path_a, page_size=4, kv_cache_tokens=512) as engine, \
+            Engine(path_b, page_size=4, kv_cache_tokens=512) as fresh:
+        old = engine.compute_log_probs(seqs)["log_probs"]
+        engine.compute_log_probs(seqs)
+        assert engine.stats()["cached_pages"] > 0
+        engine.update_weights(new)
+        assert engine.stats()["weight_version"] == 1
+        got = engine.compute_log_probs(seqs)["log_probs"]
+        assert got == fresh.compute_log_probs(seqs)["log_probs"]
+        assert max_abs_diff(got, hf_scores(hf_b, seqs)[0]) <= TOL
+        assert max_abs_diff(got, old) > 1e-2
+        # an iterable of pairs works too, and one changed tensor changes the scores
+        engine.update_weights([("model.norm.weight", new["model.norm.weight"] * 2)])
+        assert engine.stats()["weight_version"] == 2
+        assert max_abs_diff(engine.compute_log_probs(seqs)["log_probs"], got) > 1e-3
+
+
+@pytest.mark.parametrize("weights, error, match", [
+    ({"model.layers.0.mlp.up_proj.weight": torch.zeros(3, 3)}, ValueError, "up_proj.*shape"),
+    ({"model.layers.9.mlp.up_proj.weight": torch.zeros(3, 3)}, ValueError, "unknown weight"),
+    ({"model.norm.weight": [1.0] * 32}, TypeError, "model.norm.weight"),
+])
+def test_update_weights_rejects_and_changes_nothing(ckpt, weights, error, match):
+    path, hf = ckpt
+    seqs = [{"prompt_token_ids": [1, 2, 3, 4, 5], "completion_token_ids": [6, 7, 8]}]
+    with Engine(path, kv_cache_tokens=256) as engine:
+        before = engine.compute_log_probs(seqs)["log_probs"]
+        good = {"model.norm.weight": torch.ones(32)}
+        with pytest.raises(error, match=match):
+            engine.update_weights({**good, **weights})
+        assert engine.stats()["weight_version"] == 0
+        assert engine.compute_log_probs(seqs)["log_probs"] == before
+
+
+BAD_INPUTS = [
+    ([{"prompt_token_ids": [], "completion_token_ids": [1]}], ValueError, "sequence 0: empty prompt"),
+    ([{"prompt_token_ids": [1]}], ValueError, "sequence 0: missing key 'completion_token_ids'"),
+    ([{"completion_token_ids": [1]}], ValueError, "sequence 0: missing key 'prompt_token_ids'"),
+    ([{"prompt_token_ids": [1], "completion_token_ids": [VOCAB]}], ValueError,
+     rf"sequence 0: completion_token_ids\[0\] is {VOCAB}, vocabulary is \[0, {VOCAB}\)"),
+    ([{"prompt_token_ids": [-1], "completion_token_ids": [2]}], ValueError,
+     r"prompt_token_ids\[0\] is -1"),
+    ([{"prompt_token_ids": [1, 2.0], "completion_token_ids": [2]}], TypeError,
+     r"prompt_token_ids\[1\] is 2.0"),
+    ([{"prompt_token_ids": [1, True], "completion_token_ids": [2]}], TypeError,
+     r"prompt_token_ids\[1\] is True"),
+    ([{"prompt_token_ids": "abc", "completion_token_ids": [2]}], TypeError, "list of ints"),
+    (["not a dict"], TypeError, "sequence 0"),
+    ({"prompt_token_ids": [1], "completion_token_ids": [2]}, TypeError, "list of dicts"),
+    ([{"prompt_token_ids": [1] * 600, "completion_token_ids": [2]}], ValueError,
+     "sequence 0: length 601 exceeds the model's max_position_embeddings 512"),
+    ([{"prompt_token_ids": [1] * 300, "completion_token_ids": [2]}], ValueError,
+     "sequence 0: length 301 does not fit the KV pool of 256 tokens"),
+]
+
+
+def test_bad_inputs_raise_and_engine_stays_exact(ckpt):
+    path, hf = ckpt
+    good = [{"prompt_token_ids": [3, 1, 4, 1, 5], "completion_token_ids": [9, 2, 6]},
+            {"prompt_token_ids": [5, 3], "completion_token_ids": [5, 8, 9, 7]}]
+    ref_lp, _ = hf_scores(hf, good)
+    with Engine(path, page_size=4, max_batch_tokens=8, kv_cache_tokens=256) as engine:
+        for bad, error, match in BAD_INPUTS:
+            # the bad sequence comes after a good one: nothing may run for either
+            batch = good[:1] + bad if isinstance(bad, list) else bad
+            msg = match.replace("sequence 0", "sequence 1") if isinstance(bad, list) else match
+            with pytest.raises(error, match=msg):
+                engine.compute_log_probs(batch)
+            no_leaks(engine)
+            assert engine.stats()["scored_tokens"] == 0
+        for temperature in (0.0, -1.0, math.inf, math.nan):
+            with pytest.raises(ValueError, match="temperature"):
+                engine.compute_log_probs(good, temperature)
+        with pytest.raises(TypeError, match="temperature"):
+            engine.compute_log_probs(good, "1.0")
+        assert max_abs_diff(engine.compute_log_probs(good)["log_probs"], ref_lp) <= TOL
+        no_leaks(engine)
+
+
+def test_shapes_empty_and_tensors(ckpt):
+    path, hf = ckpt
+    seqs = [{"prompt_token_ids": [1, 2, 3], "completion_token_ids": [4, 5]},
+            {"prompt_token_ids": [7], "completion_token_ids": []},
+            {"prompt_token_ids": torch.tensor([8, 9]), "completion_token_ids": (10, 11, 12)}]
+    ref_lp, ref_ent = hf_scores(hf, [{k: list(v) for k, v in s.items()} for s in seqs], 0.8)
+    with Engine(path, kv_cache_tokens=256) as engine:
+        assert engine.compute_log_probs([]) == {"log_probs": [], "tokens": []}
+        out = engine.compute_log_probs(seqs, 0.8, return_entropy=True)
+        assert out["tokens"] == [[4, 5], [], [10, 11, 12]]
+        assert [len(x) for x in out["log_probs"]] == [2, 0, 3]
+        t = engine.compute_log_probs(seqs, 0.8, return_entropy=True, return_tensors=True)
+        assert t["log_probs"].shape == t["entropy"].shape == t["mask"].shape == (3, 3)
+        assert t["log_probs"].dtype == torch.float32 and t["mask"].dtype == torch.bool
+        assert t["mask"].sum(1).tolist() == [2, 0, 3]
+        assert t["tokens"][2].tolist() == [10, 11, 12]
+        for i, row in enumerate(out["log_probs"]):
+            assert t["log_probs"][i, :len(row)].tolist() == row
+            assert not t["log_probs"][i, len(row):].any()
+        assert max_abs_diff(out["entropy"], ref_ent) <= TOL
+        empty = engine.compute_log_probs([], return_tensors=True)
+        assert empty["log_probs"].shape == (0, 0)
+        stats = engine.stats()
+        for key in ("total_pages", "free_pages", "cached_pages", "prefix_hit_tokens",
+                    "scored_tokens", "weight_version"):
+            assert key in stats
+        assert stats["scored_tokens"] == 10
+
+
+def test_close_and_config_errors(ckpt):
+    path, _ = ckpt
+    engine = Engine(path, device=torch.device("cpu"), dtype=torch.float32, kv_cache_tokens=64)
+    engine.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        engine.compute_log_probs([])
+    engine.close()
+    for kwargs, error in [({"dtype": "int8"}, ValueError), ({"device": "tpu"}, ValueError),
+                          ({"page_size": 0}, ValueError), ({"max_batch_tokens": 1.5}, TypeError),
+                          ({"tp_size": 2}, ValueError), ({"kv_cache_tokens": 3}, ValueError)]:
+        with pytest.raises(error):
+            Engine(path, **kwargs)
+    with pytest.raises(FileNotFoundError):
+        Engine(path / "nope")
+
+
+def test_builtin_model_is_a_real_hf_checkpoint(tmp_path, monkeypatch):
+    from tokenspeed.builtin import builtin_model_dir, builtin_weights
+    monkeypatch.setenv("TOKENSPEED_CACHE", str(tmp_path))
+    path = builtin_model_dir()
+    assert path.parent == tmp_path and builtin_model_dir() == path
+    first = builtin_weights()
+    assert all(torch.equal(first[k], v) for k, v in builtin_weights().items())
+    seqs = [{"prompt_token_ids": [1, 50, 300], "completion_token_ids": [7, 511, 42]}]
+    with Engine(path) as engine:
+        out = engine.compute_log_probs(seqs)
+    assert max_abs_diff(out["log_probs"], hf_scores(load_hf(path), seqs)[0]) <= TOL

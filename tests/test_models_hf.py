@@ -1,0 +1,94 @@
+"""The engine's models against HF transformers in fp32 on random-weight checkpoints."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import DEVICES
+from model_factory import ARCHS, hf_scores, load_hf, make_checkpoint, max_abs_diff, random_sequences
+
+from tokenspeed import Engine
+
+pytest.importorskip("transformers")
+TOL = 1e-4
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_matches_hf_fp32(tmp_path, arch, tied, device):
+    vocab = 131 if tied else 257  # odd sizes: no vector width divides them
+    path = make_checkpoint(tmp_path, arch, tied=tied, vocab=vocab, seed=3)
+    hf = load_hf(path)
+    seqs = random_sequences(torch.Generator().manual_seed(1), vocab, 6, max_prompt=24)
+    for temperature in (1.0, 0.6):
+        ref_lp, ref_ent = hf_scores(hf, seqs, temperature)
+        for chunk in (None, 40):
+            with Engine(path, device=device, dtype="float32", page_size=4, max_batch_tokens=17,
+                        kv_cache_tokens=512, lean_vocab_chunk=chunk) as engine:
+                out = engine.compute_log_probs(seqs, temperature, return_entropy=True)
+            assert max_abs_diff(out["log_probs"], ref_lp) <= TOL
+            assert max_abs_diff(out["entropy"], ref_ent) <= TOL
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "linear", "factor": 4.0, "rope_theta": 500.0},
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 16, "rope_theta": 500.0},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
+     "rope_theta": 500.0},
+])
+def test_rope_scaling_matches_hf(tmp_path, rope):
+    path = make_checkpoint(tmp_path, "LlamaForCausalLM", rope=rope, hidden=64, heads=2,
+                           kv_heads=1)
+    hf = load_hf(path)
+    # long enough to cross every wavelength band of the scaled frequencies
+    seqs = random_sequences(torch.Generator().manual_seed(2), 131, 3, max_prompt=90,
+                            max_completion=30)
+    ref_lp, _ = hf_scores(hf, seqs)
+    with Engine(path, page_size=16, kv_cache_tokens=1024) as engine:
+        out = engine.compute_log_probs(seqs)
+    assert max_abs_diff(out["log_probs"], ref_lp) <= TOL
+
+
+def test_sharded_checkpoint(tmp_path):
+    path = make_checkpoint(tmp_path / "full", "Qwen2ForCausalLM", hidden=64)
+    hf = load_hf(path)
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    seqs = random_sequences(torch.Generator().manual_seed(4), 131, 3)
+    with Engine(path, kv_cache_tokens=256) as a, Engine(tmp_path / "sharded",
+                                                        kv_cache_tokens=256) as b:
+        assert a.compute_log_probs(seqs)["log_probs"] == b.compute_log_probs(seqs)["log_probs"]
+
+
+def _edit_config(path, **changes):
+    config = json.loads((path / "config.json").read_text())
+    config.update(changes)
+    (path / "config.json").write_text(json.dumps(config))
+
+
+def test_unsupported_architecture_lists_supported(tmp_path):
+    path = make_checkpoint(tmp_path, "LlamaForCausalLM")
+    _edit_config(path, architectures=["GPT2LMHeadModel"])
+    with pytest.raises(ValueError, match="GPT2LMHeadModel.*LlamaForCausalLM.*Qwen2ForCausalLM.*"
+                                         "Qwen3ForCausalLM"):
+        Engine(path)
+
+
+def test_unsupported_rope_type(tmp_path):
+    path = make_checkpoint(tmp_path, "LlamaForCausalLM")
+    _edit_config(path, rope_parameters={"rope_type": "longrope", "rope_theta": 1e4})
+    with pytest.raises(ValueError, match="longrope.*supported: default, linear, llama3, yarn"):
+        Engine(path)
+
+
+def test_missing_weight(tmp_path):
+    from safetensors.torch import load_file, save_file
+    path = make_checkpoint(tmp_path, "LlamaForCausalLM")
+    weights = load_file(path / "model.safetensors")
+    del weights["model.layers.1.mlp.down_proj.weight"]
+    save_file(weights, path / "model.safetensors")
+    with pytest.raises(ValueError, match="layers.1.mlp.down_proj"):
+        Engine(path)
