@@ -72,3 +72,22 @@ def test_console_script(tmp_path):
     proc = run_cli(["score", str(EXAMPLE)], tmp_path, prog=["tokenspeed"])
     assert proc.returncode == 0, proc.stderr
     assert len(proc.stdout.splitlines()) == 12
+
+
+def test_text_fields_with_a_tokenizer(tmp_path):
+    pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    words = ["<unk>", "the", "cat", "sat", "on", "mat", "a", "dog"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    model = make_checkpoint(tmp_path / "model", "LlamaForCausalLM", vocab=len(words))
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(model)
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"prompt": "the cat sat", "completion": "on a mat"}) + "\n")
+    proc = run_cli(["score", str(src), "--model", str(model)], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    row = json.loads(proc.stdout)
+    ids = {"prompt_token_ids": [1, 2, 3], "completion_token_ids": [4, 6, 5]}
+    assert row["prompt_token_ids"] == ids["prompt_token_ids"]
+    assert max_abs_diff([row["log_probs"]], hf_scores(load_hf(model), [ids])[0]) <= 1e-4
