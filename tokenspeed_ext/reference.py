@@ -22,6 +22,8 @@ def logprobs(logits: Tensor, targets: Tensor, temperature: float = 1.0,
     p = logp.exp()
     # -inf logits have p = 0 and contribute nothing (0 * -inf would be nan)
     ent = -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1)
+    no_finite = torch.isneginf(x).all(dim=-1)  # log_softmax gives nan there; so does entropy
+    ent = torch.where(no_finite, torch.full_like(ent, math.nan), ent)
     return lp, ent
 
 
