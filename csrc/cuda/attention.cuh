@@ -1,0 +1,360 @@
+/*
+ * Paged causal GQA prefill attention (flash-attention style, mma.sync tensor cores).
+ *
+ * Fuses Q K^T, the causal mask, the online softmax (fp32 running max and sum) and P V in
+ * one kernel. Never writes the scores or probabilities to memory: S and P live in
+ * registers, K/V tiles in shared memory, and only the normalised output is stored.
+ *
+ * Tiling: one block (8 warps) per (kv head, request, tile of kRowsM = 128 packed query
+ * rows). A KV group's query heads are packed together: packed row r of a request is token
+ * r / G, query head kv_head * G + r % G, so every K/V tile read from the cache serves all
+ * G heads. Each warp owns 16 packed rows; K/V tiles of kKeysN = 64 keys are gathered from
+ * the page table with cp.async (16-byte vectors, two stages, zero-filled past kv_len) into
+ * XOR-swizzled shared memory and fed to m16n8k16 bf16/fp16 mma with fp32 accumulation via
+ * ldmatrix. A tile's keys run only up to its last row's position (fully masked tiles are
+ * never visited), and the mask is applied only on tiles that cross the diagonal. Each block
+ * walks its KV range alone and in order, so a request's result does not depend on the rest
+ * of the batch. Page lookups use shift/mask when the page size is a power of two (16, 64,
+ * ...) and a division otherwise.
+ *
+ * paged_attention_simple_kernel is the fallback for fp32 and head dims other than 64/128:
+ * one warp per (token, query head), fp32 online softmax over the keys one at a time.
+ */
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cstdint>
+
+namespace tokenspeed {
+namespace cuda {
+
+constexpr int kRowsM = 128;
+constexpr int kKeysN = 64;
+constexpr int kAttnWarps = 8;
+constexpr int kAttnThreads = kAttnWarps * 32;
+
+struct PagedAttnParams {
+  const void* q;             // [N, Hq, D]
+  const void* k_cache;       // [P, page_size, Hk, D]
+  const void* v_cache;       // [P, page_size, Hk, D]
+  void* out;                 // [N, Hq, D]
+  const int32_t* page_table; // [B, max_pages], row stride pt_stride
+  const int32_t* cu_seqlens; // [B + 1]
+  const int32_t* kv_lens;    // [B]
+  int64_t pt_stride;
+  int hq, hk, group;         // group = Hq / Hk
+  int page_size, page_shift; // page_shift = log2(page_size) or -1
+  float scale_log2;          // softmax scale * log2(e)
+  int head_dim;              // used by the simple kernel
+};
+
+template <int D>
+__device__ __forceinline__ int swz(int row, int col) {
+  // col is a multiple of 8 elements (one 16-byte chunk); XOR the chunk with row % 8
+  return row * D + (((col >> 3) ^ (row & 7)) << 3) + (col & 7);
+}
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem),
+               "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n"); }
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(s));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(s));
+}
+
+template <typename T>
+__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                         uint32_t b1) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  } else {
+    __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+}
+
+__device__ __forceinline__ int64_t page_slot(const PagedAttnParams& p, const int32_t* pages,
+                                             int key) {
+  if (p.page_shift >= 0)
+    return int64_t(pages[key >> p.page_shift]) * p.page_size + (key & (p.page_size - 1));
+  return int64_t(pages[key / p.page_size]) * p.page_size + key % p.page_size;
+}
+
+// Smem: Q [kRowsM][D], K [2][kKeysN][D], V [2][kKeysN][D], all swizzled.
+template <int D>
+constexpr int paged_attention_smem_bytes() {
+  return (kRowsM + 4 * kKeysN) * D * 2;
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kAttnThreads, 2)
+    paged_attention_mma_kernel(const PagedAttnParams p) {
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);
+  T* sK = sQ + kRowsM * D;
+  T* sV = sK + 2 * kKeysN * D;
+
+  const int kvh = blockIdx.x, b = blockIdx.z;
+  const int tile = gridDim.y - 1 - blockIdx.y;  // the longest tiles start first
+  const int q_begin = p.cu_seqlens[b];
+  const int n_new = p.cu_seqlens[b + 1] - q_begin;
+  const int G = p.group;
+  const int rows_total = n_new * G;
+  const int row0 = tile * kRowsM;
+  if (row0 >= rows_total) return;
+  const int kv_len = p.kv_lens[b];
+  const int prefix = kv_len - n_new;
+  const int row_last = min(row0 + kRowsM, rows_total) - 1;
+  const int min_qpos = prefix + row0 / G;
+  const int max_qpos = prefix + row_last / G;
+  const int num_kv_tiles = (max_qpos + kKeysN) / kKeysN;
+
+  const T* q = static_cast<const T*>(p.q);
+  const T* kc = static_cast<const T*>(p.k_cache);
+  const T* vc = static_cast<const T*>(p.v_cache);
+  const int32_t* pages = p.page_table + int64_t(b) * p.pt_stride;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  constexpr int kChunksRow = D / 8;
+
+  // Q tile (rows past the request are zero-filled and never stored)
+  for (int i = tid; i < kRowsM * kChunksRow; i += kAttnThreads) {
+    const int r = i / kChunksRow, c = (i % kChunksRow) * 8;
+    const int gr = row0 + r;
+    const bool valid = gr < rows_total;
+    const int tok = valid ? gr / G : 0, g = valid ? gr % G : 0;
+    const T* src = q + (int64_t(q_begin + tok) * p.hq + kvh * G + g) * D + c;
+    cp_async16(sQ + swz<D>(r, c), src, valid);
+  }
+  auto load_kv = [&](int j, int stage) {
+    T* dk = sK + stage * kKeysN * D;
+    T* dv = sV + stage * kKeysN * D;
+    for (int i = tid; i < kKeysN * kChunksRow; i += kAttnThreads) {
+      const int r = i / kChunksRow, c = (i % kChunksRow) * 8;
+      const int key = j * kKeysN + r;
+      const bool valid = key < kv_len;
+      const int64_t off =
+          valid ? (page_slot(p, pages, key) * p.hk + kvh) * D + c : 0;
+      cp_async16(dk + swz<D>(r, c), kc + off, valid);
+      cp_async16(dv + swz<D>(r, c), vc + off, valid);
+    }
+  };
+  load_kv(0, 0);
+  cp_async_commit();
+
+  // This thread's two rows (lane / 4 and lane / 4 + 8 of the warp's 16); rows past the
+  // request borrow the last valid row's position so their softmax stays finite.
+  const int r_lo = warp * 16 + lane / 4;
+  const int qpos_lo = prefix + min(row0 + r_lo, row_last) / G;
+  const int qpos_hi = prefix + min(row0 + r_lo + 8, row_last) / G;
+
+  float o[D / 8][4];
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+  float m_lo = -INFINITY, m_hi = -INFINITY, l_lo = 0.f, l_hi = 0.f;
+
+  for (int j = 0; j < num_kv_tiles; ++j) {
+    cp_async_wait_all();
+    __syncthreads();
+    if (j + 1 < num_kv_tiles) load_kv(j + 1, (j + 1) & 1);
+    cp_async_commit();
+    const T* tk = sK + (j & 1) * kKeysN * D;
+    const T* tv = sV + (j & 1) * kKeysN * D;
+
+    float s[kKeysN / 8][4];
+#pragma unroll
+    for (int i = 0; i < kKeysN / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t a[4];
+      {
+        const int mi = lane / 8;
+        const int row = warp * 16 + (lane % 8) + (mi % 2) * 8;
+        ldmatrix_x4(a, sQ + swz<D>(row, kk * 16 + (mi / 2) * 8));
+      }
+#pragma unroll
+      for (int nn = 0; nn < kKeysN / 16; ++nn) {
+        uint32_t bk[4];
+        const int mi = lane / 8;
+        const int key = nn * 16 + (lane % 8) + (mi / 2) * 8;
+        ldmatrix_x4(bk, tk + swz<D>(key, kk * 16 + (mi % 2) * 8));
+        mma16816<T>(s[2 * nn], a, bk[0], bk[1]);
+        mma16816<T>(s[2 * nn + 1], a, bk[2], bk[3]);
+      }
+    }
+
+    const int key0 = j * kKeysN;
+    if (key0 + kKeysN - 1 > min_qpos) {
+#pragma unroll
+      for (int nt = 0; nt < kKeysN / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int key = key0 + nt * 8 + (lane % 4) * 2 + e;
+          if (key > qpos_lo) s[nt][e] = -INFINITY;
+          if (key > qpos_hi) s[nt][2 + e] = -INFINITY;
+        }
+    }
+
+    float mx_lo = -INFINITY, mx_hi = -INFINITY;
+#pragma unroll
+    for (int nt = 0; nt < kKeysN / 8; ++nt) {
+      mx_lo = fmaxf(mx_lo, fmaxf(s[nt][0], s[nt][1]));
+      mx_hi = fmaxf(mx_hi, fmaxf(s[nt][2], s[nt][3]));
+    }
+#pragma unroll
+    for (int off = 1; off < 4; off <<= 1) {
+      mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, off));
+      mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, off));
+    }
+    // Tile 0 holds key 0 <= every row's position, so m is finite from the first tile on.
+    const float mn_lo = fmaxf(m_lo, mx_lo * p.scale_log2);
+    const float mn_hi = fmaxf(m_hi, mx_hi * p.scale_log2);
+    const float alpha_lo = exp2f(m_lo - mn_lo), alpha_hi = exp2f(m_hi - mn_hi);
+    m_lo = mn_lo;
+    m_hi = mn_hi;
+    float sum_lo = 0.f, sum_hi = 0.f;
+#pragma unroll
+    for (int nt = 0; nt < kKeysN / 8; ++nt) {
+      s[nt][0] = exp2f(fmaf(s[nt][0], p.scale_log2, -mn_lo));
+      s[nt][1] = exp2f(fmaf(s[nt][1], p.scale_log2, -mn_lo));
+      s[nt][2] = exp2f(fmaf(s[nt][2], p.scale_log2, -mn_hi));
+      s[nt][3] = exp2f(fmaf(s[nt][3], p.scale_log2, -mn_hi));
+      sum_lo += s[nt][0] + s[nt][1];
+      sum_hi += s[nt][2] + s[nt][3];
+    }
+    l_lo = l_lo * alpha_lo + sum_lo;
+    l_hi = l_hi * alpha_hi + sum_hi;
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) {
+      o[i][0] *= alpha_lo;
+      o[i][1] *= alpha_lo;
+      o[i][2] *= alpha_hi;
+      o[i][3] *= alpha_hi;
+    }
+
+#pragma unroll
+    for (int kk = 0; kk < kKeysN / 16; ++kk) {
+      uint32_t a[4];
+      a[0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
+      a[1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
+      a[2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      a[3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+      for (int dd = 0; dd < D / 16; ++dd) {
+        uint32_t bv[4];
+        const int mi = lane / 8;
+        const int key = kk * 16 + (lane % 8) + (mi % 2) * 8;
+        ldmatrix_x4_trans(bv, tv + swz<D>(key, dd * 16 + (mi / 2) * 8));
+        mma16816<T>(o[2 * dd], a, bv[0], bv[1]);
+        mma16816<T>(o[2 * dd + 1], a, bv[2], bv[3]);
+      }
+    }
+  }
+  cp_async_wait_all();
+
+#pragma unroll
+  for (int off = 1; off < 4; off <<= 1) {
+    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, off);
+    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, off);
+  }
+  const float inv_lo = 1.f / l_lo, inv_hi = 1.f / l_hi;
+  T* out = static_cast<T*>(p.out);
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int gr = row0 + r_lo + half * 8;
+    if (gr >= rows_total) continue;
+    const float inv = half ? inv_hi : inv_lo;
+    T* dst = out + (int64_t(q_begin + gr / G) * p.hq + kvh * G + gr % G) * D + (lane % 4) * 2;
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt)
+      *reinterpret_cast<uint32_t*>(dst + dt * 8) =
+          pack2<T>(o[dt][2 * half] * inv, o[dt][2 * half + 1] * inv);
+  }
+}
+
+// Fallback: one warp per (token, query head); each lane holds dims lane, lane + 32, ...
+template <typename T, int kMaxDimPerLane>
+__global__ void paged_attention_simple_kernel(const PagedAttnParams p, const int32_t* req_of,
+                                              int64_t n_tokens) {
+  const int64_t warp_id = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const int lane = threadIdx.x % 32;
+  if (warp_id >= n_tokens * p.hq) return;
+  const int64_t token = warp_id / p.hq;
+  const int head = warp_id % p.hq, kvh = head / p.group, D = p.head_dim;
+  const int b = req_of[token];
+  const int q_begin = p.cu_seqlens[b], n_new = p.cu_seqlens[b + 1] - q_begin;
+  const int qpos = p.kv_lens[b] - n_new + int(token - q_begin);
+  const int32_t* pages = p.page_table + int64_t(b) * p.pt_stride;
+  const T* q = static_cast<const T*>(p.q) + (token * p.hq + head) * D;
+  const T* kc = static_cast<const T*>(p.k_cache);
+  const T* vc = static_cast<const T*>(p.v_cache);
+  float qr[kMaxDimPerLane], acc[kMaxDimPerLane];
+#pragma unroll
+  for (int i = 0; i < kMaxDimPerLane; ++i) {
+    const int d = lane + 32 * i;
+    qr[i] = d < D ? float(q[d]) : 0.f;
+    acc[i] = 0.f;
+  }
+  float m = -INFINITY, l = 0.f;
+  for (int key = 0; key <= qpos; ++key) {
+    const int64_t base = (page_slot(p, pages, key) * p.hk + kvh) * D;
+    float dot = 0.f;
+#pragma unroll
+    for (int i = 0; i < kMaxDimPerLane; ++i) {
+      const int d = lane + 32 * i;
+      if (d < D) dot = fmaf(qr[i], float(kc[base + d]), dot);
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
+    const float x = dot * p.scale_log2;
+    const float mn = fmaxf(m, x);
+    const float alpha = exp2f(m - mn), e = exp2f(x - mn);
+    l = l * alpha + e;
+    m = mn;
+#pragma unroll
+    for (int i = 0; i < kMaxDimPerLane; ++i) {
+      const int d = lane + 32 * i;
+      acc[i] = acc[i] * alpha + (d < D ? e * float(vc[base + d]) : 0.f);
+    }
+  }
+  T* out = static_cast<T*>(p.out) + (token * p.hq + head) * D;
+#pragma unroll
+  for (int i = 0; i < kMaxDimPerLane; ++i) {
+    const int d = lane + 32 * i;
+    if (d < D) out[d] = T(acc[i] / l);
+  }
+}
+
+}  // namespace cuda
+}  // namespace tokenspeed
