@@ -1,0 +1,131 @@
+"""Paged causal prefill attention vs SDPA's flash and cuDNN backends on the same data.
+
+Ours reads K/V through a shuffled page table (page size 16); the peers get the same data
+de-paged and contiguous (K/V heads repeated for GQA), with causal masks aligned at the
+bottom right (each request's new tokens are the last of its sequence). TFLOP/s count only
+unmasked work: 4 * D * Hq * sum over new tokens of the keys they see.
+
+    python bench/bench_attention.py [--models qwen2.5-7b llama-3-8b] [--page 16]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from shapes import MODELS, median_ms  # noqa: E402
+
+import tokenspeed_ext as tse  # noqa: E402
+
+
+def workloads(seed: int = 0) -> dict[str, tuple[list[int], list[int]]]:
+    """name -> (new tokens per request, cached prefix per request)."""
+    g = torch.Generator().manual_seed(seed)
+    ragged_new = torch.randint(64, 2049, (16,), generator=g).tolist()
+    ragged_prefix = torch.randint(0, 4097, (16,), generator=g).tolist()
+    return {"8x4096": ([4096] * 8, [0] * 8), "1x16384": ([16384], [0]),
+            "ragged16": (ragged_new, ragged_prefix)}
+
+
+def build(new, prefix, hq, hk, d, page, seed=0):
+    gen = torch.Generator("cuda").manual_seed(seed)
+    lens = [a + b for a, b in zip(new, prefix)]
+    need = [(n + page - 1) // page for n in lens]
+    perm = torch.randperm(sum(need), device="cuda", generator=gen).to(torch.int32)
+    table = torch.zeros(len(new), max(need), dtype=torch.int32, device="cuda")
+    at = 0
+    for i, c in enumerate(need):
+        table[i, :c] = perm[at:at + c]
+        at += c
+    kc = torch.randn(sum(need), page, hk, d, device="cuda", generator=gen).to(torch.bfloat16)
+    vc = torch.randn_like(kc)
+    q = torch.randn(sum(new), hq, d, device="cuda", generator=gen).to(torch.bfloat16)
+    cu = torch.tensor([0] + torch.tensor(new).cumsum(0).tolist(), dtype=torch.int32,
+                      device="cuda")
+    return q, kc, vc, table, cu, torch.tensor(lens, dtype=torch.int32, device="cuda")
+
+
+def depaged(kc, table, lens):
+    page = kc.shape[1]
+    return [kc[table[i, :(n + page - 1) // page].long()].flatten(0, 1)[:n]
+            for i, n in enumerate(lens.tolist())]
+
+
+def sdpa_peer(q, ks, vs, new, prefix, hq, backend):
+    """Per-request SDPA (one batched call when all requests are alike and uncached)."""
+    g = hq // ks[0].shape[1]
+    cu = [0] + torch.tensor(new).cumsum(0).tolist()
+    if all(p == 0 for p in prefix) and len(set(new)) == 1:
+        qb = q.view(len(new), new[0], hq, -1).transpose(1, 2)
+        kb = torch.stack(ks).repeat_interleave(g, dim=2).transpose(1, 2)
+        vb = torch.stack(vs).repeat_interleave(g, dim=2).transpose(1, 2)
+
+        def run(i):
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(qb, kb, vb, is_causal=True)
+        return run
+    from torch.nn.attention.bias import causal_lower_right
+    parts = []
+    for i in range(len(new)):
+        qi = q[cu[i]:cu[i + 1]].transpose(0, 1)[None]
+        ki = ks[i].repeat_interleave(g, dim=1).transpose(0, 1)[None]
+        vi = vs[i].repeat_interleave(g, dim=1).transpose(0, 1)[None]
+        parts.append((qi, ki, vi, causal_lower_right(qi.shape[2], ki.shape[2])))
+
+    def run(i):
+        with sdpa_kernel(backend):
+            return [F.scaled_dot_product_attention(a, b, c, attn_mask=m) for a, b, c, m in parts]
+    return run
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", nargs="+", default=["qwen2.5-7b", "llama-3-8b"])
+    ap.add_argument("--page", type=int, default=16)
+    ap.add_argument("--reps", type=int, default=10)
+    args = ap.parse_args()
+    print(f"# {torch.cuda.get_device_name()}  torch {torch.__version__}  page {args.page}")
+    header = (f"{'model':>12} {'shape':>9} | {'ours ms':>8} {'TF/s':>6} | {'flash':>6} "
+              f"{'x':>5} | {'cudnn':>6} {'x':>5} | max|ours-flash|")
+    rows = [header]
+    print(header, flush=True)
+    for name in args.models:
+        spec = MODELS[name]
+        hq, hk, d = spec["heads"], spec["kv_heads"], spec["head_dim"]
+        for shape, (new, prefix) in workloads().items():
+            q, kc, vc, table, cu, lens = build(new, prefix, hq, hk, d, args.page)
+            flops = 4 * d * hq * sum(sum(p + i + 1 for i in range(n)) for n, p in zip(new, prefix))
+            ours_ms = median_ms(lambda i: tse.paged_prefill_attention(q, kc, vc, table, cu, lens),
+                                args.reps)
+            out = tse.paged_prefill_attention(q, kc, vc, table, cu, lens)
+            ks, vs = depaged(kc, table, lens), depaged(vc, table, lens)
+            cells, diff = [], float("nan")
+            for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION):
+                try:
+                    run = sdpa_peer(q, ks, vs, new, prefix, hq, backend)
+                    ms = median_ms(run, args.reps)
+                    cells.append(f"{flops / ms / 1e9:6.0f} {ours_ms and ms / ours_ms:5.2f}")
+                    if backend == SDPBackend.FLASH_ATTENTION:
+                        ref = run(0)
+                        ref = (ref.transpose(1, 2).reshape(out.shape) if torch.is_tensor(ref)
+                               else torch.cat([r[0].transpose(0, 1) for r in ref]))
+                        diff = (out.float() - ref.float()).abs().max().item()
+                except RuntimeError as err:
+                    cells.append(f"{'n/a':>6} {'':>5}")
+                    print(f"  {backend.name} unavailable for {shape}: {str(err)[:120]}")
+            line = (f"{name:>12} {shape:>9} | {ours_ms:8.3f} {flops / ours_ms / 1e9:6.0f} | "
+                    f"{cells[0]} | {cells[1]} | {diff:.3g}")
+            rows.append(line)
+            print(line, flush=True)
+            del q, kc, vc, ks, vs, out
+            torch.cuda.empty_cache()
+    print("\n".join(["", "summary (peer columns: their TFLOP/s, their time / ours)"] + rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""Real model configs shared by the benchmarks, and the one timing helper they use.
+
+MODELS[name]["hf_config"] holds the keyword arguments of
+``transformers.AutoConfig.for_model``; the flat fields beside it are what the kernel
+benchmarks read.
+"""
+from __future__ import annotations
+
+import statistics
+from typing import Callable
+
+import torch
+
+
+def _model(model_type: str, hidden: int, layers: int, heads: int, kv_heads: int,
+           intermediate: int, vocab: int, params: float, **extra) -> dict:
+    hf = dict(model_type=model_type, hidden_size=hidden, num_hidden_layers=layers,
+              num_attention_heads=heads, num_key_value_heads=kv_heads,
+              intermediate_size=intermediate, vocab_size=vocab, **extra)
+    return dict(hf_config=hf, params=params, hidden=hidden, layers=layers, heads=heads,
+                kv_heads=kv_heads, head_dim=hidden // heads, intermediate=intermediate,
+                vocab=vocab)
+
+
+MODELS: dict[str, dict] = {
+    "qwen2.5-1.5b": _model("qwen2", 1536, 28, 12, 2, 8960, 151936, 1.54e9,
+                           rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                           max_position_embeddings=32768),
+    "qwen2.5-7b": _model("qwen2", 3584, 28, 28, 4, 18944, 152064, 7.62e9,
+                         rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                         max_position_embeddings=32768),
+    "llama-3-8b": _model("llama", 4096, 32, 32, 8, 14336, 128256, 8.03e9,
+                         rope_theta=5e5, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                         max_position_embeddings=8192),
+}
+
+
+def median_ms(fn: Callable[[int], object], reps: int = 20, warmup: int = 3) -> float:
+    """Median over `reps` CUDA-event timings of fn(i) after `warmup` untimed calls.
+
+    fn receives the repetition index so callers can rotate among input sets.
+    """
+    for i in range(warmup):
+        fn(i)
+    torch.cuda.synchronize()
+    times = []
+    for i in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn(i)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def copy_bandwidth(nbytes: int = 2 << 30) -> float:
+    """Device-to-device copy rate in bytes/s (bytes read plus bytes written)."""
+    src = torch.empty(nbytes // 2, dtype=torch.int16, device="cuda").random_()
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda i: dst.copy_(src), reps=10)
+    del src, dst
+    return 2 * nbytes / (ms * 1e-3)
