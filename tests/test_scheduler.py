@@ -1,0 +1,447 @@
+"""Targeted tests of the C++ scheduler: the known traps of scored windows, chunking and
+the prefix cache, plus the Python API and its errors.
+
+The state-machine test (test_scheduler_stateful.py) covers random interleavings; these
+pin each trap with a case small enough to read.
+"""
+from __future__ import annotations
+
+import array
+import functools
+import gc
+import importlib.util
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+FREE, OWNED, CACHED = 0, 1, 2
+ARRAYS = ("input_ids", "positions", "slot_mapping", "page_table", "cu_seqlens_q", "kv_lens",
+          "score_rows", "score_targets")
+
+
+@functools.cache
+def scheduler_module():
+    """The scheduler's pybind11 module, built by tokenspeed_ext/_build.py.
+
+    _build.py is loaded on its own rather than through ``import tokenspeed_ext``, which
+    also builds the op library: the scheduler does not depend on the kernels, and neither
+    should its tests. test_package_exports_scheduler covers the public path.
+    """
+    path = Path(__file__).resolve().parents[1] / "tokenspeed_ext" / "_build.py"
+    spec = importlib.util.spec_from_file_location("tokenspeed_scheduler_build", path)
+    build = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = build  # dataclasses look their module up here
+    spec.loader.exec_module(build)
+    return build.load_scheduler()
+
+
+def make(num_pages=64, page_size=4, max_batch_tokens=1024, **kw):
+    return scheduler_module().Scheduler(num_pages, page_size, max_batch_tokens, **kw)
+
+
+def score_rows_by_entry(batch):
+    """Per entry: its (position, target) score pairs, checked against the flat arrays."""
+    positions = batch.positions.tolist()
+    rows, targets = batch.score_rows.tolist(), batch.score_targets.tolist()
+    cu = batch.cu_seqlens_q.tolist()
+    out, k = [], 0
+    for i, e in enumerate(batch.entries):
+        pairs = []
+        for off in range(e.score_begin, e.score_end):
+            assert rows[k] == cu[i] + off
+            pairs.append((positions[rows[k]], targets[k]))
+            k += 1
+        out.append(pairs)
+    assert k == len(rows) == batch.num_scored
+    return out
+
+
+def drain(s):
+    """Run every request to the end. Returns ({id: [(position, target), ...]}, [entries of
+    each batch]) with the score pairs in emission order."""
+    scored, batches = defaultdict(list), []
+    while (b := s.schedule()) is not None:
+        for e, pairs in zip(b.entries, score_rows_by_entry(b)):
+            scored[e.request_id] += pairs
+        batches.append(b.entries)
+        s.complete(b)
+        s.check_invariants()
+    assert not s.has_work()
+    return scored, batches
+
+
+def expected_scores(tokens, start):
+    return [(p, tokens[p + 1]) for p in range(start, len(tokens) - 1)]
+
+
+def tokens_of(seed, n):
+    return torch.randint(0, 50_000, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def test_window_spans_several_chunks():
+    tokens = tokens_of(0, 21)
+    s = make(page_size=2, max_batch_tokens=4)
+    s.add(7, tokens, 5)
+    scored, batches = drain(s)
+    assert scored[7] == expected_scores(tokens, 5)
+    chunks = [(b[0].begin, b[0].end) for b in batches]
+    assert chunks == [(0, 4), (4, 8), (8, 12), (12, 16), (16, 20), (20, 21)]
+    # [0, 4) lies before the window, [4, 8) enters it at offset 1, the last chunk holds
+    # only position L - 1, which scores nothing.
+    assert [(b[0].score_begin, b[0].score_end) for b in batches] == [
+        (4, 4), (1, 4), (0, 4), (0, 4), (0, 4), (0, 0)]
+
+
+def test_chunk_starting_after_window_start_scores_from_offset_zero():
+    tokens = tokens_of(1, 12)
+    s = make(page_size=4, max_batch_tokens=3)
+    s.add(1, tokens, 2)
+    b1 = s.schedule()
+    assert (b1.entries[0].begin, b1.entries[0].score_begin, b1.entries[0].score_end) == (0, 2, 3)
+    s.complete(b1)
+    b2 = s.schedule()
+    e = b2.entries[0]
+    assert (e.begin, e.end, e.score_begin, e.score_end) == (3, 6, 0, 3)
+    assert score_rows_by_entry(b2) == [expected_scores(tokens, 2)[1:4]]
+
+
+def test_batch_mixing_windows_scores_each_request_alone():
+    requests = {  # id: (tokens, logprob_start)
+        1: (tokens_of(2, 9), 0),   # every position but the last
+        2: (tokens_of(3, 14), 6),  # a completion after a prompt
+        3: (tokens_of(4, 5), 4),   # empty window: start == L - 1
+        4: (tokens_of(5, 7), 5),   # exactly one scored position
+    }
+    s = make(page_size=2, max_batch_tokens=64)
+    for rid, (tokens, start) in requests.items():
+        s.add(rid, tokens, start)
+    b = s.schedule()
+    assert [e.request_id for e in b.entries] == [1, 2, 3, 4]
+    empty = b.entries[2]
+    assert empty.score_begin == empty.score_end
+    for e, pairs in zip(b.entries, score_rows_by_entry(b)):
+        tokens, start = requests[e.request_id]
+        assert pairs == expected_scores(tokens, start)
+        alone = make(page_size=2, max_batch_tokens=64)
+        alone.add(e.request_id, tokens, start)
+        assert score_rows_by_entry(alone.schedule()) == [pairs]
+    assert s.complete(b) == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("prompt_len", [12, 9, 13])
+def test_prefix_hit_never_skips_the_last_prompt_token(prompt_len):
+    page = 4
+    prompt = tokens_of(6, prompt_len)
+    first = prompt + tokens_of(7, 6)
+    s = make(page_size=page)
+    s.add(0, first, prompt_len - 1)
+    drain(s)
+    assert s.stats()["cached_pages"] == len(first) // page
+    # Same prompt, other completion; and the very same sequence, whose every full page
+    # is cached: both may reuse only pages wholly before logprob_start.
+    for rid, tokens in ((1, prompt + tokens_of(8, 5)), (2, first)):
+        start = prompt_len - 1
+        s.add(rid, tokens, start)
+        b = s.schedule()
+        e = b.entries[0]
+        assert e.cached_len == start // page * page
+        assert e.begin == e.cached_len <= start < e.end
+        assert b.positions.tolist()[0] == e.begin
+        assert score_rows_by_entry(b) == [expected_scores(tokens, start)]
+        s.complete(b)
+        s.check_invariants()
+
+
+def test_flush_while_running():
+    page = 2
+    shared = tokens_of(9, 8)
+    s = make(num_pages=16, page_size=page, max_batch_tokens=4)
+    s.add(0, shared, 7)
+    drain(s)
+    cached_before = s.stats()["cached_pages"]
+    assert cached_before == 4
+    s.add(1, shared + tokens_of(10, 6), 9)      # matches the cached pages, then runs
+    b = s.schedule()
+    assert b.entries[0].cached_len == 8
+    s.add(2, tokens_of(11, 10), 3)              # admitted while request 1 is in flight
+    b2 = s.schedule()
+    assert [e.request_id for e in b2.entries] == [2]
+    s.complete(b)
+    s.complete(b2)
+    inserted = s.stats()["inserted_pages"]
+
+    s.flush()
+    st = s.stats()
+    assert st["cached_pages"] == 0 and st["free_pages"] + st["owned_pages"] == st["total_pages"]
+    states = s.page_states()
+    assert all(s.cached_tokens(p) is None for p in range(len(states)))
+    # Request 1 still holds the pages it matched; they are owned now, no longer cached.
+    assert [states[p] for p in b.entries[0].pages[:4]] == [OWNED] * 4
+    s.check_invariants()
+
+    assert s.stats()["running"] == 2
+    drain(s)
+    st = s.stats()
+    assert st["inserted_pages"] == inserted  # requests running across the flush are not cached
+    assert st["cached_pages"] == 0 and st["free_pages"] == st["total_pages"]
+    s.add(3, shared + tokens_of(10, 6), 9)
+    assert s.schedule().entries[0].cached_len == 0
+
+
+def test_same_prompt_twice_in_one_batch():
+    tokens = tokens_of(12, 10)
+    s = make(num_pages=12, page_size=2)
+    s.add(0, tokens, 9)
+    s.add(1, tokens, 9)
+    b = s.schedule()
+    assert [e.cached_len for e in b.entries] == [0, 0]  # neither page is computed yet
+    assert not set(b.entries[0].pages) & set(b.entries[1].pages)
+    assert s.complete(b) == [0, 1]
+    st = s.stats()
+    assert st["inserted_pages"] == 5 and st["cached_pages"] == 5  # one copy; the other freed
+    assert st["free_pages"] == 12 - 5
+    s.add(2, tokens, 9)
+    assert s.schedule().entries[0].cached_len == 8
+    s.check_invariants()
+
+
+def test_waiting_request_blocks_later_ones():
+    s = make(num_pages=4, page_size=4, max_batch_tokens=4, enable_prefix_cache=False)
+    s.add(0, tokens_of(13, 12), 0)   # 3 pages
+    s.add(1, tokens_of(14, 8), 0)    # 2 pages: must wait for request 0
+    s.add(2, tokens_of(15, 3), 0)    # 1 page would fit now, but arrived later
+    order = []
+    while (b := s.schedule()) is not None:
+        order += [e.request_id for e in b.entries if e.begin == 0]
+        if b.entries[0].request_id == 0:
+            assert s.stats()["waiting"] == 2
+        s.complete(b)
+    assert order == [0, 1, 2]
+
+
+def test_lru_evicts_the_least_recently_used_pages():
+    page = 2
+    a, b_, c = tokens_of(16, 4), tokens_of(17, 4), tokens_of(18, 6)
+    s = make(num_pages=5, page_size=page)
+    for rid, tokens in ((0, a), (1, b_)):
+        s.add(rid, tokens, 3)
+        drain(s)
+    s.add(2, a + [1], 4)              # uses a's pages again: b's become the oldest
+    drain(s)
+    st = s.stats()
+    assert st["cached_pages"] == 4 and st["free_pages"] == 1
+    s.add(3, c, 1)                    # needs 3 pages: evicts b's two pages
+    s.schedule()
+    assert s.stats()["evicted_pages"] == 2
+    cached = [s.cached_tokens(p) for p in range(5)]
+    assert sorted(t for t in cached if t is not None) == sorted([a[:2], a[2:]])
+    s.check_invariants()
+
+
+def test_running_first_then_admission_chunks_the_last():
+    s = make(page_size=4, max_batch_tokens=10, max_batch_requests=3)
+    s.add(0, tokens_of(19, 14), 0)
+    b = s.schedule()
+    assert [(e.begin, e.end) for e in b.entries] == [(0, 10)]
+    s.add(1, tokens_of(20, 3), 0)
+    s.add(2, tokens_of(21, 9), 0)
+    s.add(3, tokens_of(22, 2), 0)
+    s.complete(b)
+    b = s.schedule()
+    assert [(e.request_id, e.begin, e.end) for e in b.entries] == [(0, 10, 14), (1, 0, 3), (2, 0, 3)]
+    assert b.num_tokens == 10 and b.num_requests == 3
+    s.complete(b)
+    b = s.schedule()
+    assert [(e.request_id, e.begin, e.end) for e in b.entries] == [(2, 3, 9), (3, 0, 2)]
+
+
+def test_max_batch_requests_caps_entries():
+    s = make(max_batch_requests=2)
+    for rid in range(5):
+        s.add(rid, tokens_of(rid, 3), 1)
+    sizes = [len(entries) for entries in drain(s)[1]]
+    assert sizes == [2, 2, 1]
+
+
+def test_abort_waiting_running_and_in_flight():
+    s = make(num_pages=8, page_size=2, max_batch_tokens=4)
+    s.add(0, tokens_of(23, 8), 0)
+    s.add(1, tokens_of(24, 8), 0)
+    b = s.schedule()                  # request 0 [0, 4); request 1 waits
+    assert [e.request_id for e in b.entries] == [0]
+    s.abort(1)
+    s.abort(0)                        # in flight: its entry is ignored by complete()
+    assert s.complete(b) == []
+    st = s.stats()
+    assert (st["waiting"], st["running"], st["free_pages"]) == (0, 0, 8)
+    s.add(0, tokens_of(23, 8), 0)     # the id is free again
+    assert drain(s)[0][0] == expected_scores(tokens_of(23, 8), 0)
+    with pytest.raises(ValueError, match="request_id=5"):
+        s.abort(5)
+
+
+def test_complete_rejects_stale_and_foreign_batches():
+    s, other = make(), make()
+    s.add(0, [1, 2, 3], 0)
+    other.add(0, [1, 2, 3], 0)
+    b = s.schedule()
+    with pytest.raises(ValueError, match="not outstanding"):
+        other.complete(b)
+    s.complete(b)
+    with pytest.raises(ValueError, match="not outstanding"):
+        s.complete(b)
+    s.check_invariants()
+
+
+def test_in_flight_requests_are_not_scheduled_twice():
+    s = make(page_size=2, max_batch_tokens=3)
+    s.add(0, tokens_of(25, 7), 0)
+    b1 = s.schedule()
+    assert s.schedule() is None       # its only request is still in flight
+    s.add(1, tokens_of(26, 2), 0)
+    b2 = s.schedule()
+    assert [e.request_id for e in b2.entries] == [1]
+    assert s.complete(b2) == [1] and s.complete(b1) == []
+    assert s.schedule().entries[0].begin == 3
+
+
+def test_schedule_is_none_when_idle():
+    s = make()
+    assert s.schedule() is None and not s.has_work()
+
+
+@pytest.mark.parametrize("args, match", [
+    ((0, [], 0), "token_ids is empty"),
+    ((0, [1, 2], 2), "logprob_start=2"),
+    ((0, [1, 2], -1), "logprob_start=-1"),
+    ((0, [1] * 257, 0), "num_pages=64"),
+    ((0, [1, -3], 0), r"token_ids\[1\] is -3"),
+    ((0, [1, 2**31], 0), r"token_ids\[1\] is 2147483648"),
+])
+def test_add_errors_name_the_value(args, match):
+    s = make()
+    with pytest.raises(ValueError, match=match):
+        s.add(*args)
+    s.check_invariants()
+    assert not s.has_work()
+
+
+def test_add_duplicate_id():
+    s = make()
+    s.add(3, [1, 2], 0)
+    with pytest.raises(ValueError, match="request 3"):
+        s.add(3, [4, 5], 0)
+    assert s.stats()["waiting"] == 1
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(num_pages=0), "num_pages=0"),
+    (dict(page_size=0), "page_size=0"),
+    (dict(max_batch_tokens=0), "max_batch_tokens=0"),
+    (dict(max_batch_requests=0), "max_batch_requests=0"),
+    (dict(num_pages=2**20, page_size=2**12), "int32"),
+])
+def test_constructor_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        make(**kwargs)
+
+
+def test_token_id_containers():
+    ids = [5, 0, 9, 2**31 - 1, 7]
+    for container in (ids, tuple(ids), array.array("i", ids), array.array("q", ids),
+                      array.array("L", ids), np.array(ids, dtype=np.int64),
+                      np.array(ids, dtype=np.int32),
+                      torch.tensor(ids), torch.tensor(ids, dtype=torch.int32),
+                      [np.int64(t) for t in ids]):
+        s = make()
+        s.add(1, container, 0)
+        assert s.schedule().input_ids.tolist() == ids, type(container)
+    strided = np.arange(10, dtype=np.int64)[::2]
+    s = make()
+    s.add(1, strided, 0)
+    assert s.schedule().input_ids.tolist() == [0, 2, 4, 6, 8]
+    for bad, err in (([1.5], TypeError), (np.zeros((2, 2), dtype=np.int64), TypeError),
+                     (np.array([1.0]), TypeError), ("abc", TypeError), (5, TypeError)):
+        with pytest.raises(err):
+            make().add(1, bad, 0)
+
+
+def test_arrays_are_zero_copy_and_outlive_the_batch():
+    s = make(page_size=2)
+    s.add(0, tokens_of(27, 5), 1)
+    s.add(1, tokens_of(28, 3), 0)
+    b = s.schedule()
+    tensors = {name: torch.frombuffer(getattr(b, name), dtype=torch.int32) for name in ARRAYS}
+    assert tensors["page_table"].numel() == b.num_requests * b.max_pages
+    assert tensors["cu_seqlens_q"].tolist() == [0, 5, 8]
+    assert tensors["kv_lens"].tolist() == [5, 3]
+    assert tensors["positions"].tolist() == [0, 1, 2, 3, 4, 0, 1, 2]
+    pages = [e.pages for e in b.entries]
+    assert tensors["page_table"].view(2, b.max_pages).tolist() == [pages[0], pages[1] + [0]]
+    assert tensors["slot_mapping"].tolist() == [
+        pages[r][p // 2] * 2 + p % 2 for r, n in ((0, 5), (1, 3)) for p in range(n)]
+    again = torch.frombuffer(b.input_ids, dtype=torch.int32)
+    again[0] += 1                        # same memory: the change shows everywhere
+    assert tensors["input_ids"][0] == again[0] == b.input_ids.tolist()[0]
+    expected = {name: t.clone() for name, t in tensors.items()}
+    s.complete(b)
+    del b, again
+    gc.collect()
+    s.add(2, tokens_of(29, 9), 0)       # new allocations must not reuse the old arrays
+    s.schedule()
+    for name, t in tensors.items():
+        assert torch.equal(t, expected[name]), name
+
+
+def test_same_inputs_give_same_batches():
+    def run():
+        s = make(num_pages=10, page_size=2, max_batch_tokens=7, max_batch_requests=3)
+        log = []
+        for rid in range(12):
+            s.add(rid, tokens_of(rid % 3, 4 + rid), rid % 4)
+            if rid % 4 == 3 and (b := s.schedule()) is not None:
+                log.append([getattr(b, n).tolist() for n in ARRAYS])
+                s.complete(b)
+        while (b := s.schedule()) is not None:
+            log.append([getattr(b, n).tolist() for n in ARRAYS])
+            s.complete(b)
+        return log, s.stats()
+    assert run() == run()
+
+
+def test_prefix_cache_disabled():
+    s = make(enable_prefix_cache=False)
+    for rid in range(3):
+        s.add(rid, list(range(20)), 15)
+        drain(s)
+    st = s.stats()
+    assert st["prefix_hit_tokens"] == st["inserted_pages"] == st["cached_pages"] == 0
+    assert st["free_pages"] == st["total_pages"]
+
+
+def test_stats_and_page_states_agree():
+    s = make(num_pages=6, page_size=2, max_batch_tokens=3)
+    s.add(0, list(range(6)), 0)
+    s.add(1, list(range(6)), 0)
+    s.complete(s.schedule())
+    drain(s)
+    s.add(2, list(range(6)) + [9], 5)
+    s.schedule()
+    states, st = s.page_states(), s.stats()
+    assert st == {**st, "free_pages": states.count(FREE), "owned_pages": states.count(OWNED),
+                  "cached_pages": states.count(CACHED), "total_pages": 6, "running": 1,
+                  "waiting": 0, "prefix_hit_tokens": 4}
+    assert all(r >= 1 for r, state in zip(s.refcounts(), states) if state == OWNED)
+
+
+def test_package_exports_scheduler():
+    import tokenspeed_ext
+
+    assert tokenspeed_ext.Scheduler.__name__ == "Scheduler"
+    s = tokenspeed_ext.Scheduler(num_pages=4, page_size=2, max_batch_tokens=8)
+    s.add(0, [1, 2, 3], 1)
+    assert s.complete(s.schedule()) == [0]
