@@ -67,7 +67,7 @@ class Engine:
                  dtype: str | torch.dtype | None = None, page_size: int = 16,
                  max_batch_tokens: int = 8192, kv_cache_tokens: int | None = None,
                  enable_prefix_cache: bool = True, tp_size: int = 1,
-                 max_batch_requests: int = 256, lean_vocab_chunk: int | None = None):
+                 max_batch_requests: int = 256, lean_vocab_chunk: int | None | str = "auto"):
         self.config = EngineConfig(model_path, device=device, dtype=dtype, page_size=page_size,
                                    max_batch_tokens=max_batch_tokens,
                                    max_batch_requests=max_batch_requests,
