@@ -45,12 +45,12 @@ at::Tensor paged_prefill_attention_cuda(const at::Tensor& q, const at::Tensor& k
                                         const at::Tensor& cu_seqlens_q, const at::Tensor& kv_lens,
                                         std::optional<double> scale) {
   check_paged_attention(q, k_cache, v_cache, page_table, cu_seqlens_q, kv_lens);
+  check_attention_scale(scale);
   TORCH_CHECK(q.is_cuda(), "q must be a CUDA tensor, got device ", q.device());
   const int64_t hq = q.size(1), d = q.size(2), hk = k_cache.size(2);
   const int64_t page_size = k_cache.size(1), b = page_table.size(0), n = q.size(0);
   const float sm_scale = static_cast<float>(scale.has_value() ? *scale
                                                               : 1.0 / std::sqrt(double(d)));
-  TORCH_CHECK(std::isfinite(sm_scale), "scale must be finite, got ", sm_scale);
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out = at::empty({n, hq, d}, q.options());
   if (n == 0 || d == 0) return out;
