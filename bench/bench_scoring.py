@@ -1,0 +1,219 @@
+"""End-to-end scoring: tokenspeed Engine vs HF transformers, both in this process.
+
+Workloads (seeded): GRPO-shaped, 64 prompts x 8 completions, prompt lengths uniform in
+[128, 2048], completion lengths log-normal with median 512 capped at 4096; uniform,
+16 x (512 prompt + 512 completion). Checkpoints: random bf16 weights with the real
+configs of Qwen2.5-1.5B / Qwen2.5-7B, built with transformers and saved once per run.
+
+The HF peer is what RL trainers do: sequences sorted by length, packed into right-padded
+micro-batches under a token budget (best of a small sweep), sdpa attention, bf16 forward,
+then an fp32 log_softmax gather over the completion tokens.
+
+    python bench/bench_scoring.py --models qwen2.5-1.5b qwen2.5-7b --workloads grpo uniform
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from shapes import MODELS  # noqa: E402
+
+PEAK_BF16_FLOPS = 989e12  # H100/H200 SXM dense bf16, for MFU
+
+
+def make_workload(name: str, vocab: int, seed: int = 0) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    seqs = []
+    if name == "grpo":
+        for _ in range(64):
+            plen = int(torch.randint(128, 2049, (1,), generator=g))
+            prompt = torch.randint(0, vocab, (plen,), generator=g).tolist()
+            for _ in range(8):
+                clen = math.exp(math.log(512) + 0.6 * float(torch.randn(1, generator=g)))
+                clen = max(1, min(4096, int(clen)))
+                comp = torch.randint(0, vocab, (clen,), generator=g).tolist()
+                seqs.append({"prompt_token_ids": prompt, "completion_token_ids": comp})
+    elif name == "uniform":
+        for _ in range(16):
+            seqs.append({"prompt_token_ids": torch.randint(0, vocab, (512,), generator=g).tolist(),
+                         "completion_token_ids": torch.randint(0, vocab, (512,), generator=g).tolist()})
+    else:
+        raise ValueError(f"unknown workload {name!r}")
+    return seqs
+
+
+def build_checkpoint(model: str, root: Path) -> Path:
+    from transformers import AutoConfig, AutoModelForCausalLM
+    cfg = AutoConfig.for_model(**MODELS[model]["hf_config"])
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        m = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    # random init has std 0.02 everywhere; that is what both systems see
+    path = root / model
+    m.save_pretrained(path)
+    del m
+    torch.cuda.empty_cache()
+    return path
+
+
+def hf_score(model, seqs: list[dict], budget: int) -> list[torch.Tensor]:
+    """Sorted, right-padded micro-batches under `budget` padded tokens."""
+    order = sorted(range(len(seqs)), key=lambda i: -(len(seqs[i]["prompt_token_ids"]) +
+                                                     len(seqs[i]["completion_token_ids"])))
+    out: list[torch.Tensor | None] = [None] * len(seqs)
+    i = 0
+    while i < len(order):
+        longest = len(seqs[order[i]]["prompt_token_ids"]) + len(seqs[order[i]]["completion_token_ids"])
+        n = max(1, budget // longest)
+        group = order[i:i + n]
+        i += n
+        ids = torch.zeros(len(group), longest, dtype=torch.long)
+        mask = torch.zeros(len(group), longest, dtype=torch.long)
+        for r, j in enumerate(group):
+            toks = seqs[j]["prompt_token_ids"] + seqs[j]["completion_token_ids"]
+            ids[r, :len(toks)] = torch.tensor(toks)
+            mask[r, :len(toks)] = 1
+        ids, mask = ids.cuda(non_blocking=True), mask.cuda(non_blocking=True)
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            del logits
+            tgt = logp[:, :-1].gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+            del logp
+        for r, j in enumerate(group):
+            p, c = len(seqs[j]["prompt_token_ids"]), len(seqs[j]["completion_token_ids"])
+            out[j] = tgt[r, p - 1:p - 1 + c].cpu()
+    return out  # type: ignore[return-value]
+
+
+def timed(fn):
+    """(result, seconds, peak GiB allocated since the last reset: weights and pools too)."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    result = fn()
+    torch.cuda.synchronize()
+    return result, time.perf_counter() - t0, torch.cuda.max_memory_allocated() / 2**30
+
+
+def agreement(a: list[torch.Tensor], b: list[torch.Tensor]) -> tuple[float, float]:
+    d = torch.cat([(x.float() - y.float()).abs() for x, y in zip(a, b)])
+    return d.mean().item(), d.max().item()
+
+
+def run(model_name: str, workload: str, root: Path, budgets: list[int], ref_subset: int,
+        kv_tokens: int) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from tokenspeed import Engine
+
+    spec = MODELS[model_name]
+    path = root / model_name
+    if not path.exists():
+        build_checkpoint(model_name, root)
+    seqs = make_workload(workload, spec["hf_config"]["vocab_size"])
+    n_tokens = sum(len(s["prompt_token_ids"]) + len(s["completion_token_ids"]) for s in seqs)
+    n_params = spec["params"]
+
+    warm = make_workload(workload, spec["hf_config"]["vocab_size"], seed=1)[:4]
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16,
+                                              attn_implementation="sdpa").cuda().eval()
+    hf_score(hf, warm, budgets[0])
+    best = None
+    for budget in budgets:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        try:
+            res, secs, mem = timed(lambda: hf_score(hf, seqs, budget))
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            continue
+        print(f"  hf budget {budget:6d}: {n_tokens / secs:10.0f} tok/s  peak +{mem:.1f} GiB")
+        if best is None or secs < best[1]:
+            best = (res, secs, mem, budget)
+    assert best is not None, "HF ran out of memory at every budget"
+    hf_res, hf_secs, hf_mem, hf_budget = best
+    del hf
+    torch.cuda.empty_cache()
+
+    torch.cuda.reset_peak_memory_stats()
+    with Engine(str(path), device="cuda", dtype="bfloat16", kv_cache_tokens=kv_tokens) as eng:
+        eng.compute_log_probs(warm)  # other random tokens: no prefix-cache hits later
+        out, ts_secs, ts_mem = timed(lambda: eng.compute_log_probs(seqs))
+    ts_res = [torch.tensor(x) for x in out["log_probs"]]
+    torch.cuda.empty_cache()
+
+    mean_d, max_d = agreement(ts_res, hf_res)
+    row = {
+        "model": model_name, "workload": workload, "tokens": n_tokens,
+        "hf_tok_s": n_tokens / hf_secs, "hf_peak_gib": hf_mem, "hf_budget": hf_budget,
+        "ts_tok_s": n_tokens / ts_secs, "ts_peak_gib": ts_mem, "ts_kv_tokens": kv_tokens,
+        "speedup": hf_secs / ts_secs,
+        "hf_mfu": 2 * n_params * n_tokens / hf_secs / PEAK_BF16_FLOPS,
+        "ts_mfu": 2 * n_params * n_tokens / ts_secs / PEAK_BF16_FLOPS,
+        "mean_abs_diff": mean_d, "max_abs_diff": max_d,
+    }
+    if ref_subset:
+        row.update(reference_errors(path, seqs[:ref_subset], ts_res[:ref_subset],
+                                    hf_res[:ref_subset]))
+    return row
+
+
+def reference_errors(path: Path, seqs, ts_res, hf_res) -> dict:
+    """Both bf16 systems against the same checkpoint scored by HF in fp32."""
+    from transformers import AutoModelForCausalLM
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                               attn_implementation="sdpa").cuda().eval()
+    ref_res = hf_score(ref, seqs, 8192)
+    del ref
+    torch.cuda.empty_cache()
+    ts_mean, ts_max = agreement(ts_res, ref_res)
+    hf_mean, hf_max = agreement(hf_res, ref_res)
+    return {"ts_vs_fp32_mean": ts_mean, "ts_vs_fp32_max": ts_max,
+            "hf_vs_fp32_mean": hf_mean, "hf_vs_fp32_max": hf_max}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["qwen2.5-1.5b", "qwen2.5-7b"])
+    ap.add_argument("--workloads", nargs="+", default=["grpo", "uniform"])
+    ap.add_argument("--budgets", type=int, nargs="+", default=[8192, 16384, 32768])
+    ap.add_argument("--kv-tokens", type=int, default=65536,
+                    help="engine KV pool: running requests are reserved whole, and the "
+                         "8 completions of a GRPO prompt run close together, so a pool of "
+                         "a few batches' worth keeps every prefix hit")
+    ap.add_argument("--ref-subset", type=int, default=8, help="sequences checked against fp32")
+    ap.add_argument("--root", type=Path, default=None, help="where checkpoints are saved")
+    args = ap.parse_args()
+    root = args.root or Path(tempfile.mkdtemp(prefix="tokenspeed-bench-"))
+    print(f"# {torch.cuda.get_device_name()}  torch {torch.__version__}")
+    rows = []
+    for model in args.models:
+        for workload in args.workloads:
+            print(f"{model} / {workload}")
+            row = run(model, workload, root, args.budgets, args.ref_subset, args.kv_tokens)
+            rows.append(row)
+            print("  " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                   for k, v in row.items()))
+    print("\n| model | workload | HF tok/s | tokenspeed tok/s | speedup | HF peak GiB | "
+          "tokenspeed peak GiB | MFU HF / ts | mean/max abs diff | vs fp32 ts / HF (mean) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        ref = (f"{r.get('ts_vs_fp32_mean', float('nan')):.3g} / "
+               f"{r.get('hf_vs_fp32_mean', float('nan')):.3g}")
+        print(f"| {r['model']} | {r['workload']} | {r['hf_tok_s']:.0f} | {r['ts_tok_s']:.0f} | "
+              f"{r['speedup']:.2f}x | {r['hf_peak_gib']:.1f} | {r['ts_peak_gib']:.1f} | "
+              f"{r['hf_mfu']:.2f} / {r['ts_mfu']:.2f} | {r['mean_abs_diff']:.3g} / "
+              f"{r['max_abs_diff']:.3g} | {ref} |")
+
+
+if __name__ == "__main__":
+    main()
