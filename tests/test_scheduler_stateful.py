@@ -199,6 +199,6 @@ class SchedulerMachine(RuleBasedStateMachine):
 
 
 SchedulerMachine.TestCase.settings = settings(
-    max_examples=500, stateful_step_count=60, deadline=None,
+    max_examples=1000, stateful_step_count=60, deadline=None,
     suppress_health_check=[HealthCheck.too_slow])
 TestScheduler = SchedulerMachine.TestCase
