@@ -241,7 +241,7 @@ def test_close_and_config_errors(ckpt):
     engine.close()
     for kwargs, error in [({"dtype": "int8"}, ValueError), ({"device": "tpu"}, ValueError),
                           ({"page_size": 0}, ValueError), ({"max_batch_tokens": 1.5}, TypeError),
-                          ({"tp_size": 2}, ValueError), ({"kv_cache_tokens": 3}, ValueError)]:
+                          ({"tp_size": 3}, ValueError), ({"kv_cache_tokens": 3}, ValueError)]:
         with pytest.raises(error):
             Engine(path, **kwargs)
     with pytest.raises(FileNotFoundError):

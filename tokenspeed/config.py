@@ -1,6 +1,7 @@
 """EngineConfig: every engine setting, validated and normalised on construction."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,11 +13,14 @@ DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.f
 
 
 LEAN_VOCAB_CHUNK_CUDA = 32768
+LOGPROB_MODES = ("partials", "gather")
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
+def resolve_device(device: str | torch.device | None, default_index: int | None = None
+                   ) -> torch.device:
+    """``default_index`` picks the GPU when none is named (a rank's LOCAL_RANK)."""
     if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if not isinstance(device, (str, torch.device)):
         raise TypeError(f"device must be a string or torch.device, got {type(device).__name__}")
     try:
@@ -29,7 +33,8 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         if not torch.cuda.is_available():
             raise ValueError("device cuda requested but torch sees no CUDA device")
         if device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
+            index = torch.cuda.current_device() if default_index is None else default_index
+            device = torch.device("cuda", index)
     return device
 
 
@@ -63,6 +68,11 @@ class EngineConfig:
     T=256 x H=1024 x V=32000 and T=512 x H=896 x V=151936, chunks 4096-16384), so None;
     on an H200 chunks of 32768 were no slower (bf16, T=8192 x H=1536 x V=151936: 7.52 vs
     7.82 ms; T=4096 x H=4096 x V=128256: 7.11 vs 7.28 ms), so lean there.
+
+    tp_size > 1: tensor parallelism (see distributed.py). Each rank then scores its whole
+    vocabulary shard in bounded row blocks (lean_vocab_chunk applies at tp_size 1), and
+    logprob_mode picks the exchange: "partials" ([T, 4] fp32 per rank) or "gather" (the
+    logits themselves, [T, V / tp] per rank).
     """
     model_path: str | Path
     device: str | torch.device | None = None
@@ -74,21 +84,25 @@ class EngineConfig:
     enable_prefix_cache: bool = True
     tp_size: int = 1
     lean_vocab_chunk: int | None | str = "auto"
+    logprob_mode: str = "partials"
 
     def __post_init__(self) -> None:
         self.model_path = Path(self.model_path)
         if not self.model_path.is_dir():
             raise FileNotFoundError(f"model directory {self.model_path} does not exist")
-        self.device = resolve_device(self.device)
+        _positive_int("tp_size", self.tp_size)
+        rank_gpu = int(os.environ.get("LOCAL_RANK", 0)) if self.tp_size > 1 else None
+        self.device = resolve_device(self.device, rank_gpu)
         self.dtype = resolve_dtype(self.dtype, self.device)
         if self.lean_vocab_chunk == "auto":
             self.lean_vocab_chunk = LEAN_VOCAB_CHUNK_CUDA if self.device.type == "cuda" else None
-        for name in ("page_size", "max_batch_tokens", "max_batch_requests", "tp_size"):
+        for name in ("page_size", "max_batch_tokens", "max_batch_requests"):
             _positive_int(name, getattr(self, name))
         for name in ("kv_cache_tokens", "lean_vocab_chunk"):
             if getattr(self, name) is not None:
                 _positive_int(name, getattr(self, name))
         if not isinstance(self.enable_prefix_cache, bool):
             raise TypeError(f"enable_prefix_cache must be a bool, got {self.enable_prefix_cache!r}")
-        if self.tp_size != 1:
-            raise ValueError(f"tp_size {self.tp_size}: tensor parallelism is not available yet")
+        if self.logprob_mode not in LOGPROB_MODES:
+            raise ValueError(f"logprob_mode must be one of {LOGPROB_MODES}, "
+                             f"got {self.logprob_mode!r}")

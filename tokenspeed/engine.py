@@ -13,14 +13,17 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import dataclasses
+
 import tokenspeed_ext as tse
 import torch
 from torch import Tensor
 
+from . import distributed
 from .config import EngineConfig
 from .kv_cache import KVCache, kv_bytes_per_token
 from .layers.embedding import MAX_LOGITS_ELEMENTS
-from .models import load_model
+from .models import ModelConfig, load_model
 from .models.loader import WeightMap
 from .runner import ModelRunner
 
@@ -61,36 +64,59 @@ def _pad(rows: list[Tensor], dtype: torch.dtype) -> Tensor:
 
 
 class Engine:
-    """Scores completions under an HF Llama/Qwen2/Qwen3 checkpoint; see DESIGN.md's API."""
+    """Scores completions under an HF Llama/Qwen2/Qwen3 checkpoint; see DESIGN.md's API.
+
+    tp_size > 1 shards the model over a tensor-parallel group. Inside a process group
+    (torchrun) this engine is one rank's shard and every rank makes the same calls; from
+    a plain process it spawns tp_size workers and forwards every call to them.
+    """
 
     def __init__(self, model_path: str | os.PathLike, *, device: str | torch.device | None = None,
                  dtype: str | torch.dtype | None = None, page_size: int = 16,
                  max_batch_tokens: int = 8192, kv_cache_tokens: int | None = None,
                  enable_prefix_cache: bool = True, tp_size: int = 1,
-                 max_batch_requests: int = 256, lean_vocab_chunk: int | None | str = "auto"):
+                 max_batch_requests: int = 256, lean_vocab_chunk: int | None | str = "auto",
+                 logprob_mode: str = "partials"):
         self.config = EngineConfig(model_path, device=device, dtype=dtype, page_size=page_size,
                                    max_batch_tokens=max_batch_tokens,
                                    max_batch_requests=max_batch_requests,
                                    kv_cache_tokens=kv_cache_tokens,
                                    enable_prefix_cache=enable_prefix_cache, tp_size=tp_size,
-                                   lean_vocab_chunk=lean_vocab_chunk)
+                                   lean_vocab_chunk=lean_vocab_chunk, logprob_mode=logprob_mode)
         cfg = self.config
-        self.model, self.model_config = load_model(cfg.model_path, cfg.device, cfg.dtype)
-        num_pages = self._num_pages()
+        self._closed = False
+        self._workers: distributed.WorkerPool | None = None
+        if cfg.tp_size > 1:
+            distributed.check_shardable(ModelConfig.from_dir(cfg.model_path), cfg.tp_size)
+            if not distributed.launched_spmd():
+                self._workers = distributed.WorkerPool(cfg.tp_size, dataclasses.asdict(cfg))
+                return
+            self.tp = distributed.init_tp_group(cfg.tp_size, cfg.device)
+        else:
+            self.tp = distributed.TPGroup()
+        with distributed.building_with(self.tp):
+            self.model, self.model_config = load_model(cfg.model_path, cfg.device, cfg.dtype)
         mc = self.model_config
-        self.kv_cache = KVCache(mc.num_layers, num_pages, cfg.page_size, mc.num_kv_heads,
+        first, end = distributed.kv_head_range(mc.num_kv_heads, self.tp.rank, self.tp.size)
+        self.local_kv_heads = end - first
+        num_pages = self.tp.validated(self._num_pages)
+        if self.tp.size > 1:
+            # ranks schedule in lockstep only if their pools are the same size
+            num_pages = self.tp.min_int(num_pages)
+        self.kv_cache = KVCache(mc.num_layers, num_pages, cfg.page_size, self.local_kv_heads,
                                 mc.head_dim, cfg.dtype, cfg.device)
         self.scheduler = tse.Scheduler(num_pages, cfg.page_size, cfg.max_batch_tokens,
                                        cfg.max_batch_requests, cfg.enable_prefix_cache)
-        self.runner = ModelRunner(self.model, self.kv_cache, cfg.device, cfg.lean_vocab_chunk)
+        self.runner = ModelRunner(self.model, self.kv_cache, cfg.device, cfg.lean_vocab_chunk,
+                                  gather_logits=cfg.logprob_mode == "gather")
         self.weight_version = 0
         self.scored_tokens = 0
         self._next_request_id = 0
-        self._closed = False
 
     def _num_pages(self) -> int:
         cfg, mc = self.config, self.model_config
-        per_token = kv_bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim, cfg.dtype)
+        per_token = kv_bytes_per_token(mc.num_layers, self.local_kv_heads, mc.head_dim,
+                                       cfg.dtype)
         tokens = cfg.kv_cache_tokens
         if tokens is None:
             if cfg.device.type == "cuda":
@@ -156,7 +182,13 @@ class Engine:
         scores, int64 tokens) plus a bool "mask".
         """
         self._check_open()
-        seqs = self._validate(sequences, temperature)
+        if self._workers is not None:
+            return self._workers.call("compute_log_probs", sequences, temperature,
+                                      return_entropy=return_entropy,
+                                      return_tensors=return_tensors)
+        seqs = self.tp.validated(
+            lambda: self._validate(sequences, temperature),
+            lambda v: distributed.sequences_fingerprint(v, float(temperature), return_entropy))
         lengths = [len(c) for _, c in seqs]
         offsets = [0]
         for n in lengths:
@@ -224,29 +256,45 @@ class Engine:
         """Replace weights by HF name; all names and shapes are checked before any is
         written. The prefix cache is flushed: K/V computed under old weights never scores."""
         self._check_open()
-        items = list(weights.items() if isinstance(weights, Mapping) else weights)
+        if self._workers is not None:
+            if not isinstance(weights, Mapping):
+                weights = list(weights)  # a generator cannot travel to the workers
+            return self._workers.call("update_weights", weights)
+        items = self.tp.validated(lambda: self._check_weights(weights))
         weight_map = WeightMap(self.model)
-        for entry in items:
-            if not (isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[0], str)):
-                raise TypeError(f"weights must map HF names to tensors, got entry {entry!r:.80}")
-            weight_map.check(*entry)
         with torch.no_grad():
             for name, tensor in items:
                 weight_map.load(name, tensor)
         self.scheduler.flush()
         self.weight_version += 1
 
+    def _check_weights(self, weights: Mapping[str, Tensor] | Iterable[tuple[str, Tensor]]
+                       ) -> list[tuple[str, Tensor]]:
+        items = list(weights.items() if isinstance(weights, Mapping) else weights)
+        weight_map = WeightMap(self.model)
+        for entry in items:
+            if not (isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[0], str)):
+                raise TypeError(f"weights must map HF names to tensors, got entry {entry!r:.80}")
+            weight_map.check(*entry)
+        return items
+
     def stats(self) -> dict[str, Any]:
         self._check_open()
+        if self._workers is not None:
+            return self._workers.call("stats")
         out = dict(self.scheduler.stats())
         out.update(scored_tokens=self.scored_tokens, weight_version=self.weight_version,
-                   page_size=self.config.page_size, kv_cache_tokens=self.kv_cache.num_tokens)
+                   page_size=self.config.page_size, kv_cache_tokens=self.kv_cache.num_tokens,
+                   tp_size=self.tp.size)
         return out
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
+        if self._workers is not None:
+            self._workers.shutdown()
+            return
         del self.runner, self.kv_cache, self.model, self.scheduler
         if self.config.device.type == "cuda":
             torch.cuda.empty_cache()

@@ -37,11 +37,12 @@ def _int32(buffer, device: torch.device) -> Tensor:
 
 class ModelRunner:
     def __init__(self, model: nn.Module, kv_cache: KVCache, device: torch.device,
-                 lean_vocab_chunk: int | None):
+                 lean_vocab_chunk: int | None, gather_logits: bool = False):
         self.model = model
         self.kv_cache = kv_cache
         self.device = device
         self.lean_vocab_chunk = lean_vocab_chunk
+        self.gather_logits = gather_logits
 
     @torch.inference_mode()
     def run(self, batch, temperature: float, return_entropy: bool) -> BatchScores:
@@ -61,5 +62,5 @@ class ModelRunner:
             empty = torch.empty(0, dtype=torch.float32)
             return BatchScores(empty, empty if return_entropy else None)
         lp, ent = self.model.lm_head(hidden, targets, temperature, return_entropy,
-                                     self.lean_vocab_chunk)
+                                     self.lean_vocab_chunk, self.gather_logits)
         return BatchScores(lp.cpu(), ent.cpu() if ent is not None else None)

@@ -2,8 +2,8 @@
 
 The head never returns logits: it hands them straight to the fused op, either all at
 once or, in lean mode, in vocabulary chunks whose (m, s, w, t) partials are merged, so
-[rows, V] logits are never held. The chunks are exactly the shards tensor parallelism
-will use, so the same path serves both.
+[rows, V] logits are never held. Tensor parallelism shards the vocabulary the same
+way and merges the ranks' partials with the same op.
 """
 from __future__ import annotations
 
@@ -12,41 +12,79 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .linear import _default_loader
+from ..distributed import tp_group, vocab_range
 
 # logits held at once by the non-lean head: 256 MiB in fp32
 MAX_LOGITS_ELEMENTS = 1 << 26
 
 
+def _vocab_loader(layer: nn.Module):
+    """Loads the layer's rows [vocab_start, vocab_end) of an HF [V, H] tensor."""
+    def load(param: nn.Parameter, loaded: Tensor, shard: str | int | None = None) -> None:
+        expected = (layer.vocab_size, param.shape[1])
+        if tuple(loaded.shape) != expected:
+            raise ValueError(f"expected shape {expected}, got {tuple(loaded.shape)}")
+        param.data.copy_(loaded.narrow(0, layer.vocab_start, param.shape[0]))
+    return load
+
+
 class VocabEmbedding(nn.Module):
+    """Vocabulary-parallel: each rank holds rows [vocab_start, vocab_end) (uneven splits
+    allowed), looks up the ids it holds, zeros the others, and the group sums."""
+
     def __init__(self, vocab_size: int, hidden_size: int):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size), requires_grad=False)
-        self.weight.weight_loader = _default_loader
+        self.tp = tp_group()
+        self.vocab_size = vocab_size
+        self.vocab_start, self.vocab_end = vocab_range(vocab_size, self.tp.rank, self.tp.size)
+        self.weight = nn.Parameter(torch.empty(self.vocab_end - self.vocab_start, hidden_size),
+                                   requires_grad=False)
+        self.weight.weight_loader = _vocab_loader(self)
 
     def forward(self, input_ids: Tensor) -> Tensor:
-        return F.embedding(input_ids, self.weight)
+        if self.tp.size == 1:
+            return F.embedding(input_ids, self.weight)
+        local = input_ids - self.vocab_start
+        outside = (local < 0) | (local >= self.weight.shape[0])
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        return self.tp.all_reduce(out.masked_fill_(outside.unsqueeze(-1), 0))
 
 
 class LogprobHead(nn.Module):
     """log_softmax(hidden @ W^T / T)[target] (and entropy) per row, in fp32.
 
-    ``tied`` reuses the embedding's weight tensor instead of owning one.
+    ``tied`` reuses the embedding's weight tensor instead of owning one. Under tensor
+    parallelism each rank holds the vocabulary rows its embedding would, computes the
+    (m, s, w, t) partials of its shard, and the ranks exchange those [S, 4] (16 bytes a
+    row) and merge them in rank order, so every rank gets the same scores. The
+    ``gather_logits`` path all-gathers [rows, V] logits instead (what top-k will need).
     """
 
     def __init__(self, vocab_size: int, hidden_size: int, tied: VocabEmbedding | None = None):
         super().__init__()
         self.tied = tied
+        self.tp = tp_group()
+        self.vocab_size = vocab_size
+        self.vocab_start, self.vocab_end = vocab_range(vocab_size, self.tp.rank, self.tp.size)
         if tied is None:
-            self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size), requires_grad=False)
-            self.weight.weight_loader = _default_loader
+            self.weight = nn.Parameter(torch.empty(self.vocab_end - self.vocab_start,
+                                                   hidden_size), requires_grad=False)
+            self.weight.weight_loader = _vocab_loader(self)
 
     def head_weight(self) -> Tensor:
         return self.tied.weight if self.tied is not None else self.weight
 
     def forward(self, hidden: Tensor, targets: Tensor, temperature: float,
-                return_entropy: bool, vocab_chunk: int | None) -> tuple[Tensor, Tensor | None]:
+                return_entropy: bool, vocab_chunk: int | None,
+                gather_logits: bool = False) -> tuple[Tensor, Tensor | None]:
         """hidden [S, H], targets [S] -> (logprobs [S] fp32, entropy [S] fp32 or None)."""
+        if self.tp.size > 1:
+            if gather_logits:
+                lp, ent = self._gathered_logits(hidden, targets, temperature)
+            else:
+                lp, ent = tse.combine_logprob_partials(
+                    self.tp.all_gather(self._shard_partials(hidden, targets, temperature)))
+            return lp, ent if return_entropy else None
         weight = self.head_weight()
         vocab = weight.shape[0]
         if vocab_chunk is None or vocab_chunk >= vocab:
@@ -62,3 +100,34 @@ class LogprobHead(nn.Module):
             for start in range(0, vocab, vocab_chunk)])
         lp, ent = tse.combine_logprob_partials(partials)
         return lp, ent if return_entropy else None
+
+    def _shard_partials(self, hidden: Tensor, targets: Tensor, temperature: float) -> Tensor:
+        """[S, 4] partials of this rank's vocabulary shard, in bounded row blocks."""
+        weight = self.head_weight()
+        step = max(1, MAX_LOGITS_ELEMENTS // weight.shape[0])
+        return torch.cat([
+            tse.logprob_partials(F.linear(hidden[r:r + step], weight), targets[r:r + step],
+                                 self.vocab_start, temperature)
+            for r in range(0, hidden.shape[0], step)])
+
+    def _gathered_logits(self, hidden: Tensor, targets: Tensor, temperature: float
+                         ) -> tuple[Tensor, Tensor]:
+        """All-gather each row block's logits and score full rows. Blocks are sized by
+        the whole vocabulary, so every rank runs the same number of collectives."""
+        weight = self.head_weight()
+        size = self.tp.size
+        bounds = [vocab_range(self.vocab_size, r, size) for r in range(size)]
+        width = max(end - start for start, end in bounds)
+        step = max(1, MAX_LOGITS_ELEMENTS // (size * width))
+        lps, ents = [], []
+        for r in range(0, hidden.shape[0], step):
+            local = F.linear(hidden[r:r + step], weight)
+            # all_gather needs equal shapes: pad the shorter shards, then cut the padding
+            local = F.pad(local, (0, width - local.shape[1]))
+            shards = self.tp.all_gather(local)
+            logits = torch.cat([shards[i, :, :end - start]
+                                for i, (start, end) in enumerate(bounds)], dim=1)
+            lp, ent = tse.logprobs(logits, targets[r:r + step], temperature, True)
+            lps.append(lp)
+            ents.append(ent)
+        return torch.cat(lps), torch.cat(ents)
