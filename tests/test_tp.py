@@ -143,6 +143,7 @@ def _spmd_rank(rank: int, device: str, port: int, ckpts: dict[str, Path], out_di
             result["after_errors"] = engine.compute_log_probs(seqs, 0.7, return_entropy=True)
         with Engine(ckpts["new"], **dict(kw, tp_size=1)) as engine:
             result["dp"] = compute_log_probs_dp(engine, seqs, 0.7, return_entropy=True)
+        dist.barrier()
         dist.destroy_process_group()
     except BaseException:  # noqa: BLE001 - the parent reports it
         result = {"traceback": traceback.format_exc()}

@@ -243,6 +243,8 @@ def _worker_main(rank: int, size: int, port: int, engine_kwargs: dict[str, Any],
         except Exception as e:  # noqa: BLE001 - reported to the parent, which raises it
             _send_error(conn, e)
         if method == "close":
+            # every rank closes: tearing down while a peer is still in the group aborts it
+            dist.barrier()
             break
     if dist.is_initialized():
         dist.destroy_process_group()

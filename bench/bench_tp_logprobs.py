@@ -1,0 +1,117 @@
+"""Tensor-parallel log-prob head: exchange [T, 4] partials vs all-gather the logits.
+
+Each of tp ranks holds a V/tp vocabulary shard of the LM head (uneven when tp does not
+divide V) and runs the engine's own ``LogprobHead`` on the same hidden states [T, H]:
+"partials" all-gathers 16 bytes a row, "gather" all-gathers its [T, V/tp] bf16 logits
+(in the head's bounded row blocks). Both are timed end to end (head matmul + op +
+collective) and as the collective alone, with the bytes each rank receives. bf16 hidden
+and weights, random (never zeros); NCCL, one GPU per rank, spawned by this script.
+
+    python bench/bench_tp_logprobs.py [--tp 2] [--t 16384] [--v 152064] [--h 3584]
+
+Needs 2+ GPUs; ``--device cpu`` runs the same code on gloo with small shapes, as a check.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from shapes import median_ms  # noqa: E402
+
+from tokenspeed.distributed import _free_port, building_with, init_tp_group  # noqa: E402
+from tokenspeed.layers.embedding import LogprobHead  # noqa: E402
+
+
+def timed_ms(fn, device: torch.device, reps: int) -> float:
+    if device.type == "cuda":
+        return median_ms(fn, reps=reps)
+    fn(0)
+    times = []
+    for i in range(reps):
+        start = time.perf_counter()
+        fn(i)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def run(rank: int, args: argparse.Namespace, port: int) -> None:
+    device = torch.device("cuda", rank) if args.device == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    else:
+        torch.set_num_threads(1)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=args.tp)
+    tp = init_tp_group(args.tp, device)
+    dtype = torch.bfloat16
+    gen = torch.Generator(device=device).manual_seed(0)  # same hidden/targets on every rank
+    hidden = torch.randn(args.t, args.h, generator=gen, device=device, dtype=dtype)
+    targets = torch.randint(0, args.v, (args.t,), generator=gen, device=device)
+    with building_with(tp), torch.device(device):
+        head = LogprobHead(args.v, args.h).to(dtype)
+    head.weight.data.normal_(0, args.h ** -0.5)
+
+    def head_fn(gather: bool):
+        return lambda i: head(hidden, targets, 1.0, True, None, gather_logits=gather)
+
+    lp_p, ent_p = head_fn(False)(0)
+    lp_g, ent_g = head_fn(True)(0)
+    err = max((lp_p - lp_g).abs().max().item(), (ent_p - ent_g).abs().max().item())
+
+    shard = head.weight.shape[0]
+    width = max(shard, args.v - (args.v // args.tp) * (args.tp - 1))
+    partials = torch.randn(args.t, 4, device=device)
+    logits = torch.randn(args.t, width, device=device, dtype=dtype)
+    rows = []
+    for name, gather, payload in (("partials", False, partials), ("gather", True, logits)):
+        received = (args.tp - 1) * payload.numel() * payload.element_size()
+        total = timed_ms(head_fn(gather), device, args.reps)
+        comm = timed_ms(lambda i, x=payload: tp.all_gather(x), device, args.reps)
+        rows.append((name, received, total, comm))
+    if rank == 0:
+        print(f"tp={args.tp} T={args.t} V={args.v} H={args.h} bf16 on {device.type}; "
+              f"max |partials - gather| = {err:.2e}")
+        print(f"{'exchange':>9} {'MiB received/rank':>18} {'head ms':>9} {'collective ms':>14}")
+        for name, received, total, comm in rows:
+            print(f"{name:>9} {received / 2**20:18.3f} {total:9.3f} {comm:14.3f}")
+        (_, rb_p, t_p, c_p), (_, rb_g, t_g, c_g) = rows
+        print(f"gather / partials: bytes {rb_g / rb_p:.0f}x, head time {t_g / t_p:.2f}x, "
+              f"collective time {c_g / c_p:.1f}x")
+    dist.barrier()  # a rank that tears down while a peer still prints can abort it
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tp", type=int, default=None, help="ranks (default: all GPUs)")
+    parser.add_argument("--t", type=int, default=16384)
+    parser.add_argument("--v", type=int, default=152064)
+    parser.add_argument("--h", type=int, default=3584)
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    args = parser.parse_args()
+    if args.device == "cuda":
+        gpus = torch.cuda.device_count()
+        if gpus < 2:
+            print(f"bench_tp_logprobs: needs at least 2 CUDA devices, this machine has {gpus}; "
+                  f"nothing measured (--device cpu checks the code path on gloo)")
+            return
+        args.tp = args.tp or gpus
+        if args.tp > gpus:
+            sys.exit(f"--tp {args.tp} exceeds the {gpus} CUDA devices")
+    args.tp = args.tp or 2
+    mp.spawn(run, args=(args, _free_port()), nprocs=args.tp, join=True)
+
+
+if __name__ == "__main__":
+    main()
