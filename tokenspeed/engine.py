@@ -87,8 +87,10 @@ class Engine:
         self._closed = False
         self._workers: distributed.WorkerPool | None = None
         if cfg.tp_size > 1:
-            distributed.check_shardable(ModelConfig.from_dir(cfg.model_path), cfg.tp_size)
+            model_config = ModelConfig.from_dir(cfg.model_path)
+            distributed.check_shardable(model_config, cfg.tp_size)
             if not distributed.launched_spmd():
+                self.model_config = model_config
                 self._workers = distributed.WorkerPool(cfg.tp_size, dataclasses.asdict(cfg))
                 return
             self.tp = distributed.init_tp_group(cfg.tp_size, cfg.device)
