@@ -25,14 +25,21 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from shapes import MODELS  # noqa: E402
 
+# a tiny config to smoke-test this script anywhere: --models tiny --device cpu
+MODELS = {**MODELS, "tiny": dict(params=1e6, hf_config=dict(
+    model_type="qwen2", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, intermediate_size=128, vocab_size=1000,
+    max_position_embeddings=8192, tie_word_embeddings=True))}
+DEVICE = "cuda"
+
 PEAK_BF16_FLOPS = 989e12  # H100/H200 SXM dense bf16, for MFU
 
 
-def make_workload(name: str, vocab: int, seed: int = 0) -> list[dict]:
+def make_workload(name: str, vocab: int, seed: int = 0, grpo_prompts: int = 64) -> list[dict]:
     g = torch.Generator().manual_seed(seed)
     seqs = []
     if name == "grpo":
-        for _ in range(64):
+        for _ in range(grpo_prompts):
             plen = int(torch.randint(128, 2049, (1,), generator=g))
             prompt = torch.randint(0, vocab, (plen,), generator=g).tolist()
             for _ in range(8):
@@ -53,13 +60,13 @@ def build_checkpoint(model: str, root: Path) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM
     cfg = AutoConfig.for_model(**MODELS[model]["hf_config"])
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device(DEVICE):
         m = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
     # random init has std 0.02 everywhere; that is what both systems see
     path = root / model
     m.save_pretrained(path)
     del m
-    torch.cuda.empty_cache()
+    _empty_cache()
     return path
 
 
@@ -80,7 +87,7 @@ def hf_score(model, seqs: list[dict], budget: int) -> list[torch.Tensor]:
             toks = seqs[j]["prompt_token_ids"] + seqs[j]["completion_token_ids"]
             ids[r, :len(toks)] = torch.tensor(toks)
             mask[r, :len(toks)] = 1
-        ids, mask = ids.cuda(non_blocking=True), mask.cuda(non_blocking=True)
+        ids, mask = ids.to(DEVICE, non_blocking=True), mask.to(DEVICE, non_blocking=True)
         with torch.no_grad():
             logits = model(input_ids=ids, attention_mask=mask).logits
             logp = torch.log_softmax(logits.float(), dim=-1)
@@ -93,13 +100,31 @@ def hf_score(model, seqs: list[dict], budget: int) -> list[torch.Tensor]:
     return out  # type: ignore[return-value]
 
 
+def _cuda() -> bool:
+    return DEVICE.startswith("cuda")
+
+
+def _empty_cache() -> None:
+    if _cuda():
+        torch.cuda.empty_cache()
+
+
+def _reset_peak() -> None:
+    if _cuda():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
 def timed(fn):
     """(result, seconds, peak GiB allocated since the last reset: weights and pools too)."""
-    torch.cuda.synchronize()
+    if _cuda():
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
     result = fn()
-    torch.cuda.synchronize()
-    return result, time.perf_counter() - t0, torch.cuda.max_memory_allocated() / 2**30
+    if _cuda():
+        torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() / 2**30 if _cuda() else float("nan")
+    return result, time.perf_counter() - t0, peak
 
 
 def agreement(a: list[torch.Tensor], b: list[torch.Tensor]) -> tuple[float, float]:
@@ -108,7 +133,7 @@ def agreement(a: list[torch.Tensor], b: list[torch.Tensor]) -> tuple[float, floa
 
 
 def run(model_name: str, workload: str, root: Path, budgets: list[int], ref_subset: int,
-        kv_tokens: int) -> dict:
+        kv_tokens: int, grpo_prompts: int) -> dict:
     from transformers import AutoModelForCausalLM
 
     from tokenspeed import Engine
@@ -117,24 +142,22 @@ def run(model_name: str, workload: str, root: Path, budgets: list[int], ref_subs
     path = root / model_name
     if not path.exists():
         build_checkpoint(model_name, root)
-    seqs = make_workload(workload, spec["hf_config"]["vocab_size"])
+    seqs = make_workload(workload, spec["hf_config"]["vocab_size"], grpo_prompts=grpo_prompts)
     n_tokens = sum(len(s["prompt_token_ids"]) + len(s["completion_token_ids"]) for s in seqs)
     n_params = spec["params"]
 
     warm = make_workload(workload, spec["hf_config"]["vocab_size"], seed=1)[:4]
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+    _reset_peak()
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16,
-                                              attn_implementation="sdpa").cuda().eval()
+                                              attn_implementation="sdpa").to(DEVICE).eval()
     hf_score(hf, warm, budgets[0])
     best = None
     for budget in budgets:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+        _reset_peak()
         try:
             res, secs, mem = timed(lambda: hf_score(hf, seqs, budget))
         except torch.OutOfMemoryError:
-            torch.cuda.empty_cache()
+            _empty_cache()
             continue
         print(f"  hf budget {budget:6d}: {n_tokens / secs:10.0f} tok/s  peak +{mem:.1f} GiB")
         if best is None or secs < best[1]:
@@ -142,14 +165,12 @@ def run(model_name: str, workload: str, root: Path, budgets: list[int], ref_subs
     assert best is not None, "HF ran out of memory at every budget"
     hf_res, hf_secs, hf_mem, hf_budget = best
     del hf
-    torch.cuda.empty_cache()
-
-    torch.cuda.reset_peak_memory_stats()
-    with Engine(str(path), device="cuda", dtype="bfloat16", kv_cache_tokens=kv_tokens) as eng:
+    _reset_peak()
+    with Engine(str(path), device=DEVICE, dtype="bfloat16", kv_cache_tokens=kv_tokens) as eng:
         eng.compute_log_probs(warm)  # other random tokens: no prefix-cache hits later
         out, ts_secs, ts_mem = timed(lambda: eng.compute_log_probs(seqs))
     ts_res = [torch.tensor(x) for x in out["log_probs"]]
-    torch.cuda.empty_cache()
+    _empty_cache()
 
     mean_d, max_d = agreement(ts_res, hf_res)
     row = {
@@ -171,10 +192,10 @@ def reference_errors(path: Path, seqs, ts_res, hf_res) -> dict:
     """Both bf16 systems against the same checkpoint scored by HF in fp32."""
     from transformers import AutoModelForCausalLM
     ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
-                                               attn_implementation="sdpa").cuda().eval()
+                                               attn_implementation="sdpa").to(DEVICE).eval()
     ref_res = hf_score(ref, seqs, 8192)
     del ref
-    torch.cuda.empty_cache()
+    _empty_cache()
     ts_mean, ts_max = agreement(ts_res, ref_res)
     hf_mean, hf_max = agreement(hf_res, ref_res)
     return {"ts_vs_fp32_mean": ts_mean, "ts_vs_fp32_max": ts_max,
@@ -192,14 +213,20 @@ def main() -> None:
                          "a few batches' worth keeps every prefix hit")
     ap.add_argument("--ref-subset", type=int, default=8, help="sequences checked against fp32")
     ap.add_argument("--root", type=Path, default=None, help="where checkpoints are saved")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--grpo-prompts", type=int, default=64)
     args = ap.parse_args()
+    global DEVICE
+    DEVICE = args.device
     root = args.root or Path(tempfile.mkdtemp(prefix="tokenspeed-bench-"))
-    print(f"# {torch.cuda.get_device_name()}  torch {torch.__version__}")
+    name = torch.cuda.get_device_name() if _cuda() else "cpu"
+    print(f"# {name}  torch {torch.__version__}")
     rows = []
     for model in args.models:
         for workload in args.workloads:
             print(f"{model} / {workload}")
-            row = run(model, workload, root, args.budgets, args.ref_subset, args.kv_tokens)
+            row = run(model, workload, root, args.budgets, args.ref_subset, args.kv_tokens,
+                      args.grpo_prompts)
             rows.append(row)
             print("  " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                    for k, v in row.items()))
