@@ -2,6 +2,7 @@
 # One device call: build (CPU + CUDA ops), GPU tests, compute-sanitizer on the small kernel
 # tests, then the kernel benchmarks. Logs go under $OUT (or ./gpu_logs).
 #   bench/run_gpu.sh [build] [test] [sanitize] [bench_logprobs] [bench_attention] [ncu]
+# PYTEST_ARGS adds pytest options to the test stage (e.g. --deselect ID).
 set -o pipefail
 OUT=${OUT:-gpu_logs}
 mkdir -p "$OUT"
@@ -20,8 +21,8 @@ for s in $stages; do
         || exit 1 ;;
     test)
       step test
-      timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_ops_cuda.py \
-        $(ls tests/test_ops.py 2>/dev/null) 2>&1 | tail -40 | tee "$OUT/tests.log" || status=1 ;;
+      timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider ${PYTEST_ARGS:-} \
+        tests/test_ops_cuda.py $(ls tests/test_ops.py 2>/dev/null) 2>&1 | tail -40 | tee "$OUT/tests.log" || status=1 ;;
     sanitize)
       step sanitize
       for tool in memcheck racecheck; do

@@ -2,198 +2,47 @@
 // with the same messages. Each message names the argument and the offending value.
 // Shape/dtype checks cost nothing; the data-dependent ones (target range, page-table
 // coverage) read a few reduced scalars back to the host, once per call.
+//
+// Defined once, in op_checks.cpp (host compiler only): they throw c10::Error, and no
+// translation unit compiled by nvcc includes this header.
 #pragma once
 
 #include <ATen/ATen.h>
-#include <c10/util/Exception.h>
 
-#include <cmath>
 #include <optional>
 
 namespace tokenspeed {
 
-inline void check_float_input(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16 ||
-                  t.scalar_type() == at::kHalf,
-              name, " must be float32, bfloat16 or float16, got ", t.scalar_type());
-}
+void check_float_input(const at::Tensor& t, const char* name);
 
-inline void check_index_input(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong, name,
-              " must be int32 or int64, got ", t.scalar_type());
-}
+void check_index_input(const at::Tensor& t, const char* name);
 
-inline void check_same_device(const at::Tensor& a, const char* an, const at::Tensor& b,
-                              const char* bn) {
-  TORCH_CHECK(a.device() == b.device(), an, " is on ", a.device(), " but ", bn, " is on ",
-              b.device());
-}
+void check_same_device(const at::Tensor& a, const char* an, const at::Tensor& b,
+                       const char* bn);
 
-inline void check_temperature(double temperature) {
-  TORCH_CHECK(std::isfinite(temperature) && temperature > 0.0,
-              "temperature must be finite and > 0, got ", temperature);
-}
+void check_temperature(double temperature);
 
 // logits [T, V] with unit stride along V (any row stride), targets [T].
-inline void check_logits_targets(const at::Tensor& logits, const at::Tensor& targets) {
-  check_float_input(logits, "logits");
-  check_index_input(targets, "targets");
-  TORCH_CHECK(logits.dim() == 2, "logits must be 2-D [T, V], got shape ", logits.sizes());
-  TORCH_CHECK(targets.dim() == 1, "targets must be 1-D [T], got shape ", targets.sizes());
-  TORCH_CHECK(targets.size(0) == logits.size(0), "targets has ", targets.size(0),
-              " entries but logits has ", logits.size(0), " rows");
-  TORCH_CHECK(logits.size(1) > 0, "logits must have at least one vocabulary column");
-  TORCH_CHECK(logits.size(1) == 1 || logits.stride(1) == 1,
-              "logits must be contiguous along the vocabulary (stride(1) == 1), got strides ",
-              logits.strides());
-  check_same_device(logits, "logits", targets, "targets");
-}
+void check_logits_targets(const at::Tensor& logits, const at::Tensor& targets);
 
 // First global vocabulary id of a shard.
-inline void check_vocab_start(int64_t vocab_start) {
-  TORCH_CHECK(vocab_start >= 0, "vocab_start must be >= 0, got ", vocab_start);
-}
+void check_vocab_start(int64_t vocab_start);
 
 // Every target must lie in [lo, hi) (hi < 0: no upper bound, for vocabulary shards).
-inline void check_target_range(const at::Tensor& targets, int64_t lo, int64_t hi) {
-  if (targets.numel() == 0) return;
-  auto mm = at::aminmax(targets);
-  auto both = at::stack({std::get<0>(mm).to(at::kLong), std::get<1>(mm).to(at::kLong)}).cpu();
-  const int64_t mn = both[0].item<int64_t>(), mx = both[1].item<int64_t>();
-  if (mn < lo) {
-    const int64_t row = at::argmin(targets).item<int64_t>();
-    TORCH_CHECK(false, "targets[", row, "] is ", mn, ", below ", lo);
-  }
-  if (hi >= 0 && mx >= hi) {
-    const int64_t row = at::argmax(targets).item<int64_t>();
-    TORCH_CHECK(false, "targets[", row, "] is ", mx, ", outside the vocabulary [0, ", hi, ")");
-  }
-}
+void check_target_range(const at::Tensor& targets, int64_t lo, int64_t hi);
 
-inline void check_partials(const at::Tensor& partials) {
-  TORCH_CHECK(partials.scalar_type() == at::kFloat, "partials must be float32, got ",
-              partials.scalar_type());
-  TORCH_CHECK(partials.dim() == 3 && partials.size(2) == 4,
-              "partials must be [S, T, 4], got shape ", partials.sizes());
-  TORCH_CHECK(partials.size(0) >= 1, "partials needs at least one shard, got shape ",
-              partials.sizes());
-}
+void check_partials(const at::Tensor& partials);
 
 // k, v [N, Hk, D]; caches [P, page_size, Hk, D]; slot_mapping [N].
-inline void check_store_kv(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
-                           const at::Tensor& v_cache, const at::Tensor& slot_mapping) {
-  check_float_input(k, "k");
-  TORCH_CHECK(v.scalar_type() == k.scalar_type(), "v has dtype ", v.scalar_type(),
-              " but k has ", k.scalar_type());
-  TORCH_CHECK(k_cache.scalar_type() == k.scalar_type() &&
-                  v_cache.scalar_type() == k.scalar_type(),
-              "k_cache/v_cache dtypes (", k_cache.scalar_type(), ", ", v_cache.scalar_type(),
-              ") must match k (", k.scalar_type(), ")");
-  check_index_input(slot_mapping, "slot_mapping");
-  TORCH_CHECK(k.dim() == 3, "k must be [N, Hk, D], got shape ", k.sizes());
-  TORCH_CHECK(v.sizes() == k.sizes(), "v has shape ", v.sizes(), " but k has ", k.sizes());
-  TORCH_CHECK(k_cache.dim() == 4, "k_cache must be [P, page_size, Hk, D], got shape ",
-              k_cache.sizes());
-  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "v_cache has shape ", v_cache.sizes(),
-              " but k_cache has ", k_cache.sizes());
-  TORCH_CHECK(k_cache.size(2) == k.size(1) && k_cache.size(3) == k.size(2),
-              "k_cache heads/dim ", k_cache.sizes(), " do not match k ", k.sizes());
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(),
-              "k_cache and v_cache must be contiguous");
-  TORCH_CHECK(slot_mapping.dim() == 1 && slot_mapping.size(0) == k.size(0),
-              "slot_mapping must be [N] with N = ", k.size(0), ", got shape ",
-              slot_mapping.sizes());
-  check_same_device(k, "k", v, "v");
-  check_same_device(k, "k", k_cache, "k_cache");
-  check_same_device(k, "k", v_cache, "v_cache");
-  check_same_device(k, "k", slot_mapping, "slot_mapping");
-  if (slot_mapping.numel() > 0) {
-    const int64_t slots = k_cache.size(0) * k_cache.size(1);
-    const int64_t mx = slot_mapping.max().item<int64_t>();
-    if (mx >= slots) {
-      const int64_t row = at::argmax(slot_mapping).item<int64_t>();
-      TORCH_CHECK(false, "slot_mapping[", row, "] is ", mx, ", but the cache has ", slots,
-                  " slots");
-    }
-  }
-}
+void check_store_kv(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
+                    const at::Tensor& v_cache, const at::Tensor& slot_mapping);
 
 // Softmax scale of paged_prefill_attention; None means D**-0.5.
-inline void check_attention_scale(const std::optional<double>& scale) {
-  TORCH_CHECK(!scale.has_value() || std::isfinite(*scale), "scale must be finite, got ",
-              scale.value_or(0.0));
-}
+void check_attention_scale(const std::optional<double>& scale);
 
 // Shapes of paged_prefill_attention; returns nothing, throws on the first problem.
-inline void check_paged_attention(const at::Tensor& q, const at::Tensor& k_cache,
-                                  const at::Tensor& v_cache, const at::Tensor& page_table,
-                                  const at::Tensor& cu_seqlens_q, const at::Tensor& kv_lens) {
-  check_float_input(q, "q");
-  TORCH_CHECK(q.dim() == 3, "q must be [N, Hq, D], got shape ", q.sizes());
-  TORCH_CHECK(k_cache.dim() == 4, "k_cache must be [P, page_size, Hk, D], got shape ",
-              k_cache.sizes());
-  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "v_cache has shape ", v_cache.sizes(),
-              " but k_cache has ", k_cache.sizes());
-  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() &&
-                  v_cache.scalar_type() == q.scalar_type(),
-              "k_cache/v_cache dtypes (", k_cache.scalar_type(), ", ", v_cache.scalar_type(),
-              ") must match q (", q.scalar_type(), ")");
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(),
-              "k_cache and v_cache must be contiguous");
-  const int64_t hq = q.size(1), hk = k_cache.size(2), d = q.size(2);
-  TORCH_CHECK(k_cache.size(3) == d, "head dim of q (", d, ") and k_cache (", k_cache.size(3),
-              ") differ");
-  TORCH_CHECK(hk >= 1 && hq % hk == 0, "query heads (", hq,
-              ") must be a multiple of kv heads (", hk, ")");
-  TORCH_CHECK(page_table.scalar_type() == at::kInt, "page_table must be int32, got ",
-              page_table.scalar_type());
-  TORCH_CHECK(cu_seqlens_q.scalar_type() == at::kInt, "cu_seqlens_q must be int32, got ",
-              cu_seqlens_q.scalar_type());
-  TORCH_CHECK(kv_lens.scalar_type() == at::kInt, "kv_lens must be int32, got ",
-              kv_lens.scalar_type());
-  TORCH_CHECK(page_table.dim() == 2, "page_table must be [B, max_pages], got shape ",
-              page_table.sizes());
-  const int64_t b = page_table.size(0);
-  TORCH_CHECK(kv_lens.dim() == 1 && kv_lens.size(0) == b, "kv_lens must be [B] with B = ", b,
-              ", got shape ", kv_lens.sizes());
-  TORCH_CHECK(cu_seqlens_q.dim() == 1 && cu_seqlens_q.size(0) == b + 1,
-              "cu_seqlens_q must be [B+1] with B = ", b, ", got shape ", cu_seqlens_q.sizes());
-  TORCH_CHECK(page_table.stride(1) == 1 || page_table.size(1) <= 1,
-              "page_table rows must be contiguous");
-  for (const auto* t : {&k_cache, &v_cache, &page_table, &cu_seqlens_q, &kv_lens})
-    check_same_device(q, "q", *t, "the paged-attention metadata/caches");
-
-  // Data-dependent: one small host copy of the metadata.
-  const int64_t page_size = k_cache.size(1), num_pages = k_cache.size(0);
-  auto cu = cu_seqlens_q.to(at::kCPU, at::kLong);
-  auto lens = kv_lens.to(at::kCPU, at::kLong);
-  auto cu_a = cu.accessor<int64_t, 1>();
-  auto lens_a = lens.accessor<int64_t, 1>();
-  TORCH_CHECK(cu_a[0] == 0, "cu_seqlens_q[0] must be 0, got ", cu_a[0]);
-  TORCH_CHECK(cu_a[b] == q.size(0), "cu_seqlens_q[", b, "] is ", cu_a[b],
-              " but q has ", q.size(0), " tokens");
-  for (int64_t i = 0; i < b; ++i) {
-    const int64_t n = cu_a[i + 1] - cu_a[i];
-    TORCH_CHECK(n >= 0, "cu_seqlens_q must be non-decreasing, but cu_seqlens_q[", i + 1,
-                "] = ", cu_a[i + 1], " < cu_seqlens_q[", i, "] = ", cu_a[i]);
-    TORCH_CHECK(lens_a[i] >= n, "kv_lens[", i, "] is ", lens_a[i], " but request ", i,
-                " has ", n, " new tokens");
-    TORCH_CHECK(lens_a[i] <= page_table.size(1) * page_size, "kv_lens[", i, "] is ",
-                lens_a[i], " but page_table has room for ", page_table.size(1) * page_size,
-                " tokens (", page_table.size(1), " pages of ", page_size, ")");
-  }
-  if (b > 0 && page_table.numel() > 0) {
-    // Only the pages a request actually uses must be valid.
-    auto pt = page_table.to(at::kCPU);
-    auto pt_a = pt.accessor<int32_t, 2>();
-    for (int64_t i = 0; i < b; ++i) {
-      const int64_t used = (lens_a[i] + page_size - 1) / page_size;
-      for (int64_t j = 0; j < used; ++j) {
-        TORCH_CHECK(pt_a[i][j] >= 0 && pt_a[i][j] < num_pages, "page_table[", i, ", ", j,
-                    "] is ", pt_a[i][j], ", outside [0, ", num_pages, ")");
-      }
-    }
-  }
-}
+void check_paged_attention(const at::Tensor& q, const at::Tensor& k_cache,
+                           const at::Tensor& v_cache, const at::Tensor& page_table,
+                           const at::Tensor& cu_seqlens_q, const at::Tensor& kv_lens);
 
 }  // namespace tokenspeed

@@ -29,7 +29,8 @@ def _rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=_name)
-@pytest.mark.parametrize("t,v", [(1, 1), (3, 7), (5, 8193), (17, 32000), (4, 151936)])
+@pytest.mark.parametrize("t,v", [(1, 1), (3, 7), (5, 8193), (2, 32769), (17, 32000),
+                                 (4, 151936)])
 def test_logprobs_small(dtype, t, v):
     gen = torch.Generator(DEV).manual_seed(t * 1000 + v)
     x = _logits(t, v, dtype, gen)

@@ -2,7 +2,7 @@
 
 Two shared objects are built with torch.utils.cpp_extension + ninja:
 
-* the op library (csrc/ops.cpp, csrc/cpu/*.cpp and, with CUDA, csrc/cuda/*.cu), loaded
+* the op library (csrc/*.cpp, csrc/cpu/*.cpp and, with CUDA, csrc/cuda/*.cu + *.cpp), loaded
   with torch.ops.load_library so its TORCH_LIBRARY registrations become
   torch.ops.tokenspeed.*;
 * the scheduler, a pybind11 module over csrc/scheduler (no torch headers, so it builds
@@ -165,10 +165,11 @@ class BuildInfo:
 
 
 def _op_sources(root: Path, with_cuda: bool) -> tuple[list[Path], list[Path]]:
-    sources = [root / "ops.cpp", *sorted((root / "cpu").glob("*.cpp"))]
+    sources = [*sorted(root.glob("*.cpp")), *sorted((root / "cpu").glob("*.cpp"))]
     headers = [*sorted(root.glob("*.h")), *sorted((root / "cpu").glob("*.h"))]
     if with_cuda:
-        sources += sorted((root / "cuda").glob("*.cu"))
+        # kernels (*.cu, nvcc) and the host side that checks, allocates and throws (*.cpp)
+        sources += sorted((root / "cuda").glob("*.cu")) + sorted((root / "cuda").glob("*.cpp"))
         headers += sorted((root / "cuda").glob("*.cuh")) + sorted((root / "cuda").glob("*.h"))
     return sources, headers
 

@@ -25,6 +25,9 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cstdint>
+#include <type_traits>
+
+#include "cuda/launch.h"
 
 namespace tokenspeed {
 namespace cuda {
@@ -33,21 +36,6 @@ constexpr int kRowsM = 128;
 constexpr int kKeysN = 64;
 constexpr int kAttnWarps = 8;
 constexpr int kAttnThreads = kAttnWarps * 32;
-
-struct PagedAttnParams {
-  const void* q;             // [N, Hq, D]
-  const void* k_cache;       // [P, page_size, Hk, D]
-  const void* v_cache;       // [P, page_size, Hk, D]
-  void* out;                 // [N, Hq, D]
-  const int32_t* page_table; // [B, max_pages], row stride pt_stride
-  const int32_t* cu_seqlens; // [B + 1]
-  const int32_t* kv_lens;    // [B]
-  int64_t pt_stride;
-  int hq, hk, group;         // group = Hq / Hk
-  int page_size, page_shift; // page_shift = log2(page_size) or -1
-  float scale_log2;          // softmax scale * log2(e)
-  int head_dim;              // used by the simple kernel
-};
 
 template <int D>
 __device__ __forceinline__ int swz(int row, int col) {

@@ -1,27 +1,13 @@
-// CUDA launcher of store_kv (kernel in kv_cache.cuh).
-#include <ATen/ATen.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
-
+// Launcher of store_kv (kernel in kv_cache.cuh) behind the plain interface of launch.h.
 #include "cuda/kv_cache.cuh"
-#include "op_checks.h"
+#include "cuda/launch.h"
 
-namespace tokenspeed::cuda {
-namespace {
+namespace tokenspeed {
+namespace cuda {
 
-void store_kv_cuda(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache,
-                   at::Tensor& v_cache, const at::Tensor& slot_mapping) {
-  check_store_kv(k, v, k_cache, v_cache, slot_mapping);
-  TORCH_CHECK(k.is_cuda(), "k must be a CUDA tensor, got device ", k.device());
-  const c10::cuda::CUDAGuard guard(k.device());
-  const int64_t n = k.size(0);
-  const int64_t row_bytes = k.size(1) * k.size(2) * static_cast<int64_t>(k.element_size());
-  if (n == 0 || row_bytes == 0) return;
-  const at::Tensor kc = k.contiguous(), vc = v.contiguous();
-  const at::Tensor slots = slot_mapping.to(at::kLong).contiguous();
-  auto stream = c10::cuda::getCurrentCUDAStream();
+cudaError_t launch_store_kv(const void* k, const void* v, void* k_cache, void* v_cache,
+                            const int64_t* slots, int64_t n, int64_t row_bytes, bool vec16,
+                            cudaStream_t stream) {
   constexpr int kThreads = 256;
   auto launch = [&](auto unit) {
     using unit_t = decltype(unit);
@@ -29,26 +15,15 @@ void store_kv_cuda(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache
     const int64_t total = n * row_units;
     const auto blocks = static_cast<unsigned>((total + kThreads - 1) / kThreads);
     store_kv_kernel<unit_t><<<blocks, kThreads, 0, stream>>>(
-        static_cast<const unit_t*>(kc.const_data_ptr()),
-        static_cast<const unit_t*>(vc.const_data_ptr()),
-        static_cast<unit_t*>(k_cache.data_ptr()), static_cast<unit_t*>(v_cache.data_ptr()),
-        slots.const_data_ptr<int64_t>(), n, row_units);
+        static_cast<const unit_t*>(k), static_cast<const unit_t*>(v),
+        static_cast<unit_t*>(k_cache), static_cast<unit_t*>(v_cache), slots, n, row_units);
   };
-  // 16-byte units when every row (and so every base) allows it; caching allocators
-  // return 16-byte aligned storage, views with an offset may not be.
-  const auto aligned = [&](const at::Tensor& t) {
-    return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
-  };
-  if (row_bytes % 16 == 0 && aligned(kc) && aligned(vc) && aligned(k_cache) && aligned(v_cache))
+  if (vec16)
     launch(uint4{});
   else
     launch(uint16_t{});
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return cudaGetLastError();
 }
 
-}  // namespace
-}  // namespace tokenspeed::cuda
-
-TORCH_LIBRARY_IMPL(tokenspeed, CUDA, m) {
-  m.impl("store_kv", &tokenspeed::cuda::store_kv_cuda);
-}
+}  // namespace cuda
+}  // namespace tokenspeed

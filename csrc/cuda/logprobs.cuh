@@ -2,17 +2,24 @@
  * Fused log-prob gather: log_softmax(logits / temperature)[t, target[t]] and the row
  * entropy in one streaming pass over each logits row.
  *
- * Fuses: temperature scaling (a multiply in registers, applied to differences from the max), max, sum of exp, the entropy
- * moment and the target gather. Never writes [T, V] (nor any exp/log-softmax tensor); the
- * only intermediate in memory is a [T, C, 4] fp32 state (C = ceil(V / kChunk)).
+ * Fuses: temperature scaling (a multiply in registers, applied to differences from the
+ * max), max, sum of exp, the entropy moment and the target gather. Never writes [T, V]
+ * (nor any exp/log-softmax tensor); the only intermediate in memory is a [T, C, 4] fp32
+ * state (C = ceil(V / chunk)).
  *
- * Tiling: grid (T, C); block (t, c) reduces columns [c * kChunk, (c + 1) * kChunk)
- * with 256 threads, each holding kChunk / 256 elements loaded as 16-byte vectors
- * (all loads issued before the first use). Per chunk the state is
+ * Tiling: a 1-D grid of T * C blocks, block b reducing chunk b % C of row b / C: columns
+ * [c * kCols, (c + 1) * kCols) with kCols = 256 threads x 16 vectors x (16 / sizeof(T))
+ * (32768 columns for bf16/fp16, 16384 for fp32: 64 KB per block). Each thread issues all
+ * 16 of its 16-byte loads before the first use (streaming, L1 not allocated) and keeps
+ * them raw in registers; thread 0 loads the target id and then the target logit while
+ * they are in flight. The max is taken on the packed raw values (bf16x2/half2 max) and
+ * reduced over the block first; the exponentials, relative to that block max, run in
+ * fp32 with two independent accumulator pairs, and the block adds them up with plain
+ * shuffles and one shared-memory pass (no rescaling). Per chunk the state is
  *   m = max x,  s = sum e^(x - m),  w = sum e^(x - m) (x - m),  t = x[target] or -inf
- * (m and t held in logit units until the end, x - m formed before scaling),
- * reduced across the block by a fixed butterfly. A second kernel merges a row's C states
- * in chunk order (the same merge serves vocabulary shards). The chunking and every
+ * (m and t held in logit units until the end, x - m formed exactly before scaling), every
+ * reduction a fixed butterfly followed by the warps in order. A second kernel merges a
+ * row's C states in chunk order (the same merge serves vocabulary shards). The chunking and every
  * reduction order are fixed in column space, so a row's result depends neither on T nor
  * on the other rows, nor on whether its row start happens to be 16-byte aligned (an
  * unaligned row loads the same elements into the same threads with scalar loads).
@@ -21,13 +28,20 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+
 #include <cstdint>
+#include <type_traits>
 
 namespace tokenspeed {
 namespace cuda {
 
 constexpr int kLpThreads = 256;
-constexpr int kChunk = 8192;  // columns per block: 32 per thread
+constexpr int kLpVecs = 16;  // 16-byte vectors per thread per chunk
+
+template <typename T>
+constexpr int lp_chunk_cols() {
+  return kLpThreads * kLpVecs * int(16 / sizeof(T));
+}
 
 struct LpState {
   float m, s, w;
@@ -36,6 +50,50 @@ struct LpState {
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+
+__device__ __forceinline__ uint4 ld_stream16(const void* p) {
+  uint4 r;
+  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+               : "l"(p));
+  return r;
+}
+
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// Max over all kLpVecs raw vectors: packed pairs for 16-bit types (NaN-ignoring like fmaxf).
+template <typename T>
+__device__ __forceinline__ float raw_max(const uint4 (&raw)[kLpVecs]) {
+  if constexpr (sizeof(T) == 4) {
+    float a[4] = {__uint_as_float(raw[0].x), __uint_as_float(raw[0].y),
+                  __uint_as_float(raw[0].z), __uint_as_float(raw[0].w)};
+#pragma unroll
+    for (int j = 1; j < kLpVecs; ++j) {
+      a[0] = fmaxf(a[0], __uint_as_float(raw[j].x));
+      a[1] = fmaxf(a[1], __uint_as_float(raw[j].y));
+      a[2] = fmaxf(a[2], __uint_as_float(raw[j].z));
+      a[3] = fmaxf(a[3], __uint_as_float(raw[j].w));
+    }
+    return fmaxf(fmaxf(a[0], a[1]), fmaxf(a[2], a[3]));
+  } else {
+    using P = std::conditional_t<std::is_same_v<T, __nv_bfloat16>, __nv_bfloat162, __half2>;
+    P a[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) a[k] = reinterpret_cast<const P*>(&raw[0])[k];
+#pragma unroll
+    for (int j = 1; j < kLpVecs; ++j)
+#pragma unroll
+      for (int k = 0; k < 4; ++k) a[k] = __hmax2(a[k], reinterpret_cast<const P*>(&raw[j])[k]);
+    float m = -INFINITY;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) m = fmaxf(m, fmaxf(to_float(a[k].x), to_float(a[k].y)));
+    return m;
+  }
+}
 
 // Merge b into a; both m finite or -inf (s = w = 0 then). m is kept in logit units (before
 // the temperature) and w relative to m in scaled units, so the shift between two maxima
@@ -51,75 +109,95 @@ __device__ __forceinline__ LpState merge_state(LpState a, LpState b, float inv_t
   return {m, a.s * ea + b.s * eb, wa + wb};
 }
 
-// One block per (chunk, row). logits [T, V] (row stride ld elements), targets [T] relative
-// to this tensor's column 0 (already shifted by vocab_start), state out [T, C, 4].
-template <typename scalar_t>
-__global__ void __launch_bounds__(kLpThreads)
-    logprob_chunk_kernel(const scalar_t* __restrict__ logits, int64_t ld, int64_t V,
-                         const int64_t* __restrict__ targets, int64_t vocab_start,
-                         float inv_temp, float4* __restrict__ state, int num_chunks) {
-  constexpr int kVec = 16 / sizeof(scalar_t);
-  constexpr int kPerThread = kChunk / (kLpThreads * kVec);  // vectors per thread
-  const int64_t row = blockIdx.x;
-  const int chunk = blockIdx.y;
-  const scalar_t* rowp = logits + row * ld;
-  const int64_t c0 = int64_t(chunk) * kChunk;
+// Block b: chunk b % num_chunks of row b / num_chunks. logits [T, V] (row stride ld
+// elements), targets [T] int32/int64 (stride tgt_stride), global ids of a shard starting
+// at vocab_start; state out [T, C, 4].
+template <typename T>
+__global__ void __launch_bounds__(kLpThreads, 3)
+    logprob_chunk_kernel(const T* __restrict__ logits, int64_t ld, int64_t V,
+                         const void* __restrict__ targets, bool tgt64, int64_t tgt_stride,
+                         int64_t vocab_start, float inv_temp, float4* __restrict__ state,
+                         int num_chunks) {
+  constexpr int kVec = 16 / sizeof(T);
+  constexpr int kCols = lp_chunk_cols<T>();
+  const int64_t row = blockIdx.x / num_chunks;
+  const int chunk = static_cast<int>(blockIdx.x - row * num_chunks);
+  const T* rowp = logits + row * ld;
+  const int64_t c0 = int64_t(chunk) * kCols;
   const bool aligned = (reinterpret_cast<uintptr_t>(rowp) & 15) == 0;
 
-  float x[kPerThread][kVec];
+  int64_t tgt = -1;
+  if (threadIdx.x == 0)
+    tgt = (tgt64 ? static_cast<const int64_t*>(targets)[row * tgt_stride]
+                 : int64_t(static_cast<const int32_t*>(targets)[row * tgt_stride])) -
+          vocab_start;
+
+  uint4 raw[kLpVecs];
   // element e of vector j of thread i sits at column c0 + (j * 256 + i) * kVec + e
 #pragma unroll
-  for (int j = 0; j < kPerThread; ++j) {
+  for (int j = 0; j < kLpVecs; ++j) {
     const int64_t col = c0 + (int64_t(j) * kLpThreads + threadIdx.x) * kVec;
     if (aligned && col + kVec <= V) {
-      const uint4 raw = __ldg(reinterpret_cast<const uint4*>(rowp + col));
-      const scalar_t* v = reinterpret_cast<const scalar_t*>(&raw);
-#pragma unroll
-      for (int e = 0; e < kVec; ++e) x[j][e] = to_float(v[e]);
+      raw[j] = ld_stream16(rowp + col);
     } else {
+      T* e = reinterpret_cast<T*>(&raw[j]);
 #pragma unroll
-      for (int e = 0; e < kVec; ++e)
-        x[j][e] = col + e < V ? to_float(rowp[col + e]) : -INFINITY;
+      for (int k = 0; k < kVec; ++k) e[k] = col + k < V ? rowp[col + k] : T(-INFINITY);
     }
   }
-  float m = -INFINITY;
+  float t = -INFINITY;
+  if (threadIdx.x == 0 && tgt >= c0 && tgt < c0 + kCols && tgt < V) t = to_float(rowp[tgt]);
+
+  // Block max first (fixed butterfly, then the 8 warp maxima in order), so every thread
+  // sums relative to the same m and the block reduction is two plain sums.
+  __shared__ float warp_max[kLpThreads / 32];
+  __shared__ float2 warp_sw[kLpThreads / 32];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  float m = raw_max<T>(raw);
 #pragma unroll
-  for (int j = 0; j < kPerThread; ++j)
+  for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
+  if (lane == 0) warp_max[warp] = m;
+  __syncthreads();
+  m = warp_max[0];
 #pragma unroll
-    for (int e = 0; e < kVec; ++e) m = fmaxf(m, x[j][e]);
-  float s = 0.f, w = 0.f;
+  for (int i = 1; i < kLpThreads / 32; ++i) m = fmaxf(m, warp_max[i]);
+
+  float s0 = 0.f, s1 = 0.f, w0 = 0.f, w1 = 0.f;
   if (m != -INFINITY) {
-    constexpr float kLog2e = 1.4426950408889634f;
+    const float c = inv_temp * 1.4426950408889634f;  // scaled log2 units
 #pragma unroll
-    for (int j = 0; j < kPerThread; ++j)
+    for (int j = 0; j < kLpVecs; ++j) {
+      const T* e = reinterpret_cast<const T*>(&raw[j]);
 #pragma unroll
-      for (int e = 0; e < kVec; ++e) {
-        // -inf logits: d = -inf -> e = 0; clamp d so that 0 * d stays 0
-        const float d = fmaxf((x[j][e] - m) * inv_temp, -1e30f);
-        const float p = exp2f(d * kLog2e);
-        s += p;
-        w = fmaf(p, d, w);
+      for (int k = 0; k < kVec; k += 2) {
+        // -inf logits: d = -inf -> p = 0; clamp d so that 0 * d stays 0
+        const float d0 = fmaxf((to_float(e[k]) - m) * c, -1e30f);
+        const float d1 = fmaxf((to_float(e[k + 1]) - m) * c, -1e30f);
+        const float p0 = fast_exp2(d0), p1 = fast_exp2(d1);
+        s0 += p0;
+        s1 += p1;
+        w0 = fmaf(p0, d0, w0);
+        w1 = fmaf(p1, d1, w1);
       }
+    }
   }
-  LpState st{m, s, w};
+  float s = s0 + s1, w = w0 + w1;
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) {
-    LpState o{__shfl_xor_sync(0xffffffffu, st.m, off), __shfl_xor_sync(0xffffffffu, st.s, off),
-              __shfl_xor_sync(0xffffffffu, st.w, off)};
-    st = (threadIdx.x & off) ? merge_state(o, st, inv_temp) : merge_state(st, o, inv_temp);
+    s += __shfl_xor_sync(0xffffffffu, s, off);
+    w += __shfl_xor_sync(0xffffffffu, w, off);
   }
-  __shared__ LpState warp_state[kLpThreads / 32];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (lane == 0) warp_state[warp] = st;
+  if (lane == 0) warp_sw[warp] = make_float2(s, w);
   __syncthreads();
   if (threadIdx.x == 0) {
-    LpState acc = warp_state[0];
+    s = warp_sw[0].x;
+    w = warp_sw[0].y;
 #pragma unroll
-    for (int i = 1; i < kLpThreads / 32; ++i) acc = merge_state(acc, warp_state[i], inv_temp);
-    const int64_t tgt = targets[row] - vocab_start;
-    float t = -INFINITY;
-    if (tgt >= c0 && tgt < c0 + kChunk && tgt < V) t = to_float(rowp[tgt]);
-    state[row * num_chunks + chunk] = make_float4(acc.m, acc.s, acc.w, t);
+    for (int i = 1; i < kLpThreads / 32; ++i) {
+      s += warp_sw[i].x;
+      w += warp_sw[i].y;
+    }
+    state[blockIdx.x] = make_float4(m, s, w * 0.6931471805599453f, t);
   }
 }
 
@@ -149,7 +227,9 @@ __global__ void merge_states_kernel(const float4* __restrict__ state, int64_t ro
   float out_lp = NAN, out_ent = NAN;
   if (acc.m != -INFINITY) {
     const float log_s = logf(acc.s);
-    out_lp = (t - acc.m) * inv_temp - log_s;
+    // t and m scaled and rounded before the difference (no fma contraction), exactly as a
+    // shard's partial stores them, so one shard combined equals this op bit for bit
+    out_lp = __fsub_rn(__fmul_rn(t, inv_temp), __fmul_rn(acc.m, inv_temp)) - log_s;
     out_ent = log_s - acc.w / acc.s;
   }
   lp[row] = out_lp;

@@ -1,0 +1,78 @@
+// The boundary between the host code compiled by g++ (ops_cuda.cpp: argument checks,
+// device guard, allocation, errors, registration) and the kernels compiled by nvcc
+// (*.cu): plain functions over raw pointers that launch on a given stream and return the
+// launch's cudaError_t. Nothing here throws, and no .cu file includes ATen or torch, so
+// every exception is thrown and unwound in host-compiled code.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace tokenspeed {
+namespace cuda {
+
+enum class DType : int { kFloat32, kBFloat16, kFloat16 };
+
+// ---- log-probs (logprobs.cu) ----
+
+// Number of fixed vocabulary chunks a row of V columns of `dtype` is split into.
+int64_t logprob_num_chunks(int64_t V, DType dtype);
+
+// Per-chunk states [rows, C, 4] fp32 (m, s, w, t; m and t in logit units) of
+// logits [rows, V] (row stride ld elements, unit column stride). targets [rows] int32 or
+// int64 (element stride targets_stride), global ids; the shard starts at vocab_start.
+cudaError_t launch_logprob_chunks(const void* logits, DType dtype, int64_t rows, int64_t ld,
+                                  int64_t V, const void* targets, bool targets_int64,
+                                  int64_t targets_stride, int64_t vocab_start, float inv_temp,
+                                  float* state, cudaStream_t stream);
+
+// Ordered merge of n fp32 states per row (row r's item i at
+// states[(r * row_stride + i * item_stride) * 4]). Writes either merged [rows, 4] (scaled
+// by inv_temp) or lp [rows] and, when ent != nullptr, ent [rows].
+cudaError_t launch_merge_states(const float* states, int64_t row_stride, int64_t item_stride,
+                                int64_t n, int64_t rows, float inv_temp, float* merged,
+                                float* lp, float* ent, cudaStream_t stream);
+
+// ---- store_kv (kv_cache.cu) ----
+
+// k, v [n, row_bytes] into k_cache, v_cache [slots, row_bytes] at slots [n] int64 (< 0:
+// skipped). vec16: every pointer and row_bytes allow 16-byte units.
+cudaError_t launch_store_kv(const void* k, const void* v, void* k_cache, void* v_cache,
+                            const int64_t* slots, int64_t n, int64_t row_bytes, bool vec16,
+                            cudaStream_t stream);
+
+// ---- paged prefill attention (attention.cu) ----
+
+struct PagedAttnParams {
+  const void* q;             // [N, Hq, D]
+  const void* k_cache;       // [P, page_size, Hk, D]
+  const void* v_cache;       // [P, page_size, Hk, D]
+  void* out;                 // [N, Hq, D]
+  const int32_t* page_table; // [B, max_pages], row stride pt_stride
+  const int32_t* cu_seqlens; // [B + 1]
+  const int32_t* kv_lens;    // [B]
+  int64_t pt_stride;
+  int hq, hk, group;         // group = Hq / Hk
+  int page_size, page_shift; // page_shift = log2(page_size) or -1
+  float scale_log2;          // softmax scale * log2(e)
+  int head_dim;
+};
+
+// The tensor-core kernel serves bf16/fp16 with these head dims; it packs this many
+// query rows (token x head of a KV group) into one block.
+bool paged_attention_mma_supports(DType dtype, int head_dim);
+int paged_attention_rows_per_tile();
+// grid (Hk, tiles, B); tiles = ceil(max new tokens * group / rows_per_tile).
+cudaError_t launch_paged_attention_mma(const PagedAttnParams& p, DType dtype, int batch,
+                                       int tiles, cudaStream_t stream);
+
+// Fallback for any dtype and head dims up to paged_attention_simple_max_dim():
+// one warp per (token, query head); req_of [n_tokens] int32 is each token's request.
+int paged_attention_simple_max_dim();
+cudaError_t launch_paged_attention_simple(const PagedAttnParams& p, DType dtype,
+                                          const int32_t* req_of, int64_t n_tokens,
+                                          cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace tokenspeed
