@@ -8,58 +8,67 @@
 #include <string>
 
 namespace tokenspeed {
-namespace {
+namespace msg_detail {
 
-// A double as operator<< prints it ("%g": 0, -1, 2.5, nan, inf), formatted without
-// iostreams: on the GPU machine's toolchain the op library carries its own copy of
-// ostream's double insertion, whose locale facet ids do not match the process's
-// libstdc++, and it crashed the process instead of building the message.
-std::string fmt_double(double x) {
+void append(std::string& out, double x) {
   char buf[32];
   std::snprintf(buf, sizeof(buf), "%g", x);
-  return buf;
+  out += buf;
 }
 
-}  // namespace
+void append(std::string& out, c10::IntArrayRef values) {
+  out += "[";
+  for (size_t i = 0; i < values.size(); ++i) {
+    if (i) out += ", ";
+    out += std::to_string(values[i]);
+  }
+  out += "]";
+}
+
+void append(std::string& out, at::ScalarType t) { out += c10::toString(t); }
+
+void append(std::string& out, const c10::Device& d) { out += d.str(); }
+
+}  // namespace msg_detail
 
 void check_float_input(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16 ||
+  TS_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16 ||
                   t.scalar_type() == at::kHalf,
               name, " must be float32, bfloat16 or float16, got ", t.scalar_type());
 }
 
 void check_index_input(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong, name,
+  TS_CHECK(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong, name,
               " must be int32 or int64, got ", t.scalar_type());
 }
 
 void check_same_device(const at::Tensor& a, const char* an, const at::Tensor& b,
                        const char* bn) {
-  TORCH_CHECK(a.device() == b.device(), an, " is on ", a.device(), " but ", bn, " is on ",
+  TS_CHECK(a.device() == b.device(), an, " is on ", a.device(), " but ", bn, " is on ",
               b.device());
 }
 
 void check_temperature(double temperature) {
-  TORCH_CHECK(std::isfinite(temperature) && temperature > 0.0,
-              "temperature must be finite and > 0, got ", fmt_double(temperature));
+  TS_CHECK(std::isfinite(temperature) && temperature > 0.0,
+              "temperature must be finite and > 0, got ", temperature);
 }
 
 void check_logits_targets(const at::Tensor& logits, const at::Tensor& targets) {
   check_float_input(logits, "logits");
   check_index_input(targets, "targets");
-  TORCH_CHECK(logits.dim() == 2, "logits must be 2-D [T, V], got shape ", logits.sizes());
-  TORCH_CHECK(targets.dim() == 1, "targets must be 1-D [T], got shape ", targets.sizes());
-  TORCH_CHECK(targets.size(0) == logits.size(0), "targets has ", targets.size(0),
+  TS_CHECK(logits.dim() == 2, "logits must be 2-D [T, V], got shape ", logits.sizes());
+  TS_CHECK(targets.dim() == 1, "targets must be 1-D [T], got shape ", targets.sizes());
+  TS_CHECK(targets.size(0) == logits.size(0), "targets has ", targets.size(0),
               " entries but logits has ", logits.size(0), " rows");
-  TORCH_CHECK(logits.size(1) > 0, "logits must have at least one vocabulary column");
-  TORCH_CHECK(logits.size(1) == 1 || logits.stride(1) == 1,
+  TS_CHECK(logits.size(1) > 0, "logits must have at least one vocabulary column");
+  TS_CHECK(logits.size(1) == 1 || logits.stride(1) == 1,
               "logits must be contiguous along the vocabulary (stride(1) == 1), got strides ",
               logits.strides());
   check_same_device(logits, "logits", targets, "targets");
 }
 
 void check_vocab_start(int64_t vocab_start) {
-  TORCH_CHECK(vocab_start >= 0, "vocab_start must be >= 0, got ", vocab_start);
+  TS_CHECK(vocab_start >= 0, "vocab_start must be >= 0, got ", vocab_start);
 }
 
 void check_target_range(const at::Tensor& targets, int64_t lo, int64_t hi) {
@@ -69,44 +78,44 @@ void check_target_range(const at::Tensor& targets, int64_t lo, int64_t hi) {
   const int64_t mn = both[0].item<int64_t>(), mx = both[1].item<int64_t>();
   if (mn < lo) {
     const int64_t row = at::argmin(targets).item<int64_t>();
-    TORCH_CHECK(false, "targets[", row, "] is ", mn, ", below ", lo);
+    TS_CHECK(false, "targets[", row, "] is ", mn, ", below ", lo);
   }
   if (hi >= 0 && mx >= hi) {
     const int64_t row = at::argmax(targets).item<int64_t>();
-    TORCH_CHECK(false, "targets[", row, "] is ", mx, ", outside the vocabulary [0, ", hi, ")");
+    TS_CHECK(false, "targets[", row, "] is ", mx, ", outside the vocabulary [0, ", hi, ")");
   }
 }
 
 void check_partials(const at::Tensor& partials) {
-  TORCH_CHECK(partials.scalar_type() == at::kFloat, "partials must be float32, got ",
+  TS_CHECK(partials.scalar_type() == at::kFloat, "partials must be float32, got ",
               partials.scalar_type());
-  TORCH_CHECK(partials.dim() == 3 && partials.size(2) == 4,
+  TS_CHECK(partials.dim() == 3 && partials.size(2) == 4,
               "partials must be [S, T, 4], got shape ", partials.sizes());
-  TORCH_CHECK(partials.size(0) >= 1, "partials needs at least one shard, got shape ",
+  TS_CHECK(partials.size(0) >= 1, "partials needs at least one shard, got shape ",
               partials.sizes());
 }
 
 void check_store_kv(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
                     const at::Tensor& v_cache, const at::Tensor& slot_mapping) {
   check_float_input(k, "k");
-  TORCH_CHECK(v.scalar_type() == k.scalar_type(), "v has dtype ", v.scalar_type(),
+  TS_CHECK(v.scalar_type() == k.scalar_type(), "v has dtype ", v.scalar_type(),
               " but k has ", k.scalar_type());
-  TORCH_CHECK(k_cache.scalar_type() == k.scalar_type() &&
+  TS_CHECK(k_cache.scalar_type() == k.scalar_type() &&
                   v_cache.scalar_type() == k.scalar_type(),
               "k_cache/v_cache dtypes (", k_cache.scalar_type(), ", ", v_cache.scalar_type(),
               ") must match k (", k.scalar_type(), ")");
   check_index_input(slot_mapping, "slot_mapping");
-  TORCH_CHECK(k.dim() == 3, "k must be [N, Hk, D], got shape ", k.sizes());
-  TORCH_CHECK(v.sizes() == k.sizes(), "v has shape ", v.sizes(), " but k has ", k.sizes());
-  TORCH_CHECK(k_cache.dim() == 4, "k_cache must be [P, page_size, Hk, D], got shape ",
+  TS_CHECK(k.dim() == 3, "k must be [N, Hk, D], got shape ", k.sizes());
+  TS_CHECK(v.sizes() == k.sizes(), "v has shape ", v.sizes(), " but k has ", k.sizes());
+  TS_CHECK(k_cache.dim() == 4, "k_cache must be [P, page_size, Hk, D], got shape ",
               k_cache.sizes());
-  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "v_cache has shape ", v_cache.sizes(),
+  TS_CHECK(v_cache.sizes() == k_cache.sizes(), "v_cache has shape ", v_cache.sizes(),
               " but k_cache has ", k_cache.sizes());
-  TORCH_CHECK(k_cache.size(2) == k.size(1) && k_cache.size(3) == k.size(2),
+  TS_CHECK(k_cache.size(2) == k.size(1) && k_cache.size(3) == k.size(2),
               "k_cache heads/dim ", k_cache.sizes(), " do not match k ", k.sizes());
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(),
+  TS_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(),
               "k_cache and v_cache must be contiguous");
-  TORCH_CHECK(slot_mapping.dim() == 1 && slot_mapping.size(0) == k.size(0),
+  TS_CHECK(slot_mapping.dim() == 1 && slot_mapping.size(0) == k.size(0),
               "slot_mapping must be [N] with N = ", k.size(0), ", got shape ",
               slot_mapping.sizes());
   check_same_device(k, "k", v, "v");
@@ -118,51 +127,51 @@ void check_store_kv(const at::Tensor& k, const at::Tensor& v, const at::Tensor& 
     const int64_t mx = slot_mapping.max().item<int64_t>();
     if (mx >= slots) {
       const int64_t row = at::argmax(slot_mapping).item<int64_t>();
-      TORCH_CHECK(false, "slot_mapping[", row, "] is ", mx, ", but the cache has ", slots,
+      TS_CHECK(false, "slot_mapping[", row, "] is ", mx, ", but the cache has ", slots,
                   " slots");
     }
   }
 }
 
 void check_attention_scale(const std::optional<double>& scale) {
-  TORCH_CHECK(!scale.has_value() || std::isfinite(*scale), "scale must be finite, got ",
-              fmt_double(scale.value_or(0.0)));
+  TS_CHECK(!scale.has_value() || std::isfinite(*scale), "scale must be finite, got ",
+              scale.value_or(0.0));
 }
 
 void check_paged_attention(const at::Tensor& q, const at::Tensor& k_cache,
                            const at::Tensor& v_cache, const at::Tensor& page_table,
                            const at::Tensor& cu_seqlens_q, const at::Tensor& kv_lens) {
   check_float_input(q, "q");
-  TORCH_CHECK(q.dim() == 3, "q must be [N, Hq, D], got shape ", q.sizes());
-  TORCH_CHECK(k_cache.dim() == 4, "k_cache must be [P, page_size, Hk, D], got shape ",
+  TS_CHECK(q.dim() == 3, "q must be [N, Hq, D], got shape ", q.sizes());
+  TS_CHECK(k_cache.dim() == 4, "k_cache must be [P, page_size, Hk, D], got shape ",
               k_cache.sizes());
-  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "v_cache has shape ", v_cache.sizes(),
+  TS_CHECK(v_cache.sizes() == k_cache.sizes(), "v_cache has shape ", v_cache.sizes(),
               " but k_cache has ", k_cache.sizes());
-  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() &&
+  TS_CHECK(k_cache.scalar_type() == q.scalar_type() &&
                   v_cache.scalar_type() == q.scalar_type(),
               "k_cache/v_cache dtypes (", k_cache.scalar_type(), ", ", v_cache.scalar_type(),
               ") must match q (", q.scalar_type(), ")");
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(),
+  TS_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(),
               "k_cache and v_cache must be contiguous");
   const int64_t hq = q.size(1), hk = k_cache.size(2), d = q.size(2);
-  TORCH_CHECK(k_cache.size(3) == d, "head dim of q (", d, ") and k_cache (", k_cache.size(3),
+  TS_CHECK(k_cache.size(3) == d, "head dim of q (", d, ") and k_cache (", k_cache.size(3),
               ") differ");
-  TORCH_CHECK(hk >= 1 && hq % hk == 0, "query heads (", hq,
+  TS_CHECK(hk >= 1 && hq % hk == 0, "query heads (", hq,
               ") must be a multiple of kv heads (", hk, ")");
-  TORCH_CHECK(page_table.scalar_type() == at::kInt, "page_table must be int32, got ",
+  TS_CHECK(page_table.scalar_type() == at::kInt, "page_table must be int32, got ",
               page_table.scalar_type());
-  TORCH_CHECK(cu_seqlens_q.scalar_type() == at::kInt, "cu_seqlens_q must be int32, got ",
+  TS_CHECK(cu_seqlens_q.scalar_type() == at::kInt, "cu_seqlens_q must be int32, got ",
               cu_seqlens_q.scalar_type());
-  TORCH_CHECK(kv_lens.scalar_type() == at::kInt, "kv_lens must be int32, got ",
+  TS_CHECK(kv_lens.scalar_type() == at::kInt, "kv_lens must be int32, got ",
               kv_lens.scalar_type());
-  TORCH_CHECK(page_table.dim() == 2, "page_table must be [B, max_pages], got shape ",
+  TS_CHECK(page_table.dim() == 2, "page_table must be [B, max_pages], got shape ",
               page_table.sizes());
   const int64_t b = page_table.size(0);
-  TORCH_CHECK(kv_lens.dim() == 1 && kv_lens.size(0) == b, "kv_lens must be [B] with B = ", b,
+  TS_CHECK(kv_lens.dim() == 1 && kv_lens.size(0) == b, "kv_lens must be [B] with B = ", b,
               ", got shape ", kv_lens.sizes());
-  TORCH_CHECK(cu_seqlens_q.dim() == 1 && cu_seqlens_q.size(0) == b + 1,
+  TS_CHECK(cu_seqlens_q.dim() == 1 && cu_seqlens_q.size(0) == b + 1,
               "cu_seqlens_q must be [B+1] with B = ", b, ", got shape ", cu_seqlens_q.sizes());
-  TORCH_CHECK(page_table.stride(1) == 1 || page_table.size(1) <= 1,
+  TS_CHECK(page_table.stride(1) == 1 || page_table.size(1) <= 1,
               "page_table rows must be contiguous");
   for (const auto* t : {&k_cache, &v_cache, &page_table, &cu_seqlens_q, &kv_lens})
     check_same_device(q, "q", *t, "the paged-attention metadata/caches");
@@ -173,16 +182,16 @@ void check_paged_attention(const at::Tensor& q, const at::Tensor& k_cache,
   auto lens = kv_lens.to(at::kCPU, at::kLong);
   auto cu_a = cu.accessor<int64_t, 1>();
   auto lens_a = lens.accessor<int64_t, 1>();
-  TORCH_CHECK(cu_a[0] == 0, "cu_seqlens_q[0] must be 0, got ", cu_a[0]);
-  TORCH_CHECK(cu_a[b] == q.size(0), "cu_seqlens_q[", b, "] is ", cu_a[b],
+  TS_CHECK(cu_a[0] == 0, "cu_seqlens_q[0] must be 0, got ", cu_a[0]);
+  TS_CHECK(cu_a[b] == q.size(0), "cu_seqlens_q[", b, "] is ", cu_a[b],
               " but q has ", q.size(0), " tokens");
   for (int64_t i = 0; i < b; ++i) {
     const int64_t n = cu_a[i + 1] - cu_a[i];
-    TORCH_CHECK(n >= 0, "cu_seqlens_q must be non-decreasing, but cu_seqlens_q[", i + 1,
+    TS_CHECK(n >= 0, "cu_seqlens_q must be non-decreasing, but cu_seqlens_q[", i + 1,
                 "] = ", cu_a[i + 1], " < cu_seqlens_q[", i, "] = ", cu_a[i]);
-    TORCH_CHECK(lens_a[i] >= n, "kv_lens[", i, "] is ", lens_a[i], " but request ", i,
+    TS_CHECK(lens_a[i] >= n, "kv_lens[", i, "] is ", lens_a[i], " but request ", i,
                 " has ", n, " new tokens");
-    TORCH_CHECK(lens_a[i] <= page_table.size(1) * page_size, "kv_lens[", i, "] is ",
+    TS_CHECK(lens_a[i] <= page_table.size(1) * page_size, "kv_lens[", i, "] is ",
                 lens_a[i], " but page_table has room for ", page_table.size(1) * page_size,
                 " tokens (", page_table.size(1), " pages of ", page_size, ")");
   }
@@ -193,7 +202,7 @@ void check_paged_attention(const at::Tensor& q, const at::Tensor& k_cache,
     for (int64_t i = 0; i < b; ++i) {
       const int64_t used = (lens_a[i] + page_size - 1) / page_size;
       for (int64_t j = 0; j < used; ++j) {
-        TORCH_CHECK(pt_a[i][j] >= 0 && pt_a[i][j] < num_pages, "page_table[", i, ", ", j,
+        TS_CHECK(pt_a[i][j] >= 0 && pt_a[i][j] < num_pages, "page_table[", i, ", ", j,
                     "] is ", pt_a[i][j], ", outside [0, ", num_pages, ")");
       }
     }

@@ -10,6 +10,37 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <string>
+#include <type_traits>
+
+namespace tokenspeed {
+
+// Error messages are assembled here without iostreams. On a toolchain whose libstdc++
+// pieces are partly linked into the extension (seen on the GPU machine's image), the
+// extension's own copy of ostream's number insertion looked up locale facets by ids that
+// did not match the process's libstdc++ and crashed instead of raising. TS_CHECK hands
+// TORCH_CHECK one finished std::string, which c10 passes through untouched.
+namespace msg_detail {
+inline void append(std::string& out, const char* s) { out += s; }
+inline void append(std::string& out, const std::string& s) { out += s; }
+template <typename T, std::enable_if_t<std::is_integral_v<T>, int> = 0>
+inline void append(std::string& out, T x) { out += std::to_string(x); }
+void append(std::string& out, double x);  // like printf's %g
+void append(std::string& out, c10::IntArrayRef values);  // [2, 3, 4]
+void append(std::string& out, at::ScalarType t);
+void append(std::string& out, const c10::Device& d);
+}  // namespace msg_detail
+
+template <typename... Args>
+std::string msg(const Args&... args) {
+  std::string out;
+  (msg_detail::append(out, args), ...);
+  return out;
+}
+
+}  // namespace tokenspeed
+
+#define TS_CHECK(cond, ...) TORCH_CHECK(cond, ::tokenspeed::msg(__VA_ARGS__))
 
 namespace tokenspeed {
 

@@ -21,7 +21,7 @@ namespace tokenspeed::cuda {
 namespace {
 
 void check_cuda(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got device ", t.device());
+  TS_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got device ", t.device());
 }
 
 DType dtype_of(const at::Tensor& t) {
@@ -40,7 +40,7 @@ at::Tensor chunk_states(const at::Tensor& logits, const at::Tensor& targets,
   const int64_t rows = logits.size(0), v = logits.size(1);
   const DType dtype = dtype_of(logits);
   const int64_t chunks = logprob_num_chunks(v, dtype);
-  TORCH_CHECK(rows * chunks <= std::numeric_limits<int32_t>::max(), "logits has ", rows,
+  TS_CHECK(rows * chunks <= std::numeric_limits<int32_t>::max(), "logits has ", rows,
               " rows of ", v, " columns, more than one launch handles");
   at::Tensor state = at::empty({rows, chunks, 4}, logits.options().dtype(at::kFloat));
   const int64_t ld = rows > 1 ? logits.stride(0) : v;
@@ -180,7 +180,7 @@ at::Tensor paged_prefill_attention_cuda(const at::Tensor& q, const at::Tensor& k
     for (int64_t i = 0; i < b; ++i) max_rows = std::max<int64_t>(max_rows, cu_h[i + 1] - cu_h[i]);
     const int64_t rows_per_tile = paged_attention_rows_per_tile();
     const int64_t tiles = (max_rows * p.group + rows_per_tile - 1) / rows_per_tile;
-    TORCH_CHECK(tiles <= 65535 && b <= 65535 && hk <= 65535,
+    TS_CHECK(tiles <= 65535 && b <= 65535 && hk <= 65535,
                 "paged_prefill_attention: batch too large for one launch");
     if (tiles == 0) return out;
     C10_CUDA_CHECK(launch_paged_attention_mma(p, dtype, static_cast<int>(b),
@@ -189,7 +189,7 @@ at::Tensor paged_prefill_attention_cuda(const at::Tensor& q, const at::Tensor& k
   }
 
   const int max_dim = paged_attention_simple_max_dim();
-  TORCH_CHECK(d <= max_dim, "paged_prefill_attention on CUDA supports head dims up to ",
+  TS_CHECK(d <= max_dim, "paged_prefill_attention on CUDA supports head dims up to ",
               max_dim, ", got ", d);
   std::vector<int32_t> req(n);
   for (int64_t i = 0; i < b; ++i)
