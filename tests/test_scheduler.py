@@ -192,14 +192,26 @@ def test_flush_while_running():
     assert s.schedule().entries[0].cached_len == 0
 
 
-def test_same_prompt_twice_in_one_batch():
+def test_sibling_in_the_same_batch_as_its_writer():
+    """Request 0 computes the prompt's pages in this batch; request 1, placed after it,
+    reads them in the same forward (all K/V is stored before any attention)."""
     tokens = tokens_of(12, 10)
     s = make(num_pages=12, page_size=2)
     s.add(0, tokens, 9)
     s.add(1, tokens, 9)
     b = s.schedule()
-    assert [e.cached_len for e in b.entries] == [0, 0]  # neither page is computed yet
-    assert not set(b.entries[0].pages) & set(b.entries[1].pages)
+    e0, e1 = b.entries
+    assert [e.cached_len for e in b.entries] == [0, 8]
+    assert e1.pages[:4] == e0.pages[:4] and e1.pages[4] != e0.pages[4]
+    assert (e1.begin, e1.end) == (8, 10)
+    assert b.slot_mapping.tolist()[10:] == [e1.pages[4] * 2, e1.pages[4] * 2 + 1]
+    assert score_rows_by_entry(b) == [expected_scores(tokens, 9)] * 2
+    refcounts = s.refcounts()
+    assert [refcounts[p] for p in e0.pages] == [2, 2, 2, 2, 1]
+    st = s.stats()
+    assert st["prefix_hit_tokens"] == st["same_batch_hit_tokens"] == 8
+    assert st["owned_pages"] == 6
+    s.check_invariants()
     assert s.complete(b) == [0, 1]
     st = s.stats()
     assert st["inserted_pages"] == 5 and st["cached_pages"] == 5  # one copy; the other freed
@@ -207,6 +219,215 @@ def test_same_prompt_twice_in_one_batch():
     s.add(2, tokens, 9)
     assert s.schedule().entries[0].cached_len == 8
     s.check_invariants()
+
+
+def test_grpo_siblings_share_the_prompt_in_flight():
+    """8 completions of a 600-token prompt submitted at once: one batch computes the
+    prompt once, the other 7 read its pages, and every window is still scored exactly
+    once and in order."""
+    page, prompt_len = 16, 600
+    prompt = tokens_of(40, prompt_len)
+    seqs = [prompt + tokens_of(41 + i, 100 + 37 * i) for i in range(8)]
+    start = prompt_len - 1
+    shared = start // page  # 37 pages
+    s = make(num_pages=512, page_size=page, max_batch_tokens=4096)
+    for rid, tokens in enumerate(seqs):
+        s.add(rid, tokens, start)
+    b = s.schedule()
+    assert [e.request_id for e in b.entries] == list(range(8))
+    assert [e.cached_len for e in b.entries] == [0] + [shared * page] * 7
+    assert all(e.pages[:shared] == b.entries[0].pages[:shared] for e in b.entries)
+    assert b.num_tokens == len(seqs[0]) + sum(len(t) - shared * page for t in seqs[1:])
+    st = s.stats()
+    assert st["prefix_hit_tokens"] == st["same_batch_hit_tokens"] == 7 * shared * page
+    unshared = sum(-(-len(t) // page) for t in seqs)
+    assert st["owned_pages"] == unshared - 7 * shared  # 159 pages instead of 418
+    s.check_invariants()
+    scored = defaultdict(list)
+    for e, pairs in zip(b.entries, score_rows_by_entry(b)):
+        scored[e.request_id] += pairs
+    assert s.complete(b) == list(range(8))
+    more, _ = drain(s)
+    assert not more
+    for rid, tokens in enumerate(seqs):
+        assert scored[rid] == expected_scores(tokens, start)
+    # Same scores with the cache off, at 8x the prompt's compute.
+    off = make(num_pages=512, page_size=page, max_batch_tokens=4096, enable_prefix_cache=False)
+    for rid, tokens in enumerate(seqs):
+        off.add(rid, tokens, start)
+    assert drain(off)[0] == scored
+
+
+def test_grpo_siblings_share_across_several_batches():
+    """A batch too small for the whole group: siblings in later batches match the
+    prompt's pages written by completed batches."""
+    page = 16
+    prompt = tokens_of(50, 600)
+    seqs = [prompt + tokens_of(51 + i, 300) for i in range(8)]
+    s = make(num_pages=512, page_size=page, max_batch_tokens=1024)
+    for rid, tokens in enumerate(seqs):
+        s.add(rid, tokens, 599)
+    scored, batches = drain(s)
+    assert all(scored[rid] == expected_scores(t, 599) for rid, t in enumerate(seqs))
+    first = {e.request_id: e.cached_len for entries in batches for e in entries
+             if e.begin == e.cached_len}
+    assert first == {0: 0, **{rid: 592 for rid in range(1, 8)}}
+    assert s.stats()["prefix_hit_tokens"] == 7 * 592
+    assert sum(len(entries) for entries in batches) > 8  # some siblings were chunked
+
+
+def test_writer_chunked_over_several_batches():
+    """The sibling admitted in the writer's last prompt batch matches both the pages
+    written by the writer's completed batches and those its chunk in this batch writes."""
+    page = 4
+    prompt = tokens_of(30, 40)
+    a, b_ = prompt + tokens_of(31, 6), prompt + tokens_of(32, 9)
+    s = make(num_pages=32, page_size=page, max_batch_tokens=30)
+    s.add(0, a, 39)
+    s.add(1, b_, 39)
+    b1 = s.schedule()
+    assert [(e.request_id, e.begin, e.end) for e in b1.entries] == [(0, 0, 30)]
+    s.check_invariants()
+    s.complete(b1)
+    b2 = s.schedule()
+    assert [(e.request_id, e.begin, e.end) for e in b2.entries] == [(0, 30, 46), (1, 36, 49)]
+    e0, e1 = b2.entries
+    assert e1.cached_len == 36 and e1.pages[:9] == e0.pages[:9]
+    # Pages 0-6 were written by the first batch; 7 and 8 ([28, 36)) by this one.
+    st = s.stats()
+    assert st["prefix_hit_tokens"] == 36 and st["same_batch_hit_tokens"] == 8
+    s.check_invariants()
+    assert score_rows_by_entry(b2) == [expected_scores(a, 39), expected_scores(b_, 39)]
+    assert s.complete(b2) == [0, 1]
+    s.check_invariants()
+
+
+def test_sibling_waits_for_a_prefix_written_by_an_uncompleted_batch():
+    """With a batch still outstanding (pipelined scheduling), a request whose prefix
+    runs into pages that batch writes is not admitted, and neither is anything behind
+    it; once the batch is completed it matches the whole prefix instead of recomputing."""
+    page = 4
+    prompt = tokens_of(33, 24)
+    s = make(num_pages=32, page_size=page, max_batch_tokens=64)
+    s.add(0, prompt + tokens_of(34, 5), 23)
+    b1 = s.schedule()
+    s.add(1, prompt + tokens_of(35, 5), 23)
+    s.add(2, tokens_of(36, 6), 0)             # unrelated, but arrived after the sibling
+    assert s.schedule() is None               # request 0 in flight, request 1 waits
+    assert s.stats()["waiting"] == 2
+    s.check_invariants()
+    s.complete(b1)
+    b2 = s.schedule()
+    assert [(e.request_id, e.cached_len) for e in b2.entries] == [(1, 20), (2, 0)]
+    assert s.stats()["prefix_hit_tokens"] == 20
+    s.complete(b2)
+    # A prefix whose pages are only partly outstanding waits as well; a request with no
+    # prefix in flight is admitted next to the outstanding batch.
+    s2 = make(num_pages=32, page_size=page, max_batch_tokens=12)
+    s2.add(0, prompt + tokens_of(34, 5), 23)
+    b1 = s2.schedule()                        # [0, 12): pages 0-2
+    s2.complete(b1)
+    b2 = s2.schedule()                        # [12, 24): pages 3-5, outstanding
+    s2.add(1, prompt + tokens_of(35, 5), 23)
+    assert s2.schedule() is None
+    s2.add(9, tokens_of(37, 5), 0)
+    assert s2.schedule() is None              # first come, first served
+    s2.complete(b2)
+    b3 = s2.schedule()
+    assert [(e.request_id, e.begin, e.cached_len) for e in b3.entries] == [
+        (0, 24, 0), (1, 20, 20)]
+    s2.complete(b3)
+    drain(s2)
+    s3 = make(num_pages=32, page_size=page, max_batch_tokens=64)
+    s3.add(0, prompt + tokens_of(34, 5), 23)
+    b1 = s3.schedule()
+    s3.add(1, tokens_of(38, 9), 3)
+    b2 = s3.schedule()
+    assert [e.request_id for e in b2.entries] == [1]
+    s3.complete(b2)
+    s3.complete(b1)
+    s3.check_invariants()
+
+
+def test_abort_writer_while_siblings_share():
+    page = 4
+    prompt = tokens_of(60, 20)
+    a, b_, c = (prompt + tokens_of(61 + i, 30) for i in range(3))
+    s = make(num_pages=64, page_size=page, max_batch_tokens=64)
+    s.add(0, a, 19)
+    s.add(1, b_, 19)
+    b1 = s.schedule()                         # 0 writes [0, 50); 1 reads pages 0-3, [16, 30)
+    e0, e1 = b1.entries
+    assert e1.cached_len == 16 and (e1.begin, e1.end) == (16, 30)
+    shared = e0.pages[:4]
+    s.abort(0)                                # the batch still runs whole
+    s.check_invariants()
+    assert [s.refcounts()[p] for p in shared] == [1] * 4
+    assert [s.page_states()[p] for p in shared] == [OWNED] * 4
+    own = set(e0.pages[4:])
+    # Its other pages left with it: those the batch writes stay cached (unreferenced),
+    # the rest are free.
+    assert all(s.refcounts()[p] == 0 for p in own)
+    assert s.complete(b1) == []
+    s.check_invariants()
+    scored, _ = drain(s)
+    assert scored[1] == expected_scores(b_, 19)[11:]
+    # The shared pages were written by the batch that ran; a new sibling matches them.
+    st = s.stats()
+    assert st["owned_pages"] == 0
+    assert all(s.cached_tokens(p) == prompt[4 * i:4 * i + 4] for i, p in enumerate(shared))
+    s.add(2, c, 19)
+    b = s.schedule()
+    assert b.entries[0].cached_len == 16 and b.entries[0].pages[:4] == shared
+    s.complete(b)
+    s.check_invariants()
+
+    # Aborting the only holder of pages an outstanding batch writes leaves them cached
+    # but unmatchable until that batch is completed.
+    s = make(num_pages=64, page_size=page, max_batch_tokens=64)
+    s.add(0, a, 19)
+    b1 = s.schedule()
+    s.abort(0)
+    s.add(1, b_, 19)
+    assert s.schedule() is None
+    s.complete(b1)
+    assert s.schedule().entries[0].cached_len == 16
+    s.check_invariants()
+
+    # A writer aborted after its batch completed, sibling chunked across batches.
+    s = make(num_pages=64, page_size=page, max_batch_tokens=40)
+    s.add(0, a, 19)
+    s.add(1, b_, 19)
+    b1 = s.schedule()                         # 0: [0, 40); 1 waits for budget
+    s.complete(b1)
+    b2 = s.schedule()                         # 0: [40, 50); 1: [16, 46) matching pages 0-3
+    assert [(e.request_id, e.cached_len) for e in b2.entries] == [(0, 0), (1, 16)]
+    s.abort(0)
+    s.complete(b2)
+    s.check_invariants()
+    scored, _ = drain(s)
+    assert scored[1] == expected_scores(b_, 19)[27:]
+    assert s.stats()["owned_pages"] == 0
+
+
+def test_flush_with_siblings_in_flight():
+    page = 2
+    prompt = tokens_of(70, 10)
+    s = make(num_pages=64, page_size=page, max_batch_tokens=64)
+    s.add(0, prompt + tokens_of(71, 6), 9)
+    s.add(1, prompt + tokens_of(72, 6), 9)
+    b = s.schedule()
+    assert b.entries[1].cached_len == 8
+    s.flush()                                 # before the batch that writes the pages ran
+    assert s.stats()["cached_pages"] == 0
+    s.add(2, prompt + tokens_of(73, 6), 9)
+    b2 = s.schedule()
+    assert b2.entries[0].cached_len == 0      # never the pre-flush pages
+    s.check_invariants()
+    s.complete(b)
+    s.complete(b2)
+    s.check_invariants()
+    assert all(s.cached_tokens(p) is None for e in b.entries for p in e.pages)
 
 
 def test_waiting_request_blocks_later_ones():
@@ -238,7 +459,9 @@ def test_lru_evicts_the_least_recently_used_pages():
     s.schedule()
     assert s.stats()["evicted_pages"] == 2
     cached = [s.cached_tokens(p) for p in range(5)]
-    assert sorted(t for t in cached if t is not None) == sorted([a[:2], a[2:]])
+    # a's pages stay; c's enter the cache as the batch writing them is scheduled.
+    assert sorted(t for t in cached if t is not None) == sorted(
+        [a[:2], a[2:], c[:2], c[2:4], c[4:]])
     s.check_invariants()
 
 
@@ -277,7 +500,8 @@ def test_abort_waiting_running_and_in_flight():
     s.abort(0)                        # in flight: its entry is ignored by complete()
     assert s.complete(b) == []
     st = s.stats()
-    assert (st["waiting"], st["running"], st["free_pages"]) == (0, 0, 8)
+    # The two pages its batch wrote stay cached: the batch ran whole.
+    assert (st["waiting"], st["running"], st["free_pages"], st["cached_pages"]) == (0, 0, 6, 2)
     s.add(0, tokens_of(23, 8), 0)     # the id is free again
     assert drain(s)[0][0] == expected_scores(tokens_of(23, 8), 0)
     with pytest.raises(ValueError, match="request_id=5"):

@@ -1,11 +1,15 @@
 """The scheduler as a state machine: random add / schedule / complete / abort / flush /
 drain on small pools (page sizes 1, 2, 16), checked after every step.
 
-The test plays the engine. Each batch "runs": it writes (token, weight version) into a
-shadow K/V pool at its slot_mapping, after checking that every position its chunks
-attend to already holds that request's token, from the current weights unless the request
-started before the last flush. So a prefix match of the wrong pages, a page written by
-two requests, or a cached page surviving a flush shows up as wrong shadow K/V.
+The test plays the engine with a shadow K/V pool. A batch runs as the model runs it:
+every entry first stores its chunk (each slot gets the token prefix it ends, which is
+what K/V depends on, the writer's weight version, and which batch and entry wrote it),
+then every entry attends to [0, end). Each attended position must hold this request's
+prefix, from the weights it was admitted under, written by a completed batch or by the
+same or an earlier entry of this batch. No slot is written twice in a batch, and no
+page is written while another request holds it, except by the writer a sibling placed
+later in the same batch matched. So a prefix match of the wrong pages, of pages not
+written yet, a page written under a reader, or K/V surviving a flush all show up.
 """
 from __future__ import annotations
 
@@ -27,11 +31,14 @@ class Shadow:
     start: int
     next_scored: int
     version: int | None = None  # weight version when admitted
+    admit_batch: int | None = None
+    cached_len: int = 0
+    pages: tuple[int, ...] = ()
 
 
 class SchedulerMachine(RuleBasedStateMachine):
     @initialize(page_size=st.sampled_from([1, 2, 16]), pool=st.integers(2, 6),
-                max_batch_tokens=st.integers(1, 40), max_batch_requests=st.integers(1, 5),
+                max_batch_tokens=st.integers(1, 80), max_batch_requests=st.integers(1, 6),
                 enable_prefix_cache=st.booleans(),
                 prefixes=st.lists(st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=40),
                                   min_size=1, max_size=3))
@@ -43,8 +50,11 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.s = scheduler_module().Scheduler(self.num_pages, page_size, max_batch_tokens,
                                               max_batch_requests, enable_prefix_cache)
         self.prefixes = prefixes
-        self.kv = [None] * (self.num_pages * page_size)  # (token, version) per slot
+        # per slot: (token, prefix it ends, writer's weight version, batch, entry)
+        self.kv = [None] * (self.num_pages * page_size)
         self.version = 0
+        self.batches = 0  # sequence number of the next batch
+        self.completed: set[int] = set()
         self.shadows: dict[int, Shadow] = {}
         self.arrivals: list[int] = []  # waiting ids, in arrival order
         self.outstanding = []
@@ -56,7 +66,18 @@ class SchedulerMachine(RuleBasedStateMachine):
           start=st.one_of(st.just(-1), st.integers(0, 200)))
     def add(self, rid, prefix, tail, start):
         tokens = (self.prefixes[prefix % len(self.prefixes)] if prefix >= 0 else []) + tail
-        start = len(tokens) - 1 if start < 0 else start % len(tokens)
+        self.add_request(rid, tokens, len(tokens) - 1 if start < 0 else start % len(tokens))
+
+    @rule(rid=st.integers(0, MAX_ID), prefix=st.integers(0, 2),
+          tails=st.lists(st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=20),
+                         min_size=2, max_size=5))
+    def add_siblings(self, rid, prefix, tails):
+        """A GRPO group: completions of one prompt, added together."""
+        prompt = self.prefixes[prefix % len(self.prefixes)]
+        for i, tail in enumerate(tails):
+            self.add_request((rid + i) % (MAX_ID + 1), prompt + tail, len(prompt) - 1)
+
+    def add_request(self, rid, tokens, start):
         fits = -(-len(tokens) // self.page_size) <= self.num_pages
         before = self.s.stats()
         try:
@@ -77,13 +98,12 @@ class SchedulerMachine(RuleBasedStateMachine):
             # means no work, never a stall.
             assert self.outstanding or not self.s.has_work()
             return
-        self.check_batch(b)
-        self.outstanding.append(b)
+        self.outstanding.append((self.check_batch(b), b))
 
     @precondition(lambda self: self.outstanding)
     @rule(index=st.integers(0, 3))
     def complete(self, index):
-        self.complete_batch(self.outstanding.pop(index % len(self.outstanding)))
+        self.complete_batch(*self.outstanding.pop(index % len(self.outstanding)))
 
     @rule(rid=st.integers(0, MAX_ID))
     def abort(self, rid):
@@ -107,7 +127,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         """Everything admitted finishes and everything waiting gets admitted: no deadlock."""
         for _ in range(10_000):
             while self.outstanding:
-                self.complete_batch(self.outstanding.pop(0))
+                self.complete_batch(*self.outstanding.pop(0))
             if not self.s.has_work():
                 break
             self.schedule()
@@ -120,23 +140,28 @@ class SchedulerMachine(RuleBasedStateMachine):
 
     # -- checks ------------------------------------------------------------------------
 
-    def complete_batch(self, b):
+    def complete_batch(self, seq, b):
+        self.completed.add(seq)
         for rid in self.s.complete(b):
             sh = self.shadows.pop(rid)
             assert sh.next_scored == max(sh.start, len(sh.tokens) - 1), "scored positions lost"
 
     def check_batch(self, b):
+        """Checks a new batch and runs it on the shadow pool; returns its sequence number."""
         ps = self.page_size
+        seq = self.batches
+        self.batches += 1
         assert 0 < b.num_requests <= self.max_batch_requests
         assert b.num_tokens <= self.max_batch_tokens
         input_ids, positions = b.input_ids.tolist(), b.positions.tolist()
         slots, page_table = b.slot_mapping.tolist(), b.page_table.tolist()
         cu, kv_lens = b.cu_seqlens_q.tolist(), b.kv_lens.tolist()
         rows, targets = b.score_rows.tolist(), b.score_targets.tolist()
-        refcounts = self.s.refcounts()
         assert cu[0] == 0 and len(cu) == b.num_requests + 1 and cu[-1] == b.num_tokens
-        k = 0
-        for i, e in enumerate(b.entries):
+        entries = b.entries
+        entry_of = {e.request_id: i for i, e in enumerate(entries)}
+        assert len(entry_of) == len(entries)
+        for i, e in enumerate(entries):
             sh = self.shadows[e.request_id]
             L = len(sh.tokens)
             assert 0 <= e.begin < e.end <= L and kv_lens[i] == e.end
@@ -147,21 +172,47 @@ class SchedulerMachine(RuleBasedStateMachine):
                 assert e.begin == e.cached_len
                 assert self.arrivals[0] == e.request_id, "admitted out of arrival order"
                 self.arrivals.pop(0)
-                sh.version = self.version
+                sh.version, sh.admit_batch = self.version, seq
+                sh.cached_len, sh.pages = e.cached_len, tuple(e.pages)
+            assert tuple(e.pages) == sh.pages and e.cached_len == sh.cached_len
             row_pages = page_table[i * b.max_pages:(i + 1) * b.max_pages]
             n_pages = -(-e.end // ps)
             assert row_pages == e.pages[:n_pages] + [0] * (b.max_pages - n_pages)
-            for pos in range(e.begin):  # what attention reads: this request's own K/V
-                token, version = self.kv[e.pages[pos // ps] * ps + pos % ps]
-                assert token == sh.tokens[pos], "attends to another request's K/V"
-                assert sh.version != self.version or version == self.version, "stale K/V"
+
+        # Store: every entry's chunk, before any attention of this batch. A page may be
+        # written only while no other request holds it, but for siblings that matched it
+        # in this batch, placed after its writer.
+        holders: dict[int, list[tuple[int, int]]] = {}
+        for rid, sh in self.shadows.items():
+            for k, page in enumerate(sh.pages):
+                holders.setdefault(page, []).append((rid, k))
+        for i, e in enumerate(entries):
+            sh = self.shadows[e.request_id]
             for pos in range(e.begin, e.end):
                 row = cu[i] + pos - e.begin
                 assert positions[row] == pos and input_ids[row] == sh.tokens[pos]
                 slot = slots[row]
                 assert slot == e.pages[pos // ps] * ps + pos % ps
-                assert refcounts[slot // ps] == 1 and self.s.cached_tokens(slot // ps) is None
-                self.kv[slot] = (sh.tokens[pos], self.version)
+                for rid, k in holders.get(slot // ps, ()):
+                    other = self.shadows[rid]
+                    assert rid == e.request_id or (
+                        k < other.cached_len // ps and other.admit_batch == seq
+                        and entry_of.get(rid, -1) > i), "writes a page another request holds"
+                old = self.kv[slot]
+                assert old is None or old[3] != seq, "slot written twice in one batch"
+                self.kv[slot] = (sh.tokens[pos], tuple(sh.tokens[:pos + 1]), sh.version, seq, i)
+
+        # Attend: [0, end) of each entry through its page-table row.
+        k = 0
+        for i, e in enumerate(entries):
+            sh = self.shadows[e.request_id]
+            L = len(sh.tokens)
+            for pos in range(e.end):
+                token, prefix, version, wrote_in, by = self.kv[e.pages[pos // ps] * ps + pos % ps]
+                assert prefix == tuple(sh.tokens[:pos + 1]), "attends to another prefix's K/V"
+                assert version == sh.version, "attends to K/V of other weights"
+                assert (by <= i) if wrote_in == seq else (wrote_in in self.completed), \
+                    "attends to K/V a later entry or an uncompleted batch writes"
             lo = min(max(e.begin, sh.start), e.end)
             hi = max(min(e.end, L - 1), lo)
             assert (e.score_begin, e.score_end) == (lo - e.begin, hi - e.begin)
@@ -172,6 +223,7 @@ class SchedulerMachine(RuleBasedStateMachine):
                 sh.next_scored += 1
                 k += 1
         assert k == len(rows) == b.num_scored
+        return seq
 
     @invariant()
     def pages_consistent(self):
@@ -188,10 +240,9 @@ class SchedulerMachine(RuleBasedStateMachine):
             cached = self.s.cached_tokens(page)
             assert state != CACHED or cached is not None
             if cached is not None:  # cached pages hold the K/V of the tokens they claim
-                assert cached == [t for t, _ in self.kv[page * self.page_size:
-                                                       (page + 1) * self.page_size]]
-                assert all(v == self.version for _, v in
-                           self.kv[page * self.page_size:(page + 1) * self.page_size])
+                kv = self.kv[page * self.page_size:(page + 1) * self.page_size]
+                assert cached == [slot[0] for slot in kv]
+                assert all(slot[2] == self.version for slot in kv)
 
     def teardown(self):
         if hasattr(self, "s"):

@@ -187,10 +187,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("request_id"), py::arg("token_ids"), py::arg("logprob_start"),
            "Queue a request; positions [logprob_start, len(token_ids) - 1) are scored.")
       .def("schedule", &Scheduler::schedule,
-           "The next batch, or None when nothing can run now.")
+           "The next batch, or None when nothing can run now. Run batches whole and in "
+           "the order they were scheduled: an entry may read K/V an earlier entry of the "
+           "same batch writes.")
       .def("complete", &Scheduler::complete, py::arg("batch"),
            "Mark a batch computed; returns the ids that finished, in entry order.")
-      .def("abort", &Scheduler::abort, py::arg("request_id"))
+      .def("abort", &Scheduler::abort, py::arg("request_id"),
+           "Drop a request; pages other requests share stay theirs.")
       .def("flush", &Scheduler::flush,
            "Weights changed: drop unreferenced cached pages; running requests' pages are "
            "never matched or cached again.")
@@ -203,6 +206,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         d["cached_pages"] = st.cached_pages;
         d["owned_pages"] = st.owned_pages;
         d["prefix_hit_tokens"] = st.prefix_hit_tokens;
+        d["same_batch_hit_tokens"] = st.same_batch_hit_tokens;
         d["inserted_pages"] = st.inserted_pages;
         d["evicted_pages"] = st.evicted_pages;
         d["waiting"] = st.waiting;

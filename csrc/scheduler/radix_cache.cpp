@@ -13,6 +13,7 @@ RadixCache::RadixCache(PageAllocator& allocator, int32_t page_size)
       num_children_(allocator.num_pages(), 0),
       hash_(allocator.num_pages(), 0),
       last_use_(allocator.num_pages(), 0),
+      writer_(allocator.num_pages(), 0),
       tokens_(int64_t(allocator.num_pages()) * page_size, 0) {}
 
 uint64_t RadixCache::hash_block(const int32_t* block) const {
@@ -36,15 +37,18 @@ bool RadixCache::is_evictable(int32_t page) const {
   return in_tree_[page] && num_children_[page] == 0 && allocator_.refcount(page) == 0;
 }
 
-void RadixCache::match(const int32_t* tokens, int32_t max_pages, std::vector<int32_t>& out) const {
+bool RadixCache::match(const int32_t* tokens, int32_t max_pages, uint64_t batch,
+                       std::vector<int32_t>& out) const {
   int32_t node = kRoot;
   for (int32_t i = 0; i < max_pages; ++i) {
     const int32_t* block = tokens + int64_t(i) * page_size_;
     const auto it = children_.find(ChildKey{node, hash_block(block)});
-    if (it == children_.end() || !same_tokens(it->second, block)) return;
+    if (it == children_.end() || !same_tokens(it->second, block)) return false;
     node = it->second;
+    if (writer_[node] != 0 && writer_[node] != batch) return true;
     out.push_back(node);
   }
+  return false;
 }
 
 void RadixCache::acquire(int32_t page) {
@@ -64,9 +68,11 @@ void RadixCache::release(int32_t page) {
   if (num_children_[page] == 0) evictable_.emplace(last_use_[page], page);
 }
 
-void RadixCache::link(int32_t page, int32_t parent, uint64_t hash, const int32_t* block) {
+void RadixCache::link(int32_t page, int32_t parent, uint64_t hash, const int32_t* block,
+                      uint64_t writer) {
   assert(!in_tree_[page] && allocator_.refcount(page) > 0);
   in_tree_[page] = 1;
+  writer_[page] = writer;
   parent_[page] = parent;
   num_children_[page] = 0;
   hash_[page] = hash;
@@ -83,6 +89,7 @@ void RadixCache::unlink(int32_t page) {
   assert(in_tree_[page] && num_children_[page] == 0);
   children_.erase(ChildKey{parent_[page], hash_[page]});
   in_tree_[page] = 0;
+  writer_[page] = 0;
   --num_nodes_;
   const int32_t parent = parent_[page];
   if (parent != kRoot) {
@@ -100,14 +107,35 @@ int32_t RadixCache::insert(const int32_t* tokens, const int32_t* pages, int32_t 
     const auto it = children_.find(ChildKey{node, h});
     if (it != children_.end()) {
       if (!same_tokens(it->second, block)) break;  // hash collision: the rest stays uncached
+      // Written pages never hang below one still being written (find_violation), so
+      // the rest stays uncached rather than wait for that batch.
+      if (writer_[it->second] != 0) break;
       node = it->second;
       continue;
     }
-    link(pages[i], node, h, block);
+    link(pages[i], node, h, block, 0);
     node = pages[i];
     ++taken;
   }
   return taken;
+}
+
+int32_t RadixCache::extend(int32_t parent, const int32_t* tokens, const int32_t* pages,
+                           int32_t n, uint64_t batch) {
+  assert(batch != 0 && (parent == kRoot || in_tree_[parent]));
+  int32_t node = parent;
+  for (int32_t i = 0; i < n; ++i) {
+    const int32_t* block = tokens + int64_t(i) * page_size_;
+    const uint64_t h = hash_block(block);
+    if (children_.count(ChildKey{node, h})) return i;
+    link(pages[i], node, h, block, batch);
+    node = pages[i];
+  }
+  return n;
+}
+
+void RadixCache::mark_written(int32_t page, uint64_t batch) {
+  if (in_tree_[page] && writer_[page] == batch) writer_[page] = 0;
 }
 
 int32_t RadixCache::evict(int32_t n) {
@@ -129,6 +157,7 @@ int32_t RadixCache::flush() {
     if (!in_tree_[page]) continue;
     in_tree_[page] = 0;
     num_children_[page] = 0;
+    writer_[page] = 0;
     if (allocator_.refcount(page) == 0) {
       allocator_.free(page);
       ++freed;
@@ -160,6 +189,9 @@ std::string RadixCache::find_violation() const {
       ++children[parent];
       if (allocator_.refcount(p) > 0 && allocator_.refcount(parent) == 0)
         return at + "referenced below an unreferenced parent";
+      // A batch writes a chain from its first page on, so a written page never hangs
+      // below one still being written (what match() walks past must be readable).
+      if (writer_[p] == 0 && writer_[parent] != 0) return at + "written below an unwritten parent";
     }
     if (allocator_.refcount(p) == 0) ++unreferenced;
   }

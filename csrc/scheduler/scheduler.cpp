@@ -84,33 +84,51 @@ void Scheduler::add(int64_t request_id, std::vector<int32_t> token_ids, int64_t 
   requests_.emplace(request_id, std::move(r));
 }
 
-bool Scheduler::try_admit(Request& r) {
+Scheduler::Admission Scheduler::try_admit(Request& r, uint64_t batch) {
   const int32_t total = pages_for(r.length());
   std::vector<int32_t>& matched = scratch_pages_;
   matched.clear();
-  if (config_.enable_prefix_cache)
-    cache_.match(r.tokens.data(), r.logprob_start / page_size_, matched);
+  // A prefix that runs on into pages another uncompleted batch writes: the request waits
+  // (and, first come first served, so do those behind it) until that batch is completed
+  // and the pages become matchable, instead of computing a copy of them. This is what
+  // lets a group of siblings share a prompt whose writer is in flight, and it costs
+  // nothing when batches are completed before the next is scheduled (the engine's loop):
+  // then every running request's next chunk is placed in the batch before any admission,
+  // so nothing a waiting request could match is written elsewhere, and a writer chunked
+  // over several batches is matched page by page as each of its batches completes or
+  // is being built. It never deadlocks: the pages it waits for belong to a batch that is
+  // already scheduled, and completing it makes them matchable.
+  if (config_.enable_prefix_cache &&
+      cache_.match(r.tokens.data(), r.logprob_start / page_size_, batch, matched))
+    return Admission::kPrefixInFlight;
   const int32_t need = total - static_cast<int32_t>(matched.size());
   // Matched pages nobody references are counted as evictable, but this request is
   // about to hold them, so they cannot make room for its other pages.
   int32_t matched_unreferenced = 0;
   for (int32_t page : matched) matched_unreferenced += allocator_.refcount(page) == 0;
   if (allocator_.num_free() + cache_.num_unreferenced() - matched_unreferenced < need)
-    return false;
+    return Admission::kNoPages;
 
-  for (int32_t page : matched) cache_.acquire(page);
+  int32_t same_batch = 0;
+  for (int32_t page : matched) {
+    cache_.acquire(page);
+    same_batch += cache_.writer(page) != 0;
+  }
   if (!allocator_.can_allocate(need))
     evicted_pages_ += cache_.evict(need - allocator_.num_free());
   assert(allocator_.can_allocate(need));
   r.pages.assign(matched.begin(), matched.end());
   allocator_.allocate(need, r.pages);
   r.cached_len = static_cast<int32_t>(matched.size()) * page_size_;
-  r.computed = r.cached_len;
+  r.computed = r.scheduled = r.cached_len;
+  r.linked = static_cast<int32_t>(matched.size());
+  r.admit_batch = batch;
   r.cache_epoch = cache_epoch_;
   r.running = true;
   prefix_hit_tokens_ += r.cached_len;
+  same_batch_hit_tokens_ += int64_t(same_batch) * page_size_;
   assert(r.cached_len <= r.logprob_start);
-  return true;
+  return Admission::kAdmitted;
 }
 
 void Scheduler::release_pages(Request& r) {
@@ -124,7 +142,7 @@ void Scheduler::release_pages(Request& r) {
   r.pages.clear();
 }
 
-void Scheduler::append_entry(Batch& batch, Request& r, int32_t num_tokens) const {
+void Scheduler::append_entry(Batch& batch, Request& r, int32_t num_tokens, uint64_t batch_uid) {
   assert(!r.in_flight && num_tokens > 0 && r.computed + num_tokens <= r.length());
   BatchEntry e;
   e.request_id = r.id;
@@ -139,33 +157,53 @@ void Scheduler::append_entry(Batch& batch, Request& r, int32_t num_tokens) const
   e.score_end = hi - e.begin;
   e.pages = r.pages;
   r.in_flight = true;
+  r.scheduled = e.end;
+  // The pages this chunk completes become matchable by the entries placed after it.
+  // A request links only its own chain: once the cache holds another copy of one of its
+  // pages (a page past a match cap, or one computed concurrently) it stops, and its
+  // remaining pages are inserted when it finishes, as they would have been before.
+  const int32_t full = e.end / page_size_;
+  if (config_.enable_prefix_cache && r.cache_epoch == cache_epoch_ && !r.diverged &&
+      r.linked < full) {
+    const int32_t parent = r.linked == 0 ? RadixCache::kNoParent : r.pages[r.linked - 1];
+    const int32_t n = full - r.linked;
+    const int32_t linked = cache_.extend(parent, r.tokens.data() + int64_t(r.linked) * page_size_,
+                                         r.pages.data() + r.linked, n, batch_uid);
+    building_pages_.insert(building_pages_.end(), r.pages.begin() + r.linked,
+                           r.pages.begin() + r.linked + linked);
+    inserted_pages_ += linked;
+    r.linked += linked;
+    r.diverged = linked < n;
+  }
   batch.entries.push_back(std::move(e));
 }
 
 std::shared_ptr<Batch> Scheduler::schedule() {
   auto batch = std::make_shared<Batch>();
+  const uint64_t uid = next_batch_uid_;
+  building_pages_.clear();
   int32_t budget = static_cast<int32_t>(config_.max_batch_tokens);
   const size_t max_entries = static_cast<size_t>(config_.max_batch_requests);
   for (Request* r : running_) {
     if (budget == 0 || batch->entries.size() == max_entries) break;
     if (r->in_flight) continue;
     const int32_t n = std::min(r->length() - r->computed, budget);
-    append_entry(*batch, *r, n);
+    append_entry(*batch, *r, n, uid);
     budget -= n;
   }
   while (!waiting_.empty() && budget > 0 && batch->entries.size() < max_entries) {
     Request& r = *waiting_.front();
-    if (!try_admit(r)) break;  // later requests wait behind it
+    if (try_admit(r, uid) != Admission::kAdmitted) break;  // later requests wait behind it
     waiting_.pop_front();
     running_.push_back(&r);
     const int32_t n = std::min(r.length() - r.computed, budget);
-    append_entry(*batch, r, n);
+    append_entry(*batch, r, n, uid);
     budget -= n;
   }
   if (batch->entries.empty()) return nullptr;
   batch->scheduler_uid = uid_;
   batch->batch_uid = next_batch_uid_++;
-  outstanding_batches_.insert(batch->batch_uid);
+  outstanding_batches_.emplace(batch->batch_uid, building_pages_);
   fill_arrays(*batch);
   return batch;
 }
@@ -216,7 +254,11 @@ std::vector<int64_t> Scheduler::complete(const Batch& batch) {
     throw std::invalid_argument(named("batch", int64_t(batch.batch_uid)) +
                                 " is not outstanding: completed already, or from another "
                                 "Scheduler");
-  outstanding_batches_.erase(batch.batch_uid);
+  {
+    const auto it = outstanding_batches_.find(batch.batch_uid);
+    for (int32_t page : it->second) cache_.mark_written(page, batch.batch_uid);
+    outstanding_batches_.erase(it);
+  }
   std::vector<int64_t> finished;
   std::vector<Request*> done;
   for (const BatchEntry& e : batch.entries) {
@@ -227,8 +269,9 @@ std::vector<int64_t> Scheduler::complete(const Batch& batch) {
     r.in_flight = false;
     r.computed = e.end;
     if (r.computed < r.length()) continue;
-    // Only now is the K/V of every page complete, so only now may others match it.
-    if (config_.enable_prefix_cache && r.cache_epoch == cache_epoch_)
+    // Its chain was linked as it was scheduled, up to a page the cache held another copy
+    // of; the pages past that one are all written now and go in below the cached copy.
+    if (config_.enable_prefix_cache && r.cache_epoch == cache_epoch_ && r.diverged)
       inserted_pages_ += cache_.insert(r.tokens.data(), r.pages.data(), r.length() / page_size_);
     release_pages(r);
     r.finished = true;
@@ -270,6 +313,7 @@ SchedulerStats Scheduler::stats() const {
   s.cached_pages = cache_.num_unreferenced();
   s.owned_pages = allocator_.num_referenced();
   s.prefix_hit_tokens = prefix_hit_tokens_;
+  s.same_batch_hit_tokens = same_batch_hit_tokens_;
   s.inserted_pages = inserted_pages_;
   s.evicted_pages = evicted_pages_;
   s.waiting = static_cast<int64_t>(waiting_.size());
@@ -304,15 +348,33 @@ std::string Scheduler::find_violation() const {
     if (int32_t(r->pages.size()) != pages_for(r->length())) return at + "page count";
     if (r->cached_len % page_size_ || r->cached_len > r->logprob_start / page_size_ * page_size_)
       return at + "cached prefix reaches into the scored window";
-    if (r->computed < r->cached_len || r->computed >= r->length()) return at + "progress";
+    if (r->computed < r->cached_len || r->computed >= r->length() ||
+        r->scheduled < r->computed || r->scheduled > r->length() ||
+        (!r->in_flight && r->scheduled != r->computed) ||
+        (r->in_flight && r->scheduled == r->computed))
+      return at + "progress";
+    if (r->linked < r->cached_len / page_size_ || r->linked > r->scheduled / page_size_)
+      return at + "linked pages";
     for (size_t i = 0; i < r->pages.size(); ++i) {
       const int32_t page = r->pages[i];
+      const int32_t index = static_cast<int32_t>(i);
       if (page < 0 || page >= n) return at + "page id out of range";
       ++holders[page];
-      // Pages it computes are its alone and not matchable until it finishes.
-      if (int32_t(i) >= r->cached_len / page_size_ &&
-          (allocator_.refcount(page) != 1 || cache_.contains(page)))
-        return at + "page " + std::to_string(page) + " it writes is shared or cached";
+      const std::string which = "page " + std::to_string(page) + " ";
+      if (index < r->cached_len / page_size_) {
+        // A matched page is written, or written by the batch it was admitted in, which
+        // is then still uncompleted: its first chunk reads the page in that very batch.
+        if (cache_.contains(page) && cache_.writer(page) != 0 &&
+            (cache_.writer(page) != r->admit_batch || !r->in_flight ||
+             r->computed != r->cached_len))
+          return at + which + "matched before the batch writing it";
+      } else if ((index + 1) * page_size_ > r->scheduled) {
+        // Pages no scheduled chunk has completed are its alone and not matchable.
+        if (allocator_.refcount(page) != 1 || cache_.contains(page))
+          return at + which + "it has yet to write is shared or cached";
+      } else if (cache_.contains(page) && index >= r->linked) {
+        return at + which + "is cached but not on its linked chain";
+      }
     }
   }
   for (const Request* r : waiting_)
@@ -337,6 +399,10 @@ std::string Scheduler::find_violation() const {
   }
   if (free != allocator_.num_free()) return "free list size differs from free pages";
   if (referenced != allocator_.num_referenced()) return "referenced page count";
+  for (int32_t p = 0; p < n; ++p)
+    if (cache_.contains(p) && cache_.writer(p) != 0 &&
+        !outstanding_batches_.count(cache_.writer(p)))
+      return "cached page " + std::to_string(p) + ": its writer batch is not outstanding";
   return cache_.find_violation();
 }
 

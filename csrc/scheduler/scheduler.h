@@ -11,6 +11,14 @@
 // requests always finish; a request that cannot get its pages waits, and later ones wait
 // behind it (first come, first served). Each batch takes running requests first, then
 // admits waiting ones, chunking the last one to fit max_batch_tokens.
+//
+// Requests share K/V while in flight (GRPO: one prompt, several completions submitted
+// together). A request's full pages enter the prefix cache as soon as the chunk that
+// completes them is placed in a batch: every layer of a batch stores the K/V of all its
+// tokens before any attention of that batch reads, so a request placed later in the same
+// batch may match them, and so may any batch scheduled after that batch is completed.
+// Pages written by another uncompleted batch are never matched (see try_admit for what
+// the request does then).
 #pragma once
 
 #include <cstdint>
@@ -18,7 +26,6 @@
 #include <memory>
 #include <string>
 #include <unordered_map>
-#include <unordered_set>
 #include <vector>
 
 #include "page_allocator.h"
@@ -65,6 +72,7 @@ struct Batch {
 struct SchedulerStats {
   int64_t total_pages = 0, free_pages = 0, cached_pages = 0, owned_pages = 0;
   int64_t prefix_hit_tokens = 0, inserted_pages = 0, evicted_pages = 0;
+  int64_t same_batch_hit_tokens = 0;  // of prefix_hit_tokens, on pages their own batch writes
   int64_t waiting = 0, running = 0;
 };
 
@@ -81,11 +89,14 @@ class Scheduler {
   // negative token, logprob_start outside [0, L - 1], or more pages than the pool has.
   void add(int64_t request_id, std::vector<int32_t> token_ids, int64_t logprob_start);
   // Null when nothing can run now. Requests in an uncompleted batch are not scheduled
-  // again until it is completed.
+  // again until it is completed. Batches must run in the order they were scheduled and
+  // whole: an entry may read K/V that an earlier entry of the same batch writes.
   std::shared_ptr<Batch> schedule();
   // Marks the batch's chunks computed; returns the ids that finished, in entry order.
   // Entries of requests aborted since schedule() are skipped.
   std::vector<int64_t> complete(const Batch& batch);
+  // A running request's pages are released; pages others matched stay theirs (and
+  // cached, to be read once the batch writing them is completed: the batch still runs).
   void abort(int64_t request_id);
   // The weights changed: cached K/V must never be matched again.
   void flush();
@@ -111,6 +122,10 @@ class Scheduler {
     std::vector<int32_t> pages;  // set at admission
     int32_t cached_len = 0;
     int32_t computed = 0;        // K/V of [0, computed) is written
+    int32_t scheduled = 0;       // [0, scheduled) is written or in an uncompleted batch
+    int32_t linked = 0;          // pages[0, linked) are its path in the prefix cache
+    bool diverged = false;       // the cache held another copy of pages[linked]
+    uint64_t admit_batch = 0;    // the batch of its first chunk
     uint64_t cache_epoch = 0;    // flush count at admission
     bool running = false;
     bool in_flight = false;      // a chunk is in an uncompleted batch
@@ -118,10 +133,11 @@ class Scheduler {
     int32_t length() const { return static_cast<int32_t>(tokens.size()); }
   };
 
+  enum class Admission { kAdmitted, kNoPages, kPrefixInFlight };
   int32_t pages_for(int64_t tokens) const;
-  bool try_admit(Request& r);
+  Admission try_admit(Request& r, uint64_t batch);
   void release_pages(Request& r);
-  void append_entry(Batch& batch, Request& r, int32_t num_tokens) const;
+  void append_entry(Batch& batch, Request& r, int32_t num_tokens, uint64_t batch_uid);
   void fill_arrays(Batch& batch) const;
 
   const SchedulerConfig config_;
@@ -132,12 +148,15 @@ class Scheduler {
   std::unordered_map<int64_t, std::unique_ptr<Request>> requests_;
   std::deque<Request*> waiting_;  // arrival order
   std::vector<Request*> running_; // admission order, which is arrival order
-  std::unordered_set<uint64_t> outstanding_batches_;
+  // Uncompleted batches, each with the cache pages it writes.
+  std::unordered_map<uint64_t, std::vector<int32_t>> outstanding_batches_;
+  std::vector<int32_t> building_pages_;  // pages linked by the batch being built
   uint64_t next_request_uid_ = 1;
   uint64_t next_batch_uid_ = 1;
   uint64_t cache_epoch_ = 0;
   std::vector<int32_t> scratch_pages_;
   int64_t prefix_hit_tokens_ = 0, inserted_pages_ = 0, evicted_pages_ = 0;
+  int64_t same_batch_hit_tokens_ = 0;
 };
 
 }  // namespace tokenspeed

@@ -1,15 +1,22 @@
 // Random driver for the scheduler without Python, built by tests/test_scheduler_sanitize.py
 // with -fsanitize=address,undefined (and assertions on):
 //   standalone_fuzz <seed> <num_ops>
-// It plays the engine: every batch "writes" (token, weight version) into a shadow K/V
-// pool at its slots, and checks that every position a chunk attends to holds the
-// request's own token, that each scored position is emitted exactly once and in order,
-// and the scheduler's invariants after every operation. Exit status 0 means all held.
+// It plays the engine with a shadow K/V pool. A batch runs as the model does: first
+// every entry stores its chunk (each slot gets the hash of the token prefix it ends, the
+// writer's weight version, and which batch and entry wrote it), then every entry
+// attends to [0, end). It checks that every attended position holds this request's
+// prefix, from its weight version, written by a completed batch or by the same or an
+// earlier entry of this batch; that no slot is written twice in a batch and no page is
+// written while another request holds it (except a sibling placed later in the same
+// batch that matched it); that each scored position is emitted exactly once and in
+// order; and the scheduler's invariants after every operation. Exit status 0 means all
+// held.
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <map>
 #include <random>
+#include <set>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -33,15 +40,33 @@ void check(bool ok, const std::string& what) {
 
 struct Shadow {
   std::vector<int32_t> tokens;
+  std::vector<uint64_t> prefix;  // prefix[p]: hash of tokens[0, p], what K/V at p depends on
   int32_t start = 0;
   int32_t next_scored = 0;  // next position expected in score rows
   int32_t admitted_version = -1;
+  int64_t admit_batch = -1;
+  int32_t cached_len = 0;
+  std::vector<int32_t> pages;
 };
 
 struct Slot {
   int32_t token = -1;
+  uint64_t prefix = 0;
   int32_t version = -1;
+  int64_t batch = -1;  // sequence number of the batch that wrote it
+  size_t entry = 0;
 };
+
+std::vector<uint64_t> prefix_hashes(const std::vector<int32_t>& tokens) {
+  std::vector<uint64_t> out(tokens.size());
+  uint64_t h = 0x9E3779B97F4A7C15ull;
+  for (size_t i = 0; i < tokens.size(); ++i) {
+    h = (h ^ uint64_t(uint32_t(tokens[i]))) * 0xbf58476d1ce4e5b9ull;
+    h ^= h >> 29;
+    out[i] = h;
+  }
+  return out;
+}
 
 class Driver {
  public:
@@ -62,7 +87,8 @@ class Driver {
 
   void step() {
     const uint32_t op = pick(100);
-    if (op < 30) add();
+    if (op < 24) add();
+    else if (op < 30) add_siblings();
     else if (op < 60) schedule();
     else if (op < 88) complete(pick(outstanding_.size() + 1));
     else if (op < 98) abort();
@@ -88,7 +114,8 @@ class Driver {
     const auto st = sched_->stats();
     return "page_size " + std::to_string(config_.page_size) + ", " +
            std::to_string(config_.num_pages) + " pages, " + std::to_string(batches_) +
-           " batches, " + std::to_string(st.prefix_hit_tokens) + " hit tokens, " +
+           " batches, " + std::to_string(st.prefix_hit_tokens) + " hit tokens (" +
+           std::to_string(st.same_batch_hit_tokens) + " in the writer's batch), " +
            std::to_string(st.inserted_pages) + " inserted, " +
            std::to_string(st.evicted_pages) + " evicted, " + std::to_string(version_) +
            " flushes";
@@ -103,7 +130,22 @@ class Driver {
     const size_t tail = 1 + pick(3 * size_t(config_.page_size) + 6);
     for (size_t i = 0; i < tail; ++i) tokens.push_back(int32_t(pick(6)));
     const int32_t length = int32_t(tokens.size());
-    const int32_t start = pick(4) == 0 ? length - 1 : int32_t(pick(length));
+    add_request(std::move(tokens), pick(4) == 0 ? length - 1 : int32_t(pick(length)));
+  }
+
+  // A GRPO group: several completions of one prompt, added together.
+  void add_siblings() {
+    const std::vector<int32_t>& prompt = prefixes_[pick(prefixes_.size())];
+    for (uint32_t n = 2 + pick(4); n > 0; --n) {
+      std::vector<int32_t> tokens = prompt;
+      const size_t tail = 1 + pick(2 * size_t(config_.page_size) + 4);
+      for (size_t i = 0; i < tail; ++i) tokens.push_back(int32_t(pick(6)));
+      add_request(std::move(tokens), int32_t(prompt.size()) - 1);
+    }
+  }
+
+  void add_request(std::vector<int32_t> tokens, int32_t start) {
+    const int32_t length = int32_t(tokens.size());
     const int64_t id = int64_t(pick(64));
     const bool fits = (length + config_.page_size - 1) / config_.page_size <= config_.num_pages;
     const bool valid = fits && !shadows_.count(id);
@@ -116,6 +158,7 @@ class Driver {
     }
     Shadow& s = shadows_[id];
     s.tokens = tokens;
+    s.prefix = prefix_hashes(tokens);
     s.start = start;
     s.next_scored = start;
     arrivals_.push_back(id);
@@ -132,11 +175,13 @@ class Driver {
     check(b.entries.size() <= size_t(config_.max_batch_requests), "too many entries");
     check(b.input_ids.size() <= size_t(config_.max_batch_tokens), "too many tokens");
     check(b.cu_seqlens_q.size() == b.entries.size() + 1 && b.cu_seqlens_q[0] == 0, "cu_seqlens");
-    size_t scored = 0;
+    const int64_t seq = batches_;
+    std::map<int64_t, size_t> entry_of;  // request id -> its entry in this batch
     for (size_t i = 0; i < b.entries.size(); ++i) {
       const auto& e = b.entries[i];
       auto it = shadows_.find(e.request_id);
       check(it != shadows_.end(), "entry for an unknown request");
+      check(entry_of.emplace(e.request_id, i).second, "two entries of one request");
       Shadow& s = it->second;
       const int32_t length = int32_t(s.tokens.size());
       check(0 <= e.begin && e.begin < e.end && e.end <= length, "chunk bounds");
@@ -149,29 +194,61 @@ class Driver {
           check(shadows_.at(earlier).admitted_version >= 0, "admitted out of arrival order");
         }
         s.admitted_version = version_;
+        s.admit_batch = seq;
+        s.cached_len = e.cached_len;
+        s.pages = e.pages;
         arrivals_.erase(std::find(arrivals_.begin(), arrivals_.end(), e.request_id));
       }
+      check(e.pages == s.pages && e.cached_len == s.cached_len, "pages changed");
       check(b.kv_lens[i] == e.end, "kv_lens");
+      check(b.cu_seqlens_q[i + 1] - b.cu_seqlens_q[i] == e.end - e.begin, "cu_seqlens length");
+    }
+    // Who holds each page, to check that a page is written only while nobody else needs
+    // its K/V: the only other holders allowed are siblings that matched it in this batch,
+    // placed after its writer.
+    std::map<int32_t, std::vector<std::pair<int64_t, size_t>>> holders;
+    for (const auto& [id, s] : shadows_)
+      for (size_t k = 0; k < s.pages.size(); ++k) holders[s.pages[k]].emplace_back(id, k);
+    // Store: every entry's chunk, before any attention of this batch.
+    for (size_t i = 0; i < b.entries.size(); ++i) {
+      const auto& e = b.entries[i];
+      const Shadow& s = shadows_.at(e.request_id);
       const int32_t row0 = b.cu_seqlens_q[i];
-      check(b.cu_seqlens_q[i + 1] - row0 == e.end - e.begin, "cu_seqlens length");
-      // Attention reads [0, begin) through the page table: it must hold this request's
-      // tokens, from the current weights when the request started after the last flush.
-      for (int32_t pos = 0; pos < e.end; ++pos) {
-        const int32_t page = b.page_table[i * size_t(b.max_pages) + size_t(pos / ps)];
-        check(page == e.pages[size_t(pos / ps)], "page table row");
-        if (pos >= e.begin) continue;
-        const Slot& slot = kv_[size_t(page) * ps + size_t(pos % ps)];
-        check(slot.token == s.tokens[size_t(pos)], "attended slot holds another token");
-        check(s.admitted_version != version_ || slot.version == version_,
-              "attended slot holds K/V from before a flush");
-      }
       for (int32_t pos = e.begin; pos < e.end; ++pos) {
         const size_t row = size_t(row0 + pos - e.begin);
         check(b.positions[row] == pos && b.input_ids[row] == s.tokens[size_t(pos)], "token row");
         const int32_t slot = b.slot_mapping[row];
-        check(sched_->refcount(slot / ps) == 1 && sched_->cached_tokens(slot / ps).empty(),
-              "writes into a shared or cached page");
-        kv_[size_t(slot)] = Slot{s.tokens[size_t(pos)], version_};
+        const int32_t page = slot / ps;
+        check(page == e.pages[size_t(pos / ps)] && slot % ps == pos % ps, "slot mapping");
+        for (const auto& [id, k] : holders[page]) {
+          if (id == e.request_id) continue;
+          const Shadow& other = shadows_.at(id);
+          const auto at = entry_of.find(id);
+          check(int32_t(k) < other.cached_len / ps && other.admit_batch == seq &&
+                    at != entry_of.end() && at->second > i,
+                "writes a page another request holds");
+        }
+        Slot& dst = kv_[size_t(slot)];
+        check(dst.batch != seq, "slot written twice in one batch");
+        dst = Slot{s.tokens[size_t(pos)], s.prefix[size_t(pos)], s.admitted_version, seq, i};
+      }
+    }
+    // Attend: [0, end) through the page table.
+    size_t scored = 0;
+    for (size_t i = 0; i < b.entries.size(); ++i) {
+      const auto& e = b.entries[i];
+      Shadow& s = shadows_.at(e.request_id);
+      const int32_t length = int32_t(s.tokens.size());
+      for (int32_t pos = 0; pos < e.end; ++pos) {
+        const int32_t page = b.page_table[i * size_t(b.max_pages) + size_t(pos / ps)];
+        check(page == e.pages[size_t(pos / ps)], "page table row");
+        const Slot& slot = kv_[size_t(page) * ps + size_t(pos % ps)];
+        check(slot.token == s.tokens[size_t(pos)] && slot.prefix == s.prefix[size_t(pos)],
+              "attended slot holds another prefix's K/V");
+        // Pre-flush K/V is never read by a request admitted after the flush.
+        check(slot.version == s.admitted_version, "attended slot holds another weight version");
+        check(slot.batch == seq ? slot.entry <= i : completed_.count(slot.batch) != 0,
+              "attended slot written by a later entry or an uncompleted batch");
       }
       const int32_t lo = std::min(std::max(e.begin, s.start), e.end);
       const int32_t hi = std::max(std::min(e.end, length - 1), lo);
@@ -185,13 +262,14 @@ class Driver {
       }
     }
     check(scored == b.score_rows.size(), "extra score rows");
-    outstanding_.push_back(batch);
+    outstanding_.push_back({batch, seq});
     ++batches_;
   }
 
   void complete(size_t index) {
     if (index >= outstanding_.size()) return;
-    std::shared_ptr<Batch> batch = outstanding_[index];
+    std::shared_ptr<Batch> batch = outstanding_[index].first;
+    completed_.insert(outstanding_[index].second);
     outstanding_.erase(outstanding_.begin() + long(index));
     for (int64_t id : sched_->complete(*batch)) {
       const Shadow& s = shadows_.at(id);
@@ -252,7 +330,8 @@ class Driver {
   std::vector<Slot> kv_;
   std::map<int64_t, Shadow> shadows_;
   std::vector<int64_t> arrivals_;  // waiting requests, in arrival order
-  std::vector<std::shared_ptr<Batch>> outstanding_;
+  std::vector<std::pair<std::shared_ptr<Batch>, int64_t>> outstanding_;  // with sequence
+  std::set<int64_t> completed_;
   int32_t version_ = 0;
   int64_t batches_ = 0;
 };
