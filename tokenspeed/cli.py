@@ -98,11 +98,11 @@ def score(args: argparse.Namespace) -> int:
     records = [(n, tokenize(n, r)) for n, r in records]
     out = open(args.output, "w") if args.output else sys.stdout
     total_tokens = 0
-    start = time.perf_counter()
     try:
         with Engine(model_dir, device=args.device, dtype=args.dtype,
                     max_batch_tokens=args.max_batch_tokens) as engine, \
                 tqdm(total=len(records), unit="seq", file=sys.stderr, desc="scoring") as bar:
+            start = time.perf_counter()  # scoring only: not the first-use build and load
             for group in _groups(records, GROUP_SEQUENCES):
                 try:
                     result = engine.compute_log_probs([r for _, r in group], args.temperature,
