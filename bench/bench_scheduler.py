@@ -6,6 +6,11 @@ warmed (untimed) by scoring one request per prompt, so each of the 4,096 request
 its prompt's full pages. Timed: the loop an engine runs, schedule() + complete() until
 the queue is empty, alone and with the 8 batch arrays wrapped by torch.frombuffer.
 
+Also, GRPO submitted cold (--grpo-prompts prompts x 8 completions added at once, empty
+cache, the issue-6 shapes: prompts uniform in [128, 2048], completions log-normal with
+median 512 capped at 4096): how many tokens the batches compute against the tokens
+submitted, as siblings share their prompt's pages while in flight.
+
 Peer: the forward pass each batch feeds, at its floor (2 * params * tokens at the bf16
 matmul rate measured on the H200, CRAFT.md), for the configs in shapes.py. The scheduler
 must be small next to it; the ratio is printed. CPU-only; median of --reps runs.
@@ -79,6 +84,37 @@ def one_run(args, warm, timed, wrap: bool) -> dict:
                 hit_tokens=st["prefix_hit_tokens"] - hits_before, evicted=st["evicted_pages"])
 
 
+def grpo_workload(num_prompts: int, group: int, seed: int = 0) -> list:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(num_prompts):
+        prompt = torch.randint(0, 151_936, (int(torch.randint(128, 2049, (1,), generator=g)),),
+                               generator=g).tolist()
+        for _ in range(group):
+            n = min(4096, max(1, int(torch.empty(1).log_normal_(6.238, 0.7, generator=g))))
+            out.append((prompt + torch.randint(0, 151_936, (n,), generator=g).tolist(),
+                        len(prompt) - 1))
+    return out
+
+
+def grpo_cold_run(args, requests, prefix_cache: bool) -> dict:
+    s = tse.Scheduler(args.num_pages, args.page_size, args.max_batch_tokens,
+                      args.max_batch_requests, prefix_cache)
+    for rid, (tokens, start) in enumerate(requests):
+        s.add(rid, tokens, start)
+    batches = tokens = peak_owned = 0
+    t0 = time.perf_counter()
+    while (b := s.schedule()) is not None:
+        peak_owned = max(peak_owned, s.stats()["owned_pages"])
+        batches += 1
+        tokens += b.num_tokens
+        s.complete(b)
+    loop = time.perf_counter() - t0
+    st = s.stats()
+    return dict(loop_s=loop, batches=batches, tokens=tokens, peak_owned=peak_owned,
+                hit=st["prefix_hit_tokens"], same_batch=st["same_batch_hit_tokens"])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--requests", type=int, default=4096)
@@ -88,6 +124,7 @@ def main() -> None:
     p.add_argument("--max-batch-tokens", type=int, default=8192)
     p.add_argument("--max-batch-requests", type=int, default=256)
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--grpo-prompts", type=int, default=64)
     args = p.parse_args()
 
     warm, timed = workload(args.requests, args.group)
@@ -109,6 +146,16 @@ def main() -> None:
     print(f"{'add() from Python lists':45s} {add / len(timed) * 1e6:8.2f} us/request")
     print(f"prefix-cache hit: {r['hit_tokens']} of {total_tokens} tokens "
           f"({r['hit_tokens'] / total_tokens:.0%}), {r['evicted']} pages evicted")
+    grpo = grpo_workload(args.grpo_prompts, 8)
+    submitted = sum(len(t) for t, _ in grpo)
+    print(f"GRPO cold, {args.grpo_prompts} prompts x 8 completions added at once, "
+          f"{submitted} tokens:")
+    for on in (True, False):
+        g = grpo_cold_run(args, grpo, on)
+        print(f"  prefix cache {'on ' if on else 'off'}: {g['tokens']} tokens computed "
+              f"({g['tokens'] / submitted:.0%} of submitted) in {g['batches']} batches, "
+              f"{g['hit']} hit tokens ({g['same_batch']} in the writer's batch), "
+              f"peak {g['peak_owned']} pages held, {g['loop_s'] / g['batches'] * 1e6:.0f} us/batch")
     tokens_per_batch = r["tokens"] / r["batches"]
     for name, m in MODELS.items():
         fwd_us = 2 * m["params"] * tokens_per_batch / H200_BF16_MATMUL_FLOPS * 1e6
