@@ -96,7 +96,7 @@ void check_partials(const at::Tensor& partials) {
 }
 
 void check_store_kv(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
-                    const at::Tensor& v_cache, const at::Tensor& slot_mapping) {
+                    const at::Tensor& v_cache, const at::Tensor& slot_mapping, bool validate) {
   check_float_input(k, "k");
   TS_CHECK(v.scalar_type() == k.scalar_type(), "v has dtype ", v.scalar_type(),
               " but k has ", k.scalar_type());
@@ -122,7 +122,7 @@ void check_store_kv(const at::Tensor& k, const at::Tensor& v, const at::Tensor& 
   check_same_device(k, "k", k_cache, "k_cache");
   check_same_device(k, "k", v_cache, "v_cache");
   check_same_device(k, "k", slot_mapping, "slot_mapping");
-  if (slot_mapping.numel() > 0) {
+  if (validate && slot_mapping.numel() > 0) {
     const int64_t slots = k_cache.size(0) * k_cache.size(1);
     const int64_t mx = slot_mapping.max().item<int64_t>();
     if (mx >= slots) {
@@ -140,7 +140,8 @@ void check_attention_scale(const std::optional<double>& scale) {
 
 void check_paged_attention(const at::Tensor& q, const at::Tensor& k_cache,
                            const at::Tensor& v_cache, const at::Tensor& page_table,
-                           const at::Tensor& cu_seqlens_q, const at::Tensor& kv_lens) {
+                           const at::Tensor& cu_seqlens_q, const at::Tensor& kv_lens,
+                           std::optional<int64_t> max_seqlen_q, bool validate) {
   check_float_input(q, "q");
   TS_CHECK(q.dim() == 3, "q must be [N, Hq, D], got shape ", q.sizes());
   TS_CHECK(k_cache.dim() == 4, "k_cache must be [P, page_size, Hk, D], got shape ",
@@ -176,6 +177,10 @@ void check_paged_attention(const at::Tensor& q, const at::Tensor& k_cache,
   for (const auto* t : {&k_cache, &v_cache, &page_table, &cu_seqlens_q, &kv_lens})
     check_same_device(q, "q", *t, "the paged-attention metadata/caches");
 
+  TS_CHECK(!max_seqlen_q.has_value() || *max_seqlen_q >= 0,
+           "max_seqlen_q must be >= 0, got ", max_seqlen_q.value_or(0));
+  if (!validate) return;
+
   // Data-dependent: one small host copy of the metadata.
   const int64_t page_size = k_cache.size(1), num_pages = k_cache.size(0);
   auto cu = cu_seqlens_q.to(at::kCPU, at::kLong);
@@ -191,6 +196,8 @@ void check_paged_attention(const at::Tensor& q, const at::Tensor& k_cache,
                 "] = ", cu_a[i + 1], " < cu_seqlens_q[", i, "] = ", cu_a[i]);
     TS_CHECK(lens_a[i] >= n, "kv_lens[", i, "] is ", lens_a[i], " but request ", i,
                 " has ", n, " new tokens");
+    TS_CHECK(!max_seqlen_q.has_value() || n <= *max_seqlen_q, "max_seqlen_q is ",
+             max_seqlen_q.value_or(0), " but request ", i, " has ", n, " new tokens");
     TS_CHECK(lens_a[i] <= page_table.size(1) * page_size, "kv_lens[", i, "] is ",
                 lens_a[i], " but page_table has room for ", page_table.size(1) * page_size,
                 " tokens (", page_table.size(1), " pages of ", page_size, ")");
@@ -206,6 +213,87 @@ void check_paged_attention(const at::Tensor& q, const at::Tensor& k_cache,
                     "] is ", pt_a[i][j], ", outside [0, ", num_pages, ")");
       }
     }
+  }
+}
+
+void check_rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps,
+                    const std::optional<at::Tensor>& residual) {
+  check_float_input(x, "x");
+  TS_CHECK(x.dim() == 2 || x.dim() == 3, "x must be [N, H] or [N, M, H], got shape ",
+           x.sizes());
+  const int64_t h = x.size(-1);
+  TS_CHECK(h >= 1, "x must have at least one column, got shape ", x.sizes());
+  TS_CHECK(h == 1 || x.stride(-1) == 1,
+           "x must be contiguous along its last dimension, got strides ", x.strides());
+  TS_CHECK(weight.scalar_type() == x.scalar_type(), "weight has dtype ", weight.scalar_type(),
+           " but x has ", x.scalar_type());
+  TS_CHECK(weight.dim() == 1 && weight.size(0) == h, "weight must be [H] with H = ", h,
+           ", got shape ", weight.sizes());
+  TS_CHECK(h == 1 || weight.stride(0) == 1, "weight must be contiguous, got strides ",
+           weight.strides());
+  check_same_device(x, "x", weight, "weight");
+  TS_CHECK(std::isfinite(eps) && eps >= 0.0, "eps must be finite and >= 0, got ", eps);
+  if (!residual.has_value()) return;
+  const at::Tensor& r = *residual;
+  TS_CHECK(r.scalar_type() == x.scalar_type(), "residual has dtype ", r.scalar_type(),
+           " but x has ", x.scalar_type());
+  TS_CHECK(r.sizes() == x.sizes(), "residual has shape ", r.sizes(), " but x has ",
+           x.sizes());
+  TS_CHECK(h == 1 || r.stride(-1) == 1,
+           "residual must be contiguous along its last dimension, got strides ", r.strides());
+  check_same_device(x, "x", r, "residual");
+}
+
+void check_silu_and_mul(const at::Tensor& gate_up) {
+  check_float_input(gate_up, "gate_up");
+  TS_CHECK(gate_up.dim() == 2, "gate_up must be [N, 2I], got shape ", gate_up.sizes());
+  TS_CHECK(gate_up.size(1) % 2 == 0, "gate_up must have an even number of columns, got ",
+           gate_up.size(1));
+  TS_CHECK(gate_up.size(1) <= 1 || gate_up.stride(1) == 1,
+           "gate_up must be contiguous along the columns, got strides ", gate_up.strides());
+}
+
+void check_rotary_embedding(const at::Tensor& positions, const at::Tensor& q,
+                            const at::Tensor& k, const at::Tensor& cos_sin_cache,
+                            bool validate) {
+  check_float_input(q, "q");
+  TS_CHECK(q.dim() == 3, "q must be [N, Hq, D], got shape ", q.sizes());
+  TS_CHECK(k.dim() == 3, "k must be [N, Hk, D], got shape ", k.sizes());
+  TS_CHECK(k.scalar_type() == q.scalar_type(), "k has dtype ", k.scalar_type(),
+           " but q has ", q.scalar_type());
+  const int64_t n = q.size(0), d = q.size(2);
+  TS_CHECK(k.size(0) == n && k.size(2) == d, "k has shape ", k.sizes(), " but q has ",
+           q.sizes());
+  TS_CHECK(d >= 2 && d % 2 == 0, "head dim must be even and >= 2, got ", d);
+  TS_CHECK(q.stride(2) == 1 && k.stride(2) == 1,
+           "q and k must be contiguous along the head dim, got strides ", q.strides(),
+           " and ", k.strides());
+  check_index_input(positions, "positions");
+  TS_CHECK(positions.dim() == 1 && positions.size(0) == n,
+           "positions must be [N] with N = ", n, ", got shape ", positions.sizes());
+  TS_CHECK(cos_sin_cache.scalar_type() == at::kFloat, "cos_sin_cache must be float32, got ",
+           cos_sin_cache.scalar_type());
+  TS_CHECK(cos_sin_cache.dim() == 2 && cos_sin_cache.size(1) == d,
+           "cos_sin_cache must be [max_pos, D] with D = ", d, ", got shape ",
+           cos_sin_cache.sizes());
+  TS_CHECK(cos_sin_cache.is_contiguous(), "cos_sin_cache must be contiguous");
+  check_same_device(q, "q", k, "k");
+  check_same_device(q, "q", positions, "positions");
+  check_same_device(q, "q", cos_sin_cache, "cos_sin_cache");
+  if (!validate || n == 0) return;
+  const int64_t max_pos = cos_sin_cache.size(0);
+  auto mm = at::aminmax(positions);
+  auto both =
+      at::stack({std::get<0>(mm).to(at::kLong), std::get<1>(mm).to(at::kLong)}).cpu();
+  const int64_t mn = both[0].item<int64_t>(), mx = both[1].item<int64_t>();
+  if (mn < 0) {
+    const int64_t row = at::argmin(positions).item<int64_t>();
+    TS_CHECK(false, "positions[", row, "] is ", mn, ", below 0");
+  }
+  if (mx >= max_pos) {
+    const int64_t row = at::argmax(positions).item<int64_t>();
+    TS_CHECK(false, "positions[", row, "] is ", mx, ", but cos_sin_cache holds ", max_pos,
+             " positions");
   }
 }
 

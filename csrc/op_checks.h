@@ -65,15 +65,34 @@ void check_target_range(const at::Tensor& targets, int64_t lo, int64_t hi);
 void check_partials(const at::Tensor& partials);
 
 // k, v [N, Hk, D]; caches [P, page_size, Hk, D]; slot_mapping [N].
+// validate=false skips the data-dependent slot-range check.
 void check_store_kv(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
-                    const at::Tensor& v_cache, const at::Tensor& slot_mapping);
+                    const at::Tensor& v_cache, const at::Tensor& slot_mapping, bool validate);
 
 // Softmax scale of paged_prefill_attention; None means D**-0.5.
 void check_attention_scale(const std::optional<double>& scale);
 
-// Shapes of paged_prefill_attention; returns nothing, throws on the first problem.
+// Arguments of paged_prefill_attention; throws on the first problem. With validate, also
+// the metadata's values (one host copy of it): cu_seqlens_q, kv_lens against the page
+// table, page ids, and max_seqlen_q (when given) against the longest request.
 void check_paged_attention(const at::Tensor& q, const at::Tensor& k_cache,
                            const at::Tensor& v_cache, const at::Tensor& page_table,
-                           const at::Tensor& cu_seqlens_q, const at::Tensor& kv_lens);
+                           const at::Tensor& cu_seqlens_q, const at::Tensor& kv_lens,
+                           std::optional<int64_t> max_seqlen_q, bool validate);
+
+// x [N, H] or [N, M, H] with unit stride along H; weight [H] in x's dtype; residual (if
+// given) x's shape, dtype and device, unit stride along H; eps finite and >= 0.
+void check_rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps,
+                    const std::optional<at::Tensor>& residual);
+
+// gate_up [N, 2I] with unit stride along the columns.
+void check_silu_and_mul(const at::Tensor& gate_up);
+
+// positions [N]; q [N, Hq, D], k [N, Hk, D] (q's dtype, unit stride along D, D even);
+// cos_sin_cache [max_pos, D] contiguous fp32. validate: every position in [0, max_pos)
+// (one min/max reduction read back to the host).
+void check_rotary_embedding(const at::Tensor& positions, const at::Tensor& q,
+                            const at::Tensor& k, const at::Tensor& cos_sin_cache,
+                            bool validate);
 
 }  // namespace tokenspeed

@@ -18,11 +18,35 @@ TORCH_LIBRARY(tokenspeed, m) {
   m.def("combine_logprob_partials(Tensor partials) -> (Tensor, Tensor)");
   // k, v [N, Hk, D] into k_cache, v_cache [P, page_size, Hk, D] at flat slots
   // slot_mapping [N] (int32/int64; page * page_size + offset; a negative slot is skipped).
+  // validate=False skips the slot-range check (a device-to-host round trip): only for a
+  // slot_mapping already checked, e.g. by the first layer of the same forward.
   m.def("store_kv(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, "
-        "Tensor slot_mapping) -> ()");
+        "Tensor slot_mapping, bool validate=True) -> ()");
   // Causal GQA attention of each request's new tokens over its whole paged sequence.
   // q [N, Hq, D]; k_cache, v_cache [P, page_size, Hk, D]; page_table [B, max_pages] int32;
   // cu_seqlens_q [B+1] int32; kv_lens [B] int32 -> out [N, Hq, D] (q's dtype).
+  // max_seqlen_q (the most new tokens of any request) sizes the CUDA grid without reading
+  // cu_seqlens_q back to the host; validate=False skips the data-dependent metadata checks
+  // (host round trips): both are for metadata already checked, e.g. by the first layer.
   m.def("paged_prefill_attention(Tensor q, Tensor k_cache, Tensor v_cache, "
-        "Tensor page_table, Tensor cu_seqlens_q, Tensor kv_lens, float? scale=None) -> Tensor");
+        "Tensor page_table, Tensor cu_seqlens_q, Tensor kv_lens, float? scale=None, "
+        "int? max_seqlen_q=None, bool validate=True) -> Tensor");
+  // ---- fused elementwise ops of the decoder layers (HF's rounding points kept) ----
+  // RMSNorm with an optional fused residual add. x [N, H] or [N, M, H] fp32/bf16/fp16
+  // (unit stride along H, any other strides), weight [H] in x's dtype, residual like x.
+  // h = x + residual rounded to x's dtype (or x); out = weight * (h * rsqrt(mean(h^2) +
+  // eps) in fp32, rounded to the dtype), rounded again. -> (out, h) both contiguous in
+  // x's shape; without residual the second output is an empty [0] tensor.
+  m.def("rms_norm(Tensor x, Tensor weight, float eps, Tensor? residual=None) "
+        "-> (Tensor, Tensor)");
+  // gate_up [N, 2I] (unit column stride) -> silu(gate) * up [N, I], silu rounded to the
+  // dtype before the product, as torch's two ops do.
+  m.def("silu_and_mul(Tensor gate_up) -> Tensor");
+  // Neox-style rotary embedding in place on q [N, Hq, D] and k [N, Hk, D] (unit stride
+  // along D, any token/head strides) at positions [N] int32/int64.
+  // cos_sin_cache [max_pos, D] fp32: cos in columns [0, D/2), sin in [D/2, D); both are
+  // rounded to q's dtype before use. validate=False skips the position-range check (a
+  // device-to-host round trip): only for positions already checked, e.g. by the engine.
+  m.def("rotary_embedding(Tensor positions, Tensor(a!) q, Tensor(b!) k, "
+        "Tensor cos_sin_cache, bool validate=True) -> ()");
 }

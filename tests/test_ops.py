@@ -196,9 +196,13 @@ def test_store_kv_matches_reference(device, seed, dtype, slot_dtype, pages, page
     slots = torch.where(skip, -1 - torch.randint(0, 5, (n,), generator=g), slots)
     slots = slots.to(slot_dtype).to(device)
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    k_fast, v_fast = k_cache.clone(), v_cache.clone()
     ref.store_kv(k, v, k_ref, v_ref, slots)
     tse.store_kv(k, v, k_cache, v_cache, slots)
     assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
+    # skipping the data-dependent check changes nothing for valid slots
+    tse.store_kv(k, v, k_fast, v_fast, slots, validate=False)
+    assert torch.equal(k_fast, k_ref) and torch.equal(v_fast, v_ref)
 
 
 def make_paged_batch(g, device, dtype, n_new, prefix, page_size, hk, ratio, d):
@@ -239,6 +243,10 @@ def test_paged_attention_matches_dense_reference(device, seed, dtype, reqs, page
     exact = ref.paged_prefill_attention(*args, scale=scale)
     own = ref.paged_prefill_attention(*args, scale=scale, dtype=dtype)
     assert_within_own_error(out, exact, own, factor=2.0, floor=1e-6, what="attention")
+    # the per-layer fast path (grid from max_seqlen_q, no metadata round trip) is the same
+    fast = tse.paged_prefill_attention(*args, scale=scale, validate=False,
+                                       max_seqlen_q=max(r[0] for r in reqs))
+    assert torch.equal(fast, out)
 
 
 def small_cases(device):
@@ -374,6 +382,8 @@ def bad_calls(device):
         (attn(kv_lens=lens - 1), r"kv_lens\[0\] is 2 but request 0 has 2 new tokens|"
                                  r"kv_lens\[1\] is 2 but request 1 has 3 new tokens"),
         (attn(kv_lens=lens.long()), r"kv_lens must be int32, got Long"),
+        (attn(max_seqlen_q=2), r"max_seqlen_q is 2 but request 1 has 3 new tokens"),
+        (attn(max_seqlen_q=-1), r"max_seqlen_q must be >= 0, got -1"),
         (lambda: tse.paged_prefill_attention(*paged, scale=math.nan), r"scale must be finite"),
     ]
     if device != "cpu":

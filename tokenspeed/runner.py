@@ -56,7 +56,8 @@ class ModelRunner:
             page_table=_int32(batch.page_table, dev).view(batch.num_requests, batch.max_pages),
             cu_seqlens_q=_int32(batch.cu_seqlens_q, dev),
             kv_lens=_int32(batch.kv_lens, dev),
-            kv_cache=self.kv_cache)
+            kv_cache=self.kv_cache,
+            max_seqlen_q=max((e.end - e.begin for e in batch.entries), default=0))
         hidden = self.model(input_ids, positions, meta, score_rows)
         if hidden.shape[0] == 0:
             empty = torch.empty(0, dtype=torch.float32)

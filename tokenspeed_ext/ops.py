@@ -42,28 +42,36 @@ def combine_logprob_partials(partials: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def store_kv(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
-             slot_mapping: Tensor) -> None:
+             slot_mapping: Tensor, validate: bool = True) -> None:
     """Write k, v [N, Hk, D] into the paged caches [P, page_size, Hk, D] in place.
 
     slot_mapping [N] holds flat slots ``page * page_size + offset``; negative slots are
-    skipped.
+    skipped. ``validate=False`` skips the slot-range check (a device-to-host round trip):
+    pass it only for a slot_mapping already checked, e.g. by an earlier layer.
     """
-    _ops.store_kv.default(k, v, k_cache, v_cache, slot_mapping)
+    _ops.store_kv.default(k, v, k_cache, v_cache, slot_mapping, bool(validate))
 
 
 def paged_prefill_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, page_table: Tensor,
                             cu_seqlens_q: Tensor, kv_lens: Tensor,
-                            scale: float | None = None) -> Tensor:
+                            scale: float | None = None, max_seqlen_q: int | None = None,
+                            validate: bool = True) -> Tensor:
     """Causal GQA attention of each request's new tokens over its paged sequence.
 
     q [N, Hq, D]; caches [P, page_size, Hk, D]; page_table [B, max_pages] int32;
     cu_seqlens_q [B+1] int32; kv_lens [B] int32. Request b's new tokens (rows
     cu_seqlens_q[b]:cu_seqlens_q[b+1] of q) are the last of its kv_lens[b] positions.
     Returns [N, Hq, D] in q's dtype; softmax state in fp32; scale defaults to D**-0.5.
+
+    Like flash-attention's varlen API, ``max_seqlen_q`` (the most new tokens of any
+    request) lets the CUDA kernel size its grid without reading cu_seqlens_q back to the
+    host, and ``validate=False`` skips the data-dependent metadata checks; use both for
+    metadata already checked once per forward (the engine checks it in layer 0).
     """
     return _ops.paged_prefill_attention.default(
         q, k_cache, v_cache, page_table, cu_seqlens_q, kv_lens,
-        None if scale is None else float(scale))
+        None if scale is None else float(scale),
+        None if max_seqlen_q is None else int(max_seqlen_q), bool(validate))
 
 
 # Fake kernels: shapes and dtypes only, for torch.compile / FakeTensor tracing.
@@ -91,11 +99,11 @@ def _combine_fake(partials):
 
 
 @torch.library.register_fake("tokenspeed::store_kv")
-def _store_kv_fake(k, v, k_cache, v_cache, slot_mapping):
+def _store_kv_fake(k, v, k_cache, v_cache, slot_mapping, validate=True):
     return None
 
 
 @torch.library.register_fake("tokenspeed::paged_prefill_attention")
 def _paged_prefill_attention_fake(q, k_cache, v_cache, page_table, cu_seqlens_q, kv_lens,
-                                  scale=None):
+                                  scale=None, max_seqlen_q=None, validate=True):
     return torch.empty_like(q)

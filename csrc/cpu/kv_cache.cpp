@@ -15,8 +15,8 @@ namespace tokenspeed::cpu {
 namespace {
 
 void store_kv_cpu(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache,
-                  at::Tensor& v_cache, const at::Tensor& slot_mapping) {
-  check_store_kv(k, v, k_cache, v_cache, slot_mapping);
+                  at::Tensor& v_cache, const at::Tensor& slot_mapping, bool validate) {
+  check_store_kv(k, v, k_cache, v_cache, slot_mapping, validate);
   const at::Tensor kc = k.contiguous(), vc = v.contiguous();
   const at::Tensor slots = slot_mapping.to(at::kLong).contiguous();
   const int64_t n = k.size(0);

@@ -14,23 +14,12 @@
 #include <optional>
 #include <vector>
 
+#include "cuda/host_utils.h"
 #include "cuda/launch.h"
 #include "op_checks.h"
 
 namespace tokenspeed::cuda {
 namespace {
-
-void check_cuda(const at::Tensor& t, const char* name) {
-  TS_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got device ", t.device());
-}
-
-DType dtype_of(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kBFloat16: return DType::kBFloat16;
-    case at::kHalf: return DType::kFloat16;
-    default: return DType::kFloat32;
-  }
-}
 
 float inv_temperature(double temperature) { return static_cast<float>(1.0 / temperature); }
 
@@ -115,8 +104,8 @@ std::tuple<at::Tensor, at::Tensor> combine_logprob_partials_cuda(const at::Tenso
 }
 
 void store_kv_cuda(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache,
-                   at::Tensor& v_cache, const at::Tensor& slot_mapping) {
-  check_store_kv(k, v, k_cache, v_cache, slot_mapping);
+                   at::Tensor& v_cache, const at::Tensor& slot_mapping, bool validate) {
+  check_store_kv(k, v, k_cache, v_cache, slot_mapping, validate);
   check_cuda(k, "k");
   const c10::cuda::CUDAGuard guard(k.device());
   const int64_t n = k.size(0);
@@ -139,8 +128,10 @@ void store_kv_cuda(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache
 at::Tensor paged_prefill_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
                                         const at::Tensor& v_cache, const at::Tensor& page_table,
                                         const at::Tensor& cu_seqlens_q, const at::Tensor& kv_lens,
-                                        std::optional<double> scale) {
-  check_paged_attention(q, k_cache, v_cache, page_table, cu_seqlens_q, kv_lens);
+                                        std::optional<double> scale,
+                                        std::optional<int64_t> max_seqlen_q, bool validate) {
+  check_paged_attention(q, k_cache, v_cache, page_table, cu_seqlens_q, kv_lens, max_seqlen_q,
+                        validate);
   check_attention_scale(scale);
   check_cuda(q, "q");
   const int64_t hq = q.size(1), d = q.size(2), hk = k_cache.size(2);
@@ -153,8 +144,6 @@ at::Tensor paged_prefill_attention_cuda(const at::Tensor& q, const at::Tensor& k
 
   const at::Tensor qc = q.contiguous();
   const at::Tensor cu = cu_seqlens_q.contiguous(), lens = kv_lens.contiguous();
-  const at::Tensor cu_host = cu.cpu();
-  const int32_t* cu_h = cu_host.const_data_ptr<int32_t>();
 
   PagedAttnParams p{};
   p.q = qc.const_data_ptr();
@@ -176,8 +165,15 @@ at::Tensor paged_prefill_attention_cuda(const at::Tensor& q, const at::Tensor& k
   const DType dtype = dtype_of(q);
 
   if (paged_attention_mma_supports(dtype, static_cast<int>(d))) {
+    // The grid covers the longest request; without max_seqlen_q, read cu_seqlens_q back.
     int64_t max_rows = 0;
-    for (int64_t i = 0; i < b; ++i) max_rows = std::max<int64_t>(max_rows, cu_h[i + 1] - cu_h[i]);
+    if (max_seqlen_q.has_value()) {
+      max_rows = std::min<int64_t>(*max_seqlen_q, n);
+    } else {
+      const at::Tensor cu_host = cu.cpu();
+      const int32_t* cu_h = cu_host.const_data_ptr<int32_t>();
+      for (int64_t i = 0; i < b; ++i) max_rows = std::max<int64_t>(max_rows, cu_h[i + 1] - cu_h[i]);
+    }
     const int64_t rows_per_tile = paged_attention_rows_per_tile();
     const int64_t tiles = (max_rows * p.group + rows_per_tile - 1) / rows_per_tile;
     TS_CHECK(tiles <= 65535 && b <= 65535 && hk <= 65535,
@@ -191,6 +187,8 @@ at::Tensor paged_prefill_attention_cuda(const at::Tensor& q, const at::Tensor& k
   const int max_dim = paged_attention_simple_max_dim();
   TS_CHECK(d <= max_dim, "paged_prefill_attention on CUDA supports head dims up to ",
               max_dim, ", got ", d);
+  const at::Tensor cu_host = cu.cpu();
+  const int32_t* cu_h = cu_host.const_data_ptr<int32_t>();
   std::vector<int32_t> req(n);
   for (int64_t i = 0; i < b; ++i)
     for (int64_t t = cu_h[i]; t < cu_h[i + 1]; ++t) req[t] = static_cast<int32_t>(i);

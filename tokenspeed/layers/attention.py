@@ -16,13 +16,14 @@ class AttentionMetadata:
 
     slot_mapping [N]: flat pool slot of each token; page_table [B, max_pages];
     cu_seqlens_q [B+1]: token rows of each request; kv_lens [B]: its cached length
-    including this step's tokens.
+    including this step's tokens; max_seqlen_q: the most new tokens of any request.
     """
     slot_mapping: Tensor
     page_table: Tensor
     cu_seqlens_q: Tensor
     kv_lens: Tensor
     kv_cache: KVCache
+    max_seqlen_q: int
 
 
 class PagedAttention(nn.Module):
@@ -34,6 +35,10 @@ class PagedAttention(nn.Module):
     def forward(self, q: Tensor, k: Tensor, v: Tensor, meta: AttentionMetadata) -> Tensor:
         """q [N, Hq, D], k/v [N, Hk, D] -> [N, Hq, D]."""
         k_cache, v_cache = meta.kv_cache.layer(self.layer_id)
-        tse.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        # the metadata is the same for every layer of the forward: layer 0 checks its
+        # values (host round trips), the others skip that and keep the GPU fed
+        validate = self.layer_id == 0
+        tse.store_kv(k, v, k_cache, v_cache, meta.slot_mapping, validate)
         return tse.paged_prefill_attention(q, k_cache, v_cache, meta.page_table,
-                                           meta.cu_seqlens_q, meta.kv_lens, self.scale)
+                                           meta.cu_seqlens_q, meta.kv_lens, self.scale,
+                                           meta.max_seqlen_q, validate)
