@@ -13,6 +13,9 @@ from .ops import (
     logprob_partials,
     logprobs,
     paged_prefill_attention,
+    rms_norm,
+    rotary_embedding,
+    silu_and_mul,
     store_kv,
 )
 
@@ -24,6 +27,9 @@ __all__ = [
     "logprobs",
     "paged_prefill_attention",
     "reference",
+    "rms_norm",
+    "rotary_embedding",
+    "silu_and_mul",
     "store_kv",
 ]
 

@@ -74,6 +74,36 @@ def paged_prefill_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, page_ta
         None if max_seqlen_q is None else int(max_seqlen_q), bool(validate))
 
 
+def rms_norm(x: Tensor, weight: Tensor, eps: float,
+             residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+    """HF's RMSNorm of x [N, H] or [N, M, H] (unit stride along H) with weight [H].
+
+    Rounds where HF does: ``weight * (h * rsqrt(mean(h^2) + eps)).to(dtype)`` with the
+    normalisation in fp32. With ``residual`` (x's shape and dtype), h = x + residual in the
+    dtype and the call returns (out, h), h being the next layer's residual; else out.
+    """
+    out, h = _ops.rms_norm.default(x, weight, float(eps), residual)
+    return out if residual is None else (out, h)
+
+
+def silu_and_mul(gate_up: Tensor) -> Tensor:
+    """``silu(gate) * up`` of gate_up [N, 2I] = [gate | up] -> [N, I], rounded as torch's
+    two ops round (silu to the dtype, then the product)."""
+    return _ops.silu_and_mul.default(gate_up)
+
+
+def rotary_embedding(positions: Tensor, q: Tensor, k: Tensor, cos_sin_cache: Tensor,
+                     validate: bool = True) -> None:
+    """Neox (rotate_half) rotary embedding of q [N, Hq, D] and k [N, Hk, D], in place.
+
+    q and k may be strided views (unit stride along D); positions [N] int32/int64 index
+    cos_sin_cache [max_pos, D] fp32 (cos in the first D/2 columns, sin in the rest), whose
+    values are rounded to q's dtype before use as HF does. ``validate=False`` skips the
+    position-range check (a device-to-host round trip) for positions already checked.
+    """
+    _ops.rotary_embedding.default(positions, q, k, cos_sin_cache, bool(validate))
+
+
 # Fake kernels: shapes and dtypes only, for torch.compile / FakeTensor tracing.
 
 @torch.library.register_fake("tokenspeed::logprobs")
@@ -107,3 +137,20 @@ def _store_kv_fake(k, v, k_cache, v_cache, slot_mapping, validate=True):
 def _paged_prefill_attention_fake(q, k_cache, v_cache, page_table, cu_seqlens_q, kv_lens,
                                   scale=None, max_seqlen_q=None, validate=True):
     return torch.empty_like(q)
+
+
+@torch.library.register_fake("tokenspeed::rms_norm")
+def _rms_norm_fake(x, weight, eps, residual=None):
+    out = x.new_empty(x.shape)
+    return out, (x.new_empty(x.shape) if residual is not None else x.new_empty((0,)))
+
+
+@torch.library.register_fake("tokenspeed::silu_and_mul")
+def _silu_and_mul_fake(gate_up):
+    torch._check(gate_up.dim() == 2, lambda: f"gate_up must be [N, 2I], got {gate_up.shape}")
+    return gate_up.new_empty((gate_up.shape[0], gate_up.shape[1] // 2))
+
+
+@torch.library.register_fake("tokenspeed::rotary_embedding")
+def _rotary_embedding_fake(positions, q, k, cos_sin_cache, validate=True):
+    return None

@@ -108,3 +108,42 @@ def paged_prefill_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, page_ta
         scores = scores.masked_fill(mask, -math.inf)
         out[cu[b]:cu[b + 1]] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v_b)
     return out
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None,
+             dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor | None]:
+    """(weight * h / sqrt(mean(h^2) + eps), h) in ``dtype``. The residual add h = x +
+    residual is rounded to x's dtype as the model does it (a spec input, not an error);
+    h is None without a residual."""
+    h = x if residual is None else x + residual
+    hd = h.to(dtype)
+    out = hd * torch.rsqrt(hd.pow(2).mean(-1, keepdim=True) + eps) * weight.to(dtype)
+    return out, (None if residual is None else h)
+
+
+def silu_and_mul(gate_up: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
+    gate, up = gate_up.to(dtype).chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+def rope_cos_sin_cache(inv_freq: Tensor, max_positions: int, attention_factor: float = 1.0
+                       ) -> Tensor:
+    """[max_positions, D] fp32 table (cos | sin) of the angles position * inv_freq [D/2],
+    computed as the engine's rotary layer computes them."""
+    freqs = torch.arange(max_positions, device=inv_freq.device).float().unsqueeze(-1) \
+        * inv_freq.unsqueeze(0)
+    return torch.cat((freqs.cos() * attention_factor, freqs.sin() * attention_factor), dim=-1)
+
+
+def rotary_embedding(positions: Tensor, q: Tensor, k: Tensor, cos_sin_cache: Tensor,
+                     dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
+    """Rotated (q, k) in ``dtype`` (not in place), cos/sin taken from the fp32 table."""
+    half = cos_sin_cache.shape[1] // 2
+    cs = cos_sin_cache[positions.long()].to(dtype)
+    cos, sin = cs[:, None, :half], cs[:, None, half:]
+
+    def rotate(x: Tensor) -> Tensor:
+        x1, x2 = x.to(dtype).chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+    return rotate(q), rotate(k)

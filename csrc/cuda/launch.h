@@ -74,5 +74,32 @@ cudaError_t launch_paged_attention_simple(const PagedAttnParams& p, DType dtype,
                                           const int32_t* req_of, int64_t n_tokens,
                                           cudaStream_t stream);
 
+// ---- fused decoder-layer elementwise ops (fused.cu) ----
+
+// A [N, H] or [N, M, H] operand: row r starts at element (r / m) * s0 + (r % m) * s1.
+struct RowLayout {
+  int64_t m, s0, s1;
+};
+
+// x, residual (nullptr: none) [rows, h] by their layouts; weight [h]; out and h_out
+// (nullptr when there is no residual) [rows, h] contiguous. vec16: every row start and
+// h allow 16-byte units.
+cudaError_t launch_rms_norm(const void* x, RowLayout x_rows, const void* residual,
+                            RowLayout res_rows, const void* weight, void* out, void* h_out,
+                            DType dtype, int64_t rows, int64_t h, float eps, bool vec16,
+                            cudaStream_t stream);
+
+// gate_up [rows, 2 * inter] (row stride ld elements) -> out [rows, inter] contiguous.
+cudaError_t launch_silu_and_mul(const void* gate_up, int64_t ld, void* out, DType dtype,
+                                int64_t rows, int64_t inter, bool vec16, cudaStream_t stream);
+
+// In place on q [n, hq, 2 * half] and k [n, hk, 2 * half] (element strides per token and
+// head); positions [n] int32 or int64; cache [max_pos, 2 * half] fp32 (cos | sin).
+cudaError_t launch_rotary_embedding(const void* positions, bool positions_int64, void* q,
+                                    int64_t q_token_stride, int64_t q_head_stride, int hq,
+                                    void* k, int64_t k_token_stride, int64_t k_head_stride,
+                                    int hk, const float* cache, int64_t max_pos, int half,
+                                    DType dtype, int64_t n, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace tokenspeed
