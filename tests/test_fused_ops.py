@@ -200,6 +200,26 @@ def test_rotary_embedding(device, seed, dtype, pos_dtype, n, hq, hk, d, max_pos,
     assert_within_own_error(k, exact_k, want_k, factor=2.0, floor=1e-6, what="rotary k")
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_rotary_embedding_matches_engine_layer_bitwise(device):
+    """The engine's RotaryEmbedding table and the op reproduce its former per-call path."""
+    from tokenspeed.layers.rotary import RotaryEmbedding
+    g = torch.Generator().manual_seed(7)
+    for dtype in FLOATS:
+        params = {"rope_type": "default", "rope_theta": 1e6}
+        rope = RotaryEmbedding(128, params, 4096).to(device)
+        positions = torch.randint(0, 4096, (40,), generator=g).to(device)
+        q = padded_rows(g, (40, 12, 128), dtype, device, 0)
+        freqs = positions.float().unsqueeze(-1) * rope.inv_freq.unsqueeze(0)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos().to(dtype).unsqueeze(1), emb.sin().to(dtype).unsqueeze(1)
+        x1, x2 = q.chunk(2, dim=-1)
+        want = q * cos + torch.cat((-x2, x1), dim=-1) * sin
+        k = q[:, :2].clone()
+        tse.rotary_embedding(positions, q, k, rope.cos_sin_cache)
+        assert_within_ulps(q, want, 1, what=f"engine rotary {dtype}")
+
+
 # ---- opcheck, compile, bad arguments ----
 
 def small_cases(device):

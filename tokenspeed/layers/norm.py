@@ -1,8 +1,11 @@
-"""RMSNorm computed in fp32 and cast back, as HF's Llama/Qwen do."""
+"""RMSNorm computed in fp32 and cast back, as HF's Llama/Qwen do, with the residual add
+of the decoder layer fused in."""
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+
+from tokenspeed_ext import rms_norm
 
 from .linear import _default_loader
 
@@ -14,8 +17,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size), requires_grad=False)
         self.weight.weight_loader = _default_loader
 
-    def forward(self, x: Tensor) -> Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+    def forward(self, x: Tensor, residual: Tensor | None = None
+                ) -> Tensor | tuple[Tensor, Tensor]:
+        """norm(x) of x [N, H] or [N, M, H]; with residual, h = x + residual (rounded to
+        the dtype, as HF adds it) and returns (norm(h), h), h being the new residual."""
+        return rms_norm(x, self.weight, self.eps, residual)

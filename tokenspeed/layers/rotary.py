@@ -1,8 +1,9 @@
 """Rotary position embedding on explicit positions, with the scalings HF models ship.
 
 Inverse frequencies follow transformers' ``modeling_rope_utils`` (default, linear,
-llama3, yarn) so that fp32 results match HF to rounding; cos/sin are built per call from
-the packed positions, so any chunk of any request rotates exactly as a full pass would.
+llama3, yarn) so that fp32 results match HF to rounding; cos/sin come from one fp32 table
+built at load and indexed by the packed positions, so any chunk of any request rotates
+exactly as a full pass would.
 """
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from tokenspeed_ext import reference, rotary_embedding
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
@@ -90,20 +93,15 @@ class RotaryEmbedding(nn.Module):
             inv_freq, self.attention_factor = _yarn(theta, head_dim, params, max_positions)
         # kept fp32 whatever the model dtype: bf16 frequencies cost HF-level accuracy
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        # cos | sin of every position the model accepts, fp32 ([max_positions, D]: 16 MB
+        # at 32k x 128); the op rounds them to the model dtype as HF's cos/sin cast does.
+        self.register_buffer(
+            "cos_sin_cache", reference.rope_cos_sin_cache(inv_freq, max_positions,
+                                                          self.attention_factor),
+            persistent=False)
 
-    def cos_sin(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        freqs = positions.float().unsqueeze(-1) * self.inv_freq.unsqueeze(0)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos = (emb.cos() * self.attention_factor).to(dtype).unsqueeze(1)
-        sin = (emb.sin() * self.attention_factor).to(dtype).unsqueeze(1)
-        return cos, sin
-
-
-def _rotate_half(x: Tensor) -> Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x [N, H, D] rotated by cos/sin [N, 1, D]."""
-    return x * cos + _rotate_half(x) * sin
+    def forward(self, positions: Tensor, q: Tensor, k: Tensor) -> None:
+        """Rotates q [N, Hq, D] and k [N, Hk, D] in place (they may be views into the fused
+        qkv output). Positions come from the scheduler, below max_position_embeddings by
+        the engine's length check, so the op's range check (a host round trip) is off."""
+        rotary_embedding(positions, q, k, self.cos_sin_cache, validate=False)

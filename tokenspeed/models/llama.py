@@ -12,7 +12,7 @@ from ..layers.attention import AttentionMetadata, PagedAttention
 from ..layers.embedding import LogprobHead, VocabEmbedding
 from ..layers.linear import ColumnParallelLinear, QKVLinear, RowParallelLinear
 from ..layers.norm import RMSNorm
-from ..layers.rotary import RotaryEmbedding, apply_rotary
+from ..layers.rotary import RotaryEmbedding
 from .config import ModelConfig
 
 
@@ -33,10 +33,9 @@ class LlamaAttention(nn.Module):
         return (q.view(n, -1, self.head_dim), k.view(n, -1, self.head_dim),
                 v.view(n, -1, self.head_dim))
 
-    def forward(self, hidden: Tensor, cos_sin: tuple[Tensor, Tensor],
-                meta: AttentionMetadata) -> Tensor:
+    def forward(self, hidden: Tensor, positions: Tensor, meta: AttentionMetadata) -> Tensor:
         q, k, v = self.project(hidden)
-        q, k = apply_rotary(q, *cos_sin), apply_rotary(k, *cos_sin)
+        self.rotary(positions, q, k)
         out = self.attn(q, k, v, meta)
         return self.o_proj(out.flatten(1))
 
@@ -62,10 +61,17 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, hidden: Tensor, cos_sin: tuple[Tensor, Tensor],
-                meta: AttentionMetadata) -> Tensor:
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos_sin, meta)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+    def forward(self, hidden: Tensor, residual: Tensor | None, positions: Tensor,
+                meta: AttentionMetadata) -> tuple[Tensor, Tensor]:
+        """(sublayer output, residual stream before it); the caller adds the two, as the
+        next norm does (HF: residual + hidden in the model dtype)."""
+        if residual is None:
+            x, residual = self.input_layernorm(hidden), hidden
+        else:
+            x, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(x, positions, meta)
+        x, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(x), residual
 
 
 class LlamaModel(nn.Module):
@@ -80,11 +86,12 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids: Tensor, positions: Tensor, meta: AttentionMetadata,
                 score_rows: Tensor) -> Tensor:
-        hidden = self.embed_tokens(input_ids)
-        cos_sin = self.rotary.cos_sin(positions, hidden.dtype)
+        hidden, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
-            hidden = layer(hidden, cos_sin, meta)
-        return self.norm(hidden[score_rows])
+            hidden, residual = layer(hidden, residual, positions, meta)
+        if residual is None:
+            return self.norm(hidden[score_rows])
+        return self.norm(hidden[score_rows], residual[score_rows])[0]
 
 
 class LlamaForCausalLM(nn.Module):
