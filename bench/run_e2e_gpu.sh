@@ -16,15 +16,15 @@ for s in $stages; do
   case $s in
     tests)
       step tests
-      timeout 170 python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 \
+      timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 \
         | tee "$OUT/gpu_tests.log" | tail -25 || status=1 ;;
     scoring-1.5b)
       step scoring-1.5b
-      timeout 200 python3 bench/bench_scoring.py --models qwen2.5-1.5b --root /tmp/ckpt 2>&1 \
+      timeout 150 python3 bench/bench_scoring.py --models qwen2.5-1.5b --budgets 16384 32768 --root /tmp/ckpt 2>&1 \
         | tee "$OUT/scoring_1.5b.log" | tail -14 || status=1 ;;
     scoring-7b)
       step scoring-7b
-      timeout 180 python3 bench/bench_scoring.py --models qwen2.5-7b --workloads grpo \
+      timeout 170 python3 bench/bench_scoring.py --models qwen2.5-7b --workloads grpo \
         --budgets 16384 --ref-subset 0 --root /tmp/ckpt 2>&1 | tee "$OUT/scoring_7b.log" | tail -14 || status=1 ;;
   esac
 done
