@@ -202,17 +202,23 @@ def test_rotary_embedding(device, seed, dtype, pos_dtype, n, hq, hk, d, max_pos,
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_rotary_embedding_matches_engine_layer_bitwise(device):
-    """The engine's RotaryEmbedding table and the op reproduce its former per-call path."""
+    """The engine's RotaryEmbedding table holds the angles' cos/sin as its former per-call
+    path computed them on the device (to the device's own cos/sin rounding), and the op
+    applies them as that path's torch composition did."""
     from tokenspeed.layers.rotary import RotaryEmbedding
     g = torch.Generator().manual_seed(7)
+    params = {"rope_type": "default", "rope_theta": 1e6}
+    rope = RotaryEmbedding(128, params, 4096).to(device)
+    positions = torch.randint(0, 4096, (40,), generator=g).to(device)
+    freqs = positions.float().unsqueeze(-1) * rope.inv_freq.unsqueeze(0)
+    table = rope.cos_sin_cache[positions]
+    # cos/sin of the same fp32 angles; CPU and CUDA libm may differ by an ulp or two
+    torch.testing.assert_close(table, torch.cat((freqs.cos(), freqs.sin()), dim=-1),
+                               rtol=0, atol=2.5e-7)
     for dtype in FLOATS:
-        params = {"rope_type": "default", "rope_theta": 1e6}
-        rope = RotaryEmbedding(128, params, 4096).to(device)
-        positions = torch.randint(0, 4096, (40,), generator=g).to(device)
         q = padded_rows(g, (40, 12, 128), dtype, device, 0)
-        freqs = positions.float().unsqueeze(-1) * rope.inv_freq.unsqueeze(0)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos().to(dtype).unsqueeze(1), emb.sin().to(dtype).unsqueeze(1)
+        cos = torch.cat((table[:, :64], table[:, :64]), dim=-1).to(dtype).unsqueeze(1)
+        sin = torch.cat((table[:, 64:], table[:, 64:]), dim=-1).to(dtype).unsqueeze(1)
         x1, x2 = q.chunk(2, dim=-1)
         want = q * cos + torch.cat((-x2, x1), dim=-1) * sin
         k = q[:, :2].clone()
