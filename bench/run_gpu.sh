@@ -22,13 +22,17 @@ for s in $stages; do
     test)
       step test
       timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider ${PYTEST_ARGS:-} \
-        tests/test_ops_cuda.py $(ls tests/test_ops.py 2>/dev/null) 2>&1 | tail -40 | tee "$OUT/tests.log" || status=1 ;;
+        tests/test_ops_cuda.py tests/test_ops.py tests/test_fused_ops.py 2>&1 | tail -40 | tee "$OUT/tests.log" || status=1 ;;
     sanitize)
       step sanitize
       for tool in memcheck racecheck; do
         timeout 100 compute-sanitizer --tool $tool --kernel-regex kns=tokenspeed --error-exitcode 9 \
           python3 -m pytest -q -p no:cacheprovider tests/test_ops_cuda.py -k "small and not fp16 and not fp32" 2>&1 \
           | grep -v "^$" | tail -15 | tee "$OUT/sanitize_$tool.log" || status=1
+        timeout 100 compute-sanitizer --tool $tool --kernel-regex kns=tokenspeed --error-exitcode 9 \
+          python3 -m pytest -q -p no:cacheprovider tests/test_fused_ops.py \
+          -k "cuda and not opcheck and not compile" 2>&1 \
+          | grep -v "^$" | tail -15 | tee "$OUT/sanitize_fused_$tool.log" || status=1
       done ;;
     bench_logprobs)
       step bench_logprobs
