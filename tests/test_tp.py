@@ -4,6 +4,7 @@ workers), partials vs gathered logits, update_weights, rejected calls on every r
 the data-parallel helper. gloo on the CPU; the same tests on NCCL with 2+ GPUs."""
 from __future__ import annotations
 
+import shutil
 import signal
 import traceback
 from contextlib import contextmanager
@@ -84,6 +85,12 @@ def ckpts(tmp_path_factory) -> dict[str, Path]:
            for arch, kw in CHECKPOINTS.items()}
     out["new"] = make_checkpoint(tmp_path_factory.mktemp("new"), "Qwen3ForCausalLM",
                                  **NEW_WEIGHTS)
+    # the same config with a truncated weights file: loading fails, validation does not
+    corrupt = tmp_path_factory.mktemp("corrupt")
+    shutil.copy(out["new"] / "config.json", corrupt / "config.json")
+    weights = (out["new"] / "model.safetensors").read_bytes()
+    (corrupt / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    out["corrupt"] = corrupt
     return out
 
 
@@ -141,6 +148,13 @@ def _spmd_rank(rank: int, device: str, port: int, ckpts: dict[str, Path], out_di
                     errors.append(str(e))
             result["errors"] = errors
             result["after_errors"] = engine.compute_log_probs(seqs, 0.7, return_entropy=True)
+        # a shard that fails to load on one rank: every rank raises, none waits
+        path = ckpts["new"] if rank == 0 else ckpts["corrupt"]
+        try:
+            Engine(path, **kw)
+            result["load_error"] = None
+        except Exception as e:  # noqa: BLE001 - the test reads the message
+            result["load_error"] = str(e)
         with Engine(ckpts["new"], **dict(kw, tp_size=1)) as engine:
             result["dp"] = compute_log_probs_dp(engine, seqs, 0.7, return_entropy=True)
         dist.barrier()
@@ -212,6 +226,13 @@ def test_spmd_bad_batch_raises_on_every_rank(spmd, reference):
     assert all(e and "ranks [1] were given different input" in e for e in different)
     for res in spmd:
         assert_close(res["after_errors"], reference["new"])
+
+
+def test_spmd_load_failure_on_one_rank_raises_on_every_rank(spmd):
+    """Rank 1's shard file is truncated: it raises its own error, rank 0 raises too
+    (the fixture's deadline proves neither waited in a collective)."""
+    assert spmd[1]["load_error"] and "rank" not in spmd[1]["load_error"].split(":")[0]
+    assert spmd[0]["load_error"] and "rank(s) [1] rejected" in spmd[0]["load_error"]
 
 
 def test_data_parallel_helper_gathers_in_order(spmd, reference):

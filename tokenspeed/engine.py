@@ -96,24 +96,36 @@ class Engine:
             self.tp = distributed.init_tp_group(cfg.tp_size, cfg.device)
         else:
             self.tp = distributed.TPGroup()
+        # Loading and allocating run inside agreements: a rank that fails there (a bad
+        # shard file, out of memory) makes every rank raise instead of leaving the others
+        # waiting in the next collective.
+        num_pages = self.tp.validated(self._load)
+        if self.tp.size > 1:
+            # ranks schedule in lockstep only if their pools are the same size
+            num_pages = self.tp.min_int(num_pages)
+        self.tp.validated(lambda: self._allocate(num_pages))
+        self.weight_version = 0
+        self.scored_tokens = 0
+        self._next_request_id = 0
+
+    def _load(self) -> int:
+        """Load this rank's shard of the model; returns the KV pages it has room for."""
+        cfg = self.config
         with distributed.building_with(self.tp):
             self.model, self.model_config = load_model(cfg.model_path, cfg.device, cfg.dtype)
         mc = self.model_config
         first, end = distributed.kv_head_range(mc.num_kv_heads, self.tp.rank, self.tp.size)
         self.local_kv_heads = end - first
-        num_pages = self.tp.validated(self._num_pages)
-        if self.tp.size > 1:
-            # ranks schedule in lockstep only if their pools are the same size
-            num_pages = self.tp.min_int(num_pages)
+        return self._num_pages()
+
+    def _allocate(self, num_pages: int) -> None:
+        cfg, mc = self.config, self.model_config
         self.kv_cache = KVCache(mc.num_layers, num_pages, cfg.page_size, self.local_kv_heads,
                                 mc.head_dim, cfg.dtype, cfg.device)
         self.scheduler = tse.Scheduler(num_pages, cfg.page_size, cfg.max_batch_tokens,
                                        cfg.max_batch_requests, cfg.enable_prefix_cache)
         self.runner = ModelRunner(self.model, self.kv_cache, cfg.device, cfg.lean_vocab_chunk,
                                   gather_logits=cfg.logprob_mode == "gather")
-        self.weight_version = 0
-        self.scored_tokens = 0
-        self._next_request_id = 0
 
     def _num_pages(self) -> int:
         cfg, mc = self.config, self.model_config
