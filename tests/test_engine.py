@@ -259,3 +259,38 @@ def test_builtin_model_is_a_real_hf_checkpoint(tmp_path, monkeypatch):
     with Engine(path) as engine:
         out = engine.compute_log_probs(seqs)
     assert max_abs_diff(out["log_probs"], hf_scores(load_hf(path), seqs)[0]) <= TOL
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("device lost"), KeyboardInterrupt()])
+def test_error_mid_batch_leaves_engine_exact(ckpt, exc):
+    """A forward that dies after writing garbage K/V (an interrupt, a device error) must
+    leave no request, batch or page behind that a later call could wait on or read."""
+    path, hf = ckpt
+    gen = torch.Generator().manual_seed(9)
+    prompt = torch.randint(0, VOCAB, (13,), generator=gen).tolist()
+    seqs = [{"prompt_token_ids": prompt,
+             "completion_token_ids": torch.randint(0, VOCAB, (2 + i,), generator=gen).tolist()}
+            for i in range(4)]
+    ref_lp, _ = hf_scores(hf, seqs)
+    with Engine(path, page_size=4, max_batch_tokens=8, kv_cache_tokens=256) as engine:
+        real_run, calls = engine.runner.run, []
+
+        def failing_run(batch, *args):
+            calls.append(batch)
+            slots = torch.frombuffer(bytearray(batch.slot_mapping), dtype=torch.int32).long()
+            for k, v in zip(engine.kv_cache.k, engine.kv_cache.v):
+                k.view(-1, *k.shape[2:])[slots] = float("nan")
+                v.view(-1, *v.shape[2:])[slots] = float("nan")
+            if len(calls) == 2:
+                raise exc
+            return real_run(batch, *args)
+
+        engine.runner.run = failing_run
+        with pytest.raises(type(exc)):
+            engine.compute_log_probs(seqs)
+        engine.runner.run = real_run
+        no_leaks(engine)
+        assert engine.stats()["running"] == engine.stats()["waiting"] == 0
+        out = engine.compute_log_probs(seqs)["log_probs"]
+        assert max_abs_diff(out, ref_lp) <= TOL
+        no_leaks(engine)

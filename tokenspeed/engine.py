@@ -232,21 +232,39 @@ class Engine:
         while requests:
             batch = self.scheduler.schedule()
             assert batch is not None, "scheduler has unfinished requests but made no batch"
-            scores = self.runner.run(batch, temperature, flat_ent is not None)
-            src = 0
-            for e in batch.entries:
-                n = e.score_end - e.score_begin
-                if n <= 0:
-                    continue
-                first, start = requests[e.request_id]
-                dst = first + e.begin + e.score_begin - start
-                flat_lp[dst:dst + n] = scores.log_probs[src:src + n]
-                if flat_ent is not None:
-                    flat_ent[dst:dst + n] = scores.entropy[src:src + n]
-                src += n
-            assert src == scores.log_probs.shape[0], (src, scores.log_probs.shape)
+            try:
+                self._run_batch(batch, requests, temperature, flat_lp, flat_ent)
+            except BaseException:
+                self._discard(batch, requests)
+                raise
             for rid in self.scheduler.complete(batch):
                 requests.pop(rid)
+
+    def _run_batch(self, batch, requests: dict[int, tuple[int, int]], temperature: float,
+                   flat_lp: Tensor, flat_ent: Tensor | None) -> None:
+        scores = self.runner.run(batch, temperature, flat_ent is not None)
+        src = 0
+        for e in batch.entries:
+            n = e.score_end - e.score_begin
+            if n <= 0:
+                continue
+            first, start = requests[e.request_id]
+            dst = first + e.begin + e.score_begin - start
+            flat_lp[dst:dst + n] = scores.log_probs[src:src + n]
+            if flat_ent is not None:
+                flat_ent[dst:dst + n] = scores.entropy[src:src + n]
+            src += n
+        assert src == scores.log_probs.shape[0], (src, scores.log_probs.shape)
+
+    def _discard(self, batch, requests: dict[int, tuple[int, int]]) -> None:
+        """A batch that failed part-way wrote only some of its K/V: abort its call's
+        requests, retire the batch (else later requests wait on its pages forever) and
+        flush the prefix cache, which may hold pages the batch left unwritten."""
+        for rid in requests:
+            self.scheduler.abort(rid)
+        requests.clear()
+        self.scheduler.complete(batch)
+        self.scheduler.flush()
 
     @staticmethod
     def _package(seqs: list[tuple[list[int], list[int]]], lengths: list[int], flat_lp: Tensor,
