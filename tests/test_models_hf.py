@@ -84,13 +84,20 @@ def test_unsupported_rope_type(tmp_path):
         Engine(path)
 
 
-def test_missing_weight(tmp_path):
+@pytest.mark.parametrize("arch, name", [
+    ("LlamaForCausalLM", "model.layers.1.mlp.down_proj.weight"),
+    # one shard of a fused parameter: the others alone must not pass for the whole
+    ("LlamaForCausalLM", "model.layers.0.self_attn.k_proj.weight"),
+    ("LlamaForCausalLM", "model.layers.1.mlp.gate_proj.weight"),
+    ("Qwen2ForCausalLM", "model.layers.0.self_attn.v_proj.bias"),
+])
+def test_missing_weight(tmp_path, arch, name):
     from safetensors.torch import load_file, save_file
-    path = make_checkpoint(tmp_path, "LlamaForCausalLM")
+    path = make_checkpoint(tmp_path, arch)
     weights = load_file(path / "model.safetensors")
-    del weights["model.layers.1.mlp.down_proj.weight"]
+    del weights[name]
     save_file(weights, path / "model.safetensors")
-    with pytest.raises(ValueError, match="layers.1.mlp.down_proj"):
+    with pytest.raises(ValueError, match=name.rsplit(".", 1)[0]):
         Engine(path)
 
 

@@ -101,7 +101,13 @@ def load_checkpoint(model: nn.Module, model_dir: str | Path) -> None:
         if resolved is not None:
             weights.load(name, tensor)
             loaded.setdefault(resolved[0], set()).add(resolved[2])
-    missing = [n for n in weights.params if n not in loaded]
+    missing = []
+    for target in weights.params:
+        # a fused parameter is whole only once every one of its HF tensors has loaded
+        parts = {shard: target.replace(f".{fused}.", f".{hf}.")
+                 for fused, hf, shard in STACKED if f".{fused}." in target} or {None: target}
+        missing += [hf_name for shard, hf_name in parts.items()
+                    if shard not in loaded.get(target, ())]
     if missing:
         raise ValueError(f"checkpoint {model_dir} lacks weights for {missing[:5]}"
                          f"{' ...' if len(missing) > 5 else ''}")
