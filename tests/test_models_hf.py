@@ -130,3 +130,22 @@ def test_bf16_error_within_hf_bf16_error(tmp_path, arch):
         return sum(flat) / len(flat)
     assert mean_err(out) <= 2 * mean_err(hf_lp) + 1e-4
     assert max_abs_diff(out, ref) <= 4 * max_abs_diff(hf_lp, ref) + 1e-3
+
+
+@pytest.mark.parametrize("name", ["model.embed_tokens.weight", "lm_head.weight"])
+def test_update_tied_embedding_moves_head_as_hf(tmp_path, name):
+    """In a tied model the embedding is the head: updating either name updates both, as
+    loading that name into the HF model does."""
+    path = make_checkpoint(tmp_path, "Qwen2ForCausalLM", tied=True, vocab=131, seed=7)
+    hf = load_hf(path)
+    seqs = random_sequences(torch.Generator().manual_seed(3), 131, 4)
+    new = torch.randn(131, 32, generator=torch.Generator().manual_seed(5)) * 0.3
+    hf.load_state_dict({name: new}, strict=False)
+    assert torch.equal(hf.lm_head.weight, new) and torch.equal(hf.model.embed_tokens.weight, new)
+    ref_lp, _ = hf_scores(hf, seqs)
+    with Engine(path, kv_cache_tokens=256) as engine:
+        before = engine.compute_log_probs(seqs)["log_probs"]
+        engine.update_weights({name: new})
+        out = engine.compute_log_probs(seqs)["log_probs"]
+    assert max_abs_diff(out, ref_lp) <= TOL
+    assert max_abs_diff(out, before) > 1e-2

@@ -293,7 +293,7 @@ class Engine:
                 weights = list(weights)  # a generator cannot travel to the workers
             return self._workers.call("update_weights", weights)
         items = self.tp.validated(lambda: self._check_weights(weights))
-        weight_map = WeightMap(self.model)
+        weight_map = WeightMap(self.model, write_tied_head=True)
         with torch.no_grad():
             for name, tensor in items:
                 weight_map.load(name, tensor)
@@ -303,7 +303,7 @@ class Engine:
     def _check_weights(self, weights: Mapping[str, Tensor] | Iterable[tuple[str, Tensor]]
                        ) -> list[tuple[str, Tensor]]:
         items = list(weights.items() if isinstance(weights, Mapping) else weights)
-        weight_map = WeightMap(self.model)
+        weight_map = WeightMap(self.model, write_tied_head=True)
         for entry in items:
             if not (isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[0], str)):
                 raise TypeError(f"weights must map HF names to tensors, got entry {entry!r:.80}")

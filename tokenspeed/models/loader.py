@@ -45,15 +45,21 @@ def iterate_checkpoint(model_dir: str | Path) -> Iterator[tuple[str, Tensor]]:
 class WeightMap:
     """Resolves HF weight names to (parameter name, parameter, shard id) of one model."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, write_tied_head: bool = False):
+        """``write_tied_head``: a tied model's lm_head.weight writes the embedding (an
+        update, as HF's load_state_dict does); otherwise it is skipped (a checkpoint,
+        where a tied head's saved copy is the embedding)."""
         self.params = dict(model.named_parameters())
-        tied = getattr(model.config, "tie_word_embeddings", False)
-        # non-persistent in HF too; a tied head's copy, when saved, is the embedding
-        self.ignored = {"lm_head.weight"} if tied else set()
+        self.tied = getattr(model.config, "tie_word_embeddings", False)
+        self.write_tied_head = write_tied_head
 
     def resolve(self, name: str) -> tuple[str, nn.Parameter, str | int | None] | None:
-        if name in self.ignored or name.endswith("rotary_emb.inv_freq"):
+        if name.endswith("rotary_emb.inv_freq"):
             return None
+        if self.tied and name == "lm_head.weight":
+            if not self.write_tied_head:
+                return None
+            name = "model.embed_tokens.weight"
         for fused, hf, shard in STACKED:
             if f".{hf}." in name:
                 target = name.replace(f".{hf}.", f".{fused}.")
