@@ -149,3 +149,24 @@ def test_update_tied_embedding_moves_head_as_hf(tmp_path, name):
         out = engine.compute_log_probs(seqs)["log_probs"]
     assert max_abs_diff(out, ref_lp) <= TOL
     assert max_abs_diff(out, before) > 1e-2
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "rope_theta": 500.0},
+    {"rope_type": "yarn", "factor": 4.0, "rope_theta": 500.0},
+])
+def test_rope_scaling_without_original_length_matches_hf(tmp_path, rope):
+    """HF takes original_max_position_embeddings from max_position_embeddings when the
+    rope parameters leave it out."""
+    path = make_checkpoint(tmp_path, "LlamaForCausalLM", rope=rope, hidden=64, heads=2,
+                           kv_heads=1, max_positions=64)
+    config = json.loads((path / "config.json").read_text())
+    config["rope_parameters"].pop("original_max_position_embeddings", None)
+    _edit_config(path, rope_parameters=config["rope_parameters"])
+    hf = load_hf(path)
+    seqs = random_sequences(torch.Generator().manual_seed(2), 131, 3, max_prompt=40,
+                            max_completion=20)
+    with Engine(path, page_size=16, kv_cache_tokens=1024) as engine:
+        out = engine.compute_log_probs(seqs)
+    assert max_abs_diff(out["log_probs"], hf_scores(hf, seqs)[0]) <= TOL

@@ -71,6 +71,13 @@ def rope_parameters(hf_config: dict[str, Any]) -> dict[str, Any]:
     params = dict(hf_config.get("rope_parameters") or hf_config.get("rope_scaling") or {})
     params.setdefault("rope_theta", hf_config.get("rope_theta", 10000.0))
     params["rope_type"] = params.get("rope_type", params.get("type", "default"))
+    if params["rope_type"] in ("llama3", "yarn"):
+        # HF's order: a top-level original length wins, then the rope field, then the
+        # model's own max_position_embeddings
+        key = "original_max_position_embeddings"
+        if key in hf_config:
+            params[key] = hf_config[key]
+        params.setdefault(key, hf_config.get("max_position_embeddings", 2048))
     return params
 
 
