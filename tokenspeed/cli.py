@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import time
@@ -137,3 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     except (InputError, ValueError, TypeError, FileNotFoundError) as e:
         print(f"tokenspeed: error: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # the reader went away (`tokenspeed score x.jsonl | head`): stop quietly, as Unix
+        # tools do; point stdout at devnull so the interpreter's final flush cannot raise
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
