@@ -91,3 +91,20 @@ def test_text_fields_with_a_tokenizer(tmp_path):
     ids = {"prompt_token_ids": [1, 2, 3], "completion_token_ids": [4, 6, 5]}
     assert row["prompt_token_ids"] == ids["prompt_token_ids"]
     assert max_abs_diff([row["log_probs"]], hf_scores(load_hf(model), [ids])[0]) <= 1e-4
+
+
+def test_closed_output_pipe_ends_quietly(tmp_path):
+    """`tokenspeed score big.jsonl | head -1`: the reader leaves early; the CLI stops with
+    SIGPIPE's conventional status and no traceback."""
+    src = tmp_path / "big.jsonl"
+    src.write_text(EXAMPLE.read_text() * 400)  # far more output than a pipe buffers
+    env = {**os.environ, "TOKENSPEED_CACHE": str(tmp_path / "cache"),
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "tokenspeed", "score", str(src)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = proc.stdout.readline()
+    proc.stdout.close()
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=300) == 141, stderr
+    assert json.loads(first)["log_probs"]
+    assert "Traceback" not in stderr
