@@ -133,16 +133,14 @@ void check_store_kv(const at::Tensor& k, const at::Tensor& v, const at::Tensor& 
   }
 }
 
-void check_attention_scale(const std::optional<double>& scale) {
-  TS_CHECK(!scale.has_value() || std::isfinite(*scale), "scale must be finite, got ",
-              scale.value_or(0.0));
-}
-
 void check_paged_attention(const at::Tensor& q, const at::Tensor& k_cache,
                            const at::Tensor& v_cache, const at::Tensor& page_table,
                            const at::Tensor& cu_seqlens_q, const at::Tensor& kv_lens,
+                           const std::optional<double>& scale,
                            std::optional<int64_t> max_seqlen_q, bool validate) {
   check_float_input(q, "q");
+  TS_CHECK(!scale.has_value() || std::isfinite(*scale), "scale must be finite, got ",
+           scale.value_or(0.0));
   TS_CHECK(q.dim() == 3, "q must be [N, Hq, D], got shape ", q.sizes());
   TS_CHECK(k_cache.dim() == 4, "k_cache must be [P, page_size, Hk, D], got shape ",
               k_cache.sizes());

@@ -69,15 +69,14 @@ void check_partials(const at::Tensor& partials);
 void check_store_kv(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
                     const at::Tensor& v_cache, const at::Tensor& slot_mapping, bool validate);
 
-// Softmax scale of paged_prefill_attention; None means D**-0.5.
-void check_attention_scale(const std::optional<double>& scale);
-
 // Arguments of paged_prefill_attention; throws on the first problem. With validate, also
 // the metadata's values (one host copy of it): cu_seqlens_q, kv_lens against the page
-// table, page ids, and max_seqlen_q (when given) against the longest request.
+// table, page ids, and max_seqlen_q (when given) against the longest request. A scale
+// of None means D**-0.5.
 void check_paged_attention(const at::Tensor& q, const at::Tensor& k_cache,
                            const at::Tensor& v_cache, const at::Tensor& page_table,
                            const at::Tensor& cu_seqlens_q, const at::Tensor& kv_lens,
+                           const std::optional<double>& scale,
                            std::optional<int64_t> max_seqlen_q, bool validate);
 
 // x [N, H] or [N, M, H] with unit stride along H; weight [H] in x's dtype; residual (if

@@ -122,9 +122,8 @@ at::Tensor paged_prefill_attention_cpu(const at::Tensor& q, const at::Tensor& k_
                                        const at::Tensor& cu_seqlens_q, const at::Tensor& kv_lens,
                                        std::optional<double> scale,
                                        std::optional<int64_t> max_seqlen_q, bool validate) {
-  check_paged_attention(q, k_cache, v_cache, page_table, cu_seqlens_q, kv_lens, max_seqlen_q,
-                        validate);
-  check_attention_scale(scale);
+  check_paged_attention(q, k_cache, v_cache, page_table, cu_seqlens_q, kv_lens, scale,
+                        max_seqlen_q, validate);
   const int64_t hq = q.size(1), d = q.size(2), hk = k_cache.size(2);
   const int64_t page_size = k_cache.size(1), ratio = hq / hk, b = page_table.size(0);
   const float sm_scale = static_cast<float>(scale.has_value() ? *scale
