@@ -1,0 +1,37 @@
+#!/bin/bash
+# One device call on a machine with 2+ GPUs (nvidia-h200-x2): build, the NCCL tensor-parallel
+# tests, the TP log-prob benchmark, then the single-GPU suite. Logs under $OUT (or ./gpu_logs).
+#   bench/run_tp_gpu.sh [tp_tests] [bench_tp] [gpu_tests] [profile]
+# NVLink multicast stays off (NCCL_NVLS_ENABLE=0 is kept as the machine sets it).
+set -o pipefail
+OUT=${OUT:-gpu_logs}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} TORCH_EXTENSIONS_DIR=/tmp/tse_ext TOKENSPEED_BUILD_CUDA=1 PYTHONUNBUFFERED=1
+export MAX_JOBS=${MAX_JOBS:-16} NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+stages=${*:-tp_tests bench_tp gpu_tests}
+status=0
+step() { echo "=== $1 ($(date +%T))"; }
+step build
+nvidia-smi --query-gpu=index,name,clocks.sm,memory.total --format=csv | tee "$OUT/gpu.txt"
+nvidia-smi topo -m 2>&1 | tee -a "$OUT/gpu.txt"
+{ time python3 -c "import tokenspeed_ext as t; print(t.BUILD); t.Scheduler" ; } 2>&1 | tee "$OUT/build.log" || exit 1
+for s in $stages; do
+  case $s in
+    tp_tests)
+      step tp_tests
+      timeout 240 python3 -m pytest -v -m gpu -p no:cacheprovider tests/test_tp.py 2>&1 \
+        | tee "$OUT/tp_tests.log" | tail -25 || status=1 ;;
+    bench_tp)
+      step bench_tp
+      timeout 120 python3 bench/bench_tp_logprobs.py --tp 2 2>&1 | tee "$OUT/bench_tp.log" | tail -20 || status=1 ;;
+    gpu_tests)
+      step gpu_tests
+      timeout 180 python3 -m pytest -q -m gpu -p no:cacheprovider tests --ignore tests/test_tp.py 2>&1 \
+        | tee "$OUT/gpu_tests.log" | tail -25 || status=1 ;;
+    profile)
+      step profile
+      timeout 150 python3 bench/profile_engine.py --model qwen2.5-1.5b --workload grpo --root /tmp/ckpt 2>&1 \
+        | tee "$OUT/profile.log" | tail -45 || status=1 ;;
+  esac
+done
+exit $status
