@@ -51,7 +51,8 @@ def run(rank: int, args: argparse.Namespace, port: int) -> None:
         torch.set_num_threads(1)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                             init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=args.tp)
+                            world_size=args.tp,
+                            device_id=device if device.type == "cuda" else None)
     tp = init_tp_group(args.tp, device)
     dtype = torch.bfloat16
     gen = torch.Generator(device=device).manual_seed(0)  # same hidden/targets on every rank
@@ -94,12 +95,17 @@ def run(rank: int, args: argparse.Namespace, port: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tp", type=int, default=None, help="ranks (default: all GPUs)")
-    parser.add_argument("--t", type=int, default=16384)
-    parser.add_argument("--v", type=int, default=152064)
-    parser.add_argument("--h", type=int, default=3584)
+    parser.add_argument("--t", type=int, default=None, help="rows (cuda 16384, cpu 256)")
+    parser.add_argument("--v", type=int, default=None, help="vocab (cuda 152064, cpu 1031)")
+    parser.add_argument("--h", type=int, default=None, help="hidden (cuda 3584, cpu 64)")
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     args = parser.parse_args()
+    # the CPU run only checks the code path, so its shapes are small
+    small = args.device == "cpu"
+    args.t = args.t or (256 if small else 16384)
+    args.v = args.v or (1031 if small else 152064)
+    args.h = args.h or (64 if small else 3584)
     if args.device == "cuda":
         gpus = torch.cuda.device_count()
         if gpus < 2:

@@ -152,7 +152,9 @@ def init_tp_group(size: int, device: torch.device) -> TPGroup:
     if not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # device_id binds the NCCL communicator to this rank's GPU (barriers need it)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
     world, rank = dist.get_world_size(), dist.get_rank()
     if world % size:
         raise ValueError(f"tp_size {size} does not divide the world size {world}")
@@ -228,7 +230,8 @@ def _worker_main(rank: int, size: int, port: int, engine_kwargs: dict[str, Any],
     try:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=size, timeout=timedelta(minutes=30))
+                                world_size=size, timeout=timedelta(minutes=30),
+                                device_id=device if device.type == "cuda" else None)
         engine = Engine(**engine_kwargs)
         conn.send(("ok", None))
     except Exception as e:  # noqa: BLE001 - reported to the parent, which raises it
