@@ -8,12 +8,14 @@ TORCH_LIBRARY(tokenspeed, m) {
   // row, in one pass over the vocabulary; never writes [T, V].
   // logits [T, V] fp32/bf16/fp16 (any row stride), targets [T] int32/int64
   // -> (logprobs [T] fp32, entropy [T] fp32, or [0] when return_entropy is false)
+  // validate=False skips the targets' range check (a host round trip) for callers that
+  // guarantee it; an out-of-range target then scores -inf (it is never read).
   m.def("logprobs(Tensor logits, Tensor targets, float temperature=1.0, "
-        "bool return_entropy=False) -> (Tensor, Tensor)");
+        "bool return_entropy=False, bool validate=True) -> (Tensor, Tensor)");
   // The per-row state of one vocabulary shard holding ids [vocab_start, vocab_start + Vs):
   // logits [T, Vs], targets [T] (global ids) -> [T, 4] fp32 rows (m, s, w, t).
   m.def("logprob_partials(Tensor logits, Tensor targets, int vocab_start, "
-        "float temperature=1.0) -> Tensor");
+        "float temperature=1.0, bool validate=True) -> Tensor");
   // Merge S shards' partials [S, T, 4] in shard order -> (logprobs [T], entropy [T]).
   m.def("combine_logprob_partials(Tensor partials) -> (Tensor, Tensor)");
   // k, v [N, Hk, D] into k_cache, v_cache [P, page_size, Hk, D] at flat slots

@@ -403,3 +403,25 @@ def test_bad_arguments_raise_naming_the_argument(device):
     # a rejected call leaves the ops usable
     lg = torch.randn(2, 5, device=device)
     assert torch.isfinite(tse.logprobs(lg, torch.tensor([0, 4], device=device))).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_validate_false_skips_only_the_target_range_check(device):
+    g = torch.Generator().manual_seed(7)
+    lg = torch.randn(6, 37, generator=g).to(device)
+    tg = torch.randint(0, 37, (6,), generator=g).to(device)
+    want_lp, want_ent = tse.logprobs(lg, tg, 0.7, return_entropy=True)
+    got_lp, got_ent = tse.logprobs(lg, tg, 0.7, return_entropy=True, validate=False)
+    assert torch.equal(got_lp, want_lp) and torch.equal(got_ent, want_ent)
+    assert torch.equal(tse.logprob_partials(lg, tg, 5, validate=False),
+                       tse.logprob_partials(lg, tg, 5))
+    # an out-of-range target is never read: it scores -inf, its neighbours are unchanged
+    bad = tg.clone()
+    bad[2], bad[4] = 37, -3
+    lp = tse.logprobs(lg, bad, 0.7, validate=False)
+    assert lp[2] == -math.inf and lp[4] == -math.inf
+    keep = torch.tensor([0, 1, 3, 5], device=device)
+    assert torch.equal(lp[keep], want_lp[keep])
+    # the other checks still run
+    with pytest.raises(RuntimeError, match=r"temperature must be finite"):
+        tse.logprobs(lg, tg, 0.0, validate=False)

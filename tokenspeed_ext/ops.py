@@ -15,25 +15,31 @@ _ops = torch.ops.tokenspeed
 
 
 def logprobs(logits: Tensor, targets: Tensor, temperature: float = 1.0,
-             return_entropy: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+             return_entropy: bool = False, validate: bool = True
+             ) -> Tensor | tuple[Tensor, Tensor]:
     """``log_softmax(logits / temperature)[t, targets[t]]`` for every row, in fp32.
 
     logits [T, V] fp32/bf16/fp16 (rows may be strided, e.g. ``x[:, :V]``), targets [T]
     int32/int64. Returns logprobs [T] fp32, or (logprobs, entropy) with
-    ``return_entropy=True``. Never materialises [T, V].
+    ``return_entropy=True``. Never materialises [T, V]. ``validate=False`` skips the
+    targets' range check (a device-to-host round trip) for callers that guarantee
+    ``0 <= targets < V``; an out-of-range target then scores -inf.
     """
-    lp, ent = _ops.logprobs.default(logits, targets, float(temperature), bool(return_entropy))
+    lp, ent = _ops.logprobs.default(logits, targets, float(temperature), bool(return_entropy),
+                                    bool(validate))
     return (lp, ent) if return_entropy else lp
 
 
 def logprob_partials(logits: Tensor, targets: Tensor, vocab_start: int,
-                     temperature: float = 1.0) -> Tensor:
+                     temperature: float = 1.0, validate: bool = True) -> Tensor:
     """Per-row state [T, 4] fp32 of one vocabulary shard (ids vocab_start .. +Vs).
 
     Columns: m = max x, s = sum exp(x - m), w = sum exp(x - m) * (x - m), t = x[target]
     (-inf when the target is outside the shard), with x = logits / temperature.
+    ``validate=False`` skips the check that targets are >= 0 (a host round trip).
     """
-    return _ops.logprob_partials.default(logits, targets, int(vocab_start), float(temperature))
+    return _ops.logprob_partials.default(logits, targets, int(vocab_start), float(temperature),
+                                         bool(validate))
 
 
 def combine_logprob_partials(partials: Tensor) -> tuple[Tensor, Tensor]:
@@ -107,7 +113,7 @@ def rotary_embedding(positions: Tensor, q: Tensor, k: Tensor, cos_sin_cache: Ten
 # Fake kernels: shapes and dtypes only, for torch.compile / FakeTensor tracing.
 
 @torch.library.register_fake("tokenspeed::logprobs")
-def _logprobs_fake(logits, targets, temperature=1.0, return_entropy=False):
+def _logprobs_fake(logits, targets, temperature=1.0, return_entropy=False, validate=True):
     torch._check(logits.dim() == 2, lambda: f"logits must be [T, V], got {logits.shape}")
     t = logits.shape[0]
     lp = logits.new_empty((t,), dtype=torch.float32)
@@ -116,7 +122,7 @@ def _logprobs_fake(logits, targets, temperature=1.0, return_entropy=False):
 
 
 @torch.library.register_fake("tokenspeed::logprob_partials")
-def _logprob_partials_fake(logits, targets, vocab_start, temperature=1.0):
+def _logprob_partials_fake(logits, targets, vocab_start, temperature=1.0, validate=True):
     torch._check(logits.dim() == 2, lambda: f"logits must be [T, Vs], got {logits.shape}")
     return logits.new_empty((logits.shape[0], 4), dtype=torch.float32)
 

@@ -132,10 +132,10 @@ void for_each_row_state(const at::Tensor& logits, const at::Tensor& targets, int
 
 std::tuple<at::Tensor, at::Tensor> logprobs_cpu(const at::Tensor& logits,
                                                 const at::Tensor& targets, double temperature,
-                                                bool return_entropy) {
+                                                bool return_entropy, bool validate) {
   check_logits_targets(logits, targets);
   check_temperature(temperature);
-  check_target_range(targets, 0, logits.size(1));
+  if (validate) check_target_range(targets, 0, logits.size(1));
   const int64_t t_rows = logits.size(0);
   const auto f32 = logits.options().dtype(at::kFloat);
   at::Tensor lp = at::empty({t_rows}, f32);
@@ -151,11 +151,11 @@ std::tuple<at::Tensor, at::Tensor> logprobs_cpu(const at::Tensor& logits,
 }
 
 at::Tensor logprob_partials_cpu(const at::Tensor& logits, const at::Tensor& targets,
-                                int64_t vocab_start, double temperature) {
+                                int64_t vocab_start, double temperature, bool validate) {
   check_logits_targets(logits, targets);
   check_temperature(temperature);
   check_vocab_start(vocab_start);
-  check_target_range(targets, 0, -1);
+  if (validate) check_target_range(targets, 0, -1);
   at::Tensor out = at::empty({logits.size(0), 4}, logits.options().dtype(at::kFloat));
   float* o = out.data_ptr<float>();
   for_each_row_state(logits, targets, vocab_start, temperature,

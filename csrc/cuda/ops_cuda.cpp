@@ -53,7 +53,7 @@ void merge(const at::Tensor& states, int64_t row_stride, int64_t item_stride, in
 // kernels ignore out-of-range targets) so that its round trip overlaps them.
 std::tuple<at::Tensor, at::Tensor> logprobs_cuda(const at::Tensor& logits,
                                                  const at::Tensor& targets, double temperature,
-                                                 bool return_entropy) {
+                                                 bool return_entropy, bool validate) {
   check_logits_targets(logits, targets);
   check_cuda(logits, "logits");
   check_temperature(temperature);
@@ -68,12 +68,12 @@ std::tuple<at::Tensor, at::Tensor> logprobs_cuda(const at::Tensor& logits,
   const int64_t chunks = state.size(1);
   merge(state, chunks, 1, chunks, rows, inv_temperature(temperature), nullptr,
         lp.data_ptr<float>(), return_entropy ? ent.data_ptr<float>() : nullptr, stream);
-  check_target_range(targets, 0, logits.size(1));
+  if (validate) check_target_range(targets, 0, logits.size(1));
   return {lp, ent};
 }
 
 at::Tensor logprob_partials_cuda(const at::Tensor& logits, const at::Tensor& targets,
-                                 int64_t vocab_start, double temperature) {
+                                 int64_t vocab_start, double temperature, bool validate) {
   check_logits_targets(logits, targets);
   check_cuda(logits, "logits");
   check_temperature(temperature);
@@ -87,7 +87,7 @@ at::Tensor logprob_partials_cuda(const at::Tensor& logits, const at::Tensor& tar
   const int64_t chunks = state.size(1);
   merge(state, chunks, 1, chunks, rows, inv_temperature(temperature), out.data_ptr<float>(),
         nullptr, nullptr, stream);
-  check_target_range(targets, 0, -1);
+  if (validate) check_target_range(targets, 0, -1);
   return out;
 }
 
