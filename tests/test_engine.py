@@ -1,15 +1,17 @@
 """Engine.compute_log_probs end to end: properties against HF, invariances, the KV pool,
-update_weights and input validation."""
+update_weights, input validation, the batch loop's device waits and check_batches."""
 from __future__ import annotations
 
 import math
 
 import pytest
 import torch
+from conftest import DEVICES
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from model_factory import hf_scores, load_hf, make_checkpoint, max_abs_diff
+from model_factory import hf_scores, load_hf, make_checkpoint, max_abs_diff, random_sequences
 
+import tokenspeed.engine as engine_module
 from tokenspeed import Engine
 
 pytest.importorskip("transformers")
@@ -37,6 +39,40 @@ def ckpt_b(tmp_path_factory):
 def no_leaks(engine: Engine) -> None:
     s = engine.stats()
     assert s["free_pages"] + s["cached_pages"] == s["total_pages"], s
+
+
+def assert_recovered(engine: Engine, seqs: list[dict], ref_lp: list[list[float]]) -> None:
+    """After a failed call: no request or page left behind, and the next call is exact."""
+    no_leaks(engine)
+    assert engine.stats()["running"] == engine.stats()["waiting"] == 0
+    assert max_abs_diff(engine.compute_log_probs(seqs)["log_probs"], ref_lp) <= TOL
+    no_leaks(engine)
+
+
+def grpo_workload(seed: int, groups: int, group_size: int, vocab: int = VOCAB) -> list[dict]:
+    """GRPO groups (one prompt, several completions, submitted together) between a few
+    unrelated sequences, some with an empty completion."""
+    gen = torch.Generator().manual_seed(seed)
+    seqs = random_sequences(gen, vocab, 4)
+    for g in range(groups):
+        prompt = torch.randint(0, vocab, (int(torch.randint(3, 30, (1,), generator=gen)),),
+                               generator=gen).tolist()
+        seqs += [{"prompt_token_ids": prompt,
+                  "completion_token_ids": torch.randint(0, vocab, (1 + (g + i) % 9,),
+                                                        generator=gen).tolist()}
+                 for i in range(group_size)]
+    return seqs + random_sequences(gen, vocab, 4)
+
+
+def count_calls(obj, name: str) -> list:
+    """Wrap obj.name so that every call is recorded; returns the record."""
+    calls, real = [], getattr(obj, name)
+
+    def counted(*args):
+        calls.append(args)
+        return real(*args)
+    setattr(obj, name, counted)
+    return calls
 
 
 tokens = st.lists(st.integers(0, VOCAB - 1), min_size=0, max_size=14)
@@ -289,8 +325,151 @@ def test_error_mid_batch_leaves_engine_exact(ckpt, exc):
         with pytest.raises(type(exc)):
             engine.compute_log_probs(seqs)
         engine.runner.run = real_run
+        assert_recovered(engine, seqs, ref_lp)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_many_batches_match_alone_and_hf(ckpt, device, monkeypatch):
+    """Dozens of tiny batches, GRPO groups sharing their prompt pages in flight: the loop
+    completes each batch once it is enqueued and copies all scores out once per call, and
+    every row still lands where it belongs."""
+    path, hf = ckpt
+    seqs = grpo_workload(21, groups=6, group_size=5)
+    ref_lp, ref_ent = hf_scores(hf, seqs, 0.7)
+    settings = dict(device=device, dtype="float32", page_size=4, max_batch_tokens=16,
+                    kv_cache_tokens=1024)
+    with Engine(path, **settings) as engine:
+        batches = count_calls(engine.runner, "run")
+        copies = count_calls(engine, "_copy_scores")
+        first = engine.compute_log_probs(seqs, 0.7, return_entropy=True)
+        assert len(batches) >= 24 and len(copies) == 1
+        assert max_abs_diff(first["log_probs"], ref_lp) <= TOL
+        assert max_abs_diff(first["entropy"], ref_ent) <= TOL
+        assert engine.stats()["same_batch_hit_tokens"] > 0
+        second = engine.compute_log_probs(seqs, 0.7, return_entropy=True)
+        assert engine.stats()["prefix_hit_tokens"] > 0
+        assert max_abs_diff(second["log_probs"], first["log_probs"]) <= 1e-5
+        assert max_abs_diff(second["entropy"], first["entropy"]) <= 1e-5
         no_leaks(engine)
-        assert engine.stats()["running"] == engine.stats()["waiting"] == 0
+    # the same batches, copied out every few rows and checked before they run: same bits
+    monkeypatch.setattr(engine_module, "MAX_PENDING_ROWS", 5)
+    with Engine(path, check_batches=True, **settings) as engine:
+        copies = count_calls(engine, "_copy_scores")
+        assert engine.compute_log_probs(seqs, 0.7, return_entropy=True) == first
+        assert len(copies) > 10
+        no_leaks(engine)
+    with Engine(path, enable_prefix_cache=False, **settings) as alone:
+        for seq, lp in zip(seqs, first["log_probs"]):
+            assert max_abs_diff(alone.compute_log_probs([seq], 0.7)["log_probs"], [lp]) <= 1e-5
+
+
+@pytest.mark.gpu
+def test_batch_loop_never_waits_for_the_device(tmp_path):
+    """Between a call's start and its one copy of the scores to the host, nothing may
+    synchronise with the GPU: torch's sync debug mode turns any such wait into an error.
+    Head dim 64 in bf16 takes the attention kernel that needs no host copy of the lengths."""
+    path = make_checkpoint(tmp_path, "LlamaForCausalLM", vocab=VOCAB, hidden=256, heads=4,
+                           kv_heads=2, seed=13)
+    warm = grpo_workload(30, groups=8, group_size=6)
+    seqs = grpo_workload(31, groups=8, group_size=6)
+    with Engine(path, device="cuda", dtype="bfloat16", page_size=16, max_batch_tokens=64,
+                kv_cache_tokens=8192) as engine:
+        engine.compute_log_probs(warm, return_entropy=True)
+        batches = count_calls(engine.runner, "run")
+        copy, copies = engine._copy_scores, []
+
+        def unchecked_copy(*args):
+            copies.append(args)
+            torch.cuda.set_sync_debug_mode(0)
+            try:
+                copy(*args)
+            finally:
+                torch.cuda.set_sync_debug_mode("error")
+        engine._copy_scores = unchecked_copy
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            out = engine.compute_log_probs(seqs, return_entropy=True)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        assert len(batches) >= 8 and len(copies) == 1
+        # the same two calls again from an empty prefix cache, without the debug mode
+        engine._copy_scores = copy
+        engine.scheduler.flush()
+        engine.compute_log_probs(warm, return_entropy=True)
+        assert engine.compute_log_probs(seqs, return_entropy=True) == out
+
+
+CORRUPTIONS = [
+    ("slot_mapping", lambda engine: engine.kv_cache.num_tokens + 3,
+     r"slot_mapping\[0\] is \d+, but the cache has 256 slots"),
+    ("page_table", lambda engine: engine.kv_cache.num_pages + 3,
+     r"page_table\[0, 0\] is 67, outside \[0, 64\)"),
+    ("score_targets", lambda engine: VOCAB,
+     rf"score_targets\[0\] is {VOCAB}, outside the vocabulary \[0, {VOCAB}\)"),
+]
+
+
+def corrupt_third_scored_batch(engine: Engine, array: str, value: int) -> list:
+    """Make the runner overwrite element 0 of one array of the third batch that scores rows."""
+    real_run, scored = engine.runner.run, []
+
+    def corrupting_run(batch, *args):
+        if batch.num_scored:
+            scored.append(batch)
+            if len(scored) == 3:
+                torch.frombuffer(getattr(batch, array), dtype=torch.int32)[0] = value
+        return real_run(batch, *args)
+    engine.runner.run = corrupting_run
+    return scored
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("array, bad_value, match", CORRUPTIONS)
+def test_check_batches_rejects_a_corrupt_batch(ckpt, device, array, bad_value, match):
+    path, hf = ckpt
+    seqs = grpo_workload(22, groups=3, group_size=3)
+    ref_lp, _ = hf_scores(hf, seqs)
+    with Engine(path, device=device, dtype="float32", page_size=4, max_batch_tokens=16,
+                kv_cache_tokens=256, check_batches=True) as engine:
+        real_run = engine.runner.run
+        scored = corrupt_third_scored_batch(engine, array, bad_value(engine))
+        with pytest.raises(RuntimeError, match=match):
+            engine.compute_log_probs(seqs)
+        assert len(scored) == 3
+        engine.runner.run = real_run
+        assert_recovered(engine, seqs, ref_lp)
+
+
+def test_unchecked_bad_target_scores_minus_inf(ckpt):
+    """Without check_batches nothing reads the targets back: a bad one scores -inf and
+    every other row is still exact."""
+    path, hf = ckpt
+    seqs = grpo_workload(22, groups=3, group_size=3)
+    ref_lp, _ = hf_scores(hf, seqs)
+    with Engine(path, page_size=4, max_batch_tokens=16, kv_cache_tokens=256) as engine:
+        corrupt_third_scored_batch(engine, "score_targets", VOCAB)
         out = engine.compute_log_probs(seqs)["log_probs"]
-        assert max_abs_diff(out, ref_lp) <= TOL
-        no_leaks(engine)
+    bad = [(i, j) for i, row in enumerate(out) for j, x in enumerate(row) if x == -math.inf]
+    assert len(bad) == 1
+    i, j = bad[0]
+    out[i][j] = ref_lp[i][j]
+    assert max_abs_diff(out, ref_lp) <= TOL
+
+
+def test_error_while_copying_scores_leaves_engine_exact(ckpt):
+    """The copy to the host is where an error of any batch still in flight surfaces: the
+    call's requests go, the prefix cache (whose pages those batches wrote) is flushed."""
+    path, hf = ckpt
+    seqs = grpo_workload(23, groups=3, group_size=3)
+    ref_lp, _ = hf_scores(hf, seqs)
+    with Engine(path, page_size=4, max_batch_tokens=16, kv_cache_tokens=256) as engine:
+        copy = engine._copy_scores
+
+        def failing_copy(*args):
+            raise RuntimeError("device lost")
+        engine._copy_scores = failing_copy
+        with pytest.raises(RuntimeError, match="device lost"):
+            engine.compute_log_probs(seqs)
+        engine._copy_scores = copy
+        assert engine.stats()["cached_pages"] == 0
+        assert_recovered(engine, seqs, ref_lp)

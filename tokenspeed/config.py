@@ -73,6 +73,13 @@ class EngineConfig:
     vocabulary shard in bounded row blocks (lean_vocab_chunk applies at tp_size 1), and
     logprob_mode picks the exchange: "partials" ([T, 4] fp32 per rank) or "gather" (the
     logits themselves, [T, V / tp] per rank).
+
+    check_batches: every forward checks its batch before using it: layer 0 checks the
+    slots, page table and sequence lengths against the KV pool and the head checks the
+    targets against the vocabulary. Each check reads values back to the host, so the
+    host waits for the device every batch; the scheduler's batches need none of it, so
+    this is for debugging. Off, the ops trust the batch: a bad slot or page goes
+    unnoticed and a bad target scores -inf.
     """
     model_path: str | Path
     device: str | torch.device | None = None
@@ -85,6 +92,7 @@ class EngineConfig:
     tp_size: int = 1
     lean_vocab_chunk: int | None | str = "auto"
     logprob_mode: str = "partials"
+    check_batches: bool = False
 
     def __post_init__(self) -> None:
         self.model_path = Path(self.model_path)
@@ -101,8 +109,9 @@ class EngineConfig:
         for name in ("kv_cache_tokens", "lean_vocab_chunk"):
             if getattr(self, name) is not None:
                 _positive_int(name, getattr(self, name))
-        if not isinstance(self.enable_prefix_cache, bool):
-            raise TypeError(f"enable_prefix_cache must be a bool, got {self.enable_prefix_cache!r}")
+        for name in ("enable_prefix_cache", "check_batches"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.logprob_mode not in LOGPROB_MODES:
             raise ValueError(f"logprob_mode must be one of {LOGPROB_MODES}, "
                              f"got {self.logprob_mode!r}")

@@ -3,7 +3,8 @@
 Data flows one way: the whole call is validated first (so a bad call changes nothing),
 every sequence with a completion becomes one scheduler request, each scheduler batch
 runs as one packed forward, and each batch entry's scores land in its request's slice of
-one flat result buffer.
+one flat result buffer. The batch loop never waits for the device: scores stay there
+until the end of the call, which brings them to the host in one copy.
 """
 from __future__ import annotations
 
@@ -25,10 +26,12 @@ from .kv_cache import KVCache, kv_bytes_per_token
 from .layers.embedding import MAX_LOGITS_ELEMENTS
 from .models import ModelConfig, load_model
 from .models.loader import WeightMap
-from .runner import ModelRunner
+from .runner import BatchScores, ModelRunner
 
 KEYS = ("prompt_token_ids", "completion_token_ids")
 MAX_CPU_KV_TOKENS = 1 << 18
+# scored rows held on the device before they are copied out mid-call (32 MiB with entropy)
+MAX_PENDING_ROWS = 1 << 22
 
 
 def _token_list(seq: int, key: str, value: Any, vocab: int) -> list[int]:
@@ -76,13 +79,14 @@ class Engine:
                  max_batch_tokens: int = 8192, kv_cache_tokens: int | None = None,
                  enable_prefix_cache: bool = True, tp_size: int = 1,
                  max_batch_requests: int = 256, lean_vocab_chunk: int | None | str = "auto",
-                 logprob_mode: str = "partials"):
+                 logprob_mode: str = "partials", check_batches: bool = False):
         self.config = EngineConfig(model_path, device=device, dtype=dtype, page_size=page_size,
                                    max_batch_tokens=max_batch_tokens,
                                    max_batch_requests=max_batch_requests,
                                    kv_cache_tokens=kv_cache_tokens,
                                    enable_prefix_cache=enable_prefix_cache, tp_size=tp_size,
-                                   lean_vocab_chunk=lean_vocab_chunk, logprob_mode=logprob_mode)
+                                   lean_vocab_chunk=lean_vocab_chunk, logprob_mode=logprob_mode,
+                                   check_batches=check_batches)
         cfg = self.config
         self._closed = False
         self._workers: distributed.WorkerPool | None = None
@@ -125,7 +129,8 @@ class Engine:
         self.scheduler = tse.Scheduler(num_pages, cfg.page_size, cfg.max_batch_tokens,
                                        cfg.max_batch_requests, cfg.enable_prefix_cache)
         self.runner = ModelRunner(self.model, self.kv_cache, cfg.device, cfg.lean_vocab_chunk,
-                                  gather_logits=cfg.logprob_mode == "gather")
+                                  gather_logits=cfg.logprob_mode == "gather",
+                                  check_batches=cfg.check_batches)
 
     def _num_pages(self) -> int:
         cfg, mc = self.config, self.model_config
@@ -228,42 +233,79 @@ class Engine:
 
     def _run(self, requests: dict[int, tuple[int, int]], temperature: float,
              flat_lp: Tensor, flat_ent: Tensor | None) -> None:
-        """Drive the scheduler until every request finished; pops finished ids."""
+        """Drive the scheduler until every request finished; pops finished ids.
+
+        A batch is completed as soon as its forward is enqueued: the device runs batches
+        in stream order, so its K/V is written before any later batch reads it, which is
+        all the scheduler's page reuse and in-flight prefix sharing need. Its scores stay
+        on the device until ``_copy_scores``, the loop's only wait for the device.
+        """
+        pending: list[tuple[BatchScores, Tensor]] = []
+        rows = 0
         while requests:
             batch = self.scheduler.schedule()
             assert batch is not None, "scheduler has unfinished requests but made no batch"
             try:
-                self._run_batch(batch, requests, temperature, flat_lp, flat_ent)
+                scores = self.runner.run(batch, temperature, flat_ent is not None)
+                dst = self._destinations(batch, requests)
+                assert dst.shape == scores.log_probs.shape, (dst.shape, scores.log_probs.shape)
             except BaseException:
                 self._discard(batch, requests)
                 raise
+            if len(dst):
+                pending.append((scores, dst))
+                rows += len(dst)
             for rid in self.scheduler.complete(batch):
                 requests.pop(rid)
+            if pending and (rows >= MAX_PENDING_ROWS or not requests):
+                try:
+                    self._copy_scores(pending, flat_lp, flat_ent)
+                except BaseException:
+                    self._discard(None, requests)
+                    raise
+                pending, rows = [], 0
 
-    def _run_batch(self, batch, requests: dict[int, tuple[int, int]], temperature: float,
-                   flat_lp: Tensor, flat_ent: Tensor | None) -> None:
-        scores = self.runner.run(batch, temperature, flat_ent is not None)
-        src = 0
+    @staticmethod
+    def _destinations(batch, requests: dict[int, tuple[int, int]]) -> Tensor:
+        """Flat output index (int64, host) of each scored row of the batch, in the order
+        the runner returns them."""
+        firsts, counts = [], []
         for e in batch.entries:
             n = e.score_end - e.score_begin
-            if n <= 0:
-                continue
-            first, start = requests[e.request_id]
-            dst = first + e.begin + e.score_begin - start
-            flat_lp[dst:dst + n] = scores.log_probs[src:src + n]
-            if flat_ent is not None:
-                flat_ent[dst:dst + n] = scores.entropy[src:src + n]
-            src += n
-        assert src == scores.log_probs.shape[0], (src, scores.log_probs.shape)
+            if n > 0:
+                first, start = requests[e.request_id]
+                firsts.append(first + e.begin + e.score_begin - start)
+                counts.append(n)
+        count = torch.tensor(counts, dtype=torch.int64)
+        # row i of entry j goes to firsts[j] + (i - rows before entry j)
+        shift = torch.tensor(firsts, dtype=torch.int64) - (count.cumsum(0) - count)
+        return torch.arange(int(count.sum())) + shift.repeat_interleave(count)
+
+    @staticmethod
+    def _copy_scores(pending: list[tuple[BatchScores, Tensor]], flat_lp: Tensor,
+                     flat_ent: Tensor | None) -> None:
+        """Bring the pending batches' scores to the host in one copy (which waits for the
+        device) and write them to their flat output rows."""
+        dst = torch.cat([d for _, d in pending])
+        parts = [s.log_probs for s, _ in pending]
+        if flat_ent is not None:
+            parts += [s.entropy for s, _ in pending]
+        values = torch.cat(parts).cpu()
+        flat_lp[dst] = values[:len(dst)]
+        if flat_ent is not None:
+            flat_ent[dst] = values[len(dst):]
 
     def _discard(self, batch, requests: dict[int, tuple[int, int]]) -> None:
-        """A batch that failed part-way wrote only some of its K/V: abort its call's
-        requests, retire the batch (else later requests wait on its pages forever) and
-        flush the prefix cache, which may hold pages the batch left unwritten."""
+        """The call failed with batches in flight: ``batch`` (None when the failure came
+        later, waiting for the device) may have written only some of its K/V, and so may
+        an earlier batch whose error the device reports late. Abort the call's requests,
+        retire the batch (else later requests wait on its pages forever) and flush the
+        prefix cache, which may hold pages those batches left unwritten."""
         for rid in requests:
             self.scheduler.abort(rid)
         requests.clear()
-        self.scheduler.complete(batch)
+        if batch is not None:
+            self.scheduler.complete(batch)
         self.scheduler.flush()
 
     @staticmethod

@@ -2,11 +2,11 @@
 
 No padding anywhere: the batch's N tokens run through the model as one [N, H] tensor,
 attention finds each request's context through the page table, and only the S scored
-rows reach the final norm and the log-prob head.
+rows reach the final norm and the log-prob head. Nothing here waits for the device: the
+batch's metadata goes over in one asynchronous copy and its scores stay on the device.
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -15,53 +15,66 @@ from torch import Tensor, nn
 from .kv_cache import KVCache
 from .layers.attention import AttentionMetadata
 
+# the scheduler's int32 arrays of a Batch, in the order they are packed
+BATCH_ARRAYS = ("input_ids", "positions", "slot_mapping", "page_table", "cu_seqlens_q",
+                "kv_lens", "score_rows", "score_targets")
+
 
 @dataclass
 class BatchScores:
-    """Log-probs (and entropy) of one batch's scored rows, on the CPU, in entry order."""
+    """Log-probs (and entropy) [S] fp32 of one batch's scored rows, in entry order, on the
+    batch's device; they may still be being computed there."""
     log_probs: Tensor
     entropy: Tensor | None
 
 
-def _int32(buffer, device: torch.device) -> Tensor:
-    # the scheduler's buffers are read-only and live only as long as the batch: the copy
-    # (to the device or fresh CPU memory) is what makes the tensor safe to keep, so
-    # torch's warning about non-writable buffers does not apply
-    if not len(memoryview(buffer)):
-        return torch.empty(0, dtype=torch.int32, device=device)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        t = torch.frombuffer(buffer, dtype=torch.int32)
-    return t.to(device, copy=True)
+def upload(batch, device: torch.device) -> dict[str, Tensor]:
+    """The batch's int32 arrays on ``device``, as views of one tensor sent in one copy.
+
+    They are packed into one host tensor first, pinned for CUDA so the copy does not block
+    the host; packing also makes them outlive the batch, whose own buffers are valid only
+    until it is completed. A fresh host tensor per batch is safe to drop at once: the
+    caching host allocator keeps it until its copy has run.
+    """
+    arrays = [getattr(batch, name) for name in BATCH_ARRAYS]
+    sizes = [len(a) for a in arrays]
+    host = torch.empty(sum(sizes), dtype=torch.int32, pin_memory=device.type == "cuda")
+    for view, array in zip(host.split(sizes), arrays):
+        if view.numel():  # an empty array has no buffer torch accepts
+            view.copy_(torch.frombuffer(array, dtype=torch.int32))
+    return dict(zip(BATCH_ARRAYS, host.to(device, non_blocking=True).split(sizes)))
 
 
 class ModelRunner:
+    """``check_batches`` makes each forward check its metadata and targets against the
+    KV pool and vocabulary (host round trips; see EngineConfig)."""
+
     def __init__(self, model: nn.Module, kv_cache: KVCache, device: torch.device,
-                 lean_vocab_chunk: int | None, gather_logits: bool = False):
+                 lean_vocab_chunk: int | None, gather_logits: bool = False,
+                 check_batches: bool = False):
         self.model = model
         self.kv_cache = kv_cache
         self.device = device
         self.lean_vocab_chunk = lean_vocab_chunk
         self.gather_logits = gather_logits
+        self.check_batches = check_batches
 
     @torch.inference_mode()
     def run(self, batch, temperature: float, return_entropy: bool) -> BatchScores:
-        dev = self.device
-        input_ids = _int32(batch.input_ids, dev)
-        positions = _int32(batch.positions, dev)
-        score_rows = _int32(batch.score_rows, dev)
-        targets = _int32(batch.score_targets, dev)
+        t = upload(batch, self.device)
         meta = AttentionMetadata(
-            slot_mapping=_int32(batch.slot_mapping, dev),
-            page_table=_int32(batch.page_table, dev).view(batch.num_requests, batch.max_pages),
-            cu_seqlens_q=_int32(batch.cu_seqlens_q, dev),
-            kv_lens=_int32(batch.kv_lens, dev),
+            slot_mapping=t["slot_mapping"],
+            page_table=t["page_table"].view(batch.num_requests, batch.max_pages),
+            cu_seqlens_q=t["cu_seqlens_q"],
+            kv_lens=t["kv_lens"],
             kv_cache=self.kv_cache,
-            max_seqlen_q=max((e.end - e.begin for e in batch.entries), default=0))
-        hidden = self.model(input_ids, positions, meta, score_rows)
+            max_seqlen_q=max((e.end - e.begin for e in batch.entries), default=0),
+            validate=self.check_batches)
+        hidden = self.model(t["input_ids"], t["positions"], meta, t["score_rows"])
         if hidden.shape[0] == 0:
-            empty = torch.empty(0, dtype=torch.float32)
+            empty = torch.empty(0, dtype=torch.float32, device=self.device)
             return BatchScores(empty, empty if return_entropy else None)
-        lp, ent = self.model.lm_head(hidden, targets, temperature, return_entropy,
-                                     self.lean_vocab_chunk, self.gather_logits)
-        return BatchScores(lp.cpu(), ent.cpu() if ent is not None else None)
+        lp, ent = self.model.lm_head(hidden, t["score_targets"], temperature, return_entropy,
+                                     self.lean_vocab_chunk, self.gather_logits,
+                                     validate=self.check_batches)
+        return BatchScores(lp, ent)

@@ -17,6 +17,8 @@ class AttentionMetadata:
     slot_mapping [N]: flat pool slot of each token; page_table [B, max_pages];
     cu_seqlens_q [B+1]: token rows of each request; kv_lens [B]: its cached length
     including this step's tokens; max_seqlen_q: the most new tokens of any request.
+    validate: layer 0 checks these values against the pool (host round trips); the
+    scheduler's metadata needs no check, so the engine turns it on only for debugging.
     """
     slot_mapping: Tensor
     page_table: Tensor
@@ -24,6 +26,7 @@ class AttentionMetadata:
     kv_lens: Tensor
     kv_cache: KVCache
     max_seqlen_q: int
+    validate: bool = False
 
 
 class PagedAttention(nn.Module):
@@ -35,9 +38,8 @@ class PagedAttention(nn.Module):
     def forward(self, q: Tensor, k: Tensor, v: Tensor, meta: AttentionMetadata) -> Tensor:
         """q [N, Hq, D], k/v [N, Hk, D] -> [N, Hq, D]."""
         k_cache, v_cache = meta.kv_cache.layer(self.layer_id)
-        # the metadata is the same for every layer of the forward: layer 0 checks its
-        # values (host round trips), the others skip that and keep the GPU fed
-        validate = self.layer_id == 0
+        # the metadata is the same for every layer of the forward: one check is enough
+        validate = meta.validate and self.layer_id == 0
         tse.store_kv(k, v, k_cache, v_cache, meta.slot_mapping, validate)
         return tse.paged_prefill_attention(q, k_cache, v_cache, meta.page_table,
                                            meta.cu_seqlens_q, meta.kv_lens, self.scale,

@@ -76,8 +76,16 @@ class LogprobHead(nn.Module):
 
     def forward(self, hidden: Tensor, targets: Tensor, temperature: float,
                 return_entropy: bool, vocab_chunk: int | None,
-                gather_logits: bool = False) -> tuple[Tensor, Tensor | None]:
-        """hidden [S, H], targets [S] -> (logprobs [S] fp32, entropy [S] fp32 or None)."""
+                gather_logits: bool = False, validate: bool = False
+                ) -> tuple[Tensor, Tensor | None]:
+        """hidden [S, H], targets [S] -> (logprobs [S] fp32, entropy [S] fp32 or None).
+
+        The ops run without their targets check (a host round trip each): a target
+        outside the vocabulary scores -inf. ``validate`` checks the targets once against
+        the whole vocabulary first (most paths' ops see only a chunk or shard of it).
+        """
+        if validate:
+            self._check_targets(targets)
         if self.tp.size > 1:
             if gather_logits:
                 lp, ent = self._gathered_logits(hidden, targets, temperature)
@@ -91,15 +99,23 @@ class LogprobHead(nn.Module):
             # full rows, but a bounded number at a time, so [rows, V] logits stay small
             step = max(1, MAX_LOGITS_ELEMENTS // vocab)
             outs = [tse.logprobs(F.linear(hidden[r:r + step], weight), targets[r:r + step],
-                                 temperature, True) for r in range(0, hidden.shape[0], step)]
+                                 temperature, True, validate=False)
+                    for r in range(0, hidden.shape[0], step)]
             lp = torch.cat([o[0] for o in outs])
             return lp, torch.cat([o[1] for o in outs]) if return_entropy else None
         partials = torch.stack([
             tse.logprob_partials(F.linear(hidden, weight[start:start + vocab_chunk]), targets,
-                                 start, temperature)
+                                 start, temperature, validate=False)
             for start in range(0, vocab, vocab_chunk)])
         lp, ent = tse.combine_logprob_partials(partials)
         return lp, ent if return_entropy else None
+
+    def _check_targets(self, targets: Tensor) -> None:
+        outside = (targets < 0) | (targets >= self.vocab_size)
+        if outside.any():
+            row = int(outside.nonzero()[0, 0])
+            raise RuntimeError(f"score_targets[{row}] is {int(targets[row])}, outside the "
+                               f"vocabulary [0, {self.vocab_size})")
 
     def _shard_partials(self, hidden: Tensor, targets: Tensor, temperature: float) -> Tensor:
         """[S, 4] partials of this rank's vocabulary shard, in bounded row blocks."""
@@ -107,7 +123,7 @@ class LogprobHead(nn.Module):
         step = max(1, MAX_LOGITS_ELEMENTS // weight.shape[0])
         return torch.cat([
             tse.logprob_partials(F.linear(hidden[r:r + step], weight), targets[r:r + step],
-                                 self.vocab_start, temperature)
+                                 self.vocab_start, temperature, validate=False)
             for r in range(0, hidden.shape[0], step)])
 
     def _gathered_logits(self, hidden: Tensor, targets: Tensor, temperature: float
@@ -127,7 +143,8 @@ class LogprobHead(nn.Module):
             shards = self.tp.all_gather(local)
             logits = torch.cat([shards[i, :, :end - start]
                                 for i, (start, end) in enumerate(bounds)], dim=1)
-            lp, ent = tse.logprobs(logits, targets[r:r + step], temperature, True)
+            lp, ent = tse.logprobs(logits, targets[r:r + step], temperature, True,
+                                   validate=False)
             lps.append(lp)
             ents.append(ent)
         return torch.cat(lps), torch.cat(ents)
