@@ -3,13 +3,16 @@
 Ours reads K/V through a shuffled page table (page size 16); the peers get the same data
 de-paged and contiguous (K/V heads repeated for GQA), with causal masks aligned at the
 bottom right (each request's new tokens are the last of its sequence). TFLOP/s count only
-unmasked work: 4 * D * Hq * sum over new tokens of the keys they see.
+unmasked work: 4 * D * Hq * sum over new tokens of the keys they see. The mma.sync column
+is our kernel for devices other than sm_90 (TOKENSPEED_ATTENTION_KERNEL=mma_sync), run on
+the same data.
 
     python bench/bench_attention.py [--models qwen2.5-7b llama-3-8b] [--page 16]
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -88,10 +91,14 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["qwen2.5-7b", "llama-3-8b"])
     ap.add_argument("--page", type=int, default=16)
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--variants", nargs="*", default=["mma_sync"],
+                    help="other TOKENSPEED_ATTENTION_KERNEL values to time (TFLOP/s columns)")
     args = ap.parse_args()
     print(f"# {torch.cuda.get_device_name()}  torch {torch.__version__}  page {args.page}")
-    header = (f"{'model':>12} {'shape':>9} | {'ours ms':>8} {'TF/s':>6} | {'flash':>6} "
-              f"{'x':>5} | {'cudnn':>6} {'x':>5} | max|ours-flash|")
+    variants = args.variants
+    header = (f"{'model':>12} {'shape':>9} | {'ours ms':>8} {'TF/s':>6} | "
+              + "".join(f"{v[:12]:>12} | " for v in variants) +
+              f"{'flash':>6} {'x':>5} | {'cudnn':>6} {'x':>5} | max|ours-flash|")
     rows = [header]
     print(header, flush=True)
     for name in args.models:
@@ -103,6 +110,17 @@ def main() -> None:
             ours_ms = median_ms(lambda i: tse.paged_prefill_attention(q, kc, vc, table, cu, lens),
                                 args.reps)
             out = tse.paged_prefill_attention(q, kc, vc, table, cu, lens)
+            # other kernels of ours (TOKENSPEED_ATTENTION_KERNEL), e.g. the mma.sync kernel
+            # that devices other than sm_90 run, for comparison
+            variant_tfs = []
+            for v in variants:
+                os.environ["TOKENSPEED_ATTENTION_KERNEL"] = v
+                try:
+                    v_ms = median_ms(lambda i: tse.paged_prefill_attention(
+                        q, kc, vc, table, cu, lens), args.reps)
+                finally:
+                    del os.environ["TOKENSPEED_ATTENTION_KERNEL"]
+                variant_tfs.append(f"{flops / v_ms / 1e9:12.0f} | ")
             ks, vs = depaged(kc, table, lens), depaged(vc, table, lens)
             cells, diff = [], float("nan")
             for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION):
@@ -119,7 +137,7 @@ def main() -> None:
                     cells.append(f"{'n/a':>6} {'':>5}")
                     print(f"  {backend.name} unavailable for {shape}: {str(err)[:120]}")
             line = (f"{name:>12} {shape:>9} | {ours_ms:8.3f} {flops / ours_ms / 1e9:6.0f} | "
-                    f"{cells[0]} | {cells[1]} | {diff:.3g}")
+                    f"{''.join(variant_tfs)}{cells[0]} | {cells[1]} | {diff:.3g}")
             rows.append(line)
             print(line, flush=True)
             del q, kc, vc, ks, vs, out

@@ -42,7 +42,7 @@ for s in $stages; do
       timeout 240 python3 bench/bench_attention.py 2>&1 | tee "$OUT/bench_attention.log" | tail -12 ;;
     ncu)
       step ncu
-      timeout 240 ncu --clock-control none --target-processes all -k regex:paged_attention_mma \
+      timeout 240 ncu --clock-control none --target-processes all -k regex:paged_attention \
         -c 1 --section SpeedOfLight --section Occupancy python3 bench/bench_attention.py \
         --models qwen2.5-7b --reps 1 2>&1 | tail -60 | tee "$OUT/ncu.log" ;;
   esac

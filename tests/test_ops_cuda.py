@@ -1,5 +1,6 @@
 """CUDA-only checks of the kernels: larger shapes, the tensor-core attention paths (page
-sizes 1, 5, 16, 64, 128; D = 64, 128), and that a row's or a request's result does not
+sizes 1, 5, 16, 64, 128; D = 64, 128; the wgmma kernel that sm_90 devices run by default
+and the mma.sync kernel of other devices, forced with TOKENSPEED_ATTENTION_KERNEL), and that a row's or a request's result does not
 depend on the rest of the batch (bitwise). Tests named *small* are the ones run under
 compute-sanitizer by bench/run_gpu.sh."""
 from __future__ import annotations
@@ -14,6 +15,16 @@ from tokenspeed_ext import reference
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
+
+
+@pytest.fixture(params=["default", "mma_sync"])
+def attention_kernel(request, monkeypatch):
+    """Runs the test with the device's default attention kernel, then with mma.sync."""
+    if request.param == "mma_sync":
+        monkeypatch.setenv("TOKENSPEED_ATTENTION_KERNEL", "mma_sync")
+    else:
+        monkeypatch.delenv("TOKENSPEED_ATTENTION_KERNEL", raising=False)
+    return request.param
 
 
 def _name(x) -> str:
@@ -151,14 +162,14 @@ def _check_attention(args, dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=_name)
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("page", [1, 5, 16, 64, 128])
-def test_attention_paths_small(dtype, d, page):
+def test_attention_paths_small(dtype, d, page, attention_kernel):
     new, prefix = [1, 70, 33, 130], [0, 45, 200, 3]
     args = _paged_problem(new, prefix, 14, 2, d, page, dtype, seed=page * d)
     _check_attention(args, dtype)
 
 
 @pytest.mark.parametrize("hq,hk", [(4, 4), (28, 4), (32, 8), (12, 1)])
-def test_attention_groups(hq, hk):
+def test_attention_groups(hq, hk, attention_kernel):
     new, prefix = [300, 1, 129, 64], [700, 5, 0, 64]
     args = _paged_problem(new, prefix, hq, hk, 128, 16, torch.bfloat16, seed=hq)
     _check_attention(args, torch.bfloat16)
@@ -169,13 +180,13 @@ def test_attention_odd_head_dim_small():
     _check_attention(args, torch.bfloat16)
 
 
-def test_attention_long():
+def test_attention_long(attention_kernel):
     args = _paged_problem([2048], [1500], 28, 4, 128, 16, torch.bfloat16, seed=7)
     _check_attention(args, torch.bfloat16)
 
 
 @pytest.mark.parametrize("page", [16, 64])
-def test_attention_batch_independent(page):
+def test_attention_batch_independent(page, attention_kernel):
     new, prefix = [200, 37, 513, 1], [100, 0, 900, 60]
     q, kc, vc, table, cu, lens = _paged_problem(new, prefix, 28, 4, 128, page,
                                                 torch.bfloat16, seed=page)

@@ -104,9 +104,14 @@ def _cuda_mode() -> str:
 
 
 def _cuda_arch_flags() -> list[str]:
-    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
-        return []  # torch turns the list into -gencode flags itself
-    return ["-gencode=arch=compute_90a,code=sm_90a"]
+    """-gencode flags, plus -DTOKENSPEED_SM90A when sm_90a machine code is built (the
+    host then launches the wgmma attention kernel on sm_90 devices)."""
+    arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if arch_list:
+        # torch turns the list into -gencode flags itself
+        archs = arch_list.replace(";", " ").replace(",", " ").split()
+        return ["-DTOKENSPEED_SM90A"] if any(a.startswith("9.0a") for a in archs) else []
+    return ["-gencode=arch=compute_90a,code=sm_90a", "-DTOKENSPEED_SM90A"]
 
 
 CXX_FLAGS = ["-O3", "-fno-strict-aliasing"]

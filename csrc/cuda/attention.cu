@@ -1,7 +1,14 @@
-// Launchers of paged_prefill_attention's kernels (attention.cuh) behind the plain
-// interface of launch.h: the tensor-core kernel for bf16/fp16 with head dim 64 or 128,
-// the simple kernel otherwise.
+// Launchers of paged_prefill_attention's kernels behind the plain interface of launch.h:
+// for bf16/fp16 with head dim 128 the wgmma kernel (attention_sm90.cuh) on sm_90 devices
+// when the build holds sm_90a code, else (and for head dim 64) the mma.sync kernel
+// (attention.cuh);
+// the simple kernel otherwise. TOKENSPEED_ATTENTION_KERNEL=mma_sync forces the mma.sync
+// kernel (for tests and comparisons).
+#include <cstdlib>
+#include <cstring>
+
 #include "cuda/attention.cuh"
+#include "cuda/attention_sm90.cuh"
 #include "cuda/launch.h"
 
 namespace tokenspeed {
@@ -21,6 +28,40 @@ cudaError_t launch_mma(const PagedAttnParams& p, int b, int tiles, cudaStream_t 
                   static_cast<unsigned>(b));
   kernel<<<grid, kAttnThreads, smem, stream>>>(p);
   return cudaGetLastError();
+}
+
+template <typename T, int D, typename Pipe>
+cudaError_t launch_wgmma(const PagedAttnParams& p, int b, int tiles, cudaStream_t stream) {
+  constexpr int smem = paged_attention_wgmma_smem_bytes<D, Pipe>();
+  auto* kernel = &paged_attention_wgmma_kernel<T, D, Pipe>;
+  const cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+  const dim3 grid(static_cast<unsigned>(p.hk), static_cast<unsigned>(tiles),
+                  static_cast<unsigned>(b));
+  kernel<<<grid, kSm90Threads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+// 128-key tiles, 3 stages (225 KB of shared memory): measured faster than 64-key tiles
+// with 4 stages on 5 of the 6 benchmark shapes (bench/NOTES.md).
+using Sm90Pipe128 = Sm90Pipe<128, 3>;
+
+// The wgmma kernel needs sm_90a machine code (TOKENSPEED_SM90A: the build targets it) and
+// an sm_90 device to run it.
+bool use_wgmma() {
+#ifdef TOKENSPEED_SM90A
+  const char* force = std::getenv("TOKENSPEED_ATTENTION_KERNEL");
+  if (force != nullptr && std::strcmp(force, "mma_sync") == 0) return false;
+  int dev = 0, major = 0, minor = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess)
+    return false;
+  return major == 9 && minor == 0;
+#else
+  return false;
+#endif
 }
 
 template <typename T>
@@ -45,6 +86,9 @@ int paged_attention_rows_per_tile() { return kRowsM; }
 cudaError_t launch_paged_attention_mma(const PagedAttnParams& p, DType dtype, int batch,
                                        int tiles, cudaStream_t stream) {
   const bool bf16 = dtype == DType::kBFloat16;
+  if (p.head_dim == 128 && use_wgmma())
+    return bf16 ? launch_wgmma<__nv_bfloat16, 128, Sm90Pipe128>(p, batch, tiles, stream)
+                : launch_wgmma<__half, 128, Sm90Pipe128>(p, batch, tiles, stream);
   if (p.head_dim == 64)
     return bf16 ? launch_mma<__nv_bfloat16, 64>(p, batch, tiles, stream)
                 : launch_mma<__half, 64>(p, batch, tiles, stream);

@@ -1,0 +1,286 @@
+/*
+ * Paged causal GQA prefill attention for Hopper (sm_90a): warpgroup MMA (wgmma).
+ *
+ * Same contract and tiling as paged_attention_mma_kernel (attention.cuh): one block per
+ * (kv head, request, tile of 128 packed query rows), a KV group's query heads packed
+ * together, K/V tiles gathered from the page table with cp.async, fully
+ * masked tiles never visited, each block walking its KV range alone and in order (a
+ * request's result does not depend on the rest of the batch), fp32 online softmax.
+ *
+ * What differs: two warpgroups of 4 warps each own 64 query rows. Q is read from the cache
+ * once and kept in registers as wgmma A fragments; S = Q K^T is 8 m64nKk16 wgmmas (K the
+ * tile's keys) with K^T straight from shared memory (K-major), and O += P V is K/16
+ * m64n128k16 wgmmas with P from registers and V from shared memory (MN-major, transposed
+ * by the instruction). The softmax of tile j runs while the tensor cores compute
+ * O += P_{j-1} V_{j-1}, and the page lookups and cp.async copies of a later tile are
+ * issued while they compute S_j. K/V tiles sit in 128-byte-swizzled shared memory in a
+ * cp.async ring. One block per SM (256 threads, up to 255 registers each: 64 for O,
+ * K/2 for S, 32 for Q). Every wgmma and wait lies on a path all warps take: ptxas
+ * serialises the wgmmas otherwise (C7515/C7518).
+ *
+ * D = 128 only: a D = 64 build gave wrong results on the H200, cause not found (its S
+ * product is the m64n64k16 path that is right at D = 128, which points at the transposed
+ * V product with N = 64), so head dim 64 runs the mma.sync kernel everywhere.
+ */
+#pragma once
+
+#include "cuda/attention.cuh"
+#include "cuda/wgmma.cuh"
+
+namespace tokenspeed {
+namespace cuda {
+
+constexpr int kSm90Warpgroups = 2;
+constexpr int kSm90Threads = kSm90Warpgroups * 128;
+constexpr int kSm90Rows = kSm90Warpgroups * 64;
+// The K/V ring: a stage is rewritten load_ahead tiles after its tile was computed; tile
+// j - 1's V is still read during tile j, so the ring holds load_ahead + 2 stages.
+template <int kKeys, int kStages>
+struct Sm90Pipe {
+  static constexpr int keys = kKeys;  // keys per K/V tile
+  static constexpr int stages = kStages;
+  static constexpr int load_ahead = kStages - 2;
+};
+static_assert(kSm90Rows == kRowsM, "both kernels tile the packed rows alike");
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// Q [128][D] + K and V [stages][64][D], plus slack to align the tiles to 1024 bytes.
+template <int D, typename Pipe>
+constexpr int paged_attention_wgmma_smem_bytes() {
+  return (kSm90Rows + 2 * Pipe::stages * Pipe::keys) * D * 2 + 1024;
+}
+
+template <typename T, int D, typename Pipe>
+__global__ void __launch_bounds__(kSm90Threads, 1)
+    paged_attention_wgmma_kernel(const PagedAttnParams p) {
+  static_assert(D == 128, "head dim 64 runs the mma.sync kernel (see above)");
+#ifdef TS_SM90A_DEVICE
+  constexpr int kSm90Keys = Pipe::keys;
+  extern __shared__ unsigned char smem_raw[];
+  // 128-byte swizzle atoms start on 1024-byte boundaries
+  const uint32_t smem_base = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
+  T* sQ = reinterpret_cast<T*>(smem_raw + ((1024u - (smem_base & 1023u)) & 1023u));
+  T* sK = sQ + kSm90Rows * D;
+  T* sV = sK + Pipe::stages * kSm90Keys * D;
+
+  const int kvh = blockIdx.x, b = blockIdx.z;
+  const int tile = gridDim.y - 1 - blockIdx.y;  // the longest tiles start first
+  const int q_begin = p.cu_seqlens[b];
+  const int n_new = p.cu_seqlens[b + 1] - q_begin;
+  const int G = p.group;
+  const int rows_total = n_new * G;
+  const int row0 = tile * kSm90Rows;
+  if (row0 >= rows_total) return;
+  const int kv_len = p.kv_lens[b];
+  const int prefix = kv_len - n_new;
+  const int row_last = min(row0 + kSm90Rows, rows_total) - 1;
+  const int min_qpos = prefix + row0 / G;
+  const int max_qpos = prefix + row_last / G;
+  const int num_kv_tiles = (max_qpos + kSm90Keys) / kSm90Keys;
+
+  const T* q = static_cast<const T*>(p.q);
+  const T* kc = static_cast<const T*>(p.k_cache);
+  const T* vc = static_cast<const T*>(p.v_cache);
+  const int32_t* pages = p.page_table + int64_t(b) * p.pt_stride;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  constexpr int kChunksRow = D / 8;
+
+  // Q tile (rows past the request are zero-filled and never stored)
+  for (int i = tid; i < kSm90Rows * kChunksRow; i += kSm90Threads) {
+    const int r = i / kChunksRow, c = (i % kChunksRow) * 8;
+    const int gr = row0 + r;
+    const bool valid = gr < rows_total;
+    const int tok = valid ? gr / G : 0, g = valid ? gr % G : 0;
+    const T* src = q + (int64_t(q_begin + tok) * p.hq + kvh * G + g) * D + c;
+    cp_async16(sQ + wgmma::sw128_offset<kSm90Rows>(r, c), src, valid);
+  }
+  auto load_kv = [&](int j, int stage) {
+    T* dk = sK + stage * kSm90Keys * D;
+    T* dv = sV + stage * kSm90Keys * D;
+    for (int i = tid; i < kSm90Keys * kChunksRow; i += kSm90Threads) {
+      const int r = i / kChunksRow, c = (i % kChunksRow) * 8;
+      const int key = j * kSm90Keys + r;
+      const bool valid = key < kv_len;
+      const int64_t off = valid ? (page_slot(p, pages, key) * p.hk + kvh) * D + c : 0;
+      const int dst = wgmma::sw128_offset<kSm90Keys>(r, c);
+      cp_async16(dk + dst, kc + off, valid);
+      cp_async16(dv + dst, vc + off, valid);
+    }
+  };
+  // one commit group per tile (Q rides with tile 0), Pipe::load_ahead tiles ahead
+#pragma unroll
+  for (int s = 0; s < Pipe::load_ahead; ++s) {
+    if (s < num_kv_tiles) load_kv(s, s);
+    cp_async_commit();
+  }
+  cp_async_wait<Pipe::load_ahead - 1>();  // Q and tile 0
+  wgmma::fence_proxy_async_shared();
+  __syncthreads();
+
+  // This warp's 16 rows of Q as A fragments, once for every tile.
+  uint32_t qa[D / 16][4];
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    const int mi = lane / 8;
+    const int row = warp * 16 + (lane % 8) + (mi % 2) * 8;
+    ldmatrix_x4(qa[kk], sQ + wgmma::sw128_offset<kSm90Rows>(row, kk * 16 + (mi / 2) * 8));
+  }
+
+  // This thread's two rows (lane / 4 and lane / 4 + 8 of the warp's 16); rows past the
+  // request borrow the last valid row's position so their softmax stays finite.
+  const int r_lo = warp * 16 + lane / 4;
+  const int qpos_lo = prefix + min(row0 + r_lo, row_last) / G;
+  const int qpos_hi = prefix + min(row0 + r_lo + 8, row_last) / G;
+
+  float o[D / 8][4];
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+  float m_lo = -INFINITY, m_hi = -INFINITY, l_lo = 0.f, l_hi = 0.f;
+  constexpr uint32_t kPanelBytes = kSm90Keys * 128;  // one 64-column panel of a K/V tile
+
+  // S = Q K_j^T into s (async; the caller commits)
+  auto issue_s = [&](int j, float (&s)[kSm90Keys / 8][4]) {
+    const T* tk = sK + (j % Pipe::stages) * kSm90Keys * D;
+    wgmma::fence();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const uint64_t desc = wgmma::sw128_desc(tk + (kk / 4) * kSm90Keys * 64 + (kk % 4) * 16,
+                                              16, 1024);
+      if constexpr (kSm90Keys == 64)
+        wgmma::wgmma_rs_n64<T, 0>(s, qa[kk], desc, kk > 0);
+      else
+        wgmma::wgmma_rs_n128<T, 0>(s, qa[kk], desc, kk > 0);
+    }
+  };
+  // O += P V_j (async; the caller commits)
+  uint32_t pa[kSm90Keys / 16][4] = {};
+  auto issue_pv = [&](int j) {
+    const T* tv = sV + (j % Pipe::stages) * kSm90Keys * D;
+    wgmma::fence();
+#pragma unroll
+    for (int kk = 0; kk < kSm90Keys / 16; ++kk) {
+      // 16 keys x D: MN-major, 64-column panels kPanelBytes apart, 8-key groups 1 KB apart
+      const uint64_t desc = wgmma::sw128_desc(tv + kk * 16 * 64, kPanelBytes, 1024);
+      wgmma::wgmma_rs_n128<T, 1>(o, pa[kk], desc, 1);
+    }
+  };
+
+  float s[kSm90Keys / 8][4];
+  for (int j = 0; j < num_kv_tiles; ++j) {
+    // Tile j has landed. Tile j + load_ahead goes to the stage of a tile every warpgroup
+    // has finished with: each retires all its wgmmas before it reaches this barrier.
+    cp_async_wait<Pipe::load_ahead - 1>();
+    wgmma::fence_proxy_async_shared();  // this thread's cp.async data -> wgmma's proxy
+    __syncthreads();
+
+    // S_j, then O += P_{j-1} V_{j-1} behind it: the softmax of tile j runs while the
+    // tensor cores do the latter. (At j = 0, P is zero and V is tile 0's: adds nothing.)
+    // Every wgmma and wait is on a path all warps take (ptxas serialises the wgmmas
+    // otherwise), so both warpgroups walk all the block's tiles; a warpgroup's tiles past
+    // its rows are fully masked and add nothing.
+    issue_s(j, s);
+    wgmma::commit();
+    issue_pv(j > 0 ? j - 1 : 0);
+    wgmma::commit();
+    {  // the page lookups and copies of a later tile, while the tensor cores work
+      const int nj = j + Pipe::load_ahead;
+      if (nj < num_kv_tiles) load_kv(nj, nj % Pipe::stages);
+      cp_async_commit();
+    }
+    wgmma::wait<1>();
+    wgmma::fence_operand(s);
+
+    const int key0 = j * kSm90Keys;
+    if (key0 + kSm90Keys - 1 > min_qpos) {
+#pragma unroll
+      for (int nt = 0; nt < kSm90Keys / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int key = key0 + nt * 8 + (lane % 4) * 2 + e;
+          if (key > qpos_lo) s[nt][e] = -INFINITY;
+          if (key > qpos_hi) s[nt][2 + e] = -INFINITY;
+        }
+    }
+
+    float mx_lo = -INFINITY, mx_hi = -INFINITY;
+#pragma unroll
+    for (int nt = 0; nt < kSm90Keys / 8; ++nt) {
+      mx_lo = fmaxf(mx_lo, fmaxf(s[nt][0], s[nt][1]));
+      mx_hi = fmaxf(mx_hi, fmaxf(s[nt][2], s[nt][3]));
+    }
+#pragma unroll
+    for (int off = 1; off < 4; off <<= 1) {
+      mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, off));
+      mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, off));
+    }
+    // Tile 0 holds key 0 <= every row's position, so m is finite from the first tile on.
+    const float mn_lo = fmaxf(m_lo, mx_lo * p.scale_log2);
+    const float mn_hi = fmaxf(m_hi, mx_hi * p.scale_log2);
+    const float alpha_lo = exp2f(m_lo - mn_lo), alpha_hi = exp2f(m_hi - mn_hi);
+    m_lo = mn_lo;
+    m_hi = mn_hi;
+    float sum_lo = 0.f, sum_hi = 0.f;
+#pragma unroll
+    for (int nt = 0; nt < kSm90Keys / 8; ++nt) {
+      s[nt][0] = exp2f(fmaf(s[nt][0], p.scale_log2, -mn_lo));
+      s[nt][1] = exp2f(fmaf(s[nt][1], p.scale_log2, -mn_lo));
+      s[nt][2] = exp2f(fmaf(s[nt][2], p.scale_log2, -mn_hi));
+      s[nt][3] = exp2f(fmaf(s[nt][3], p.scale_log2, -mn_hi));
+      sum_lo += s[nt][0] + s[nt][1];
+      sum_hi += s[nt][2] + s[nt][3];
+    }
+    l_lo = l_lo * alpha_lo + sum_lo;
+    l_hi = l_hi * alpha_hi + sum_hi;
+
+    // O and P are free once O += P_{j-1} V_{j-1} retires.
+    wgmma::wait<0>();
+    wgmma::fence_operand(o);
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) {
+      o[i][0] *= alpha_lo;
+      o[i][1] *= alpha_lo;
+      o[i][2] *= alpha_hi;
+      o[i][3] *= alpha_hi;
+    }
+#pragma unroll
+    for (int kk = 0; kk < kSm90Keys / 16; ++kk) {
+      pa[kk][0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
+      pa[kk][1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
+      pa[kk][2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      pa[kk][3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+    }
+  }
+  // the last tile's O += P V (its stage is never reloaded: no tile follows)
+  issue_pv(num_kv_tiles - 1);
+  wgmma::commit();
+  wgmma::wait<0>();
+  wgmma::fence_operand(o);
+  cp_async_wait<0>();
+
+#pragma unroll
+  for (int off = 1; off < 4; off <<= 1) {
+    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, off);
+    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, off);
+  }
+  const float inv_lo = 1.f / l_lo, inv_hi = 1.f / l_hi;
+  T* out = static_cast<T*>(p.out);
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int gr = row0 + r_lo + half * 8;
+    if (gr >= rows_total) continue;
+    const float inv = half ? inv_hi : inv_lo;
+    T* dst = out + (int64_t(q_begin + gr / G) * p.hq + kvh * G + gr % G) * D + (lane % 4) * 2;
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt)
+      *reinterpret_cast<uint32_t*>(dst + dt * 8) =
+          pack2<T>(o[dt][2 * half] * inv, o[dt][2 * half + 1] * inv);
+  }
+#endif  // TS_SM90A_DEVICE
+}
+
+}  // namespace cuda
+}  // namespace tokenspeed
