@@ -197,3 +197,33 @@ def test_attention_batch_independent(page, attention_kernel):
             q[a:b], kc, vc, table[i:i + 1], torch.tensor([0, b - a], dtype=torch.int32,
                                                          device=DEV), lens[i:i + 1])
         assert torch.equal(one, full[a:b]), i
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=_name)
+@pytest.mark.parametrize("slot_dtype", [torch.int32, torch.int64], ids=str)
+def test_store_kv_and_attention_read_fused_projection_views_small(dtype, slot_dtype,
+                                                                   attention_kernel):
+    """q, k, v as the engine passes them, views of one [N, (Hq + 2 Hk) * D] projection
+    row, are read in place and give what contiguous copies give."""
+    new, prefix, hq, hk, d, page = [70, 1, 130], [45, 0, 3], 14, 2, 128, 16
+    _, kc, vc, table, cu, lens = _paged_problem(new, prefix, hq, hk, d, page, dtype, seed=11)
+    n = sum(new)
+    gen = torch.Generator(DEV).manual_seed(5)
+    qkv = torch.randn(n, (hq + 2 * hk) * d, device=DEV, generator=gen).to(dtype)
+    q = qkv[:, :hq * d].view(n, hq, d)
+    k = qkv[:, hq * d:(hq + hk) * d].view(n, hk, d)
+    v = qkv[:, (hq + hk) * d:].view(n, hk, d)
+    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
+    table_h = table.cpu()
+    slots = torch.tensor([int(table_h[i, p // page]) * page + p % page
+                          for i, (a, b) in enumerate(zip(new, prefix)) for p in range(b, a + b)],
+                         dtype=slot_dtype, device=DEV)
+    slots[::7] = -1  # skipped rows
+    kc1, vc1, kc2, vc2 = kc.clone(), vc.clone(), kc.clone(), vc.clone()
+    tse.store_kv(k, v, kc1, vc1, slots)
+    reference.store_kv(k.contiguous(), v.contiguous(), kc2, vc2, slots.long())
+    assert torch.equal(kc1, kc2) and torch.equal(vc1, vc2)
+    out = tse.paged_prefill_attention(q, kc1, vc1, table, cu, lens)
+    want = tse.paged_prefill_attention(q.contiguous(), kc1, vc1, table, cu, lens)
+    assert torch.equal(out, want)
+    _check_attention((q.contiguous(), kc1, vc1, table, cu, lens), dtype)

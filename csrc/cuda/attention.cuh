@@ -142,7 +142,7 @@ __global__ void __launch_bounds__(kAttnThreads, 2)
     const int gr = row0 + r;
     const bool valid = gr < rows_total;
     const int tok = valid ? gr / G : 0, g = valid ? gr % G : 0;
-    const T* src = q + (int64_t(q_begin + tok) * p.hq + kvh * G + g) * D + c;
+    const T* src = q + int64_t(q_begin + tok) * p.q_stride + (kvh * G + g) * D + c;
     cp_async16(sQ + swz<D>(r, c), src, valid);
   }
   auto load_kv = [&](int j, int stage) {
@@ -304,7 +304,7 @@ __global__ void paged_attention_simple_kernel(const PagedAttnParams p, const int
   const int q_begin = p.cu_seqlens[b], n_new = p.cu_seqlens[b + 1] - q_begin;
   const int qpos = p.kv_lens[b] - n_new + int(token - q_begin);
   const int32_t* pages = p.page_table + int64_t(b) * p.pt_stride;
-  const T* q = static_cast<const T*>(p.q) + (token * p.hq + head) * D;
+  const T* q = static_cast<const T*>(p.q) + token * p.q_stride + int64_t(head) * D;
   const T* kc = static_cast<const T*>(p.k_cache);
   const T* vc = static_cast<const T*>(p.v_cache);
   float qr[kMaxDimPerLane], acc[kMaxDimPerLane];

@@ -95,7 +95,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
     const int gr = row0 + r;
     const bool valid = gr < rows_total;
     const int tok = valid ? gr / G : 0, g = valid ? gr % G : 0;
-    const T* src = q + (int64_t(q_begin + tok) * p.hq + kvh * G + g) * D + c;
+    const T* src = q + int64_t(q_begin + tok) * p.q_stride + (kvh * G + g) * D + c;
     cp_async16(sQ + wgmma::sw128_offset<kSm90Rows>(r, c), src, valid);
   }
   auto load_kv = [&](int j, int stage) {

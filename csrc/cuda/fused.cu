@@ -79,20 +79,29 @@ cudaError_t launch_rotary_embedding(const void* positions, bool positions_int64,
                                     int64_t q_token_stride, int64_t q_head_stride, int hq,
                                     void* k, int64_t k_token_stride, int64_t k_head_stride,
                                     int hk, const float* cache, int64_t max_pos, int half,
-                                    DType dtype, int64_t n, cudaStream_t stream) {
-  const unsigned threads = threads_for(int64_t(hq + hk) * half);
+                                    DType dtype, int64_t n, bool vec16,
+                                    cudaStream_t stream) {
   with_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    auto launch = [&](const auto* pos) {
+    constexpr int kVec = 16 / static_cast<int>(sizeof(T));
+    auto launch = [&](const auto* pos, auto vec) {
       using P = std::remove_cv_t<std::remove_pointer_t<decltype(pos)>>;
-      fused::rotary_kernel<T, P><<<static_cast<unsigned>(n), threads, 0, stream>>>(
+      constexpr int V = decltype(vec)::value;
+      const unsigned threads = threads_for(int64_t(hq + hk) * (half / V));
+      fused::rotary_kernel<T, P, V><<<static_cast<unsigned>(n), threads, 0, stream>>>(
           pos, static_cast<T*>(q), q_token_stride, q_head_stride, hq, static_cast<T*>(k),
           k_token_stride, k_head_stride, hk, cache, max_pos, half);
     };
+    auto with_vec = [&](const auto* pos) {
+      if (vec16)
+        launch(pos, std::integral_constant<int, kVec>{});
+      else
+        launch(pos, std::integral_constant<int, 1>{});
+    };
     if (positions_int64)
-      launch(static_cast<const int64_t*>(positions));
+      with_vec(static_cast<const int64_t*>(positions));
     else
-      launch(static_cast<const int32_t*>(positions));
+      with_vec(static_cast<const int32_t*>(positions));
   });
   return cudaGetLastError();
 }

@@ -157,23 +157,25 @@ __global__ void silu_and_mul_kernel(const T* __restrict__ gate_up, int64_t ld,
   }
 }
 
-// y = x * cos + rotate_half(x) * sin on the pair (x1, x2) = (x[i], x[i + D/2]).
+// y = x * cos + rotate_half(x) * sin on the pair (x1, x2) = (x[i], x[i + D/2]), with
+// cos and sin rounded to T and every product and sum rounded as torch's kernels do.
 template <typename T>
-__device__ __forceinline__ void rotate_pair(T* p1, T* p2, float c, float s) {
-  const float x1 = to_f(*p1), x2 = to_f(*p2);
-  const float a1 = to_f(round_to<T>(__fmul_rn(x1, c)));
-  const float b1 = to_f(round_to<T>(__fmul_rn(-x2, s)));
-  const float a2 = to_f(round_to<T>(__fmul_rn(x2, c)));
-  const float b2 = to_f(round_to<T>(__fmul_rn(x1, s)));
-  *p1 = round_to<T>(__fadd_rn(a1, b1));
-  *p2 = round_to<T>(__fadd_rn(a2, b2));
+__device__ __forceinline__ void rotate_pair(T& x1, T& x2, float c, float s) {
+  const float f1 = to_f(x1), f2 = to_f(x2);
+  const float a1 = to_f(round_to<T>(__fmul_rn(f1, c)));
+  const float b1 = to_f(round_to<T>(__fmul_rn(-f2, s)));
+  const float a2 = to_f(round_to<T>(__fmul_rn(f2, c)));
+  const float b2 = to_f(round_to<T>(__fmul_rn(f1, s)));
+  x1 = round_to<T>(__fadd_rn(a1, b1));
+  x2 = round_to<T>(__fadd_rn(a2, b2));
 }
 
 // In place on q [N, Hq, D] and k [N, Hk, D] (token strides qs0/ks0, head strides qs1/ks1);
 // positions [N] (int32 or int64); cache [max_pos, D] fp32 (cos | sin). One block a token,
-// threads over the (head, i < D/2) pairs of q then k. A position outside [0, max_pos)
+// threads over units of VEC consecutive pairs (head, i .. i + VEC - 1 < D/2) of q then k,
+// each loading VEC elements of both halves at once. A position outside [0, max_pos)
 // leaves its token untouched (the host check reports it).
-template <typename T, typename P>
+template <typename T, typename P, int VEC>
 __global__ void rotary_kernel(const P* __restrict__ positions, T* q, int64_t qs0, int64_t qs1,
                               int hq, T* k, int64_t ks0, int64_t ks1, int hk,
                               const float* __restrict__ cache, int64_t max_pos, int half) {
@@ -181,12 +183,18 @@ __global__ void rotary_kernel(const P* __restrict__ positions, T* q, int64_t qs0
   const int64_t pos = static_cast<int64_t>(positions[token]);
   if (pos < 0 || pos >= max_pos) return;
   const float* cs = cache + pos * 2 * half;
-  const int pairs = (hq + hk) * half;
-  for (int idx = threadIdx.x; idx < pairs; idx += blockDim.x) {
-    const int head = idx / half, i = idx - head * half;
-    const float c = to_f(round_to<T>(cs[i])), s = to_f(round_to<T>(cs[half + i]));
+  const int units_per_head = half / VEC;
+  const int units = (hq + hk) * units_per_head;
+  for (int u = threadIdx.x; u < units; u += blockDim.x) {
+    const int head = u / units_per_head, i = (u - head * units_per_head) * VEC;
     T* row = head < hq ? q + token * qs0 + head * qs1 : k + token * ks0 + (head - hq) * ks1;
-    rotate_pair(row + i, row + i + half, c, s);
+    Pack<T, VEC> x1 = load<T, VEC>(row + i), x2 = load<T, VEC>(row + i + half);
+#pragma unroll
+    for (int e = 0; e < VEC; ++e)
+      rotate_pair(x1.v[e], x2.v[e], to_f(round_to<T>(cs[i + e])),
+                  to_f(round_to<T>(cs[half + i + e])));
+    store<T, VEC>(row + i, x1);
+    store<T, VEC>(row + i + half, x2);
   }
 }
 

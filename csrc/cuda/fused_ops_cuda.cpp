@@ -95,11 +95,14 @@ void rotary_embedding_cuda(const at::Tensor& positions, at::Tensor& q, at::Tenso
   TS_CHECK((hq + hk) * (d / 2) <= std::numeric_limits<int32_t>::max(),
            "q and k have too many heads for one launch");
   const at::Tensor pos = positions.contiguous();
+  // 16-byte units when both halves of every head row start on 16-byte boundaries
+  const int64_t elems = 16 / static_cast<int64_t>(q.element_size());
+  const bool vec16 = (d / 2) % elems == 0 && rows_allow_vec16(q) && rows_allow_vec16(k);
   C10_CUDA_CHECK(launch_rotary_embedding(
       pos.const_data_ptr(), pos.scalar_type() == at::kLong, q.data_ptr(), q.stride(0),
       q.stride(1), static_cast<int>(hq), k.data_ptr(), k.stride(0), k.stride(1),
       static_cast<int>(hk), cos_sin_cache.const_data_ptr<float>(), cos_sin_cache.size(0),
-      static_cast<int>(d / 2), dtype_of(q), n, c10::cuda::getCurrentCUDAStream()));
+      static_cast<int>(d / 2), dtype_of(q), n, vec16, c10::cuda::getCurrentCUDAStream()));
 }
 
 }  // namespace

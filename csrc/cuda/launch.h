@@ -36,16 +36,18 @@ cudaError_t launch_merge_states(const float* states, int64_t row_stride, int64_t
 
 // ---- store_kv (kv_cache.cu) ----
 
-// k, v [n, row_bytes] into k_cache, v_cache [slots, row_bytes] at slots [n] int64 (< 0:
-// skipped). vec16: every pointer and row_bytes allow 16-byte units.
+// k, v rows of row_bytes (k_stride_bytes / v_stride_bytes apart) into k_cache, v_cache
+// [slots, row_bytes] at slots [n] int32 or int64 (< 0: skipped). vec16: every pointer,
+// row_bytes and both strides allow 16-byte units (else 2-byte units).
 cudaError_t launch_store_kv(const void* k, const void* v, void* k_cache, void* v_cache,
-                            const int64_t* slots, int64_t n, int64_t row_bytes, bool vec16,
+                            const void* slots, bool slots_int64, int64_t n, int64_t row_bytes,
+                            int64_t k_stride_bytes, int64_t v_stride_bytes, bool vec16,
                             cudaStream_t stream);
 
 // ---- paged prefill attention (attention.cu) ----
 
 struct PagedAttnParams {
-  const void* q;             // [N, Hq, D]
+  const void* q;             // [N, Hq, D], token stride q_stride, heads contiguous
   const void* k_cache;       // [P, page_size, Hk, D]
   const void* v_cache;       // [P, page_size, Hk, D]
   void* out;                 // [N, Hq, D]
@@ -53,6 +55,7 @@ struct PagedAttnParams {
   const int32_t* cu_seqlens; // [B + 1]
   const int32_t* kv_lens;    // [B]
   int64_t pt_stride;
+  int64_t q_stride;
   int hq, hk, group;         // group = Hq / Hk
   int page_size, page_shift; // page_shift = log2(page_size) or -1
   float scale_log2;          // softmax scale * log2(e)
@@ -99,7 +102,7 @@ cudaError_t launch_rotary_embedding(const void* positions, bool positions_int64,
                                     int64_t q_token_stride, int64_t q_head_stride, int hq,
                                     void* k, int64_t k_token_stride, int64_t k_head_stride,
                                     int hk, const float* cache, int64_t max_pos, int half,
-                                    DType dtype, int64_t n, cudaStream_t stream);
+                                    DType dtype, int64_t n, bool vec16, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace tokenspeed

@@ -111,18 +111,27 @@ void store_kv_cuda(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache
   const int64_t n = k.size(0);
   const int64_t row_bytes = k.size(1) * k.size(2) * static_cast<int64_t>(k.element_size());
   if (n == 0 || row_bytes == 0) return;
-  const at::Tensor kc = k.contiguous(), vc = v.contiguous();
-  const at::Tensor slots = slot_mapping.to(at::kLong).contiguous();
+  // k and v may be views of a wider row (the engine's fused q/k/v projection): read in
+  // place when a token's heads are contiguous, else copied first
+  const auto rows_in_place = [](const at::Tensor& t) {
+    return t.stride(2) == 1 && (t.size(1) == 1 || t.stride(1) == t.size(2));
+  };
+  const at::Tensor kc = rows_in_place(k) ? k : k.contiguous();
+  const at::Tensor vc = rows_in_place(v) ? v : v.contiguous();
+  const at::Tensor slots = slot_mapping.contiguous();
+  const int64_t esize = static_cast<int64_t>(k.element_size());
+  const int64_t k_stride = kc.stride(0) * esize, v_stride = vc.stride(0) * esize;
   // 16-byte units when every row (and so every base) allows it; caching allocators
   // return 16-byte aligned storage, views with an offset may not be.
   const auto aligned = [](const at::Tensor& t) {
     return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
   };
-  const bool vec16 = row_bytes % 16 == 0 && aligned(kc) && aligned(vc) && aligned(k_cache) &&
-                     aligned(v_cache);
+  const bool vec16 = row_bytes % 16 == 0 && k_stride % 16 == 0 && v_stride % 16 == 0 &&
+                     aligned(kc) && aligned(vc) && aligned(k_cache) && aligned(v_cache);
   C10_CUDA_CHECK(launch_store_kv(kc.const_data_ptr(), vc.const_data_ptr(), k_cache.data_ptr(),
-                                 v_cache.data_ptr(), slots.const_data_ptr<int64_t>(), n,
-                                 row_bytes, vec16, c10::cuda::getCurrentCUDAStream()));
+                                 v_cache.data_ptr(), slots.const_data_ptr(),
+                                 slots.scalar_type() == at::kLong, n, row_bytes, k_stride,
+                                 v_stride, vec16, c10::cuda::getCurrentCUDAStream()));
 }
 
 at::Tensor paged_prefill_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
@@ -141,7 +150,12 @@ at::Tensor paged_prefill_attention_cuda(const at::Tensor& q, const at::Tensor& k
   at::Tensor out = at::empty({n, hq, d}, q.options());
   if (n == 0 || d == 0) return out;
 
-  const at::Tensor qc = q.contiguous();
+  // q may be a view of a wider row (the engine's fused q/k/v projection): read in place
+  // when its heads are contiguous and every row starts on a 16-byte boundary
+  const bool q_in_place = q.stride(2) == 1 && q.stride(1) == d &&
+                          reinterpret_cast<uintptr_t>(q.const_data_ptr()) % 16 == 0 &&
+                          (q.stride(0) * static_cast<int64_t>(q.element_size())) % 16 == 0;
+  const at::Tensor qc = q_in_place ? q : q.contiguous();
   const at::Tensor cu = cu_seqlens_q.contiguous(), lens = kv_lens.contiguous();
 
   PagedAttnParams p{};
@@ -153,6 +167,7 @@ at::Tensor paged_prefill_attention_cuda(const at::Tensor& q, const at::Tensor& k
   p.cu_seqlens = cu.const_data_ptr<int32_t>();
   p.kv_lens = lens.const_data_ptr<int32_t>();
   p.pt_stride = page_table.size(1) > 0 ? page_table.stride(0) : 0;
+  p.q_stride = qc.stride(0);
   p.hq = static_cast<int>(hq);
   p.hk = static_cast<int>(hk);
   p.group = static_cast<int>(hq / hk);
