@@ -100,6 +100,95 @@ __device__ __forceinline__ int64_t page_slot(const PagedAttnParams& p, const int
   return int64_t(pages[key / p.page_size]) * p.page_size + key % p.page_size;
 }
 
+// Online softmax of this thread's two rows (lane / 4 and lane / 4 + 8 of its warp's 16)
+// over S tiles in the mma.m16n8 accumulator layout (s[i]: keys 8i + 2 * (lane % 4) + {0,1},
+// entries 0-1 the low row, 2-3 the high row); shared by the mma.sync and wgmma kernels.
+struct RowSoftmax {
+  float m_lo = -INFINITY, m_hi = -INFINITY, l_lo = 0.f, l_hi = 0.f;
+
+  // Masks keys past each row's position (only on tiles that cross the diagonal), folds
+  // the tile into the running max and sum, overwrites s with exp2(s * scale_log2 - m)
+  // and returns in alpha_* the factors by which O must be rescaled.
+  template <int N>
+  __device__ __forceinline__ void tile(float (&s)[N][4], int key0, int min_qpos, int qpos_lo,
+                                       int qpos_hi, int lane, float scale_log2,
+                                       float& alpha_lo, float& alpha_hi) {
+    if (key0 + N * 8 - 1 > min_qpos) {
+#pragma unroll
+      for (int nt = 0; nt < N; ++nt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int key = key0 + nt * 8 + (lane % 4) * 2 + e;
+          if (key > qpos_lo) s[nt][e] = -INFINITY;
+          if (key > qpos_hi) s[nt][2 + e] = -INFINITY;
+        }
+    }
+    float mx_lo = -INFINITY, mx_hi = -INFINITY;
+#pragma unroll
+    for (int nt = 0; nt < N; ++nt) {
+      mx_lo = fmaxf(mx_lo, fmaxf(s[nt][0], s[nt][1]));
+      mx_hi = fmaxf(mx_hi, fmaxf(s[nt][2], s[nt][3]));
+    }
+#pragma unroll
+    for (int off = 1; off < 4; off <<= 1) {
+      mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, off));
+      mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, off));
+    }
+    // Tile 0 holds key 0 <= every row's position, so m is finite from the first tile on.
+    const float mn_lo = fmaxf(m_lo, mx_lo * scale_log2);
+    const float mn_hi = fmaxf(m_hi, mx_hi * scale_log2);
+    alpha_lo = exp2f(m_lo - mn_lo);
+    alpha_hi = exp2f(m_hi - mn_hi);
+    m_lo = mn_lo;
+    m_hi = mn_hi;
+    float sum_lo = 0.f, sum_hi = 0.f;
+#pragma unroll
+    for (int nt = 0; nt < N; ++nt) {
+      s[nt][0] = exp2f(fmaf(s[nt][0], scale_log2, -mn_lo));
+      s[nt][1] = exp2f(fmaf(s[nt][1], scale_log2, -mn_lo));
+      s[nt][2] = exp2f(fmaf(s[nt][2], scale_log2, -mn_hi));
+      s[nt][3] = exp2f(fmaf(s[nt][3], scale_log2, -mn_hi));
+      sum_lo += s[nt][0] + s[nt][1];
+      sum_hi += s[nt][2] + s[nt][3];
+    }
+    l_lo = l_lo * alpha_lo + sum_lo;
+    l_hi = l_hi * alpha_hi + sum_hi;
+  }
+
+  // 1 / (row sum) of both rows, summed over the 4 lanes that share them.
+  __device__ __forceinline__ void inverse_sums(float& inv_lo, float& inv_hi) const {
+    float lo = l_lo, hi = l_hi;
+#pragma unroll
+    for (int off = 1; off < 4; off <<= 1) {
+      lo += __shfl_xor_sync(0xffffffffu, lo, off);
+      hi += __shfl_xor_sync(0xffffffffu, hi, off);
+    }
+    inv_lo = 1.f / lo;
+    inv_hi = 1.f / hi;
+  }
+};
+
+// O [D/8 tiles][4] *= alpha of its row.
+template <int N>
+__device__ __forceinline__ void rescale_rows(float (&o)[N][4], float alpha_lo, float alpha_hi) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    o[i][0] *= alpha_lo;
+    o[i][1] *= alpha_lo;
+    o[i][2] *= alpha_hi;
+    o[i][3] *= alpha_hi;
+  }
+}
+
+// The A fragment (m16n8k16 / wgmma register layout) of keys 16kk..16kk+15 of P = s.
+template <typename T, int N>
+__device__ __forceinline__ void p_fragment(uint32_t (&a)[4], const float (&s)[N][4], int kk) {
+  a[0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
+  a[1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
+  a[2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+  a[3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+}
+
 // Smem: Q [kRowsM][D], K [2][kKeysN][D], V [2][kKeysN][D], all swizzled.
 template <int D>
 constexpr int paged_attention_smem_bytes() {
@@ -170,7 +259,7 @@ __global__ void __launch_bounds__(kAttnThreads, 2)
   float o[D / 8][4];
 #pragma unroll
   for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
-  float m_lo = -INFINITY, m_hi = -INFINITY, l_lo = 0.f, l_hi = 0.f;
+  RowSoftmax sm;
 
   for (int j = 0; j < num_kv_tiles; ++j) {
     cp_async_wait_all();
@@ -202,62 +291,14 @@ __global__ void __launch_bounds__(kAttnThreads, 2)
       }
     }
 
-    const int key0 = j * kKeysN;
-    if (key0 + kKeysN - 1 > min_qpos) {
-#pragma unroll
-      for (int nt = 0; nt < kKeysN / 8; ++nt)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int key = key0 + nt * 8 + (lane % 4) * 2 + e;
-          if (key > qpos_lo) s[nt][e] = -INFINITY;
-          if (key > qpos_hi) s[nt][2 + e] = -INFINITY;
-        }
-    }
-
-    float mx_lo = -INFINITY, mx_hi = -INFINITY;
-#pragma unroll
-    for (int nt = 0; nt < kKeysN / 8; ++nt) {
-      mx_lo = fmaxf(mx_lo, fmaxf(s[nt][0], s[nt][1]));
-      mx_hi = fmaxf(mx_hi, fmaxf(s[nt][2], s[nt][3]));
-    }
-#pragma unroll
-    for (int off = 1; off < 4; off <<= 1) {
-      mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, off));
-      mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, off));
-    }
-    // Tile 0 holds key 0 <= every row's position, so m is finite from the first tile on.
-    const float mn_lo = fmaxf(m_lo, mx_lo * p.scale_log2);
-    const float mn_hi = fmaxf(m_hi, mx_hi * p.scale_log2);
-    const float alpha_lo = exp2f(m_lo - mn_lo), alpha_hi = exp2f(m_hi - mn_hi);
-    m_lo = mn_lo;
-    m_hi = mn_hi;
-    float sum_lo = 0.f, sum_hi = 0.f;
-#pragma unroll
-    for (int nt = 0; nt < kKeysN / 8; ++nt) {
-      s[nt][0] = exp2f(fmaf(s[nt][0], p.scale_log2, -mn_lo));
-      s[nt][1] = exp2f(fmaf(s[nt][1], p.scale_log2, -mn_lo));
-      s[nt][2] = exp2f(fmaf(s[nt][2], p.scale_log2, -mn_hi));
-      s[nt][3] = exp2f(fmaf(s[nt][3], p.scale_log2, -mn_hi));
-      sum_lo += s[nt][0] + s[nt][1];
-      sum_hi += s[nt][2] + s[nt][3];
-    }
-    l_lo = l_lo * alpha_lo + sum_lo;
-    l_hi = l_hi * alpha_hi + sum_hi;
-#pragma unroll
-    for (int i = 0; i < D / 8; ++i) {
-      o[i][0] *= alpha_lo;
-      o[i][1] *= alpha_lo;
-      o[i][2] *= alpha_hi;
-      o[i][3] *= alpha_hi;
-    }
+    float alpha_lo, alpha_hi;
+    sm.tile(s, j * kKeysN, min_qpos, qpos_lo, qpos_hi, lane, p.scale_log2, alpha_lo, alpha_hi);
+    rescale_rows(o, alpha_lo, alpha_hi);
 
 #pragma unroll
     for (int kk = 0; kk < kKeysN / 16; ++kk) {
       uint32_t a[4];
-      a[0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
-      a[1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
-      a[2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      a[3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+      p_fragment<T>(a, s, kk);
 #pragma unroll
       for (int dd = 0; dd < D / 16; ++dd) {
         uint32_t bv[4];
@@ -271,12 +312,8 @@ __global__ void __launch_bounds__(kAttnThreads, 2)
   }
   cp_async_wait_all();
 
-#pragma unroll
-  for (int off = 1; off < 4; off <<= 1) {
-    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, off);
-    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, off);
-  }
-  const float inv_lo = 1.f / l_lo, inv_hi = 1.f / l_hi;
+  float inv_lo, inv_hi;
+  sm.inverse_sums(inv_lo, inv_hi);
   T* out = static_cast<T*>(p.out);
 #pragma unroll
   for (int half = 0; half < 2; ++half) {

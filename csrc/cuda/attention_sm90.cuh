@@ -139,7 +139,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
   float o[D / 8][4];
 #pragma unroll
   for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
-  float m_lo = -INFINITY, m_hi = -INFINITY, l_lo = 0.f, l_hi = 0.f;
+  RowSoftmax sm;
   constexpr uint32_t kPanelBytes = kSm90Keys * 128;  // one 64-column panel of a K/V tile
 
   // S = Q K_j^T into s (async; the caller commits)
@@ -194,65 +194,16 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
     wgmma::wait<1>();
     wgmma::fence_operand(s);
 
-    const int key0 = j * kSm90Keys;
-    if (key0 + kSm90Keys - 1 > min_qpos) {
-#pragma unroll
-      for (int nt = 0; nt < kSm90Keys / 8; ++nt)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int key = key0 + nt * 8 + (lane % 4) * 2 + e;
-          if (key > qpos_lo) s[nt][e] = -INFINITY;
-          if (key > qpos_hi) s[nt][2 + e] = -INFINITY;
-        }
-    }
-
-    float mx_lo = -INFINITY, mx_hi = -INFINITY;
-#pragma unroll
-    for (int nt = 0; nt < kSm90Keys / 8; ++nt) {
-      mx_lo = fmaxf(mx_lo, fmaxf(s[nt][0], s[nt][1]));
-      mx_hi = fmaxf(mx_hi, fmaxf(s[nt][2], s[nt][3]));
-    }
-#pragma unroll
-    for (int off = 1; off < 4; off <<= 1) {
-      mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, off));
-      mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, off));
-    }
-    // Tile 0 holds key 0 <= every row's position, so m is finite from the first tile on.
-    const float mn_lo = fmaxf(m_lo, mx_lo * p.scale_log2);
-    const float mn_hi = fmaxf(m_hi, mx_hi * p.scale_log2);
-    const float alpha_lo = exp2f(m_lo - mn_lo), alpha_hi = exp2f(m_hi - mn_hi);
-    m_lo = mn_lo;
-    m_hi = mn_hi;
-    float sum_lo = 0.f, sum_hi = 0.f;
-#pragma unroll
-    for (int nt = 0; nt < kSm90Keys / 8; ++nt) {
-      s[nt][0] = exp2f(fmaf(s[nt][0], p.scale_log2, -mn_lo));
-      s[nt][1] = exp2f(fmaf(s[nt][1], p.scale_log2, -mn_lo));
-      s[nt][2] = exp2f(fmaf(s[nt][2], p.scale_log2, -mn_hi));
-      s[nt][3] = exp2f(fmaf(s[nt][3], p.scale_log2, -mn_hi));
-      sum_lo += s[nt][0] + s[nt][1];
-      sum_hi += s[nt][2] + s[nt][3];
-    }
-    l_lo = l_lo * alpha_lo + sum_lo;
-    l_hi = l_hi * alpha_hi + sum_hi;
+    float alpha_lo, alpha_hi;
+    sm.tile(s, j * kSm90Keys, min_qpos, qpos_lo, qpos_hi, lane, p.scale_log2, alpha_lo,
+            alpha_hi);
 
     // O and P are free once O += P_{j-1} V_{j-1} retires.
     wgmma::wait<0>();
     wgmma::fence_operand(o);
+    rescale_rows(o, alpha_lo, alpha_hi);
 #pragma unroll
-    for (int i = 0; i < D / 8; ++i) {
-      o[i][0] *= alpha_lo;
-      o[i][1] *= alpha_lo;
-      o[i][2] *= alpha_hi;
-      o[i][3] *= alpha_hi;
-    }
-#pragma unroll
-    for (int kk = 0; kk < kSm90Keys / 16; ++kk) {
-      pa[kk][0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
-      pa[kk][1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
-      pa[kk][2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      pa[kk][3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-    }
+    for (int kk = 0; kk < kSm90Keys / 16; ++kk) p_fragment<T>(pa[kk], s, kk);
   }
   // the last tile's O += P V (its stage is never reloaded: no tile follows)
   issue_pv(num_kv_tiles - 1);
@@ -261,12 +212,8 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
   wgmma::fence_operand(o);
   cp_async_wait<0>();
 
-#pragma unroll
-  for (int off = 1; off < 4; off <<= 1) {
-    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, off);
-    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, off);
-  }
-  const float inv_lo = 1.f / l_lo, inv_hi = 1.f / l_hi;
+  float inv_lo, inv_hi;
+  sm.inverse_sums(inv_lo, inv_hi);
   T* out = static_cast<T*>(p.out);
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
