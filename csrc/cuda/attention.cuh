@@ -189,6 +189,66 @@ __device__ __forceinline__ void p_fragment(uint32_t (&a)[4], const float (&s)[N]
   a[3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
 }
 
+// A block's tile of packed query rows: kv head blockIdx.x of request blockIdx.z, packed
+// rows row0 .. row_last (row r is token r / G, query head kvh * G + r % G of the request's
+// new tokens); shared by the mma.sync and wgmma kernels.
+struct RowTile {
+  int kvh, b, q_begin, G, rows_total, row0, kv_len, prefix, row_last, min_qpos, max_qpos;
+
+  // false when the tile lies past the request (the grid covers the longest one)
+  __device__ __forceinline__ bool init(const PagedAttnParams& p, int rows) {
+    kvh = blockIdx.x;
+    b = blockIdx.z;
+    const int tile = gridDim.y - 1 - blockIdx.y;  // the longest tiles start first
+    q_begin = p.cu_seqlens[b];
+    const int n_new = p.cu_seqlens[b + 1] - q_begin;
+    G = p.group;
+    rows_total = n_new * G;
+    row0 = tile * rows;
+    if (row0 >= rows_total) return false;
+    kv_len = p.kv_lens[b];
+    prefix = kv_len - n_new;
+    row_last = min(row0 + rows, rows_total) - 1;
+    min_qpos = prefix + row0 / G;
+    max_qpos = prefix + row_last / G;
+    return true;
+  }
+
+  // cp.async of the tile's Q rows into shared memory at element offset at(r, c); rows
+  // past the request are zero-filled (and never stored).
+  template <typename T, int D, int kRows, int kThreads, typename At>
+  __device__ __forceinline__ void load_q(const PagedAttnParams& p, T* sQ, int tid, At at) const {
+    constexpr int kChunksRow = D / 8;
+    const T* q = static_cast<const T*>(p.q);
+    for (int i = tid; i < kRows * kChunksRow; i += kThreads) {
+      const int r = i / kChunksRow, c = (i % kChunksRow) * 8;
+      const int gr = row0 + r;
+      const bool valid = gr < rows_total;
+      const int tok = valid ? gr / G : 0, g = valid ? gr % G : 0;
+      const T* src = q + int64_t(q_begin + tok) * p.q_stride + (kvh * G + g) * D + c;
+      cp_async16(sQ + at(r, c), src, valid);
+    }
+  }
+
+  // Writes this thread's two rows (block rows r_lo and r_lo + 8) of O / l.
+  template <typename T, int D>
+  __device__ __forceinline__ void store(const PagedAttnParams& p, const float (&o)[D / 8][4],
+                                        int r_lo, int lane, float inv_lo, float inv_hi) const {
+    T* out = static_cast<T*>(p.out);
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int gr = row0 + r_lo + half * 8;
+      if (gr >= rows_total) continue;
+      const float inv = half ? inv_hi : inv_lo;
+      T* dst = out + (int64_t(q_begin + gr / G) * p.hq + kvh * G + gr % G) * D + (lane % 4) * 2;
+#pragma unroll
+      for (int dt = 0; dt < D / 8; ++dt)
+        *reinterpret_cast<uint32_t*>(dst + dt * 8) =
+            pack2<T>(o[dt][2 * half] * inv, o[dt][2 * half + 1] * inv);
+    }
+  }
+};
+
 // Smem: Q [kRowsM][D], K [2][kKeysN][D], V [2][kKeysN][D], all swizzled.
 template <int D>
 constexpr int paged_attention_smem_bytes() {
@@ -203,46 +263,26 @@ __global__ void __launch_bounds__(kAttnThreads, 2)
   T* sK = sQ + kRowsM * D;
   T* sV = sK + 2 * kKeysN * D;
 
-  const int kvh = blockIdx.x, b = blockIdx.z;
-  const int tile = gridDim.y - 1 - blockIdx.y;  // the longest tiles start first
-  const int q_begin = p.cu_seqlens[b];
-  const int n_new = p.cu_seqlens[b + 1] - q_begin;
-  const int G = p.group;
-  const int rows_total = n_new * G;
-  const int row0 = tile * kRowsM;
-  if (row0 >= rows_total) return;
-  const int kv_len = p.kv_lens[b];
-  const int prefix = kv_len - n_new;
-  const int row_last = min(row0 + kRowsM, rows_total) - 1;
-  const int min_qpos = prefix + row0 / G;
-  const int max_qpos = prefix + row_last / G;
-  const int num_kv_tiles = (max_qpos + kKeysN) / kKeysN;
+  RowTile t;
+  if (!t.init(p, kRowsM)) return;
+  const int num_kv_tiles = (t.max_qpos + kKeysN) / kKeysN;
 
-  const T* q = static_cast<const T*>(p.q);
   const T* kc = static_cast<const T*>(p.k_cache);
   const T* vc = static_cast<const T*>(p.v_cache);
-  const int32_t* pages = p.page_table + int64_t(b) * p.pt_stride;
+  const int32_t* pages = p.page_table + int64_t(t.b) * p.pt_stride;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   constexpr int kChunksRow = D / 8;
 
-  // Q tile (rows past the request are zero-filled and never stored)
-  for (int i = tid; i < kRowsM * kChunksRow; i += kAttnThreads) {
-    const int r = i / kChunksRow, c = (i % kChunksRow) * 8;
-    const int gr = row0 + r;
-    const bool valid = gr < rows_total;
-    const int tok = valid ? gr / G : 0, g = valid ? gr % G : 0;
-    const T* src = q + int64_t(q_begin + tok) * p.q_stride + (kvh * G + g) * D + c;
-    cp_async16(sQ + swz<D>(r, c), src, valid);
-  }
+  t.load_q<T, D, kRowsM, kAttnThreads>(p, sQ, tid, [](int r, int c) { return swz<D>(r, c); });
   auto load_kv = [&](int j, int stage) {
     T* dk = sK + stage * kKeysN * D;
     T* dv = sV + stage * kKeysN * D;
     for (int i = tid; i < kKeysN * kChunksRow; i += kAttnThreads) {
       const int r = i / kChunksRow, c = (i % kChunksRow) * 8;
       const int key = j * kKeysN + r;
-      const bool valid = key < kv_len;
+      const bool valid = key < t.kv_len;
       const int64_t off =
-          valid ? (page_slot(p, pages, key) * p.hk + kvh) * D + c : 0;
+          valid ? (page_slot(p, pages, key) * p.hk + t.kvh) * D + c : 0;
       cp_async16(dk + swz<D>(r, c), kc + off, valid);
       cp_async16(dv + swz<D>(r, c), vc + off, valid);
     }
@@ -253,8 +293,8 @@ __global__ void __launch_bounds__(kAttnThreads, 2)
   // This thread's two rows (lane / 4 and lane / 4 + 8 of the warp's 16); rows past the
   // request borrow the last valid row's position so their softmax stays finite.
   const int r_lo = warp * 16 + lane / 4;
-  const int qpos_lo = prefix + min(row0 + r_lo, row_last) / G;
-  const int qpos_hi = prefix + min(row0 + r_lo + 8, row_last) / G;
+  const int qpos_lo = t.prefix + min(t.row0 + r_lo, t.row_last) / t.G;
+  const int qpos_hi = t.prefix + min(t.row0 + r_lo + 8, t.row_last) / t.G;
 
   float o[D / 8][4];
 #pragma unroll
@@ -292,7 +332,7 @@ __global__ void __launch_bounds__(kAttnThreads, 2)
     }
 
     float alpha_lo, alpha_hi;
-    sm.tile(s, j * kKeysN, min_qpos, qpos_lo, qpos_hi, lane, p.scale_log2, alpha_lo, alpha_hi);
+    sm.tile(s, j * kKeysN, t.min_qpos, qpos_lo, qpos_hi, lane, p.scale_log2, alpha_lo, alpha_hi);
     rescale_rows(o, alpha_lo, alpha_hi);
 
 #pragma unroll
@@ -314,18 +354,7 @@ __global__ void __launch_bounds__(kAttnThreads, 2)
 
   float inv_lo, inv_hi;
   sm.inverse_sums(inv_lo, inv_hi);
-  T* out = static_cast<T*>(p.out);
-#pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int gr = row0 + r_lo + half * 8;
-    if (gr >= rows_total) continue;
-    const float inv = half ? inv_hi : inv_lo;
-    T* dst = out + (int64_t(q_begin + gr / G) * p.hq + kvh * G + gr % G) * D + (lane % 4) * 2;
-#pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt)
-      *reinterpret_cast<uint32_t*>(dst + dt * 8) =
-          pack2<T>(o[dt][2 * half] * inv, o[dt][2 * half + 1] * inv);
-  }
+  t.store<T, D>(p, o, r_lo, lane, inv_lo, inv_hi);
 }
 
 // Fallback: one warp per (token, query head); each lane holds dims lane, lane + 32, ...

@@ -67,45 +67,25 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
   T* sK = sQ + kSm90Rows * D;
   T* sV = sK + Pipe::stages * kSm90Keys * D;
 
-  const int kvh = blockIdx.x, b = blockIdx.z;
-  const int tile = gridDim.y - 1 - blockIdx.y;  // the longest tiles start first
-  const int q_begin = p.cu_seqlens[b];
-  const int n_new = p.cu_seqlens[b + 1] - q_begin;
-  const int G = p.group;
-  const int rows_total = n_new * G;
-  const int row0 = tile * kSm90Rows;
-  if (row0 >= rows_total) return;
-  const int kv_len = p.kv_lens[b];
-  const int prefix = kv_len - n_new;
-  const int row_last = min(row0 + kSm90Rows, rows_total) - 1;
-  const int min_qpos = prefix + row0 / G;
-  const int max_qpos = prefix + row_last / G;
-  const int num_kv_tiles = (max_qpos + kSm90Keys) / kSm90Keys;
+  RowTile t;
+  if (!t.init(p, kSm90Rows)) return;
+  const int num_kv_tiles = (t.max_qpos + kSm90Keys) / kSm90Keys;
 
-  const T* q = static_cast<const T*>(p.q);
   const T* kc = static_cast<const T*>(p.k_cache);
   const T* vc = static_cast<const T*>(p.v_cache);
-  const int32_t* pages = p.page_table + int64_t(b) * p.pt_stride;
+  const int32_t* pages = p.page_table + int64_t(t.b) * p.pt_stride;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   constexpr int kChunksRow = D / 8;
 
-  // Q tile (rows past the request are zero-filled and never stored)
-  for (int i = tid; i < kSm90Rows * kChunksRow; i += kSm90Threads) {
-    const int r = i / kChunksRow, c = (i % kChunksRow) * 8;
-    const int gr = row0 + r;
-    const bool valid = gr < rows_total;
-    const int tok = valid ? gr / G : 0, g = valid ? gr % G : 0;
-    const T* src = q + int64_t(q_begin + tok) * p.q_stride + (kvh * G + g) * D + c;
-    cp_async16(sQ + wgmma::sw128_offset<kSm90Rows>(r, c), src, valid);
-  }
+  t.load_q<T, D, kSm90Rows, kSm90Threads>(p, sQ, tid, [](int r, int c) { return wgmma::sw128_offset<kSm90Rows>(r, c); });
   auto load_kv = [&](int j, int stage) {
     T* dk = sK + stage * kSm90Keys * D;
     T* dv = sV + stage * kSm90Keys * D;
     for (int i = tid; i < kSm90Keys * kChunksRow; i += kSm90Threads) {
       const int r = i / kChunksRow, c = (i % kChunksRow) * 8;
       const int key = j * kSm90Keys + r;
-      const bool valid = key < kv_len;
-      const int64_t off = valid ? (page_slot(p, pages, key) * p.hk + kvh) * D + c : 0;
+      const bool valid = key < t.kv_len;
+      const int64_t off = valid ? (page_slot(p, pages, key) * p.hk + t.kvh) * D + c : 0;
       const int dst = wgmma::sw128_offset<kSm90Keys>(r, c);
       cp_async16(dk + dst, kc + off, valid);
       cp_async16(dv + dst, vc + off, valid);
@@ -133,8 +113,8 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
   // This thread's two rows (lane / 4 and lane / 4 + 8 of the warp's 16); rows past the
   // request borrow the last valid row's position so their softmax stays finite.
   const int r_lo = warp * 16 + lane / 4;
-  const int qpos_lo = prefix + min(row0 + r_lo, row_last) / G;
-  const int qpos_hi = prefix + min(row0 + r_lo + 8, row_last) / G;
+  const int qpos_lo = t.prefix + min(t.row0 + r_lo, t.row_last) / t.G;
+  const int qpos_hi = t.prefix + min(t.row0 + r_lo + 8, t.row_last) / t.G;
 
   float o[D / 8][4];
 #pragma unroll
@@ -195,7 +175,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
     wgmma::fence_operand(s);
 
     float alpha_lo, alpha_hi;
-    sm.tile(s, j * kSm90Keys, min_qpos, qpos_lo, qpos_hi, lane, p.scale_log2, alpha_lo,
+    sm.tile(s, j * kSm90Keys, t.min_qpos, qpos_lo, qpos_hi, lane, p.scale_log2, alpha_lo,
             alpha_hi);
 
     // O and P are free once O += P_{j-1} V_{j-1} retires.
@@ -214,18 +194,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
 
   float inv_lo, inv_hi;
   sm.inverse_sums(inv_lo, inv_hi);
-  T* out = static_cast<T*>(p.out);
-#pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int gr = row0 + r_lo + half * 8;
-    if (gr >= rows_total) continue;
-    const float inv = half ? inv_hi : inv_lo;
-    T* dst = out + (int64_t(q_begin + gr / G) * p.hq + kvh * G + gr % G) * D + (lane % 4) * 2;
-#pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt)
-      *reinterpret_cast<uint32_t*>(dst + dt * 8) =
-          pack2<T>(o[dt][2 * half] * inv, o[dt][2 * half + 1] * inv);
-  }
+  t.store<T, D>(p, o, r_lo, lane, inv_lo, inv_hi);
 #endif  // TS_SM90A_DEVICE
 }
 
