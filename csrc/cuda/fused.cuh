@@ -21,32 +21,11 @@
 
 #include <cstdint>
 
+#include "cuda/dtype.cuh"
+
 namespace tokenspeed {
 namespace cuda {
 namespace fused {
-
-template <typename T>
-__device__ __forceinline__ float to_f(T x);
-template <>
-__device__ __forceinline__ float to_f<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 x) {
-  return __bfloat162float(x);
-}
-template <>
-__device__ __forceinline__ float to_f<__half>(__half x) { return __half2float(x); }
-
-// fp32 -> T with round-to-nearest-even, as torch's casts do.
-template <typename T>
-__device__ __forceinline__ T round_to(float x);
-template <>
-__device__ __forceinline__ float round_to<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __nv_bfloat16 round_to<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
-template <>
-__device__ __forceinline__ __half round_to<__half>(float x) { return __float2half_rn(x); }
 
 template <typename T, int VEC>
 struct alignas(sizeof(T) * VEC) Pack {
@@ -100,10 +79,10 @@ __global__ void rms_norm_kernel(const T* __restrict__ x, Rows xr, const T* __res
       const Pack<T, VEC> b = load<T, VEC>(rrow + c);
 #pragma unroll
       for (int i = 0; i < VEC; ++i)
-        hv[i] = to_f(round_to<T>(__fadd_rn(to_f(a.v[i]), to_f(b.v[i]))));
+        hv[i] = to_float(round_to<T>(__fadd_rn(to_float(a.v[i]), to_float(b.v[i]))));
     } else {
 #pragma unroll
-      for (int i = 0; i < VEC; ++i) hv[i] = to_f(a.v[i]);
+      for (int i = 0; i < VEC; ++i) hv[i] = to_float(a.v[i]);
     }
   };
 
@@ -130,8 +109,8 @@ __global__ void rms_norm_kernel(const T* __restrict__ x, Rows xr, const T* __res
     Pack<T, VEC> p;
 #pragma unroll
     for (int i = 0; i < VEC; ++i) {
-      const float y = to_f(round_to<T>(__fmul_rn(hv[i], rs)));
-      p.v[i] = round_to<T>(__fmul_rn(to_f(w.v[i]), y));
+      const float y = to_float(round_to<T>(__fmul_rn(hv[i], rs)));
+      p.v[i] = round_to<T>(__fmul_rn(to_float(w.v[i]), y));
     }
     store<T, VEC>(out + row * h + c, p);
   }
@@ -149,9 +128,9 @@ __global__ void silu_and_mul_kernel(const T* __restrict__ gate_up, int64_t ld,
     Pack<T, VEC> p;
 #pragma unroll
     for (int i = 0; i < VEC; ++i) {
-      const float gf = to_f(g.v[i]);
-      const float silu = to_f(round_to<T>(gf / (1.0f + expf(-gf))));
-      p.v[i] = round_to<T>(__fmul_rn(silu, to_f(u.v[i])));
+      const float gf = to_float(g.v[i]);
+      const float silu = to_float(round_to<T>(gf / (1.0f + expf(-gf))));
+      p.v[i] = round_to<T>(__fmul_rn(silu, to_float(u.v[i])));
     }
     store<T, VEC>(out + row * inter + c, p);
   }
@@ -161,11 +140,11 @@ __global__ void silu_and_mul_kernel(const T* __restrict__ gate_up, int64_t ld,
 // cos and sin rounded to T and every product and sum rounded as torch's kernels do.
 template <typename T>
 __device__ __forceinline__ void rotate_pair(T& x1, T& x2, float c, float s) {
-  const float f1 = to_f(x1), f2 = to_f(x2);
-  const float a1 = to_f(round_to<T>(__fmul_rn(f1, c)));
-  const float b1 = to_f(round_to<T>(__fmul_rn(-f2, s)));
-  const float a2 = to_f(round_to<T>(__fmul_rn(f2, c)));
-  const float b2 = to_f(round_to<T>(__fmul_rn(f1, s)));
+  const float f1 = to_float(x1), f2 = to_float(x2);
+  const float a1 = to_float(round_to<T>(__fmul_rn(f1, c)));
+  const float b1 = to_float(round_to<T>(__fmul_rn(-f2, s)));
+  const float a2 = to_float(round_to<T>(__fmul_rn(f2, c)));
+  const float b2 = to_float(round_to<T>(__fmul_rn(f1, s)));
   x1 = round_to<T>(__fadd_rn(a1, b1));
   x2 = round_to<T>(__fadd_rn(a2, b2));
 }
@@ -191,8 +170,8 @@ __global__ void rotary_kernel(const P* __restrict__ positions, T* q, int64_t qs0
     Pack<T, VEC> x1 = load<T, VEC>(row + i), x2 = load<T, VEC>(row + i + half);
 #pragma unroll
     for (int e = 0; e < VEC; ++e)
-      rotate_pair(x1.v[e], x2.v[e], to_f(round_to<T>(cs[i + e])),
-                  to_f(round_to<T>(cs[half + i + e])));
+      rotate_pair(x1.v[e], x2.v[e], to_float(round_to<T>(cs[i + e])),
+                  to_float(round_to<T>(cs[half + i + e])));
     store<T, VEC>(row + i, x1);
     store<T, VEC>(row + i + half, x2);
   }

@@ -32,6 +32,8 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "cuda/dtype.cuh"
+
 namespace tokenspeed {
 namespace cuda {
 
@@ -46,10 +48,6 @@ constexpr int lp_chunk_cols() {
 struct LpState {
   float m, s, w;
 };
-
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 
 __device__ __forceinline__ uint4 ld_stream16(const void* p) {
   uint4 r;
