@@ -133,6 +133,10 @@ void check_store_kv(const at::Tensor& k, const at::Tensor& v, const at::Tensor& 
   }
 }
 
+float attention_scale(const std::optional<double>& scale, int64_t head_dim) {
+  return static_cast<float>(scale.has_value() ? *scale : 1.0 / std::sqrt(double(head_dim)));
+}
+
 void check_paged_attention(const at::Tensor& q, const at::Tensor& k_cache,
                            const at::Tensor& v_cache, const at::Tensor& page_table,
                            const at::Tensor& cu_seqlens_q, const at::Tensor& kv_lens,

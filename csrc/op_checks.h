@@ -69,6 +69,9 @@ void check_partials(const at::Tensor& partials);
 void check_store_kv(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
                     const at::Tensor& v_cache, const at::Tensor& slot_mapping, bool validate);
 
+// The softmax scale paged_prefill_attention uses: scale, else 1 / sqrt(head_dim).
+float attention_scale(const std::optional<double>& scale, int64_t head_dim);
+
 // Arguments of paged_prefill_attention; throws on the first problem. With validate, also
 // the metadata's values (one host copy of it): cu_seqlens_q, kv_lens against the page
 // table, page ids, and max_seqlen_q (when given) against the longest request. A scale

@@ -126,8 +126,7 @@ at::Tensor paged_prefill_attention_cpu(const at::Tensor& q, const at::Tensor& k_
                         max_seqlen_q, validate);
   const int64_t hq = q.size(1), d = q.size(2), hk = k_cache.size(2);
   const int64_t page_size = k_cache.size(1), ratio = hq / hk, b = page_table.size(0);
-  const float sm_scale = static_cast<float>(scale.has_value() ? *scale
-                                                              : 1.0 / std::sqrt(double(d)));
+  const float sm_scale = attention_scale(scale, d);
   at::Tensor out = at::empty({q.size(0), hq, d}, q.options());
   if (q.size(0) == 0 || d == 0) return out;
 

@@ -19,12 +19,10 @@
 namespace tokenspeed::cuda {
 namespace {
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 // Rows of t ([N, H] or [N, M, H]) all start on a 16-byte boundary and hold whole units.
 bool rows_allow_vec16(const at::Tensor& t) {
   const int64_t elems = 16 / static_cast<int64_t>(t.element_size());
-  if (!aligned16(t.const_data_ptr()) || t.size(-1) % elems != 0) return false;
+  if (!aligned16(t) || t.size(-1) % elems != 0) return false;
   for (int64_t d = 0; d + 1 < t.dim(); ++d)
     if (t.size(d) > 1 && t.stride(d) % elems != 0) return false;
   return true;
@@ -53,7 +51,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_cuda(const at::Tensor& x, const at::
   if (rows == 0) return {out, h_out};
   check_grid(rows, "x");
   const bool vec16 = rows_allow_vec16(x) && rows_allow_vec16(out) &&
-                     aligned16(weight.const_data_ptr()) &&
+                     aligned16(weight) &&
                      (!has_res || (rows_allow_vec16(*residual) && rows_allow_vec16(h_out)));
   C10_CUDA_CHECK(launch_rms_norm(
       x.const_data_ptr(), layout_of(x), has_res ? residual->const_data_ptr() : nullptr,

@@ -3,10 +3,18 @@
 
 #include <ATen/ATen.h>
 
+#include <cstdint>
+
 #include "cuda/launch.h"
 #include "op_checks.h"
 
 namespace tokenspeed::cuda {
+
+// Whether t's data starts on a 16-byte boundary (caching allocators return such storage;
+// views with an offset may not).
+inline bool aligned16(const at::Tensor& t) {
+  return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
+}
 
 inline void check_cuda(const at::Tensor& t, const char* name) {
   TS_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got device ", t.device());

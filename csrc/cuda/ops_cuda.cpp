@@ -121,13 +121,9 @@ void store_kv_cuda(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache
   const at::Tensor slots = slot_mapping.contiguous();
   const int64_t esize = static_cast<int64_t>(k.element_size());
   const int64_t k_stride = kc.stride(0) * esize, v_stride = vc.stride(0) * esize;
-  // 16-byte units when every row (and so every base) allows it; caching allocators
-  // return 16-byte aligned storage, views with an offset may not be.
-  const auto aligned = [](const at::Tensor& t) {
-    return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
-  };
+  // 16-byte units when every row (and so every base) allows it
   const bool vec16 = row_bytes % 16 == 0 && k_stride % 16 == 0 && v_stride % 16 == 0 &&
-                     aligned(kc) && aligned(vc) && aligned(k_cache) && aligned(v_cache);
+                     aligned16(kc) && aligned16(vc) && aligned16(k_cache) && aligned16(v_cache);
   C10_CUDA_CHECK(launch_store_kv(kc.const_data_ptr(), vc.const_data_ptr(), k_cache.data_ptr(),
                                  v_cache.data_ptr(), slots.const_data_ptr(),
                                  slots.scalar_type() == at::kLong, n, row_bytes, k_stride,
@@ -144,8 +140,7 @@ at::Tensor paged_prefill_attention_cuda(const at::Tensor& q, const at::Tensor& k
   check_cuda(q, "q");
   const int64_t hq = q.size(1), d = q.size(2), hk = k_cache.size(2);
   const int64_t page_size = k_cache.size(1), b = page_table.size(0), n = q.size(0);
-  const float sm_scale = static_cast<float>(scale.has_value() ? *scale
-                                                              : 1.0 / std::sqrt(double(d)));
+  const float sm_scale = attention_scale(scale, d);
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out = at::empty({n, hq, d}, q.options());
   if (n == 0 || d == 0) return out;
@@ -153,7 +148,7 @@ at::Tensor paged_prefill_attention_cuda(const at::Tensor& q, const at::Tensor& k
   // q may be a view of a wider row (the engine's fused q/k/v projection): read in place
   // when its heads are contiguous and every row starts on a 16-byte boundary
   const bool q_in_place = q.stride(2) == 1 && q.stride(1) == d &&
-                          reinterpret_cast<uintptr_t>(q.const_data_ptr()) % 16 == 0 &&
+                          aligned16(q) &&
                           (q.stride(0) * static_cast<int64_t>(q.element_size())) % 16 == 0;
   const at::Tensor qc = q_in_place ? q : q.contiguous();
   const at::Tensor cu = cu_seqlens_q.contiguous(), lens = kv_lens.contiguous();
