@@ -49,7 +49,11 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool va
                "r"(valid ? 16 : 0));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n"); }
+// Waits until at most N committed groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) {
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
@@ -194,6 +198,7 @@ __device__ __forceinline__ void p_fragment(uint32_t (&a)[4], const float (&s)[N]
 // new tokens); shared by the mma.sync and wgmma kernels.
 struct RowTile {
   int kvh, b, q_begin, G, rows_total, row0, kv_len, prefix, row_last, min_qpos, max_qpos;
+  const int32_t* pages;  // the request's page table row
 
   // false when the tile lies past the request (the grid covers the longest one)
   __device__ __forceinline__ bool init(const PagedAttnParams& p, int rows) {
@@ -211,7 +216,27 @@ struct RowTile {
     row_last = min(row0 + rows, rows_total) - 1;
     min_qpos = prefix + row0 / G;
     max_qpos = prefix + row_last / G;
+    pages = p.page_table + int64_t(b) * p.pt_stride;
     return true;
+  }
+
+  // cp.async of K/V tile j (keys j * kKeys ..) from the paged caches into dk / dv at
+  // element offset at(r, c); keys past the request are zero-filled.
+  template <typename T, int D, int kKeys, int kThreads, typename At>
+  __device__ __forceinline__ void load_kv(const PagedAttnParams& p, int j, T* dk, T* dv, int tid,
+                                          At at) const {
+    constexpr int kChunksRow = D / 8;
+    const T* kc = static_cast<const T*>(p.k_cache);
+    const T* vc = static_cast<const T*>(p.v_cache);
+    for (int i = tid; i < kKeys * kChunksRow; i += kThreads) {
+      const int r = i / kChunksRow, c = (i % kChunksRow) * 8;
+      const int key = j * kKeys + r;
+      const bool valid = key < kv_len;
+      const int64_t off = valid ? (page_slot(p, pages, key) * p.hk + kvh) * D + c : 0;
+      const int dst = at(r, c);
+      cp_async16(dk + dst, kc + off, valid);
+      cp_async16(dv + dst, vc + off, valid);
+    }
   }
 
   // cp.async of the tile's Q rows into shared memory at element offset at(r, c); rows
@@ -267,25 +292,13 @@ __global__ void __launch_bounds__(kAttnThreads, 2)
   if (!t.init(p, kRowsM)) return;
   const int num_kv_tiles = (t.max_qpos + kKeysN) / kKeysN;
 
-  const T* kc = static_cast<const T*>(p.k_cache);
-  const T* vc = static_cast<const T*>(p.v_cache);
-  const int32_t* pages = p.page_table + int64_t(t.b) * p.pt_stride;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  constexpr int kChunksRow = D / 8;
+  const auto at = [](int r, int c) { return swz<D>(r, c); };
 
-  t.load_q<T, D, kRowsM, kAttnThreads>(p, sQ, tid, [](int r, int c) { return swz<D>(r, c); });
+  t.load_q<T, D, kRowsM, kAttnThreads>(p, sQ, tid, at);
   auto load_kv = [&](int j, int stage) {
-    T* dk = sK + stage * kKeysN * D;
-    T* dv = sV + stage * kKeysN * D;
-    for (int i = tid; i < kKeysN * kChunksRow; i += kAttnThreads) {
-      const int r = i / kChunksRow, c = (i % kChunksRow) * 8;
-      const int key = j * kKeysN + r;
-      const bool valid = key < t.kv_len;
-      const int64_t off =
-          valid ? (page_slot(p, pages, key) * p.hk + t.kvh) * D + c : 0;
-      cp_async16(dk + swz<D>(r, c), kc + off, valid);
-      cp_async16(dv + swz<D>(r, c), vc + off, valid);
-    }
+    t.load_kv<T, D, kKeysN, kAttnThreads>(p, j, sK + stage * kKeysN * D, sV + stage * kKeysN * D,
+                                          tid, at);
   };
   load_kv(0, 0);
   cp_async_commit();
@@ -302,7 +315,7 @@ __global__ void __launch_bounds__(kAttnThreads, 2)
   RowSoftmax sm;
 
   for (int j = 0; j < num_kv_tiles; ++j) {
-    cp_async_wait_all();
+    cp_async_wait<0>();
     __syncthreads();
     if (j + 1 < num_kv_tiles) load_kv(j + 1, (j + 1) & 1);
     cp_async_commit();
@@ -350,7 +363,7 @@ __global__ void __launch_bounds__(kAttnThreads, 2)
       }
     }
   }
-  cp_async_wait_all();
+  cp_async_wait<0>();
 
   float inv_lo, inv_hi;
   sm.inverse_sums(inv_lo, inv_hi);

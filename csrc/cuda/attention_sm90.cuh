@@ -43,11 +43,6 @@ struct Sm90Pipe {
 };
 static_assert(kSm90Rows == kRowsM, "both kernels tile the packed rows alike");
 
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
 // Q [128][D] + K and V [stages][64][D], plus slack to align the tiles to 1024 bytes.
 template <int D, typename Pipe>
 constexpr int paged_attention_wgmma_smem_bytes() {
@@ -71,25 +66,14 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
   if (!t.init(p, kSm90Rows)) return;
   const int num_kv_tiles = (t.max_qpos + kSm90Keys) / kSm90Keys;
 
-  const T* kc = static_cast<const T*>(p.k_cache);
-  const T* vc = static_cast<const T*>(p.v_cache);
-  const int32_t* pages = p.page_table + int64_t(t.b) * p.pt_stride;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  constexpr int kChunksRow = D / 8;
 
-  t.load_q<T, D, kSm90Rows, kSm90Threads>(p, sQ, tid, [](int r, int c) { return wgmma::sw128_offset<kSm90Rows>(r, c); });
+  t.load_q<T, D, kSm90Rows, kSm90Threads>(
+      p, sQ, tid, [](int r, int c) { return wgmma::sw128_offset<kSm90Rows>(r, c); });
   auto load_kv = [&](int j, int stage) {
-    T* dk = sK + stage * kSm90Keys * D;
-    T* dv = sV + stage * kSm90Keys * D;
-    for (int i = tid; i < kSm90Keys * kChunksRow; i += kSm90Threads) {
-      const int r = i / kChunksRow, c = (i % kChunksRow) * 8;
-      const int key = j * kSm90Keys + r;
-      const bool valid = key < t.kv_len;
-      const int64_t off = valid ? (page_slot(p, pages, key) * p.hk + t.kvh) * D + c : 0;
-      const int dst = wgmma::sw128_offset<kSm90Keys>(r, c);
-      cp_async16(dk + dst, kc + off, valid);
-      cp_async16(dv + dst, vc + off, valid);
-    }
+    t.load_kv<T, D, kSm90Keys, kSm90Threads>(
+        p, j, sK + stage * kSm90Keys * D, sV + stage * kSm90Keys * D, tid,
+        [](int r, int c) { return wgmma::sw128_offset<kSm90Keys>(r, c); });
   };
   // one commit group per tile (Q rides with tile 0), Pipe::load_ahead tiles ahead
 #pragma unroll

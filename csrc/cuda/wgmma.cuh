@@ -2,9 +2,9 @@
  * Hopper warpgroup MMA (wgmma) primitives for sm_90a: shared-memory matrix descriptors,
  * the async fences, and D (+)= A * B with A in registers and B in shared memory.
  *
- * Everything here is only valid in the sm_90a compilation pass (TS_SM90A_DEVICE); the
- * kernels that use it compile to an empty body elsewhere and the host never launches
- * them there (attention.cu checks the device and the build).
+ * Only valid in the sm_90a compilation pass (TS_SM90A_DEVICE): the kernels that use these
+ * call them only there and compile to an empty body elsewhere, and the host never
+ * launches them elsewhere (attention.cu checks the device and the build).
  *
  * Register layouts are those of mma.m16n8k16 per warp: warp w of the warpgroup owns rows
  * 16w..16w+15 of the 64; accumulator d[i] holds columns 8i..8i+7 (d[i][0..1] row
@@ -52,27 +52,19 @@ __device__ __forceinline__ int sw128_offset(int row, int col) {
 }
 
 __device__ __forceinline__ void fence() {
-#ifdef TS_SM90A_DEVICE
   asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-#endif
 }
 __device__ __forceinline__ void commit() {
-#ifdef TS_SM90A_DEVICE
   asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-#endif
 }
 template <int N>
 __device__ __forceinline__ void wait() {
-#ifdef TS_SM90A_DEVICE
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
-#endif
 }
 // Makes shared-memory writes of the generic proxy (cp.async, st.shared) visible to the
 // async proxy that wgmma reads through.
 __device__ __forceinline__ void fence_proxy_async_shared() {
-#ifdef TS_SM90A_DEVICE
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-#endif
 }
 // After wait(): tells the compiler the accumulators changed here, so no read of them is
 // scheduled before the wait.
@@ -84,7 +76,6 @@ __device__ __forceinline__ void fence_operand(float (&d)[N][4]) {
     for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(d[i][e])::"memory");
 }
 
-#ifdef TS_SM90A_DEVICE
 // One asm statement per input type TY ("bf16" or "f16") and width 64.
 #define TS_WGMMA_RS_N64(TY)                                                                        \
   asm volatile(                                                                                    \
@@ -152,15 +143,6 @@ __device__ __forceinline__ void wgmma_rs_n128(float (&d)[16][4], const uint32_t 
     TS_WGMMA_RS_N128("f16");
 }
 #undef TS_WGMMA_RS_N128
-
-#else
-template <typename T, int kTransB>
-__device__ __forceinline__ void wgmma_rs_n64(float (&)[8][4], const uint32_t (&)[4], uint64_t,
-                                             int) {}
-template <typename T, int kTransB>
-__device__ __forceinline__ void wgmma_rs_n128(float (&)[16][4], const uint32_t (&)[4],
-                                              uint64_t, int) {}
-#endif
 
 }  // namespace wgmma
 }  // namespace cuda
