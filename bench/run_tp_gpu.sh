@@ -2,19 +2,10 @@
 # One device call on a machine with 2+ GPUs (nvidia-h200-x2): build, the NCCL tensor-parallel
 # tests, the TP log-prob benchmark, then the single-GPU suite. Logs under $OUT (or ./gpu_logs).
 #   bench/run_tp_gpu.sh [tp_tests] [bench_tp] [gpu_tests] [profile]
-# NVLink multicast stays off (NCCL_NVLS_ENABLE=0 is kept as the machine sets it).
-set -o pipefail
-OUT=${OUT:-gpu_logs}
-mkdir -p "$OUT"
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} TORCH_EXTENSIONS_DIR=/tmp/tse_ext TOKENSPEED_BUILD_CUDA=1 PYTHONUNBUFFERED=1
-export MAX_JOBS=${MAX_JOBS:-16} NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+source "$(dirname "$0")/gpu_common.sh"
 stages=${*:-tp_tests bench_tp gpu_tests}
-status=0
-step() { echo "=== $1 ($(date +%T))"; }
-step build
-nvidia-smi --query-gpu=index,name,clocks.sm,memory.total --format=csv | tee "$OUT/gpu.txt"
+build
 nvidia-smi topo -m 2>&1 | tee -a "$OUT/gpu.txt"
-{ time python3 -c "import tokenspeed_ext as t; print(t.BUILD); t.Scheduler" ; } 2>&1 | tee "$OUT/build.log" || exit 1
 for s in $stages; do
   case $s in
     tp_tests)
