@@ -190,8 +190,10 @@ def run(model_name: str, workload: str, root: Path, budgets: list[int], ref_subs
         "mean_abs_diff": mean_d, "max_abs_diff": max_d,
     }
     if ref_subset:
-        row.update(reference_errors(path, seqs[:ref_subset], ts_res[:ref_subset],
-                                    hf_res[:ref_subset]))
+        # spread over the workload: GRPO's neighbours share a prompt
+        pick = list(range(0, len(seqs), max(1, len(seqs) // ref_subset)))[:ref_subset]
+        row.update(reference_errors(path, [seqs[i] for i in pick], [ts_res[i] for i in pick],
+                                    [hf_res[i] for i in pick]))
     return row
 
 
@@ -205,8 +207,22 @@ def reference_errors(path: Path, seqs, ts_res, hf_res) -> dict:
     _empty_cache()
     ts_mean, ts_max = agreement(ts_res, ref_res)
     hf_mean, hf_max = agreement(hf_res, ref_res)
+    diff, se = paired_difference(ts_res, hf_res, ref_res)
     return {"ts_vs_fp32_mean": ts_mean, "ts_vs_fp32_max": ts_max,
-            "hf_vs_fp32_mean": hf_mean, "hf_vs_fp32_max": hf_max}
+            "hf_vs_fp32_mean": hf_mean, "hf_vs_fp32_max": hf_max,
+            "ts_minus_hf_err": diff, "ts_minus_hf_err_se": se}
+
+
+def paired_difference(a, b, ref) -> tuple[float, float]:
+    """Mean over tokens of |a - ref| - |b - ref|, and its standard error with sequences as
+    the independent units (a sequence's tokens share their errors' causes)."""
+    sums = torch.tensor([((x.double() - r.double()).abs() - (y.double() - r.double()).abs()).sum()
+                         for x, y, r in zip(a, b, ref)])
+    counts = torch.tensor([float(len(r)) for r in ref], dtype=torch.float64)
+    n, k = counts.sum(), len(ref)
+    diff = sums.sum() / n
+    se = ((sums - counts * diff).pow(2).sum() * k / max(k - 1, 1)).sqrt() / n
+    return diff.item(), se.item()
 
 
 def main() -> None:
@@ -239,11 +255,13 @@ def main() -> None:
                                    for k, v in row.items()))
     print("\n| model | workload | HF tok/s | tokenspeed tok/s | speedup | HF peak GiB | "
           "tokenspeed peak GiB | MFU HF / ts (ts on computed tokens) | mean/max abs diff | "
-          "vs fp32 ts / HF (mean) |")
+          "vs fp32 ts / HF (mean); ts - HF +- se |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        ref = (f"{r.get('ts_vs_fp32_mean', float('nan')):.3g} / "
-               f"{r.get('hf_vs_fp32_mean', float('nan')):.3g}")
+        ref = (f"{r.get('ts_vs_fp32_mean', float('nan')):.4g} / "
+               f"{r.get('hf_vs_fp32_mean', float('nan')):.4g}; "
+               f"{r.get('ts_minus_hf_err', float('nan')):+.2g} +- "
+               f"{r.get('ts_minus_hf_err_se', float('nan')):.1g}")
         print(f"| {r['model']} | {r['workload']} | {r['hf_tok_s']:.0f} | {r['ts_tok_s']:.0f} | "
               f"{r['speedup']:.2f}x | {r['hf_peak_gib']:.1f} | {r['ts_peak_gib']:.1f} | "
               f"{r['hf_mfu']:.2f} / {r['ts_mfu']:.2f} ({r['ts_mfu_computed']:.2f}) | "

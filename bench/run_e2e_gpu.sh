@@ -9,7 +9,7 @@ for s in $stages; do
   case $s in
     tests)
       step tests
-      timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 \
+      timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 \
         | tee "$OUT/gpu_tests.log" | tail -25 || status=1 ;;
     scoring-1.5b)
       step scoring-1.5b

@@ -1,7 +1,7 @@
 #!/bin/bash
 # One device call: build (CPU + CUDA ops), GPU tests, compute-sanitizer on the small kernel
 # tests, then the kernel benchmarks. Logs go under $OUT (or ./gpu_logs).
-#   bench/run_gpu.sh [build] [test] [sanitize] [bench_logprobs] [bench_attention] [ncu]
+#   bench/run_gpu.sh [build] [test] [sanitize] [bench_logprobs] [bench_attention] [ncu] [sass]
 # PYTEST_ARGS adds pytest options to the test stage (e.g. --deselect ID).
 source "$(dirname "$0")/gpu_common.sh"
 stages=${*:-build test bench_logprobs bench_attention sanitize}
@@ -27,6 +27,14 @@ for s in $stages; do
     bench_attention)
       step bench_attention
       timeout 240 python3 bench/bench_attention.py 2>&1 | tee "$OUT/bench_attention.log" | tail -12 ;;
+    sass)
+      # the wgmma attention kernel's machine code, and where it touches local memory
+      step sass
+      so=$(find /tmp/tse_ext -name 'tokenspeed_ops_cuda*.so' | head -1)
+      cuobjdump -sass "$so" | awk '/Function : .*paged_attention_wgmma/{on=1} /Function : /&&!/wgmma/{on=0} on' \
+        > "$OUT/wgmma.sass"
+      grep -c "LDL\|STL" "$OUT/wgmma.sass" | sed 's/^/local-memory instructions: /'
+      grep -n "LDL\|STL\|BAR.SYNC\|WARPGROUP.ARRIVE\|BRA" "$OUT/wgmma.sass" | head -80 ;;
     ncu)
       step ncu
       timeout 240 ncu --clock-control none --target-processes all -k regex:paged_attention \

@@ -17,6 +17,22 @@ from ..distributed import tp_group, vocab_range
 # logits held at once by the non-lean head: 256 MiB in fp32
 MAX_LOGITS_ELEMENTS = 1 << 26
 
+# aten::mm.dtype: a bf16/fp16 GEMM whose fp32 accumulator is written out unrounded
+_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
+
+
+def head_logits(hidden: Tensor, weight: Tensor) -> Tensor:
+    """hidden [S, H] @ weight[V, H]^T, in fp32 where the GEMM can write it directly.
+
+    Rounding bf16 logits costs |logit| * 2^-9 each, the largest error term of a bf16
+    scorer; writing the GEMM's fp32 accumulator instead costs one extra pass over the
+    (bounded) logits block. Other devices and dtypes fall back to F.linear.
+    """
+    if (_MM_OUT_DTYPE and hidden.is_cuda and hidden.dtype in (torch.bfloat16, torch.float16)
+            and weight.dtype == hidden.dtype):
+        return torch.mm(hidden, weight.t(), out_dtype=torch.float32)
+    return F.linear(hidden, weight)
+
 
 def _vocab_loader(layer: nn.Module):
     """Loads the layer's rows [vocab_start, vocab_end) of an HF [V, H] tensor."""
@@ -98,13 +114,13 @@ class LogprobHead(nn.Module):
         if vocab_chunk is None or vocab_chunk >= vocab:
             # full rows, but a bounded number at a time, so [rows, V] logits stay small
             step = max(1, MAX_LOGITS_ELEMENTS // vocab)
-            outs = [tse.logprobs(F.linear(hidden[r:r + step], weight), targets[r:r + step],
+            outs = [tse.logprobs(head_logits(hidden[r:r + step], weight), targets[r:r + step],
                                  temperature, True, validate=False)
                     for r in range(0, hidden.shape[0], step)]
             lp = torch.cat([o[0] for o in outs])
             return lp, torch.cat([o[1] for o in outs]) if return_entropy else None
         partials = torch.stack([
-            tse.logprob_partials(F.linear(hidden, weight[start:start + vocab_chunk]), targets,
+            tse.logprob_partials(head_logits(hidden, weight[start:start + vocab_chunk]), targets,
                                  start, temperature, validate=False)
             for start in range(0, vocab, vocab_chunk)])
         lp, ent = tse.combine_logprob_partials(partials)
@@ -122,7 +138,7 @@ class LogprobHead(nn.Module):
         weight = self.head_weight()
         step = max(1, MAX_LOGITS_ELEMENTS // weight.shape[0])
         return torch.cat([
-            tse.logprob_partials(F.linear(hidden[r:r + step], weight), targets[r:r + step],
+            tse.logprob_partials(head_logits(hidden[r:r + step], weight), targets[r:r + step],
                                  self.vocab_start, temperature, validate=False)
             for r in range(0, hidden.shape[0], step)])
 
@@ -137,7 +153,7 @@ class LogprobHead(nn.Module):
         step = max(1, MAX_LOGITS_ELEMENTS // (size * width))
         lps, ents = [], []
         for r in range(0, hidden.shape[0], step):
-            local = F.linear(hidden[r:r + step], weight)
+            local = head_logits(hidden[r:r + step], weight)
             # all_gather needs equal shapes: pad the shorter shards, then cut the padding
             local = F.pad(local, (0, width - local.shape[1]))
             shards = self.tp.all_gather(local)
