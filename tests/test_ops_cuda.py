@@ -185,6 +185,16 @@ def test_attention_long(attention_kernel):
     _check_attention(args, torch.bfloat16)
 
 
+def test_attention_many_short_requests_small(attention_kernel):
+    """Many work items per block (the wgmma kernel is persistent), most of them one K/V
+    tile long, among a long request's items and the empty ones past short requests."""
+    gen = torch.Generator().manual_seed(11)
+    new = torch.randint(1, 65, (48,), generator=gen).tolist() + [600]
+    prefix = torch.randint(0, 201, (48,), generator=gen).tolist() + [300]
+    args = _paged_problem(new, prefix, 32, 8, 128, 16, torch.bfloat16, seed=11)
+    _check_attention(args, torch.bfloat16)
+
+
 @pytest.mark.parametrize("page", [16, 64])
 def test_attention_batch_independent(page, attention_kernel):
     new, prefix = [200, 37, 513, 1], [100, 0, 900, 60]

@@ -4,8 +4,10 @@
 // (attention.cuh);
 // the simple kernel otherwise. TOKENSPEED_ATTENTION_KERNEL=mma_sync forces the mma.sync
 // kernel (for tests and comparisons).
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 
 #include "cuda/attention.cuh"
 #include "cuda/attention_sm90.cuh"
@@ -37,9 +39,13 @@ cudaError_t launch_wgmma(const PagedAttnParams& p, int b, int tiles, cudaStream_
   const cudaError_t err =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
-  const dim3 grid(static_cast<unsigned>(p.hk), static_cast<unsigned>(tiles),
-                  static_cast<unsigned>(b));
-  kernel<<<grid, kSm90Threads, smem, stream>>>(p);
+  // persistent: one block per SM walks work items hk x tiles x b (see the kernel)
+  int dev = 0, sms = 0;
+  const cudaError_t err_sm = cudaGetDevice(&dev) == cudaSuccess
+      ? cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) : cudaGetLastError();
+  if (err_sm != cudaSuccess) return err_sm;
+  const int items = p.hk * tiles * b;  // < 2^31: checked by the caller
+  kernel<<<std::min(items, sms), kSm90Threads, smem, stream>>>(p, tiles, b);
   return cudaGetLastError();
 }
 
@@ -86,7 +92,9 @@ int paged_attention_rows_per_tile() { return kRowsM; }
 cudaError_t launch_paged_attention_mma(const PagedAttnParams& p, DType dtype, int batch,
                                        int tiles, cudaStream_t stream) {
   const bool bf16 = dtype == DType::kBFloat16;
-  if (p.head_dim == 128 && use_wgmma())
+  // the wgmma kernel numbers its work items with an int
+  const bool few_items = int64_t(p.hk) * tiles * batch <= std::numeric_limits<int>::max();
+  if (p.head_dim == 128 && few_items && use_wgmma())
     return bf16 ? launch_wgmma<__nv_bfloat16, 128, Sm90Pipe128>(p, batch, tiles, stream)
                 : launch_wgmma<__half, 128, Sm90Pipe128>(p, batch, tiles, stream);
   if (p.head_dim == 64)

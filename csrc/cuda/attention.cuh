@@ -104,6 +104,15 @@ __device__ __forceinline__ int64_t page_slot(const PagedAttnParams& p, const int
   return int64_t(pages[key / p.page_size]) * p.page_size + key % p.page_size;
 }
 
+// 2^x in one MUFU.EX2; results below 2^-126 flush to zero (exp2f spends three more
+// instructions per call on them, a third of the softmax's work: nothing a probability
+// that small changes).
+__device__ __forceinline__ float exp2_ftz(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
 // Online softmax of this thread's two rows (lane / 4 and lane / 4 + 8 of its warp's 16)
 // over S tiles in the mma.m16n8 accumulator layout (s[i]: keys 8i + 2 * (lane % 4) + {0,1},
 // entries 0-1 the low row, 2-3 the high row); shared by the mma.sync and wgmma kernels.
@@ -127,12 +136,22 @@ struct RowSoftmax {
           if (key > qpos_hi) s[nt][2 + e] = -INFINITY;
         }
     }
-    float mx_lo = -INFINITY, mx_hi = -INFINITY;
+    // Four independent chains per row for the max and the sum: with two warps per
+    // scheduler, one long dependent chain leaves it idle.
+    static_assert(N % 4 == 0, "four chains");
+    float mxs[2][4];
 #pragma unroll
-    for (int nt = 0; nt < N; ++nt) {
-      mx_lo = fmaxf(mx_lo, fmaxf(s[nt][0], s[nt][1]));
-      mx_hi = fmaxf(mx_hi, fmaxf(s[nt][2], s[nt][3]));
+    for (int c = 0; c < 4; ++c) {
+      mxs[0][c] = fmaxf(s[c][0], s[c][1]);
+      mxs[1][c] = fmaxf(s[c][2], s[c][3]);
     }
+#pragma unroll
+    for (int nt = 4; nt < N; ++nt) {
+      mxs[0][nt % 4] = fmaxf(mxs[0][nt % 4], fmaxf(s[nt][0], s[nt][1]));
+      mxs[1][nt % 4] = fmaxf(mxs[1][nt % 4], fmaxf(s[nt][2], s[nt][3]));
+    }
+    float mx_lo = fmaxf(fmaxf(mxs[0][0], mxs[0][1]), fmaxf(mxs[0][2], mxs[0][3]));
+    float mx_hi = fmaxf(fmaxf(mxs[1][0], mxs[1][1]), fmaxf(mxs[1][2], mxs[1][3]));
 #pragma unroll
     for (int off = 1; off < 4; off <<= 1) {
       mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, off));
@@ -141,22 +160,22 @@ struct RowSoftmax {
     // Tile 0 holds key 0 <= every row's position, so m is finite from the first tile on.
     const float mn_lo = fmaxf(m_lo, mx_lo * scale_log2);
     const float mn_hi = fmaxf(m_hi, mx_hi * scale_log2);
-    alpha_lo = exp2f(m_lo - mn_lo);
-    alpha_hi = exp2f(m_hi - mn_hi);
+    alpha_lo = exp2_ftz(m_lo - mn_lo);
+    alpha_hi = exp2_ftz(m_hi - mn_hi);
     m_lo = mn_lo;
     m_hi = mn_hi;
-    float sum_lo = 0.f, sum_hi = 0.f;
+    float sums[2][4] = {};
 #pragma unroll
     for (int nt = 0; nt < N; ++nt) {
-      s[nt][0] = exp2f(fmaf(s[nt][0], scale_log2, -mn_lo));
-      s[nt][1] = exp2f(fmaf(s[nt][1], scale_log2, -mn_lo));
-      s[nt][2] = exp2f(fmaf(s[nt][2], scale_log2, -mn_hi));
-      s[nt][3] = exp2f(fmaf(s[nt][3], scale_log2, -mn_hi));
-      sum_lo += s[nt][0] + s[nt][1];
-      sum_hi += s[nt][2] + s[nt][3];
+      s[nt][0] = exp2_ftz(fmaf(s[nt][0], scale_log2, -mn_lo));
+      s[nt][1] = exp2_ftz(fmaf(s[nt][1], scale_log2, -mn_lo));
+      s[nt][2] = exp2_ftz(fmaf(s[nt][2], scale_log2, -mn_hi));
+      s[nt][3] = exp2_ftz(fmaf(s[nt][3], scale_log2, -mn_hi));
+      sums[0][nt % 4] += s[nt][0] + s[nt][1];
+      sums[1][nt % 4] += s[nt][2] + s[nt][3];
     }
-    l_lo = l_lo * alpha_lo + sum_lo;
-    l_hi = l_hi * alpha_hi + sum_hi;
+    l_lo = l_lo * alpha_lo + ((sums[0][0] + sums[0][1]) + (sums[0][2] + sums[0][3]));
+    l_hi = l_hi * alpha_hi + ((sums[1][0] + sums[1][1]) + (sums[1][2] + sums[1][3]));
   }
 
   // 1 / (row sum) of both rows, summed over the 4 lanes that share them.
@@ -172,9 +191,11 @@ struct RowSoftmax {
   }
 };
 
-// O [D/8 tiles][4] *= alpha of its row.
+// O [D/8 tiles][4] *= alpha of its row; skipped when no row of the warp changed its max
+// (most tiles once the max has settled).
 template <int N>
 __device__ __forceinline__ void rescale_rows(float (&o)[N][4], float alpha_lo, float alpha_hi) {
+  if (!__any_sync(0xffffffffu, alpha_lo != 1.f || alpha_hi != 1.f)) return;
 #pragma unroll
   for (int i = 0; i < N; ++i) {
     o[i][0] *= alpha_lo;
@@ -193,18 +214,31 @@ __device__ __forceinline__ void p_fragment(uint32_t (&a)[4], const float (&s)[N]
   a[3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
 }
 
-// A block's tile of packed query rows: kv head blockIdx.x of request blockIdx.z, packed
-// rows row0 .. row_last (row r is token r / G, query head kvh * G + r % G of the request's
-// new tokens); shared by the mma.sync and wgmma kernels.
+// A tile of packed query rows: kv head kvh of request b, packed rows row0 .. row_last
+// (row r is token r / G, query head kvh * G + r % G of the request's new tokens); shared
+// by the mma.sync and wgmma kernels.
 struct RowTile {
   int kvh, b, q_begin, G, rows_total, row0, kv_len, prefix, row_last, min_qpos, max_qpos;
   const int32_t* pages;  // the request's page table row
 
-  // false when the tile lies past the request (the grid covers the longest one)
+  // The tile of grid block (kv head x, tile y, request z): false when it lies past the
+  // request (the grid covers the longest one).
   __device__ __forceinline__ bool init(const PagedAttnParams& p, int rows) {
-    kvh = blockIdx.x;
-    b = blockIdx.z;
-    const int tile = gridDim.y - 1 - blockIdx.y;  // the longest tiles start first
+    return init(p, rows, blockIdx.x, gridDim.y - 1 - blockIdx.y, blockIdx.z);
+  }
+
+  // Work item w of hk x B x tiles: kv head fastest, then the request, then the tile, the
+  // longest first (every request's last tile, then the ones before).
+  __device__ __forceinline__ bool init_item(const PagedAttnParams& p, int rows, int tiles,
+                                            int batch, int w) {
+    const int rest = w / p.hk;
+    return init(p, rows, w % p.hk, tiles - 1 - rest / batch, rest % batch);
+  }
+
+  __device__ __forceinline__ bool init(const PagedAttnParams& p, int rows, int kv_head,
+                                       int tile, int request) {
+    kvh = kv_head;
+    b = request;
     q_begin = p.cu_seqlens[b];
     const int n_new = p.cu_seqlens[b + 1] - q_begin;
     G = p.group;
@@ -220,38 +254,56 @@ struct RowTile {
     return true;
   }
 
+  // The page holding this thread's key of K/V tile j (see load_kv), or -1 past the
+  // request. A dependent global load: a caller can issue it a tile ahead.
+  template <int kKeys, int kThreads>
+  __device__ __forceinline__ int page_of(const PagedAttnParams& p, int j, int tid) const {
+    const int key = j * kKeys + tid / (kThreads / kKeys);
+    if (key >= kv_len) return -1;
+    // __ldg: the table pointer may come from shared memory, where the compiler cannot
+    // tell it points to global memory (a generic load otherwise)
+    return __ldg(pages + (p.page_shift >= 0 ? key >> p.page_shift : key / p.page_size));
+  }
+
   // cp.async of K/V tile j (keys j * kKeys ..) from the paged caches into dk / dv at
-  // element offset at(r, c); keys past the request are zero-filled.
+  // element offset at(r, c), this thread's key in `page` (page_of; -1 zero-fills). Each
+  // thread copies part of one key's row, so it looks up one page per tile; the
+  // kThreads / kKeys threads of a key take its 16-byte chunks in turn, so each copy
+  // instruction reads whole 32-byte sectors.
   template <typename T, int D, int kKeys, int kThreads, typename At>
-  __device__ __forceinline__ void load_kv(const PagedAttnParams& p, int j, T* dk, T* dv, int tid,
-                                          At at) const {
-    constexpr int kChunksRow = D / 8;
+  __device__ __forceinline__ void load_kv(const PagedAttnParams& p, int j, int page, T* dk,
+                                          T* dv, int tid, At at) const {
+    constexpr int kPerRow = kThreads / kKeys;
+    static_assert(kThreads % kKeys == 0 && (D / 8) % kPerRow == 0, "threads per key row");
     const T* kc = static_cast<const T*>(p.k_cache);
     const T* vc = static_cast<const T*>(p.v_cache);
-    for (int i = tid; i < kKeys * kChunksRow; i += kThreads) {
-      const int r = i / kChunksRow, c = (i % kChunksRow) * 8;
-      const int key = j * kKeys + r;
-      const bool valid = key < kv_len;
-      const int64_t off = valid ? (page_slot(p, pages, key) * p.hk + kvh) * D + c : 0;
+    const int r = tid / kPerRow, key = j * kKeys + r;
+    const int in_page = p.page_shift >= 0 ? key & (p.page_size - 1) : key % p.page_size;
+    const int64_t base =
+        page >= 0 ? ((int64_t(page) * p.page_size + in_page) * p.hk + kvh) * D : 0;
+#pragma unroll
+    for (int m = 0; m < D / 8 / kPerRow; ++m) {
+      const int c = (m * kPerRow + tid % kPerRow) * 8;
       const int dst = at(r, c);
-      cp_async16(dk + dst, kc + off, valid);
-      cp_async16(dv + dst, vc + off, valid);
+      cp_async16(dk + dst, kc + base + c, page >= 0);
+      cp_async16(dv + dst, vc + base + c, page >= 0);
     }
   }
 
   // cp.async of the tile's Q rows into shared memory at element offset at(r, c); rows
-  // past the request are zero-filled (and never stored).
+  // past the request are zero-filled (and never stored). Threads split rows as load_kv.
   template <typename T, int D, int kRows, int kThreads, typename At>
   __device__ __forceinline__ void load_q(const PagedAttnParams& p, T* sQ, int tid, At at) const {
-    constexpr int kChunksRow = D / 8;
+    constexpr int kPerRow = kThreads / kRows;
+    static_assert(kThreads % kRows == 0 && (D / 8) % kPerRow == 0, "threads per q row");
     const T* q = static_cast<const T*>(p.q);
-    for (int i = tid; i < kRows * kChunksRow; i += kThreads) {
-      const int r = i / kChunksRow, c = (i % kChunksRow) * 8;
-      const int gr = row0 + r;
-      const bool valid = gr < rows_total;
-      const int tok = valid ? gr / G : 0, g = valid ? gr % G : 0;
-      const T* src = q + int64_t(q_begin + tok) * p.q_stride + (kvh * G + g) * D + c;
-      cp_async16(sQ + at(r, c), src, valid);
+    const int r = tid / kPerRow, gr = row0 + r;
+    const bool valid = gr < rows_total;
+    const T* src = valid ? q + int64_t(q_begin + gr / G) * p.q_stride + (kvh * G + gr % G) * D : q;
+#pragma unroll
+    for (int m = 0; m < D / 8 / kPerRow; ++m) {
+      const int c = (m * kPerRow + tid % kPerRow) * 8;
+      cp_async16(sQ + at(r, c), src + c, valid);
     }
   }
 
@@ -297,7 +349,8 @@ __global__ void __launch_bounds__(kAttnThreads, 2)
 
   t.load_q<T, D, kRowsM, kAttnThreads>(p, sQ, tid, at);
   auto load_kv = [&](int j, int stage) {
-    t.load_kv<T, D, kKeysN, kAttnThreads>(p, j, sK + stage * kKeysN * D, sV + stage * kKeysN * D,
+    t.load_kv<T, D, kKeysN, kAttnThreads>(p, j, t.page_of<kKeysN, kAttnThreads>(p, j, tid),
+                                          sK + stage * kKeysN * D, sV + stage * kKeysN * D,
                                           tid, at);
   };
   load_kv(0, 0);

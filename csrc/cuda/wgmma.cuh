@@ -1,6 +1,7 @@
 /*
  * Hopper warpgroup MMA (wgmma) primitives for sm_90a: shared-memory matrix descriptors,
- * the async fences, and D (+)= A * B with A in registers and B in shared memory.
+ * the async fences, and D (+)= A * B with B in shared memory and A in registers or shared
+ * memory.
  *
  * Only valid in the sm_90a compilation pass (TS_SM90A_DEVICE): the kernels that use these
  * call them only there and compile to an empty body elsewhere, and the host never
@@ -11,7 +12,7 @@
  * lane/4, columns 2*(lane%4)+{0,1}; d[i][2..3] the same columns of row lane/4 + 8), and
  * an A fragment a[0..3] holds (row lane/4, k 2*(lane%4)), (row + 8), (k + 8), (both).
  * The asm operand lists are spelled out because the instruction names every register;
- * one macro per width writes them for both input types.
+ * one macro per form and width writes them for both input types.
  */
 #pragma once
 
@@ -76,35 +77,6 @@ __device__ __forceinline__ void fence_operand(float (&d)[N][4]) {
     for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(d[i][e])::"memory");
 }
 
-// One asm statement per input type TY ("bf16" or "f16") and width 64.
-#define TS_WGMMA_RS_N64(TY)                                                                        \
-  asm volatile(                                                                                    \
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                                 \
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY " "                                  \
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"                     \
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "          \
-      "{%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}\n"                                              \
-      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]),                                \
-        "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),                                \
-        "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),                                \
-        "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),                                \
-        "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),                                \
-        "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),                                \
-        "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]),                                \
-        "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])                                 \
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(scale_d), "n"(kTransB))
-
-// D[64 x 64] (+)= A[64 x 16] (registers) * B[16 x 64] (shared memory, descriptor).
-template <typename T, int kTransB>
-__device__ __forceinline__ void wgmma_rs_n64(float (&d)[8][4], const uint32_t (&a)[4],
-                                             uint64_t desc, int scale_d) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>)
-    TS_WGMMA_RS_N64("bf16");
-  else
-    TS_WGMMA_RS_N64("f16");
-}
-#undef TS_WGMMA_RS_N64
-
 // One asm statement per input type TY ("bf16" or "f16") and width 128.
 #define TS_WGMMA_RS_N128(TY)                                                                       \
   asm volatile(                                                                                    \
@@ -143,6 +115,46 @@ __device__ __forceinline__ void wgmma_rs_n128(float (&d)[16][4], const uint32_t 
     TS_WGMMA_RS_N128("f16");
 }
 #undef TS_WGMMA_RS_N128
+
+// One asm statement per input type TY ("bf16" or "f16"): D[64 x 128] (+)= A * B with both
+// operands K-major in shared memory.
+#define TS_WGMMA_SS_N128(TY)                                                                       \
+  asm volatile(                                                                                    \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                                 \
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY " "                                 \
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"                     \
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"            \
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"            \
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "          \
+      "%64, %65, p, 1, 1, 0, 0;\n}\n"                                                              \
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]),                                \
+        "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),                                \
+        "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),                                \
+        "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),                                \
+        "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),                                \
+        "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),                                \
+        "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]),                                \
+        "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]),                                \
+        "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]),                                \
+        "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]),                                \
+        "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]),                            \
+        "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]),                            \
+        "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]),                            \
+        "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]),                            \
+        "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]),                            \
+        "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])                             \
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d))
+
+// D[64 x 128] (+)= A[64 x 16] * B[16 x 128], both from shared memory (K-major descriptors).
+template <typename T>
+__device__ __forceinline__ void wgmma_ss_n128(float (&d)[16][4], uint64_t desc_a,
+                                             uint64_t desc_b, int scale_d) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>)
+    TS_WGMMA_SS_N128("bf16");
+  else
+    TS_WGMMA_SS_N128("f16");
+}
+#undef TS_WGMMA_SS_N128
 
 }  // namespace wgmma
 }  // namespace cuda
