@@ -241,10 +241,10 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
               alpha_hi);
     }
 
-    // O and P are free once O += P_{g-1} V_{g-1} retires. ptxas would hoist this wait to
-    // the start of the softmax (nothing in the softmax depends on it); the wait orders
-    // shared memory, so a store of the softmax's result keeps the whole softmax ahead of
-    // it, overlapping O += P_{g-1} V_{g-1}.
+    // O and P are free once O += P_{g-1} V_{g-1} retires. ptxas hoists this wait to the
+    // start of the softmax (nothing in the softmax depends on it) but keeps shared-memory
+    // stores ahead of it, so storing the softmax's result keeps the whole softmax ahead of
+    // the wait, overlapping O += P_{g-1} V_{g-1} (seen in the SASS: run_gpu.sh sass).
     softmax_done[tid] = sm.l_lo + sm.l_hi;
     wgmma::wait<0>();
     wgmma::fence_operand(o);
