@@ -32,10 +32,10 @@ cudaError_t launch_mma(const PagedAttnParams& p, int b, int tiles, cudaStream_t 
   return cudaGetLastError();
 }
 
-template <typename T, int D, typename Pipe>
+template <typename T, int D>
 cudaError_t launch_wgmma(const PagedAttnParams& p, int b, int tiles, cudaStream_t stream) {
-  constexpr int smem = paged_attention_wgmma_smem_bytes<D, Pipe>();
-  auto* kernel = &paged_attention_wgmma_kernel<T, D, Pipe>;
+  constexpr int smem = paged_attention_wgmma_smem_bytes<D>();
+  auto* kernel = &paged_attention_wgmma_kernel<T, D>;
   const cudaError_t err =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
@@ -48,10 +48,6 @@ cudaError_t launch_wgmma(const PagedAttnParams& p, int b, int tiles, cudaStream_
   kernel<<<std::min(items, sms), kSm90Threads, smem, stream>>>(p, tiles, b);
   return cudaGetLastError();
 }
-
-// 128-key tiles, 3 stages (225 KB of shared memory): measured faster than 64-key tiles
-// with 4 stages on 5 of the 6 benchmark shapes (bench/NOTES.md).
-using Sm90Pipe128 = Sm90Pipe<128, 3>;
 
 // The wgmma kernel needs sm_90a machine code (TOKENSPEED_SM90A: the build targets it) and
 // an sm_90 device to run it.
@@ -95,8 +91,8 @@ cudaError_t launch_paged_attention_mma(const PagedAttnParams& p, DType dtype, in
   // the wgmma kernel numbers its work items with an int
   const bool few_items = int64_t(p.hk) * tiles * batch <= std::numeric_limits<int>::max();
   if (p.head_dim == 128 && few_items && use_wgmma())
-    return bf16 ? launch_wgmma<__nv_bfloat16, 128, Sm90Pipe128>(p, batch, tiles, stream)
-                : launch_wgmma<__half, 128, Sm90Pipe128>(p, batch, tiles, stream);
+    return bf16 ? launch_wgmma<__nv_bfloat16, 128>(p, batch, tiles, stream)
+                : launch_wgmma<__half, 128>(p, batch, tiles, stream);
   if (p.head_dim == 64)
     return bf16 ? launch_mma<__nv_bfloat16, 64>(p, batch, tiles, stream)
                 : launch_mma<__half, 64>(p, batch, tiles, stream);

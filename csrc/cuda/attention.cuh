@@ -97,11 +97,17 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
   }
 }
 
-__device__ __forceinline__ int64_t page_slot(const PagedAttnParams& p, const int32_t* pages,
-                                             int key) {
-  if (p.page_shift >= 0)
-    return int64_t(pages[key >> p.page_shift]) * p.page_size + (key & (p.page_size - 1));
-  return int64_t(pages[key / p.page_size]) * p.page_size + key % p.page_size;
+// A key's page-table entry and its place in the page: shift/mask when the page size is a
+// power of two, a division otherwise.
+__device__ __forceinline__ int page_entry(const PagedAttnParams& p, int key) {
+  return p.page_shift >= 0 ? key >> p.page_shift : key / p.page_size;
+}
+__device__ __forceinline__ int in_page(const PagedAttnParams& p, int key) {
+  return p.page_shift >= 0 ? key & (p.page_size - 1) : key % p.page_size;
+}
+// The cache slot of a key given its page (the table lookup done by the caller).
+__device__ __forceinline__ int64_t page_slot(const PagedAttnParams& p, int page, int key) {
+  return int64_t(page) * p.page_size + in_page(p, key);
 }
 
 // 2^x in one MUFU.EX2; results below 2^-126 flush to zero (exp2f spends three more
@@ -262,7 +268,7 @@ struct RowTile {
     if (key >= kv_len) return -1;
     // __ldg: the table pointer may come from shared memory, where the compiler cannot
     // tell it points to global memory (a generic load otherwise)
-    return __ldg(pages + (p.page_shift >= 0 ? key >> p.page_shift : key / p.page_size));
+    return __ldg(pages + page_entry(p, key));
   }
 
   // cp.async of K/V tile j (keys j * kKeys ..) from the paged caches into dk / dv at
@@ -278,9 +284,9 @@ struct RowTile {
     const T* kc = static_cast<const T*>(p.k_cache);
     const T* vc = static_cast<const T*>(p.v_cache);
     const int r = tid / kPerRow, key = j * kKeys + r;
-    const int in_page = p.page_shift >= 0 ? key & (p.page_size - 1) : key % p.page_size;
+    const int at_key = in_page(p, key);
     const int64_t base =
-        page >= 0 ? ((int64_t(page) * p.page_size + in_page) * p.hk + kvh) * D : 0;
+        page >= 0 ? ((int64_t(page) * p.page_size + at_key) * p.hk + kvh) * D : 0;
 #pragma unroll
     for (int m = 0; m < D / 8 / kPerRow; ++m) {
       const int c = (m * kPerRow + tid % kPerRow) * 8;
@@ -448,7 +454,7 @@ __global__ void paged_attention_simple_kernel(const PagedAttnParams p, const int
   }
   float m = -INFINITY, l = 0.f;
   for (int key = 0; key <= qpos; ++key) {
-    const int64_t base = (page_slot(p, pages, key) * p.hk + kvh) * D;
+    const int64_t base = (page_slot(p, pages[page_entry(p, key)], key) * p.hk + kvh) * D;
     float dot = 0.f;
 #pragma unroll
     for (int i = 0; i < kMaxDimPerLane; ++i) {

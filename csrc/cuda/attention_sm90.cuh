@@ -41,20 +41,18 @@ namespace cuda {
 constexpr int kSm90Warpgroups = 2;
 constexpr int kSm90Threads = kSm90Warpgroups * 128;
 constexpr int kSm90Rows = kSm90Warpgroups * 64;
-// The K/V ring: a stage is rewritten load_ahead tiles after its tile was computed; tile
-// j - 1's V is still read during tile j, so the ring holds load_ahead + 2 stages.
-template <int kKeys, int kStages>
-struct Sm90Pipe {
-  static constexpr int keys = kKeys;  // keys per K/V tile
-  static constexpr int stages = kStages;
-  static constexpr int load_ahead = kStages - 2;
-};
+// The K/V ring of 128-key tiles (measured faster than 64-key tiles with 4 stages on 5 of
+// the 6 benchmark shapes, bench/NOTES.md): a tile loads one tile ahead of the one computed,
+// and tile j - 1's V is still read during tile j, so the ring holds 3 stages (225 KB with
+// Q). S is one m64n128 wgmma per 16 columns of D, so the tile is 128 keys.
+constexpr int kSm90Keys = 128;
+constexpr int kSm90Stages = 3;
 static_assert(kSm90Rows == kRowsM, "both kernels tile the packed rows alike");
 
 // Q [128][D] + K and V [stages][keys][D], plus slack to align the tiles to 1024 bytes.
-template <int D, typename Pipe>
+template <int D>
 constexpr int paged_attention_wgmma_smem_bytes() {
-  return (kSm90Rows + 2 * Pipe::stages * Pipe::keys) * D * 2 + 1024;
+  return (kSm90Rows + 2 * kSm90Stages * kSm90Keys) * D * 2 + 1024;
 }
 
 // A work item as the loader saw it, for the warps that compute and store it later.
@@ -63,20 +61,18 @@ struct Sm90Item {
   int tiles;  // K/V tiles it visits; 0 marks the end of the block's items
 };
 
-template <typename T, int D, typename Pipe>
+template <typename T, int D>
 __global__ void __launch_bounds__(kSm90Threads, 1)
     paged_attention_wgmma_kernel(const PagedAttnParams p, const int tiles_per_request,
                                  const int batch) {
   static_assert(D == 128, "head dim 64 runs the mma.sync kernel (see above)");
-  static_assert(Pipe::keys == 128, "S is one m64n128 wgmma per 16 columns of D");
 #ifdef TS_SM90A_DEVICE
-  constexpr int kSm90Keys = Pipe::keys;
   extern __shared__ unsigned char smem_raw[];
   // 128-byte swizzle atoms start on 1024-byte boundaries
   const uint32_t smem_base = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
   T* sQ = reinterpret_cast<T*>(smem_raw + ((1024u - (smem_base & 1023u)) & 1023u));
   T* sK = sQ + kSm90Rows * D;
-  T* sV = sK + Pipe::stages * kSm90Keys * D;
+  T* sV = sK + kSm90Stages * kSm90Keys * D;
   // Items k - 1 (being stored), k (computed), k + 1 (loading) and k + 2 (described), by
   // k % 4.
   __shared__ Sm90Item items[4];
@@ -146,9 +142,8 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
     cp_async_commit();
     return first_of;
   };
-  // The Q copies commit a group of their own, which the wait at the top of the loop
-  // covers only when no tile is loaded further ahead.
-  static_assert(Pipe::load_ahead == 1, "one tile ahead");
+  // The Q copies commit a group of their own, which the wait for every group at the top
+  // of the loop covers.
   load_q(0);
   load_next(0);
 
@@ -192,9 +187,9 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
   float s[kSm90Keys / 8][4];
   int g = 0;  // the stream's tile; its K/V sit in stage g % stages
   for (;; ++g) {
-    // Tile g of the stream has landed. Tile g + load_ahead goes to the stage of a tile
-    // every warpgroup has finished with: each retires all its wgmmas before this barrier.
-    cp_async_wait<Pipe::load_ahead - 1>();
+    // Tile g of the stream has landed. Tile g + 1 goes to the stage of a tile every
+    // warpgroup has finished with: each retires all its wgmmas before this barrier.
+    cp_async_wait<0>();
     wgmma::fence_proxy_async_shared();  // this thread's cp.async data -> wgmma's proxy
     __syncthreads();
     const bool first = j == 0;
@@ -206,12 +201,12 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
     // on a path all warps take (ptxas serialises the wgmmas otherwise), so both
     // warpgroups walk all the item's tiles; a warpgroup's tiles past its rows are fully
     // masked and add nothing.
-    issue_s(g % Pipe::stages, s);
+    issue_s(g % kSm90Stages, s);
     wgmma::commit();
-    issue_pv((g > 0 ? g - 1 : 0) % Pipe::stages);
+    issue_pv((g > 0 ? g - 1 : 0) % kSm90Stages);
     wgmma::commit();
     // the page lookups and copies of a later tile, while the tensor cores work
-    const int q_due = load_next((g + Pipe::load_ahead) % Pipe::stages);
+    const int q_due = load_next((g + 1) % kSm90Stages);
     wgmma::wait<1>();
     wgmma::fence_operand(s);
     if (q_due >= 0) {
@@ -258,7 +253,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
     }
   }
   // the last item's last O += P V (its stage is never reloaded: no tile follows)
-  issue_pv((g - 1) % Pipe::stages);
+  issue_pv((g - 1) % kSm90Stages);
   wgmma::commit();
   wgmma::wait<0>();
   wgmma::fence_operand(o);
