@@ -296,14 +296,16 @@ struct RowTile {
     }
   }
 
-  // cp.async of the tile's Q rows into shared memory at element offset at(r, c); rows
-  // past the request are zero-filled (and never stored). Threads split rows as load_kv.
+  // cp.async of kRows of the tile's Q rows, from row r0 on, into shared memory at element
+  // offset at(r, c); rows past the request are zero-filled (and never stored). Threads
+  // split rows as load_kv.
   template <typename T, int D, int kRows, int kThreads, typename At>
-  __device__ __forceinline__ void load_q(const PagedAttnParams& p, T* sQ, int tid, At at) const {
+  __device__ __forceinline__ void load_q(const PagedAttnParams& p, T* sQ, int tid, At at,
+                                         int r0 = 0) const {
     constexpr int kPerRow = kThreads / kRows;
     static_assert(kThreads % kRows == 0 && (D / 8) % kPerRow == 0, "threads per q row");
     const T* q = static_cast<const T*>(p.q);
-    const int r = tid / kPerRow, gr = row0 + r;
+    const int r = r0 + tid / kPerRow, gr = row0 + r;
     const bool valid = gr < rows_total;
     const T* src = valid ? q + int64_t(q_begin + gr / G) * p.q_stride + (kvh * G + gr % G) * D : q;
 #pragma unroll

@@ -1,30 +1,37 @@
 /*
- * Paged causal GQA prefill attention for Hopper (sm_90a): warpgroup MMA (wgmma).
+ * Paged causal GQA prefill attention for Hopper (sm_90a): warpgroup MMA (wgmma), warp
+ * specialised.
  *
  * Same contract and tiling as paged_attention_mma_kernel (attention.cuh): work items of
  * (kv head, request, tile of 128 packed query rows), a KV group's query heads packed
- * together, K/V tiles gathered from the page table with cp.async, fully masked tiles
- * never visited, each item's KV range walked by one block alone and in order (a request's
- * result does not depend on the rest of the batch), fp32 online softmax.
+ * together, K/V tiles gathered from the page table with cp.async (zero-filled past the
+ * request), fully masked tiles never visited, each item's KV range walked by one block
+ * alone and in order (a request's result does not depend on the rest of the batch), fp32
+ * online softmax.
  *
  * Persistent: one block per SM takes items in rounds (longest tiles first, snake order
- * across the blocks) and walks their K/V tiles as one stream, so the next item's first
- * tile loads while the current one computes (its Q as soon as the current item's last
- * S = Q K^T has retired), and its first S runs while the last O += P V of the previous
- * item does. At one block per SM, a block per item left the tensor cores idle at each
- * item's start and end (about two tiles' time each).
+ * across the blocks) and walks their K/V tiles as one stream, so the next item's Q and
+ * first tiles load while the current one computes.
  *
- * What differs: two warpgroups of 4 warps each own 64 query rows. S = Q K^T is 8
- * m64n128k16 wgmmas with Q and K both K-major in shared memory, and O += P V is 8
- * m64n128k16 wgmmas with P from registers and V from shared memory (MN-major, transposed
- * by the instruction). The softmax of tile j runs while the tensor cores compute
- * O += P_{j-1} V_{j-1}, and the page lookups and cp.async copies of a later tile are
- * issued while they compute S_j. Q, K and V sit in 128-byte-swizzled shared memory, K/V
- * in a cp.async ring of 128-key tiles. One block per SM (256 threads, up to 255 registers
- * each: 64 for O, 64 for S, 32 for P). Q stays in shared memory rather than registers
- * because ptxas, short of registers, otherwise moves the wait for O += P V ahead of the
- * softmax, which then no longer overlaps it. Every wgmma and wait lies on a path all
- * warps take: ptxas serialises the wgmmas otherwise (C7515/C7518).
+ * Warp specialised: warpgroup 0 is the producer. It looks up pages and issues the cp.async
+ * gathers of Q and K/V tiles into shared-memory buffers, each buffer handed over through
+ * a "full" mbarrier (arrived on by the copies themselves) and handed back through an
+ * "empty" one. Warpgroups 1 and 2, the consumers, own 64 query rows each and only compute;
+ * they never meet at a block barrier, and they take turns to issue their products
+ * (ping-pong), so one runs its softmax while the tensor cores serve the other. The
+ * producer gives up registers to them (setmaxnreg: 56 vs 224).
+ * Before, every thread both copied and computed: the copies' issue and page lookups sat in
+ * the softmax's path, and a block barrier per tile kept the two warpgroups in step.
+ *
+ * Buffers: Q in 2 slots (the next item's Q loads a whole item ahead), K in 2 and V in 3
+ * (a tile's K is released once S = Q K^T has retired, its V only after O += P V of the
+ * next iteration), so tile g loads from the end of iteration g - 2 on.
+ *
+ * Per consumer iteration: S_g = Q K_g^T (8 m64n128k16 wgmmas, Q and K K-major in shared
+ * memory), then O += P_{g-1} V_{g-1} (8 wgmmas, P from registers, V MN-major and
+ * transposed by the instruction); the softmax of tile g runs while the tensor cores do the
+ * latter. All tiles 128-byte swizzled. Every wgmma and wait lies on a path all warps of
+ * the warpgroup take: ptxas serialises the wgmmas otherwise (C7515/C7518).
  *
  * D = 128 only: a D = 64 build gave wrong results on the H200, cause not found (its S
  * product is the m64n64k16 path that is right at D = 128, which points at the transposed
@@ -33,29 +40,31 @@
 #pragma once
 
 #include "cuda/attention.cuh"
+#include "cuda/pipeline.cuh"
 #include "cuda/wgmma.cuh"
 
 namespace tokenspeed {
 namespace cuda {
 
-constexpr int kSm90Warpgroups = 2;
-constexpr int kSm90Threads = kSm90Warpgroups * 128;
-constexpr int kSm90Rows = kSm90Warpgroups * 64;
-// The K/V ring of 128-key tiles (measured faster than 64-key tiles with 4 stages on 5 of
-// the 6 benchmark shapes, bench/NOTES.md): a tile loads one tile ahead of the one computed,
-// and tile j - 1's V is still read during tile j, so the ring holds 3 stages (225 KB with
-// Q). S is one m64n128 wgmma per 16 columns of D, so the tile is 128 keys.
+constexpr int kSm90Consumers = 2;  // warpgroups of 64 query rows each
+constexpr int kSm90Threads = (1 + kSm90Consumers) * 128;
+constexpr int kSm90Rows = kSm90Consumers * 64;
+// S is one m64n128 wgmma per 16 columns of D, so a K/V tile is 128 keys (measured faster
+// than 64-key tiles, bench/NOTES.md).
 constexpr int kSm90Keys = 128;
-constexpr int kSm90Stages = 3;
+constexpr int kSm90QSlots = 2, kSm90KSlots = 2, kSm90VSlots = 3;
+// Register budgets after setmaxnreg (128 x 56 + 256 x 224 <= 64K): the consumers use
+// about 190; the producer spills a few of its loop-invariant copy offsets at 56.
+constexpr int kSm90ProducerRegs = 56, kSm90ConsumerRegs = 224;
 static_assert(kSm90Rows == kRowsM, "both kernels tile the packed rows alike");
 
-// Q [128][D] + K and V [stages][keys][D], plus slack to align the tiles to 1024 bytes.
+// Q, K and V slots, plus slack to align the tiles to 1024 bytes.
 template <int D>
 constexpr int paged_attention_wgmma_smem_bytes() {
-  return (kSm90Rows + 2 * kSm90Stages * kSm90Keys) * D * 2 + 1024;
+  return (kSm90QSlots * kSm90Rows + (kSm90KSlots + kSm90VSlots) * kSm90Keys) * D * 2 + 1024;
 }
 
-// A work item as the loader saw it, for the warps that compute and store it later.
+// A work item as the producer found it, for the consumers.
 struct Sm90Item {
   RowTile t;
   int tiles;  // K/V tiles it visits; 0 marks the end of the block's items
@@ -71,89 +80,105 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
   // 128-byte swizzle atoms start on 1024-byte boundaries
   const uint32_t smem_base = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
   T* sQ = reinterpret_cast<T*>(smem_raw + ((1024u - (smem_base & 1023u)) & 1023u));
-  T* sK = sQ + kSm90Rows * D;
-  T* sV = sK + kSm90Stages * kSm90Keys * D;
-  // Items k - 1 (being stored), k (computed), k + 1 (loading) and k + 2 (described), by
-  // k % 4.
+  T* sK = sQ + kSm90QSlots * kSm90Rows * D;
+  T* sV = sK + kSm90KSlots * kSm90Keys * D;
+  // Item k is described in items[k % 4]: the producer is at most one item ahead of the
+  // consumers (its Q waits for item k - 2's last S), who store item k - 1 during item k.
   __shared__ Sm90Item items[4];
-  __shared__ volatile float softmax_done[kSm90Threads];  // see the wait for O += P V
+  // q_full: the copies of the 128 producer threads + the description; the others: one
+  // arrival per producer thread (full) or per consumer warp (empty).
+  __shared__ __align__(8) uint64_t q_full[kSm90QSlots], q_empty[kSm90QSlots];
+  __shared__ __align__(8) uint64_t kv_full[kSm90VSlots], k_empty[kSm90KSlots],
+      v_empty[kSm90VSlots];
+  __shared__ volatile float softmax_done[kSm90Consumers * 128];  // see the wait for O += P V
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-
-  // The loader walks the block's items and their tiles as one stream, so the next item's
-  // Q and first K/V tiles load while this one computes: the pipeline never drains between
-  // items. Round r gives block i item r * gridDim.x + i, or + gridDim.x - 1 - i in odd
-  // rounds: items come longest first, so the snake order evens out the blocks' sums
-  // (items past their request are skipped). Each item is described in shared memory (by
-  // thread 0) one barrier before it is needed.
-  const int num_items = p.hk * tiles_per_request * batch;
-  // Thread 0 finds the items: the next item number and the step to the one after (the
-  // steps alternate between 2 (G - i) - 1 and 2 i + 1) live in shared memory with it.
-  __shared__ int next_w, next_step;
-  auto describe = [&](int slot) {
-    if (tid != 0) return;
-    RowTile t;
-    bool valid = false;
-    int w = next_w, step = next_step;
-    while (w < num_items && !valid) {
-      valid = t.init_item(p, kSm90Rows, tiles_per_request, batch, w);
-      w += step;
-      step = 2 * gridDim.x - step;
-    }
-    next_w = w;
-    next_step = step;
-    items[slot].t = t;
-    items[slot].tiles = valid ? (t.max_qpos + kSm90Keys) / kSm90Keys : 0;
-  };
-  int k_load = 0, j_load = 0;  // the item and its tile the loader copies next
+  constexpr int kConsumerWarps = kSm90Consumers * 4;
   if (tid == 0) {
-    next_w = blockIdx.x;
-    next_step = 2 * (gridDim.x - blockIdx.x) - 1;
+    for (int i = 0; i < kSm90QSlots; ++i) {
+      pipe::mbar_init(&q_full[i], 129);
+      pipe::mbar_init(&q_empty[i], kConsumerWarps);
+    }
+    for (int i = 0; i < kSm90KSlots; ++i) pipe::mbar_init(&k_empty[i], kConsumerWarps);
+    for (int i = 0; i < kSm90VSlots; ++i) {
+      pipe::mbar_init(&kv_full[i], 128);
+      pipe::mbar_init(&v_empty[i], kConsumerWarps);
+    }
+    pipe::fence_mbar_init();
   }
-  describe(0);
   __syncthreads();
-  if (items[0].tiles == 0) return;  // no work: leave before any wgmma
-  // Q of the item in `slot`: thread t copies row t / 2, so each warpgroup its own 64 rows
-  auto load_q = [&](int slot) {
-    items[slot].t.load_q<T, D, kSm90Rows, kSm90Threads>(
-        p, sQ, tid, [](int r, int c) { return wgmma::sw128_offset<kSm90Rows>(r, c); });
-  };
-  // Issues the copies of the stream's next tile into `stage` and commits them as one
-  // group (an empty group past the end). Returns the item's slot when the tile is the
-  // item's first (its Q is due once the current item's last S has retired), else -1.
-  int page_next = -1;  // this thread's page of the item's next tile, looked up a tile early
-  auto load_next = [&](int stage) {
-    const Sm90Item& it = items[k_load % 4];
-    int first_of = -1;
-    if (it.tiles > 0) {
-      if (j_load == 0) first_of = k_load % 4;
-      const int page = j_load == 0 ? it.t.page_of<kSm90Keys, kSm90Threads>(p, 0, tid)
-                                   : page_next;
-      it.t.load_kv<T, D, kSm90Keys, kSm90Threads>(
-          p, j_load, page, sK + stage * kSm90Keys * D, sV + stage * kSm90Keys * D, tid,
-          [](int r, int c) { return wgmma::sw128_offset<kSm90Keys>(r, c); });
-      if (j_load + 1 < it.tiles)
-        page_next = it.t.page_of<kSm90Keys, kSm90Threads>(p, j_load + 1, tid);
-      if (++j_load == it.tiles) {
-        j_load = 0;
-        describe(++k_load % 4);
+
+  if (warp < 4) {
+    // ---- producer: walks the block's items and their tiles as one stream ----
+    pipe::setmaxnreg_dec<kSm90ProducerRegs>();
+    // Round r gives block i item r * gridDim.x + i, or + gridDim.x - 1 - i in odd rounds:
+    // items come longest first, so the snake order evens out the blocks' sums (items past
+    // their request are skipped). Thread 0 finds them; the steps alternate between
+    // 2 (G - i) - 1 and 2 i + 1.
+    const int num_items = p.hk * tiles_per_request * batch;
+    int next_w = blockIdx.x, step = 2 * (gridDim.x - blockIdx.x) - 1;
+    int g = 0;  // the stream's tile
+    for (int k = 0;; ++k) {
+      const int qs = k % kSm90QSlots;
+      // Q slot free: item k - 2's last S has retired (and so has its description's use)
+      pipe::mbar_wait(&q_empty[qs], ((k / kSm90QSlots) & 1) ^ 1);
+      Sm90Item& it = items[k % 4];
+      if (tid == 0) {
+        RowTile t;
+        bool valid = false;
+        while (next_w < num_items && !valid) {
+          valid = t.init_item(p, kSm90Rows, tiles_per_request, batch, next_w);
+          next_w += step;
+          step = 2 * gridDim.x - step;
+        }
+        it.t = t;
+        it.tiles = valid ? (t.max_qpos + kSm90Keys) / kSm90Keys : 0;
+        pipe::mbar_arrive(&q_full[qs]);  // publishes the description
+      }
+      pipe::named_sync(1, 128);  // the description, for the other producer threads
+      const int tiles = it.tiles;
+      if (tiles == 0) {
+        pipe::mbar_arrive(&q_full[qs]);  // the end: no Q follows
+        break;
+      }
+      // Two threads per row or key (each copy instruction then reads whole 32-byte
+      // sectors), so each half of the 128 rows or keys is its own pass.
+      T* q_dst = sQ + qs * kSm90Rows * D;
+      for (int h = 0; h < 2; ++h)
+        it.t.load_q<T, D, 64, 128>(
+            p, q_dst, tid, [](int r, int c) { return wgmma::sw128_offset<kSm90Rows>(r, c); },
+            h * 64);
+      pipe::mbar_arrive_on_copies(&q_full[qs]);
+      int page[2] = {it.t.page_of<64, 128>(p, 0, tid), it.t.page_of<64, 128>(p, 1, tid)};
+      for (int j = 0; j < tiles; ++j, ++g) {
+        const int ks = g % kSm90KSlots, vs = g % kSm90VSlots;
+        pipe::mbar_wait(&k_empty[ks], ((g / kSm90KSlots) & 1) ^ 1);
+        pipe::mbar_wait(&v_empty[vs], ((g / kSm90VSlots) & 1) ^ 1);
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+          it.t.load_kv<T, D, 64, 128>(
+              p, 2 * j + h, page[h], sK + ks * kSm90Keys * D, sV + vs * kSm90Keys * D, tid,
+              [h](int r, int c) { return wgmma::sw128_offset<kSm90Keys>(r + 64 * h, c); });
+        pipe::mbar_arrive_on_copies(&kv_full[vs]);
+        if (j + 1 < tiles) {  // the next tile's pages, while these copies land
+          page[0] = it.t.page_of<64, 128>(p, 2 * j + 2, tid);
+          page[1] = it.t.page_of<64, 128>(p, 2 * j + 3, tid);
+        }
       }
     }
-    cp_async_commit();
-    return first_of;
-  };
-  // The Q copies commit a group of their own, which the wait for every group at the top
-  // of the loop covers.
-  load_q(0);
-  load_next(0);
+    cp_async_wait<0>();
+    return;
+  }
 
+  // ---- consumers: warpgroup c owns rows 64c .. 64c + 63 of each item ----
+  pipe::setmaxnreg_inc<kSm90ConsumerRegs>();
+  const int cw = warp - 4, c = cw / 4, ctid = tid - 128;
   constexpr uint32_t kPanelBytes = kSm90Keys * 128;  // one 64-column panel of a K/V tile
-  const int wg = warp / 4;
-  // S = Q K^T of the tile in `stage` into s (async; the caller commits): this
-  // warpgroup's 64 rows of Q and the tile's K, both K-major from shared memory
-  auto issue_s = [&](int stage, float (&s)[kSm90Keys / 8][4]) {
-    const T* tk = sK + stage * kSm90Keys * D;
-    const T* tq = sQ + wg * 64 * 64;
+  // S = Q K^T of K slot ks into s (async; the caller commits): this warpgroup's 64 rows
+  // of the Q slot and the tile's K, both K-major from shared memory
+  auto issue_s = [&](int qs, int ks, float (&s)[kSm90Keys / 8][4]) {
+    const T* tk = sK + ks * kSm90Keys * D;
+    const T* tq = sQ + qs * kSm90Rows * D + c * 64 * 64;
     wgmma::fence();
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
@@ -164,11 +189,11 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
       wgmma::wgmma_ss_n128<T>(s, desc_q, desc_k, kk > 0);
     }
   };
-  // O += P V of the tile in `stage` (async; the caller commits)
+  // O += P V of V slot vs (async; the caller commits)
   uint32_t pa[kSm90Keys / 16][4] = {};
   float o[D / 8][4];
-  auto issue_pv = [&](int stage) {
-    const T* tv = sV + stage * kSm90Keys * D;
+  auto issue_pv = [&](int vs) {
+    const T* tv = sV + vs * kSm90Keys * D;
     wgmma::fence();
 #pragma unroll
     for (int kk = 0; kk < kSm90Keys / 16; ++kk) {
@@ -179,42 +204,43 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
   };
 
   // This thread's two rows (lane / 4 and lane / 4 + 8 of the warp's 16).
-  const int r_lo = warp * 16 + lane / 4;
+  const int r_lo = cw * 16 + lane / 4;
 #pragma unroll
   for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
   RowSoftmax sm;
   int k = 0, j = 0;
   float s[kSm90Keys / 8][4];
-  int g = 0;  // the stream's tile; its K/V sit in stage g % stages
+  int g = 0;  // the stream's tile
+  // Ping-pong: the warpgroups take turns to issue their wgmmas (named barrier 2 + c
+  // passes warpgroup c), warpgroup 0 first, so one's softmax overlaps the other's
+  // products (measured 2.5% faster on average than leaving the order to the warps, most
+  // on the ragged batch: bench/NOTES.md).
+  if (c == 1) pipe::named_arrive(2, 256);
   for (;; ++g) {
-    // Tile g of the stream has landed. Tile g + 1 goes to the stage of a tile every
-    // warpgroup has finished with: each retires all its wgmmas before this barrier.
-    cp_async_wait<0>();
-    wgmma::fence_proxy_async_shared();  // this thread's cp.async data -> wgmma's proxy
-    __syncthreads();
     const bool first = j == 0;
-    if (first && items[k % 4].tiles == 0) break;  // past the block's last item
+    if (first) {  // the item's Q and description
+      pipe::mbar_wait(&q_full[k % kSm90QSlots], (k / kSm90QSlots) & 1);
+      if (items[k % 4].tiles == 0) break;  // past the block's last item
+    }
+    pipe::mbar_wait(&kv_full[g % kSm90VSlots], (g / kSm90VSlots) & 1);
+    wgmma::fence_proxy_async_shared();  // the producer's cp.async data -> wgmma's proxy
 
     // S_g, then O += P_{g-1} V_{g-1} behind it: the softmax of tile g runs while the
     // tensor cores do the latter. (At g = 0, P is zero: adds nothing.) On an item's first
-    // tile the latter finishes the previous item, stored below. Every wgmma and wait is
-    // on a path all warps take (ptxas serialises the wgmmas otherwise), so both
-    // warpgroups walk all the item's tiles; a warpgroup's tiles past its rows are fully
-    // masked and add nothing.
-    issue_s(g % kSm90Stages, s);
+    // tile the latter finishes the previous item, stored below. Both warpgroups walk all
+    // the item's tiles; a warpgroup's tiles past its rows are fully masked, add nothing.
+    pipe::named_sync(2 + c, 256);  // this warpgroup's turn
+    issue_s(k % kSm90QSlots, g % kSm90KSlots, s);
     wgmma::commit();
-    issue_pv((g > 0 ? g - 1 : 0) % kSm90Stages);
+    issue_pv((g > 0 ? g - 1 : 0) % kSm90VSlots);
     wgmma::commit();
-    // the page lookups and copies of a later tile, while the tensor cores work
-    const int q_due = load_next((g + 1) % kSm90Stages);
+    pipe::named_arrive(3 - c, 256);  // the other's turn
     wgmma::wait<1>();
     wgmma::fence_operand(s);
-    if (q_due >= 0) {
-      // This was the item's last S: once every warp of this warpgroup has seen it retire,
-      // its rows of sQ take the next item's Q (landed by the top of the next iteration).
-      asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory");
-      load_q(q_due);
-      cp_async_commit();
+    const int tiles = items[k % 4].tiles;
+    if (lane == 0) {  // S_g has retired: its K slot, and on the item's last tile its Q slot
+      pipe::mbar_arrive(&k_empty[g % kSm90KSlots]);
+      if (j + 1 == tiles) pipe::mbar_arrive(&q_empty[k % kSm90QSlots]);
     }
 
     float inv_lo, inv_hi;
@@ -240,24 +266,25 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
     // start of the softmax (nothing in the softmax depends on it) but keeps shared-memory
     // stores ahead of it, so storing the softmax's result keeps the whole softmax ahead of
     // the wait, overlapping O += P_{g-1} V_{g-1} (seen in the SASS: run_gpu.sh sass).
-    softmax_done[tid] = sm.l_lo + sm.l_hi;
+    softmax_done[ctid] = sm.l_lo + sm.l_hi;
     wgmma::wait<0>();
     wgmma::fence_operand(o);
+    if (g > 0 && lane == 0) pipe::mbar_arrive(&v_empty[(g - 1) % kSm90VSlots]);
     if (first && g > 0) items[(k + 3) % 4].t.store<T, D>(p, o, r_lo, lane, inv_lo, inv_hi);
     rescale_rows(o, alpha_lo, alpha_hi);
 #pragma unroll
     for (int kk = 0; kk < kSm90Keys / 16; ++kk) p_fragment<T>(pa[kk], s, kk);
-    if (++j == items[k % 4].tiles) {
+    if (++j == tiles) {
       j = 0;
       ++k;
     }
   }
-  // the last item's last O += P V (its stage is never reloaded: no tile follows)
-  issue_pv((g - 1) % kSm90Stages);
+  if (g == 0) return;  // the block had no items
+  // the last item's last O += P V
+  issue_pv((g - 1) % kSm90VSlots);
   wgmma::commit();
   wgmma::wait<0>();
   wgmma::fence_operand(o);
-  cp_async_wait<0>();
 
   float inv_lo, inv_hi;
   sm.inverse_sums(inv_lo, inv_hi);
