@@ -15,7 +15,7 @@ for s in $stages; do
     sanitize)
       # the kernel tests named *small*: ops (both attention kernels) and the fused kernels
       step sanitize
-      for tool in memcheck racecheck; do
+      for tool in memcheck racecheck synccheck; do
         timeout 100 compute-sanitizer --tool $tool --kernel-regex kns=tokenspeed --error-exitcode 9 \
           python3 -m pytest -q -p no:cacheprovider tests/test_ops_cuda.py tests/test_fused_ops.py \
           -k "small and not fp32 and not opcheck and not compile" 2>&1 \

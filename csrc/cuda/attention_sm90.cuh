@@ -279,6 +279,8 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
       ++k;
     }
   }
+  // warpgroup 1's last hand-over (it arrives once more than warpgroup 0 waits in the loop)
+  if (c == 0) pipe::named_sync(2, 256);
   if (g == 0) return;  // the block had no items
   // the last item's last O += P V
   issue_pv((g - 1) % kSm90VSlots);
