@@ -82,8 +82,9 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
   T* sQ = reinterpret_cast<T*>(smem_raw + ((1024u - (smem_base & 1023u)) & 1023u));
   T* sK = sQ + kSm90QSlots * kSm90Rows * D;
   T* sV = sK + kSm90KSlots * kSm90Keys * D;
-  // Item k is described in items[k % 4]: the producer is at most one item ahead of the
-  // consumers (its Q waits for item k - 2's last S), who store item k - 1 during item k.
+  // Item k is described in items[k % 4]. The producer writes it once both consumers have
+  // retired item k - 2's last S; they may still be storing item k - 3 then (an item is
+  // stored during the next one's first tile), so items k - 3 .. k are live: four slots.
   __shared__ Sm90Item items[4];
   // q_full: the copies of the 128 producer threads + the description; the others: one
   // arrival per producer thread (full) or per consumer warp (empty).
