@@ -46,8 +46,13 @@
 namespace tokenspeed {
 namespace cuda {
 
-constexpr int kSm90Consumers = 2;  // warpgroups of 64 query rows each
-constexpr int kSm90Threads = (1 + kSm90Consumers) * 128;
+constexpr int kSm90Producers = 128;  // one warpgroup
+constexpr int kSm90Consumers = 2;    // warpgroups of 64 query rows each
+constexpr int kSm90ConsumerThreads = kSm90Consumers * 128;
+constexpr int kSm90Threads = kSm90Producers + kSm90ConsumerThreads;
+// Two producer threads per Q row or key row (each copy instruction then reads whole
+// 32-byte sectors), so the producer copies a tile in passes of this many rows.
+constexpr int kSm90Pass = kSm90Producers / 2;
 constexpr int kSm90Rows = kSm90Consumers * 64;
 // S is one m64n128 wgmma per 16 columns of D, so a K/V tile is 128 keys (measured faster
 // than 64-key tiles, bench/NOTES.md).
@@ -86,30 +91,30 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
   // retired item k - 2's last S; they may still be storing item k - 3 then (an item is
   // stored during the next one's first tile), so items k - 3 .. k are live: four slots.
   __shared__ Sm90Item items[4];
-  // q_full: the copies of the 128 producer threads + the description; the others: one
+  // q_full: the copies of every producer thread + the description; the others: one
   // arrival per producer thread (full) or per consumer warp (empty).
   __shared__ __align__(8) uint64_t q_full[kSm90QSlots], q_empty[kSm90QSlots];
   __shared__ __align__(8) uint64_t kv_full[kSm90VSlots], k_empty[kSm90KSlots],
       v_empty[kSm90VSlots];
-  __shared__ volatile float softmax_done[kSm90Consumers * 128];  // see the wait for O += P V
+  __shared__ volatile float softmax_done[kSm90ConsumerThreads];  // see the wait for O += P V
 
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int tid = threadIdx.x, lane = tid % 32;
   constexpr int kConsumerWarps = kSm90Consumers * 4;
   if (tid == 0) {
     for (int i = 0; i < kSm90QSlots; ++i) {
-      pipe::mbar_init(&q_full[i], 129);
+      pipe::mbar_init(&q_full[i], kSm90Producers + 1);
       pipe::mbar_init(&q_empty[i], kConsumerWarps);
     }
     for (int i = 0; i < kSm90KSlots; ++i) pipe::mbar_init(&k_empty[i], kConsumerWarps);
     for (int i = 0; i < kSm90VSlots; ++i) {
-      pipe::mbar_init(&kv_full[i], 128);
+      pipe::mbar_init(&kv_full[i], kSm90Producers);
       pipe::mbar_init(&v_empty[i], kConsumerWarps);
     }
     pipe::fence_mbar_init();
   }
   __syncthreads();
 
-  if (warp < 4) {
+  if (tid < kSm90Producers) {
     // ---- producer: walks the block's items and their tiles as one stream ----
     pipe::setmaxnreg_dec<kSm90ProducerRegs>();
     // Round r gives block i item r * gridDim.x + i, or + gridDim.x - 1 - i in odd rounds:
@@ -136,35 +141,41 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
         it.tiles = valid ? (t.max_qpos + kSm90Keys) / kSm90Keys : 0;
         pipe::mbar_arrive(&q_full[qs]);  // publishes the description
       }
-      pipe::named_sync(1, 128);  // the description, for the other producer threads
+      pipe::named_sync(1, kSm90Producers);  // the description, for the other producer threads
       const int tiles = it.tiles;
       if (tiles == 0) {
         pipe::mbar_arrive(&q_full[qs]);  // the end: no Q follows
         break;
       }
-      // Two threads per row or key (each copy instruction then reads whole 32-byte
-      // sectors), so each half of the 128 rows or keys is its own pass.
       T* q_dst = sQ + qs * kSm90Rows * D;
-      for (int h = 0; h < 2; ++h)
-        it.t.load_q<T, D, 64, 128>(
+      for (int h = 0; h < kSm90Rows / kSm90Pass; ++h)
+        it.t.load_q<T, D, kSm90Pass, kSm90Producers>(
             p, q_dst, tid, [](int r, int c) { return wgmma::sw128_offset<kSm90Rows>(r, c); },
-            h * 64);
+            h * kSm90Pass);
       pipe::mbar_arrive_on_copies(&q_full[qs]);
-      int page[2] = {it.t.page_of<64, 128>(p, 0, tid), it.t.page_of<64, 128>(p, 1, tid)};
+      // this thread's page in each pass of tile j (a pass is tile j * passes + h of
+      // kSm90Pass keys)
+      constexpr int kPasses = kSm90Keys / kSm90Pass;
+      int page[kPasses];
+      auto look_up = [&](int j) {
+#pragma unroll
+        for (int h = 0; h < kPasses; ++h)
+          page[h] = it.t.page_of<kSm90Pass, kSm90Producers>(p, j * kPasses + h, tid);
+      };
+      look_up(0);
       for (int j = 0; j < tiles; ++j, ++g) {
         const int ks = g % kSm90KSlots, vs = g % kSm90VSlots;
         pipe::mbar_wait(&k_empty[ks], ((g / kSm90KSlots) & 1) ^ 1);
         pipe::mbar_wait(&v_empty[vs], ((g / kSm90VSlots) & 1) ^ 1);
 #pragma unroll
-        for (int h = 0; h < 2; ++h)
-          it.t.load_kv<T, D, 64, 128>(
-              p, 2 * j + h, page[h], sK + ks * kSm90Keys * D, sV + vs * kSm90Keys * D, tid,
-              [h](int r, int c) { return wgmma::sw128_offset<kSm90Keys>(r + 64 * h, c); });
+        for (int h = 0; h < kPasses; ++h)
+          it.t.load_kv<T, D, kSm90Pass, kSm90Producers>(
+              p, j * kPasses + h, page[h], sK + ks * kSm90Keys * D, sV + vs * kSm90Keys * D,
+              tid, [h](int r, int c) {
+                return wgmma::sw128_offset<kSm90Keys>(r + h * kSm90Pass, c);
+              });
         pipe::mbar_arrive_on_copies(&kv_full[vs]);
-        if (j + 1 < tiles) {  // the next tile's pages, while these copies land
-          page[0] = it.t.page_of<64, 128>(p, 2 * j + 2, tid);
-          page[1] = it.t.page_of<64, 128>(p, 2 * j + 3, tid);
-        }
+        if (j + 1 < tiles) look_up(j + 1);  // the next tile's pages, while these copies land
       }
     }
     cp_async_wait<0>();
@@ -173,7 +184,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
 
   // ---- consumers: warpgroup c owns rows 64c .. 64c + 63 of each item ----
   pipe::setmaxnreg_inc<kSm90ConsumerRegs>();
-  const int cw = warp - 4, c = cw / 4, ctid = tid - 128;
+  const int ctid = tid - kSm90Producers, cw = ctid / 32, c = cw / 4;
   constexpr uint32_t kPanelBytes = kSm90Keys * 128;  // one 64-column panel of a K/V tile
   // S = Q K^T of K slot ks into s (async; the caller commits): this warpgroup's 64 rows
   // of the Q slot and the tile's K, both K-major from shared memory
@@ -216,7 +227,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
   // passes warpgroup c), warpgroup 0 first, so one's softmax overlaps the other's
   // products (measured 2.5% faster on average than leaving the order to the warps, most
   // on the ragged batch: bench/NOTES.md).
-  if (c == 1) pipe::named_arrive(2, 256);
+  if (c == 1) pipe::named_arrive(2, kSm90ConsumerThreads);
   for (;; ++g) {
     const bool first = j == 0;
     if (first) {  // the item's Q and description
@@ -230,12 +241,12 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
     // tensor cores do the latter. (At g = 0, P is zero: adds nothing.) On an item's first
     // tile the latter finishes the previous item, stored below. Both warpgroups walk all
     // the item's tiles; a warpgroup's tiles past its rows are fully masked, add nothing.
-    pipe::named_sync(2 + c, 256);  // this warpgroup's turn
+    pipe::named_sync(2 + c, kSm90ConsumerThreads);  // this warpgroup's turn
     issue_s(k % kSm90QSlots, g % kSm90KSlots, s);
     wgmma::commit();
     issue_pv((g > 0 ? g - 1 : 0) % kSm90VSlots);
     wgmma::commit();
-    pipe::named_arrive(3 - c, 256);  // the other's turn
+    pipe::named_arrive(3 - c, kSm90ConsumerThreads);  // the other's turn
     wgmma::wait<1>();
     wgmma::fence_operand(s);
     const int tiles = items[k % 4].tiles;
@@ -281,7 +292,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
     }
   }
   // warpgroup 1's last hand-over (it arrives once more than warpgroup 0 waits in the loop)
-  if (c == 0) pipe::named_sync(2, 256);
+  if (c == 0) pipe::named_sync(2, kSm90ConsumerThreads);
   if (g == 0) return;  // the block had no items
   // the last item's last O += P V
   issue_pv((g - 1) % kSm90VSlots);
