@@ -1,9 +1,13 @@
 // Every tokenspeed op schema, declared once. Backends register their kernels at the end
-// of their own files with TORCH_LIBRARY_IMPL(tokenspeed, CPU|CUDA, m); fake (meta)
-// kernels for torch.compile live beside the Python wrappers in tokenspeed_ext/ops.py.
+// of their own files with TORCH_LIBRARY_IMPL(tokenspeed, CPU|CUDA, m), one file per op
+// family and backend: cpu/<family>.cpp and cuda/<family>_host.cpp (kernels in
+// cuda/<family>.cuh, launchers in cuda/<family>.cu) for the families logprobs, kv_cache,
+// attention and fused. Fake (meta) kernels for torch.compile live beside the Python
+// wrappers in tokenspeed_ext/ops.py.
 #include <torch/library.h>
 
 TORCH_LIBRARY(tokenspeed, m) {
+  // ---- logprobs ----
   // log_softmax(logits / temperature)[t, targets[t]] and, if asked, the entropy of each
   // row, in one pass over the vocabulary; never writes [T, V].
   // logits [T, V] fp32/bf16/fp16 (any row stride), targets [T] int32/int64
@@ -18,12 +22,14 @@ TORCH_LIBRARY(tokenspeed, m) {
         "float temperature=1.0, bool validate=True) -> Tensor");
   // Merge S shards' partials [S, T, 4] in shard order -> (logprobs [T], entropy [T]).
   m.def("combine_logprob_partials(Tensor partials) -> (Tensor, Tensor)");
+  // ---- kv_cache ----
   // k, v [N, Hk, D] into k_cache, v_cache [P, page_size, Hk, D] at flat slots
   // slot_mapping [N] (int32/int64; page * page_size + offset; a negative slot is skipped).
   // validate=False skips the slot-range check (a device-to-host round trip): only for a
   // slot_mapping already checked, e.g. by the first layer of the same forward.
   m.def("store_kv(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, "
         "Tensor slot_mapping, bool validate=True) -> ()");
+  // ---- attention ----
   // Causal GQA attention of each request's new tokens over its whole paged sequence.
   // q [N, Hq, D]; k_cache, v_cache [P, page_size, Hk, D]; page_table [B, max_pages] int32;
   // cu_seqlens_q [B+1] int32; kv_lens [B] int32 -> out [N, Hq, D] (q's dtype).
@@ -33,7 +39,7 @@ TORCH_LIBRARY(tokenspeed, m) {
   m.def("paged_prefill_attention(Tensor q, Tensor k_cache, Tensor v_cache, "
         "Tensor page_table, Tensor cu_seqlens_q, Tensor kv_lens, float? scale=None, "
         "int? max_seqlen_q=None, bool validate=True) -> Tensor");
-  // ---- fused elementwise ops of the decoder layers (HF's rounding points kept) ----
+  // ---- fused: elementwise ops of the decoder layers (HF's rounding points kept) ----
   // RMSNorm with an optional fused residual add. x [N, H] or [N, M, H] fp32/bf16/fp16
   // (unit stride along H, any other strides), weight [H] in x's dtype, residual like x.
   // h = x + residual rounded to x's dtype (or x); out = weight * (h * rsqrt(mean(h^2) +

@@ -1,36 +1,14 @@
-// Launchers of paged_prefill_attention's kernels behind the plain interface of launch.h:
-// for bf16/fp16 with head dim 128 the wgmma kernel (attention_sm90.cuh) on sm_90 devices
-// when the build holds sm_90a code, else (and for head dim 64) the mma.sync kernel
-// (attention.cuh);
-// the simple kernel otherwise. TOKENSPEED_ATTENTION_KERNEL=mma_sync forces the mma.sync
-// kernel (for tests and comparisons).
+// Launchers of paged_prefill_attention's kernels (attention.cuh) behind the plain
+// interface of launch.h, and the predicate of the calls each kernel serves. Which kernel
+// runs is decided by the host, in attention_host.cpp.
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
-#include <limits>
 
 #include "cuda/attention.cuh"
-#include "cuda/attention_sm90.cuh"
 #include "cuda/launch.h"
 
 namespace tokenspeed {
 namespace cuda {
 namespace {
-
-constexpr int kSimpleMaxDim = 256;
-
-template <typename T, int D>
-cudaError_t launch_mma(const PagedAttnParams& p, int b, int tiles, cudaStream_t stream) {
-  constexpr int smem = paged_attention_smem_bytes<D>();
-  auto* kernel = &paged_attention_mma_kernel<T, D>;
-  const cudaError_t err =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (err != cudaSuccess) return err;
-  const dim3 grid(static_cast<unsigned>(p.hk), static_cast<unsigned>(tiles),
-                  static_cast<unsigned>(b));
-  kernel<<<grid, kAttnThreads, smem, stream>>>(p);
-  return cudaGetLastError();
-}
 
 template <typename T, int D>
 cudaError_t launch_wgmma(const PagedAttnParams& p, int b, int tiles, cudaStream_t stream) {
@@ -49,12 +27,39 @@ cudaError_t launch_wgmma(const PagedAttnParams& p, int b, int tiles, cudaStream_
   return cudaGetLastError();
 }
 
-// The wgmma kernel needs sm_90a machine code (TOKENSPEED_SM90A: the build targets it) and
-// an sm_90 device to run it.
-bool use_wgmma() {
+template <typename T, int D>
+cudaError_t launch_mma(const PagedAttnParams& p, int b, int tiles, cudaStream_t stream) {
+  constexpr int smem = paged_attention_mma_smem_bytes<D>();
+  auto* kernel = &paged_attention_mma_kernel<T, D>;
+  const cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+  const dim3 grid(static_cast<unsigned>(p.hk), static_cast<unsigned>(tiles),
+                  static_cast<unsigned>(b));
+  kernel<<<grid, kAttnThreads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_simple(const PagedAttnParams& p, const int32_t* req_of, int64_t n,
+                          cudaStream_t stream) {
+  constexpr int kThreads = 128;
+  const int64_t warps = n * p.hq;
+  const auto blocks = static_cast<unsigned>((warps * 32 + kThreads - 1) / kThreads);
+  paged_attention_simple_kernel<T, kPagedAttentionSimpleMaxDim / 32>
+      <<<blocks, kThreads, 0, stream>>>(p, req_of, n);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+int paged_attention_rows_per_tile() { return kRowsM; }
+
+// The kernel needs sm_90a machine code (TOKENSPEED_SM90A: the build targets it) and an
+// sm_90 device to run it.
+bool paged_attention_wgmma_supports(DType dtype, int head_dim) {
+  if (dtype == DType::kFloat32 || head_dim != 128) return false;
 #ifdef TOKENSPEED_SM90A
-  const char* force = std::getenv("TOKENSPEED_ATTENTION_KERNEL");
-  if (force != nullptr && std::strcmp(force, "mma_sync") == 0) return false;
   int dev = 0, major = 0, minor = 0;
   if (cudaGetDevice(&dev) != cudaSuccess ||
       cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
@@ -66,33 +71,19 @@ bool use_wgmma() {
 #endif
 }
 
-template <typename T>
-cudaError_t launch_simple(const PagedAttnParams& p, const int32_t* req_of, int64_t n,
-                          cudaStream_t stream) {
-  constexpr int kThreads = 128;
-  const int64_t warps = n * p.hq;
-  const auto blocks = static_cast<unsigned>((warps * 32 + kThreads - 1) / kThreads);
-  paged_attention_simple_kernel<T, kSimpleMaxDim / 32><<<blocks, kThreads, 0, stream>>>(
-      p, req_of, n);
-  return cudaGetLastError();
+cudaError_t launch_paged_attention_wgmma(const PagedAttnParams& p, DType dtype, int batch,
+                                         int tiles, cudaStream_t stream) {
+  return dtype == DType::kBFloat16 ? launch_wgmma<__nv_bfloat16, 128>(p, batch, tiles, stream)
+                                   : launch_wgmma<__half, 128>(p, batch, tiles, stream);
 }
-
-}  // namespace
 
 bool paged_attention_mma_supports(DType dtype, int head_dim) {
   return dtype != DType::kFloat32 && (head_dim == 64 || head_dim == 128);
 }
 
-int paged_attention_rows_per_tile() { return kRowsM; }
-
 cudaError_t launch_paged_attention_mma(const PagedAttnParams& p, DType dtype, int batch,
                                        int tiles, cudaStream_t stream) {
   const bool bf16 = dtype == DType::kBFloat16;
-  // the wgmma kernel numbers its work items with an int
-  const bool few_items = int64_t(p.hk) * tiles * batch <= std::numeric_limits<int>::max();
-  if (p.head_dim == 128 && few_items && use_wgmma())
-    return bf16 ? launch_wgmma<__nv_bfloat16, 128>(p, batch, tiles, stream)
-                : launch_wgmma<__half, 128>(p, batch, tiles, stream);
   if (p.head_dim == 64)
     return bf16 ? launch_mma<__nv_bfloat16, 64>(p, batch, tiles, stream)
                 : launch_mma<__half, 64>(p, batch, tiles, stream);
@@ -100,7 +91,9 @@ cudaError_t launch_paged_attention_mma(const PagedAttnParams& p, DType dtype, in
               : launch_mma<__half, 128>(p, batch, tiles, stream);
 }
 
-int paged_attention_simple_max_dim() { return kSimpleMaxDim; }
+bool paged_attention_simple_supports(DType, int head_dim) {
+  return head_dim <= kPagedAttentionSimpleMaxDim;
+}
 
 cudaError_t launch_paged_attention_simple(const PagedAttnParams& p, DType dtype,
                                           const int32_t* req_of, int64_t n_tokens,

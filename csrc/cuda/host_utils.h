@@ -1,4 +1,4 @@
-// Helpers shared by the host-compiled CUDA op files (ops_cuda.cpp, fused_ops_cuda.cpp).
+// Helpers shared by the host-compiled CUDA op files (*_host.cpp).
 #pragma once
 
 #include <ATen/ATen.h>

@@ -1,8 +1,8 @@
-// The boundary between the host code compiled by g++ (ops_cuda.cpp: argument checks,
+// The boundary between the host code compiled by g++ (<family>_host.cpp: argument checks,
 // device guard, allocation, errors, registration) and the kernels compiled by nvcc
-// (*.cu): plain functions over raw pointers that launch on a given stream and return the
-// launch's cudaError_t. Nothing here throws, and no .cu file includes ATen or torch, so
-// every exception is thrown and unwound in host-compiled code.
+// (<family>.cu): plain functions over raw pointers that launch on a given stream and
+// return the launch's cudaError_t. Nothing here throws, and no .cu file includes ATen or
+// torch, so every exception is thrown and unwound in host-compiled code.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -14,7 +14,7 @@ namespace cuda {
 
 enum class DType : int { kFloat32, kBFloat16, kFloat16 };
 
-// ---- log-probs (logprobs.cu) ----
+// ---- logprobs: the log-prob ops (logprobs.cu) ----
 
 // Number of fixed vocabulary chunks a row of V columns of `dtype` is split into.
 int64_t logprob_num_chunks(int64_t V, DType dtype);
@@ -34,7 +34,7 @@ cudaError_t launch_merge_states(const float* states, int64_t row_stride, int64_t
                                 int64_t n, int64_t rows, float inv_temp, float* merged,
                                 float* lp, float* ent, cudaStream_t stream);
 
-// ---- store_kv (kv_cache.cu) ----
+// ---- kv_cache: store_kv (kv_cache.cu) ----
 
 // k, v rows of row_bytes (k_stride_bytes / v_stride_bytes apart) into k_cache, v_cache
 // [slots, row_bytes] at slots [n] int32 or int64 (< 0: skipped). vec16: every pointer,
@@ -44,7 +44,7 @@ cudaError_t launch_store_kv(const void* k, const void* v, void* k_cache, void* v
                             int64_t k_stride_bytes, int64_t v_stride_bytes, bool vec16,
                             cudaStream_t stream);
 
-// ---- paged prefill attention (attention.cu) ----
+// ---- attention: paged prefill attention (attention.cu) ----
 
 struct PagedAttnParams {
   const void* q;             // [N, Hq, D], token stride q_stride, heads contiguous
@@ -62,22 +62,34 @@ struct PagedAttnParams {
   int head_dim;
 };
 
-// The tensor-core kernel serves bf16/fp16 with these head dims; it packs this many
-// query rows (token x head of a KV group) into one block.
-bool paged_attention_mma_supports(DType dtype, int head_dim);
+// Three kernels, each with the predicate of the calls it serves; attention_host.cpp picks
+// one per call.
+
+// The tiled kernels (wgmma, mma.sync) pack this many query rows (token x head of a KV
+// group) into a tile; tiles = ceil(max new tokens * group / rows_per_tile).
 int paged_attention_rows_per_tile();
-// grid (Hk, tiles, B); tiles = ceil(max new tokens * group / rows_per_tile).
+
+// The wgmma kernel: bf16/fp16 with head dim 128 on an sm_90 device (the current one),
+// when the build holds sm_90a code. Persistent: min(Hk x tiles x B, SMs) blocks walk
+// Hk x tiles x B work items, numbered with an int (the caller keeps them below 2^31).
+bool paged_attention_wgmma_supports(DType dtype, int head_dim);
+cudaError_t launch_paged_attention_wgmma(const PagedAttnParams& p, DType dtype, int batch,
+                                         int tiles, cudaStream_t stream);
+
+// The mma.sync kernel: bf16/fp16 with head dim 64 or 128, any device. Grid (Hk, tiles, B).
+bool paged_attention_mma_supports(DType dtype, int head_dim);
 cudaError_t launch_paged_attention_mma(const PagedAttnParams& p, DType dtype, int batch,
                                        int tiles, cudaStream_t stream);
 
-// Fallback for any dtype and head dims up to paged_attention_simple_max_dim():
-// one warp per (token, query head); req_of [n_tokens] int32 is each token's request.
-int paged_attention_simple_max_dim();
+// The simple kernel: any dtype, head dims up to kPagedAttentionSimpleMaxDim; one warp per
+// (token, query head); req_of [n_tokens] int32 is each token's request.
+constexpr int kPagedAttentionSimpleMaxDim = 256;
+bool paged_attention_simple_supports(DType dtype, int head_dim);
 cudaError_t launch_paged_attention_simple(const PagedAttnParams& p, DType dtype,
                                           const int32_t* req_of, int64_t n_tokens,
                                           cudaStream_t stream);
 
-// ---- fused decoder-layer elementwise ops (fused.cu) ----
+// ---- fused: decoder-layer elementwise ops (fused.cu) ----
 
 // A [N, H] or [N, M, H] operand: row r starts at element (r / m) * s0 + (r % m) * s1.
 struct RowLayout {

@@ -1,5 +1,5 @@
 // Launchers of the log-prob kernels (logprobs.cuh) behind the plain interface of launch.h;
-// the ops that call them live in ops_cuda.cpp.
+// the ops that call them live in logprobs_host.cpp.
 #include "cuda/launch.h"
 #include "cuda/logprobs.cuh"
 

@@ -33,6 +33,7 @@
 #include <type_traits>
 
 #include "cuda/dtype.cuh"
+#include "cuda/fast_math.cuh"
 
 namespace tokenspeed {
 namespace cuda {
@@ -55,12 +56,6 @@ __device__ __forceinline__ uint4 ld_stream16(const void* p) {
                : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
                : "l"(p));
   return r;
-}
-
-__device__ __forceinline__ float fast_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
 }
 
 // Max over all kLpVecs raw vectors: packed pairs for 16-bit types (NaN-ignoring like fmaxf).
@@ -171,7 +166,7 @@ __global__ void __launch_bounds__(kLpThreads, 3)
         // -inf logits: d = -inf -> p = 0; clamp d so that 0 * d stays 0
         const float d0 = fmaxf((to_float(e[k]) - m) * c, -1e30f);
         const float d1 = fmaxf((to_float(e[k + 1]) - m) * c, -1e30f);
-        const float p0 = fast_exp2(d0), p1 = fast_exp2(d1);
+        const float p0 = exp2_ftz(d0), p1 = exp2_ftz(d1);
         s0 += p0;
         s1 += p1;
         w0 = fmaf(p0, d0, w0);

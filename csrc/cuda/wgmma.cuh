@@ -5,7 +5,7 @@
  *
  * Only valid in the sm_90a compilation pass (TS_SM90A_DEVICE): the kernels that use these
  * call them only there and compile to an empty body elsewhere, and the host never
- * launches them elsewhere (attention.cu checks the device and the build).
+ * launches them elsewhere (paged_attention_wgmma_supports checks the device and the build).
  *
  * Register layouts are those of mma.m16n8k16 per warp: warp w of the warpgroup owns rows
  * 16w..16w+15 of the 64; accumulator d[i] holds columns 8i..8i+7 (d[i][0..1] row

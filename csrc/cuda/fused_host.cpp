@@ -1,6 +1,7 @@
 // CUDA host side of the fused decoder-layer ops (rms_norm, silu_and_mul,
 // rotary_embedding): argument checks, device guard, output allocation, the choice of
-// 16-byte or scalar units, and error reporting over the launch functions of launch.h.
+// 16-byte or scalar units, and error reporting over the launch functions of launch.h
+// (kernels in fused.cuh).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>

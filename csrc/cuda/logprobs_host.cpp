@@ -1,0 +1,110 @@
+// CUDA host side of the log-prob ops (logprobs, logprob_partials,
+// combine_logprob_partials): argument checks, device guard, output allocation and error
+// reporting over the launch functions of launch.h (kernels in logprobs.cuh).
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <limits>
+#include <tuple>
+
+#include "cuda/host_utils.h"
+#include "cuda/launch.h"
+#include "op_checks.h"
+
+namespace tokenspeed::cuda {
+namespace {
+
+float inv_temperature(double temperature) { return static_cast<float>(1.0 / temperature); }
+
+// Chunk states [T, C, 4] (m and t in logit units) of logits [T, V], targets global ids.
+at::Tensor chunk_states(const at::Tensor& logits, const at::Tensor& targets,
+                        int64_t vocab_start, double temperature, cudaStream_t stream) {
+  const int64_t rows = logits.size(0), v = logits.size(1);
+  const DType dtype = dtype_of(logits);
+  const int64_t chunks = logprob_num_chunks(v, dtype);
+  TS_CHECK(rows * chunks <= std::numeric_limits<int32_t>::max(), "logits has ", rows,
+              " rows of ", v, " columns, more than one launch handles");
+  at::Tensor state = at::empty({rows, chunks, 4}, logits.options().dtype(at::kFloat));
+  const int64_t ld = rows > 1 ? logits.stride(0) : v;
+  C10_CUDA_CHECK(launch_logprob_chunks(
+      logits.const_data_ptr(), dtype, rows, ld, v, targets.const_data_ptr(),
+      targets.scalar_type() == at::kLong, targets.stride(0), vocab_start,
+      inv_temperature(temperature), state.data_ptr<float>(), stream));
+  return state;
+}
+
+// Ordered merge of n states per row; row r's item i at states[r * row_stride + i * item_stride].
+void merge(const at::Tensor& states, int64_t row_stride, int64_t item_stride, int64_t n,
+           int64_t rows, float inv_temp, float* merged, float* lp, float* ent,
+           cudaStream_t stream) {
+  if (rows == 0) return;
+  C10_CUDA_CHECK(launch_merge_states(states.const_data_ptr<float>(), row_stride, item_stride,
+                                     n, rows, inv_temp, merged, lp, ent, stream));
+}
+
+// The range check reads the targets back to the host; it runs after the launches (the
+// kernels ignore out-of-range targets) so that its round trip overlaps them.
+std::tuple<at::Tensor, at::Tensor> logprobs_cuda(const at::Tensor& logits,
+                                                 const at::Tensor& targets, double temperature,
+                                                 bool return_entropy, bool validate) {
+  check_logits_targets(logits, targets);
+  check_cuda(logits, "logits");
+  check_temperature(temperature);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const int64_t rows = logits.size(0);
+  const auto f32 = logits.options().dtype(at::kFloat);
+  at::Tensor lp = at::empty({rows}, f32);
+  at::Tensor ent = at::empty({return_entropy ? rows : 0}, f32);
+  if (rows == 0) return {lp, ent};
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const at::Tensor state = chunk_states(logits, targets, 0, temperature, stream);
+  const int64_t chunks = state.size(1);
+  merge(state, chunks, 1, chunks, rows, inv_temperature(temperature), nullptr,
+        lp.data_ptr<float>(), return_entropy ? ent.data_ptr<float>() : nullptr, stream);
+  if (validate) check_target_range(targets, 0, logits.size(1));
+  return {lp, ent};
+}
+
+at::Tensor logprob_partials_cuda(const at::Tensor& logits, const at::Tensor& targets,
+                                 int64_t vocab_start, double temperature, bool validate) {
+  check_logits_targets(logits, targets);
+  check_cuda(logits, "logits");
+  check_temperature(temperature);
+  check_vocab_start(vocab_start);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const int64_t rows = logits.size(0);
+  at::Tensor out = at::empty({rows, 4}, logits.options().dtype(at::kFloat));
+  if (rows == 0) return out;
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const at::Tensor state = chunk_states(logits, targets, vocab_start, temperature, stream);
+  const int64_t chunks = state.size(1);
+  merge(state, chunks, 1, chunks, rows, inv_temperature(temperature), out.data_ptr<float>(),
+        nullptr, nullptr, stream);
+  if (validate) check_target_range(targets, 0, -1);
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> combine_logprob_partials_cuda(const at::Tensor& partials) {
+  check_partials(partials);
+  check_cuda(partials, "partials");
+  const c10::cuda::CUDAGuard guard(partials.device());
+  const at::Tensor p = partials.contiguous();
+  const int64_t shards = p.size(0), rows = p.size(1);
+  at::Tensor lp = at::empty({rows}, p.options()), ent = at::empty({rows}, p.options());
+  merge(p, 1, rows, shards, rows, 1.f, nullptr, lp.data_ptr<float>(), ent.data_ptr<float>(),
+        c10::cuda::getCurrentCUDAStream());
+  return {lp, ent};
+}
+
+}  // namespace
+}  // namespace tokenspeed::cuda
+
+TORCH_LIBRARY_IMPL(tokenspeed, CUDA, m) {
+  m.impl("logprobs", &tokenspeed::cuda::logprobs_cuda);
+  m.impl("logprob_partials", &tokenspeed::cuda::logprob_partials_cuda);
+  m.impl("combine_logprob_partials", &tokenspeed::cuda::combine_logprob_partials_cuda);
+}
