@@ -27,8 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from shapes import median_ms  # noqa: E402
 
-from tokenspeed.distributed import _free_port, building_with, init_tp_group  # noqa: E402
-from tokenspeed.layers.embedding import LogprobHead  # noqa: E402
+from tokenspeed.parallel.group import building_with  # noqa: E402
+from tokenspeed.parallel.launch import free_port, init_tp_group  # noqa: E402
+from tokenspeed.layers.logprob_head import HeadOptions, LogprobHead  # noqa: E402
 
 
 def timed_ms(fn, device: torch.device, reps: int) -> float:
@@ -58,19 +59,22 @@ def run(rank: int, args: argparse.Namespace, port: int) -> None:
     gen = torch.Generator(device=device).manual_seed(0)  # same hidden/targets on every rank
     hidden = torch.randn(args.t, args.h, generator=gen, device=device, dtype=dtype)
     targets = torch.randint(0, args.v, (args.t,), generator=gen, device=device)
+    heads = {}
     with building_with(tp), torch.device(device):
-        head = LogprobHead(args.v, args.h).to(dtype)
-    head.weight.data.normal_(0, args.h ** -0.5)
+        for gather in (False, True):
+            heads[gather] = LogprobHead(args.v, args.h,
+                                        options=HeadOptions(gather_logits=gather)).to(dtype)
+    heads[False].weight.data.normal_(0, args.h ** -0.5)
+    heads[True].weight = heads[False].weight
 
     def head_fn(gather: bool):
-        return lambda i: head(hidden, targets, 1.0, True, None, gather_logits=gather)
+        return lambda i: heads[gather](hidden, targets, 1.0, True)
 
     lp_p, ent_p = head_fn(False)(0)
     lp_g, ent_g = head_fn(True)(0)
     err = max((lp_p - lp_g).abs().max().item(), (ent_p - ent_g).abs().max().item())
 
-    shard = head.weight.shape[0]
-    width = max(shard, args.v - (args.v // args.tp) * (args.tp - 1))
+    width = -(-args.v // args.tp)  # the widest shard (vocab_range gives the remainder out)
     partials = torch.randn(args.t, 4, device=device)
     logits = torch.randn(args.t, width, device=device, dtype=dtype)
     rows = []
@@ -116,7 +120,7 @@ def main() -> None:
         if args.tp > gpus:
             sys.exit(f"--tp {args.tp} exceeds the {gpus} CUDA devices")
     args.tp = args.tp or 2
-    mp.spawn(run, args=(args, _free_port()), nprocs=args.tp, join=True)
+    mp.spawn(run, args=(args, free_port()), nprocs=args.tp, join=True)
 
 
 if __name__ == "__main__":

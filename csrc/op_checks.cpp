@@ -49,8 +49,10 @@ void check_same_device(const at::Tensor& a, const char* an, const at::Tensor& b,
 }
 
 void check_temperature(double temperature) {
-  TS_CHECK(std::isfinite(temperature) && temperature > 0.0,
-              "temperature must be finite and > 0, got ", temperature);
+  // Below the minimum, logits / temperature overflows fp32 for ordinary logits and the
+  // log-probs turn into NaN (tokenspeed/inputs.py MIN_TEMPERATURE is the same bound).
+  TS_CHECK(std::isfinite(temperature) && temperature >= kMinTemperature,
+           "temperature must be finite and >= 1e-06, got ", temperature);
 }
 
 void check_logits_targets(const at::Tensor& logits, const at::Tensor& targets) {

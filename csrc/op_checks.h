@@ -51,6 +51,8 @@ void check_index_input(const at::Tensor& t, const char* name);
 void check_same_device(const at::Tensor& a, const char* an, const at::Tensor& b,
                        const char* bn);
 
+constexpr double kMinTemperature = 1e-6;
+
 void check_temperature(double temperature);
 
 // logits [T, V] with unit stride along V (any row stride), targets [T].

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from model_factory import hf_scores, load_hf, make_checkpoint, max_abs_diff, random_sequences
 
-import tokenspeed.engine as engine_module
+import tokenspeed.shard as shard_module
 from tokenspeed import Engine
 
 pytest.importorskip("transformers")
@@ -309,22 +309,22 @@ def test_error_mid_batch_leaves_engine_exact(ckpt, exc):
             for i in range(4)]
     ref_lp, _ = hf_scores(hf, seqs)
     with Engine(path, page_size=4, max_batch_tokens=8, kv_cache_tokens=256) as engine:
-        real_run, calls = engine.runner.run, []
+        real_run, calls = engine.shard.runner.run, []
 
         def failing_run(batch, *args):
             calls.append(batch)
             slots = torch.frombuffer(bytearray(batch.slot_mapping), dtype=torch.int32).long()
-            for k, v in zip(engine.kv_cache.k, engine.kv_cache.v):
+            for k, v in zip(engine.shard.kv_cache.k, engine.shard.kv_cache.v):
                 k.view(-1, *k.shape[2:])[slots] = float("nan")
                 v.view(-1, *v.shape[2:])[slots] = float("nan")
             if len(calls) == 2:
                 raise exc
             return real_run(batch, *args)
 
-        engine.runner.run = failing_run
+        engine.shard.runner.run = failing_run
         with pytest.raises(type(exc)):
             engine.compute_log_probs(seqs)
-        engine.runner.run = real_run
+        engine.shard.runner.run = real_run
         assert_recovered(engine, seqs, ref_lp)
 
 
@@ -339,8 +339,8 @@ def test_many_batches_match_alone_and_hf(ckpt, device, monkeypatch):
     settings = dict(device=device, dtype="float32", page_size=4, max_batch_tokens=16,
                     kv_cache_tokens=1024)
     with Engine(path, **settings) as engine:
-        batches = count_calls(engine.runner, "run")
-        copies = count_calls(engine, "_copy_scores")
+        batches = count_calls(engine.shard.runner, "run")
+        copies = count_calls(engine.shard, "_copy_scores")
         first = engine.compute_log_probs(seqs, 0.7, return_entropy=True)
         assert len(batches) >= 24 and len(copies) == 1
         assert max_abs_diff(first["log_probs"], ref_lp) <= TOL
@@ -352,9 +352,9 @@ def test_many_batches_match_alone_and_hf(ckpt, device, monkeypatch):
         assert max_abs_diff(second["entropy"], first["entropy"]) <= 1e-5
         no_leaks(engine)
     # the same batches, copied out every few rows and checked before they run: same bits
-    monkeypatch.setattr(engine_module, "MAX_PENDING_ROWS", 5)
+    monkeypatch.setattr(shard_module, "MAX_PENDING_ROWS", 5)
     with Engine(path, check_batches=True, **settings) as engine:
-        copies = count_calls(engine, "_copy_scores")
+        copies = count_calls(engine.shard, "_copy_scores")
         assert engine.compute_log_probs(seqs, 0.7, return_entropy=True) == first
         assert len(copies) > 10
         no_leaks(engine)
@@ -375,8 +375,8 @@ def test_batch_loop_never_waits_for_the_device(tmp_path):
     with Engine(path, device="cuda", dtype="bfloat16", page_size=16, max_batch_tokens=64,
                 kv_cache_tokens=8192) as engine:
         engine.compute_log_probs(warm, return_entropy=True)
-        batches = count_calls(engine.runner, "run")
-        copy, copies = engine._copy_scores, []
+        batches = count_calls(engine.shard.runner, "run")
+        copy, copies = engine.shard._copy_scores, []
 
         def unchecked_copy(*args):
             copies.append(args)
@@ -385,7 +385,7 @@ def test_batch_loop_never_waits_for_the_device(tmp_path):
                 copy(*args)
             finally:
                 torch.cuda.set_sync_debug_mode("error")
-        engine._copy_scores = unchecked_copy
+        engine.shard._copy_scores = unchecked_copy
         torch.cuda.set_sync_debug_mode("error")
         try:
             out = engine.compute_log_probs(seqs, return_entropy=True)
@@ -393,16 +393,16 @@ def test_batch_loop_never_waits_for_the_device(tmp_path):
             torch.cuda.set_sync_debug_mode(0)
         assert len(batches) >= 8 and len(copies) == 1
         # the same two calls again from an empty prefix cache, without the debug mode
-        engine._copy_scores = copy
-        engine.scheduler.flush()
+        engine.shard._copy_scores = copy
+        engine.shard.scheduler.flush()
         engine.compute_log_probs(warm, return_entropy=True)
         assert engine.compute_log_probs(seqs, return_entropy=True) == out
 
 
 CORRUPTIONS = [
-    ("slot_mapping", lambda engine: engine.kv_cache.num_tokens + 3,
+    ("slot_mapping", lambda engine: engine.shard.kv_cache.num_tokens + 3,
      r"slot_mapping\[0\] is \d+, but the cache has 256 slots"),
-    ("page_table", lambda engine: engine.kv_cache.num_pages + 3,
+    ("page_table", lambda engine: engine.shard.kv_cache.num_pages + 3,
      r"page_table\[0, 0\] is 67, outside \[0, 64\)"),
     ("score_targets", lambda engine: VOCAB,
      rf"score_targets\[0\] is {VOCAB}, outside the vocabulary \[0, {VOCAB}\)"),
@@ -411,7 +411,7 @@ CORRUPTIONS = [
 
 def corrupt_third_scored_batch(engine: Engine, array: str, value: int) -> list:
     """Make the runner overwrite element 0 of one array of the third batch that scores rows."""
-    real_run, scored = engine.runner.run, []
+    real_run, scored = engine.shard.runner.run, []
 
     def corrupting_run(batch, *args):
         if batch.num_scored:
@@ -419,7 +419,7 @@ def corrupt_third_scored_batch(engine: Engine, array: str, value: int) -> list:
             if len(scored) == 3:
                 torch.frombuffer(getattr(batch, array), dtype=torch.int32)[0] = value
         return real_run(batch, *args)
-    engine.runner.run = corrupting_run
+    engine.shard.runner.run = corrupting_run
     return scored
 
 
@@ -431,12 +431,12 @@ def test_check_batches_rejects_a_corrupt_batch(ckpt, device, array, bad_value, m
     ref_lp, _ = hf_scores(hf, seqs)
     with Engine(path, device=device, dtype="float32", page_size=4, max_batch_tokens=16,
                 kv_cache_tokens=256, check_batches=True) as engine:
-        real_run = engine.runner.run
+        real_run = engine.shard.runner.run
         scored = corrupt_third_scored_batch(engine, array, bad_value(engine))
         with pytest.raises(RuntimeError, match=match):
             engine.compute_log_probs(seqs)
         assert len(scored) == 3
-        engine.runner.run = real_run
+        engine.shard.runner.run = real_run
         assert_recovered(engine, seqs, ref_lp)
 
 
@@ -463,13 +463,225 @@ def test_error_while_copying_scores_leaves_engine_exact(ckpt):
     seqs = grpo_workload(23, groups=3, group_size=3)
     ref_lp, _ = hf_scores(hf, seqs)
     with Engine(path, page_size=4, max_batch_tokens=16, kv_cache_tokens=256) as engine:
-        copy = engine._copy_scores
+        copy = engine.shard._copy_scores
 
         def failing_copy(*args):
             raise RuntimeError("device lost")
-        engine._copy_scores = failing_copy
+        engine.shard._copy_scores = failing_copy
         with pytest.raises(RuntimeError, match="device lost"):
             engine.compute_log_probs(seqs)
-        engine._copy_scores = copy
+        engine.shard._copy_scores = copy
         assert engine.stats()["cached_pages"] == 0
         assert_recovered(engine, seqs, ref_lp)
+
+
+def weight_interrupts(monkeypatch, at: int, action) -> list[str]:
+    """Run ``action`` just before the ``at``-th tensor an update writes; returns the names
+    written."""
+    from tokenspeed.models.loader import WeightMap
+    real_load, written = WeightMap.load, []
+
+    def load(self, name, tensor):
+        if len(written) == at:
+            action()
+        written.append(name)
+        return real_load(self, name, tensor)
+    monkeypatch.setattr(WeightMap, "load", load)
+    return written
+
+
+def test_update_weights_interrupted_anywhere_holds_old_or_new(ckpt, ckpt_b, monkeypatch):
+    """Ctrl-C at any point of an update: the engine then scores exactly as a fresh engine
+    with the old weights or one with the new, and its version says which."""
+    import _thread
+    import random
+    import threading
+    import time
+    from safetensors.torch import load_file
+    (path_a, _), (path_b, _) = ckpt, ckpt_b
+    seqs = grpo_workload(40, groups=2, group_size=3)
+    states = [load_file(path_a / "model.safetensors"), load_file(path_b / "model.safetensors")]
+    fresh = []
+    for path in (path_a, path_b):
+        with Engine(path, page_size=4, kv_cache_tokens=512) as e:
+            fresh.append(e.compute_log_probs(seqs)["log_probs"])
+    rng = random.Random(41)
+    with Engine(path_a, page_size=4, kv_cache_tokens=512) as engine:
+        holds, interrupted = 0, 0
+        for trial in range(12):
+            engine.compute_log_probs(seqs)  # fills the prefix cache with the held weights
+            version = engine.stats()["weight_version"]
+            target = 1 - holds
+            with monkeypatch.context() as m:
+                if trial % 2:  # a real timer: the signal lands wherever it lands
+                    timer = threading.Timer(rng.uniform(0, 0.004), _thread.interrupt_main)
+                else:  # exactly before a random tensor's write
+                    timer = None
+                    weight_interrupts(m, rng.randrange(len(states[target])),
+                                      _thread.interrupt_main)
+                try:
+                    if timer:
+                        timer.start()
+                    engine.update_weights(states[target])
+                    if timer:
+                        timer.join()
+                        time.sleep(0.01)
+                except KeyboardInterrupt:
+                    interrupted += 1
+            if engine.stats()["weight_version"] == version + 1:
+                holds = target
+            else:
+                assert engine.stats()["weight_version"] == version
+            assert engine.compute_log_probs(seqs)["log_probs"] == fresh[holds]
+            no_leaks(engine)
+        assert interrupted >= 6
+
+
+def test_failed_write_refuses_to_score_until_repaired(ckpt, ckpt_b, monkeypatch):
+    from safetensors.torch import load_file
+    (path_a, _), (path_b, _) = ckpt, ckpt_b
+    seqs = grpo_workload(42, groups=2, group_size=3)
+    new = load_file(path_b / "model.safetensors")
+    with Engine(path_b, page_size=4, kv_cache_tokens=512) as e:
+        want = e.compute_log_probs(seqs)["log_probs"]
+    with Engine(path_a, page_size=4, kv_cache_tokens=512) as engine:
+        engine.compute_log_probs(seqs)
+        with monkeypatch.context() as m:
+            def lost():
+                raise RuntimeError("device lost")
+            written = weight_interrupts(m, 5, lost)
+            with pytest.raises(RuntimeError, match="device lost"):
+                engine.update_weights(new)
+        assert len(written) == 5
+        stats = engine.stats()
+        assert stats["weight_version"] == 1 and stats["cached_pages"] == 0
+        with pytest.raises(RuntimeError, match="failed part-way"):
+            engine.compute_log_probs(seqs)
+        with pytest.raises(RuntimeError, match="failed part-way"):
+            engine.validate(seqs)
+        # an update of some of the torn parameters is not enough
+        engine.update_weights({"model.norm.weight": new["model.norm.weight"]})
+        with pytest.raises(RuntimeError, match="failed part-way"):
+            engine.compute_log_probs(seqs)
+        engine.update_weights(new)
+        assert engine.compute_log_probs(seqs)["log_probs"] == want
+        no_leaks(engine)
+
+
+def test_update_weights_rejects_non_finite_values(ckpt):
+    path, _ = ckpt
+    seqs = [{"prompt_token_ids": [1, 2, 3, 4, 5], "completion_token_ids": [6, 7, 8]}]
+    with Engine(path, kv_cache_tokens=256) as engine:
+        before = engine.compute_log_probs(seqs)["log_probs"]
+        weight = engine.shard.model.model.layers[1].mlp.down_proj.weight
+        for bad in (math.nan, math.inf, -math.inf):
+            w = torch.randn(weight.shape)
+            w[int(torch.randint(0, w.shape[0], ())), 3] = bad
+            with pytest.raises(ValueError, match="model.layers.1.mlp.down_proj.weight"):
+                engine.update_weights({"model.norm.weight": torch.ones(32),
+                                       "model.layers.1.mlp.down_proj.weight": w})
+            assert engine.stats()["weight_version"] == 0
+            assert engine.compute_log_probs(seqs)["log_probs"] == before
+        # the opt-out takes the caller's word for it
+        engine.update_weights({"model.layers.1.mlp.down_proj.weight": w}, check_finite=False)
+        assert engine.stats()["weight_version"] == 1
+
+
+def test_threads_share_one_engine(ckpt):
+    """Calls from several threads serialise: every result is exact, nothing leaks."""
+    import threading
+    path, hf = ckpt
+    workloads = [grpo_workload(50 + i, groups=2, group_size=3) for i in range(4)]
+    refs = [hf_scores(hf, w)[0] for w in workloads]
+    errors: list = []
+    with Engine(path, page_size=4, max_batch_tokens=16, kv_cache_tokens=512) as engine:
+        def work(i: int) -> None:
+            try:
+                for _ in range(3):
+                    out = engine.compute_log_probs(workloads[i])["log_probs"]
+                    assert max_abs_diff(out, refs[i]) <= TOL
+                    engine.stats()
+            except BaseException as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        assert engine.stats()["running"] == engine.stats()["waiting"] == 0
+        no_leaks(engine)
+
+
+def test_scheduler_without_a_batch_is_an_error_not_an_assert(ckpt):
+    path, hf = ckpt
+    seqs = grpo_workload(43, groups=1, group_size=3)
+    ref_lp, _ = hf_scores(hf, seqs)
+    with Engine(path, page_size=4, max_batch_tokens=16, kv_cache_tokens=256) as engine:
+        real = engine.shard.scheduler
+
+        class Stalling:
+            def __getattr__(self, name):
+                return getattr(real, name)
+
+            def schedule(self):
+                return None
+        engine.shard.scheduler = Stalling()
+        with pytest.raises(RuntimeError, match="made no batch"):
+            engine.compute_log_probs(seqs)
+        engine.shard.scheduler = real
+        assert_recovered(engine, seqs, ref_lp)
+
+
+def test_tiny_temperatures_rejected_and_smallest_allowed_is_finite(ckpt):
+    path, _ = ckpt
+    seqs = grpo_workload(44, groups=1, group_size=2)
+    with Engine(path, kv_cache_tokens=256) as engine:
+        for t in (1e-39, 3e-39, 1e-7):
+            with pytest.raises(ValueError, match="temperature must be finite and >= 1e-06"):
+                engine.compute_log_probs(seqs, t)
+        out = engine.compute_log_probs(seqs, 1e-6, return_entropy=True)
+        assert all(not math.isnan(x) for row in out["log_probs"] + out["entropy"] for x in row)
+        assert engine.stats()["scored_tokens"] == sum(map(len, out["log_probs"]))
+
+
+def test_validate_names_sequence_and_field_and_changes_nothing(ckpt):
+    import numpy as np
+    from tokenspeed.inputs import InvalidSequenceError
+    path, hf = ckpt
+    good = {"prompt_token_ids": [3, 1, 4], "completion_token_ids": [1, 5]}
+    with Engine(path, kv_cache_tokens=256) as engine:
+        engine.validate([good, good])
+        bad = {"prompt_token_ids": [3, 1, 4], "completion_token_ids": [1, VOCAB + 4]}
+        with pytest.raises(InvalidSequenceError) as info:
+            engine.validate([good, good, bad])
+        assert (info.value.index, info.value.field) == (2, "completion_token_ids")
+        assert info.value.detail == f"completion_token_ids[1] is {VOCAB + 4}, vocabulary is " \
+                                    f"[0, {VOCAB})"
+        with pytest.raises(TypeError):  # also a TypeError for type errors' catchers
+            engine.validate([{"prompt_token_ids": "x", "completion_token_ids": []}])
+        assert engine.stats()["scored_tokens"] == 0
+        # 0-d integer tensors and numpy integers are ids; 0-d float tensors are not
+        mixed = {"prompt_token_ids": [torch.tensor(3), np.int64(1), 4],
+                 "completion_token_ids": [1, torch.tensor(5, dtype=torch.int32)]}
+        assert engine.compute_log_probs([mixed])["log_probs"] == \
+            engine.compute_log_probs([good])["log_probs"]
+        with pytest.raises(InvalidSequenceError, match=r"prompt_token_ids\[0\] is tensor\(3\.\)"):
+            engine.validate([{"prompt_token_ids": [torch.tensor(3.0)],
+                              "completion_token_ids": [1]}])
+
+
+def test_builtin_model_creation_leaves_nothing_behind_on_failure(tmp_path, monkeypatch):
+    import tokenspeed.builtin as builtin
+    monkeypatch.setenv("TOKENSPEED_CACHE", str(tmp_path))
+    for exc in (OSError("disk full"), KeyboardInterrupt()):
+        def failing_save(*args, **kwargs):
+            raise exc
+        monkeypatch.setattr(builtin, "save_file", failing_save)
+        with pytest.raises(type(exc)):
+            builtin.builtin_model_dir()
+        assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    monkeypatch.setenv("TOKENSPEED_CACHE", str(tmp_path))
+    assert (builtin.builtin_model_dir() / "model.safetensors").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == [builtin.cache_dir().name]

@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import DEVICES
 
-from tokenspeed.layers.embedding import LogprobHead, head_logits
+from tokenspeed.layers.logprob_head import HeadOptions, LogprobHead, head_logits
 
 VOCAB, HIDDEN = 1000, 64
 
@@ -26,11 +26,12 @@ def test_head_matches_fp64(device, dtype, vocab_chunk, temperature):
     and rounds the logits to the input dtype."""
     gen = torch.Generator().manual_seed(hash((dtype, vocab_chunk, temperature)) % 2**31)
     rows = 97
-    head = LogprobHead(VOCAB, HIDDEN).to(device=device, dtype=dtype)
+    head = LogprobHead(VOCAB, HIDDEN, options=HeadOptions(vocab_chunk=vocab_chunk)).to(
+        device=device, dtype=dtype)
     head.weight.data.copy_(torch.randn(VOCAB, HIDDEN, generator=gen) * 0.5)
     hidden = torch.randn(rows, HIDDEN, generator=gen).to(device=device, dtype=dtype)
     targets = torch.randint(0, VOCAB, (rows,), generator=gen).to(device)
-    lp, ent = head(hidden, targets, temperature, True, vocab_chunk)
+    lp, ent = head(hidden, targets, temperature, True)
     ref_lp, ref_ent = _reference(hidden.cpu(), head.weight.cpu(), targets.cpu(), temperature)
     assert lp.dtype == ent.dtype == torch.float32
     exact = dtype == torch.float32 or device == "cuda"

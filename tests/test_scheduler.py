@@ -7,36 +7,24 @@ pin each trap with a case small enough to read.
 from __future__ import annotations
 
 import array
-import functools
 import gc
-import importlib.util
-import sys
 from collections import defaultdict
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+
+import tokenspeed_ext
 
 FREE, OWNED, CACHED = 0, 1, 2
 ARRAYS = ("input_ids", "positions", "slot_mapping", "page_table", "cu_seqlens_q", "kv_lens",
           "score_rows", "score_targets")
 
 
-@functools.cache
 def scheduler_module():
-    """The scheduler's pybind11 module, built by tokenspeed_ext/_build.py.
-
-    _build.py is loaded on its own rather than through ``import tokenspeed_ext``, which
-    also builds the op library: the scheduler does not depend on the kernels, and neither
-    should its tests. test_package_exports_scheduler covers the public path.
-    """
-    path = Path(__file__).resolve().parents[1] / "tokenspeed_ext" / "_build.py"
-    spec = importlib.util.spec_from_file_location("tokenspeed_scheduler_build", path)
-    build = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = build  # dataclasses look their module up here
-    spec.loader.exec_module(build)
-    return build.load_scheduler()
+    """The scheduler's pybind11 module; ``tokenspeed_ext`` builds the op library only when
+    an op is touched, so these tests never build the kernels."""
+    return tokenspeed_ext.scheduler_module
 
 
 def make(num_pages=64, page_size=4, max_batch_tokens=1024, **kw):
@@ -662,9 +650,14 @@ def test_stats_and_page_states_agree():
     assert all(r >= 1 for r, state in zip(s.refcounts(), states) if state == OWNED)
 
 
-def test_package_exports_scheduler():
-    import tokenspeed_ext
-
+def test_package_exports_scheduler_without_building_the_ops():
+    import subprocess
+    import sys
+    probe = ("import sys, tokenspeed_ext; tokenspeed_ext.Scheduler; "
+             "assert 'tokenspeed_ext.ops' not in sys.modules, 'the op library was loaded'")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr
     assert tokenspeed_ext.Scheduler.__name__ == "Scheduler"
     s = tokenspeed_ext.Scheduler(num_pages=4, page_size=2, max_batch_tokens=8)
     s.add(0, [1, 2, 3], 1)

@@ -17,7 +17,8 @@ import torch.multiprocessing as mp
 from model_factory import make_checkpoint, max_abs_diff, random_sequences
 
 from tokenspeed import Engine
-from tokenspeed.distributed import _free_port, compute_log_probs_dp
+from tokenspeed.parallel.dp import compute_log_probs_dp
+from tokenspeed.parallel.launch import free_port
 
 pytest.importorskip("transformers")
 TOL = 1e-5
@@ -34,9 +35,7 @@ CHECKPOINTS = {
 }
 NEW_WEIGHTS = dict(vocab=101, kv_heads=2, seed=4)  # Qwen3, another draw
 
-DEVICES = ["cpu", pytest.param("cuda", marks=[
-    pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2,
-                                        reason="needs 2 CUDA devices")])]
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.multi_gpu])]
 
 
 def workload(vocab: int) -> list[dict]:
@@ -169,7 +168,7 @@ def spmd(ckpts, device, tmp_path_factory) -> list[dict]:
     """Both ranks' results of one SPMD run; fails (rather than hangs) past a deadline."""
     out_dir = tmp_path_factory.mktemp(f"spmd_{device}")
     ctx = mp.get_context("spawn")
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_spmd_rank, args=(r, device, port, ckpts, out_dir))
              for r in range(WORLD)]
     for p in procs:
@@ -188,6 +187,7 @@ def spmd(ckpts, device, tmp_path_factory) -> list[dict]:
     return results
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", CHECKPOINTS)
 def test_spmd_tp2_equals_tp1(spmd, reference, arch):
     for res in spmd:
@@ -199,6 +199,7 @@ def test_spmd_tp2_equals_tp1(spmd, reference, arch):
     assert spmd[0][arch, "partials"] == spmd[1][arch, "partials"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", CHECKPOINTS)
 def test_spmd_partials_and_gathered_logits_agree(spmd, reference, arch):
     for res in spmd:
@@ -208,6 +209,7 @@ def test_spmd_partials_and_gathered_logits_agree(spmd, reference, arch):
     assert spmd[0][arch, "gather"] == spmd[1][arch, "gather"]
 
 
+@pytest.mark.slow
 def test_spmd_update_weights_equals_fresh_engine(spmd, reference):
     for res in spmd:
         assert_close(res["update"], reference["new"])
@@ -215,6 +217,7 @@ def test_spmd_update_weights_equals_fresh_engine(spmd, reference):
         assert res["update", "stats"]["cached_pages"] > 0  # refilled after the flush
 
 
+@pytest.mark.slow
 def test_spmd_bad_batch_raises_on_every_rank(spmd, reference):
     """The same bad batch on both ranks, a bad batch on rank 0 only, and different
     batches on the ranks: every rank raises and stays usable (no rank hangs: the
@@ -228,6 +231,7 @@ def test_spmd_bad_batch_raises_on_every_rank(spmd, reference):
         assert_close(res["after_errors"], reference["new"])
 
 
+@pytest.mark.slow
 def test_spmd_load_failure_on_one_rank_raises_on_every_rank(spmd):
     """Rank 1's shard file is truncated: it raises its own error, rank 0 raises too
     (the fixture's deadline proves neither waited in a collective)."""
@@ -235,11 +239,13 @@ def test_spmd_load_failure_on_one_rank_raises_on_every_rank(spmd):
     assert spmd[0]["load_error"] and "rank(s) [1] rejected" in spmd[0]["load_error"]
 
 
+@pytest.mark.slow
 def test_data_parallel_helper_gathers_in_order(spmd, reference):
     for res in spmd:
         assert_close(res["dp"], reference["new"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", CHECKPOINTS)
 def test_single_process_tp2_equals_tp1(ckpts, reference, device, arch):
     seqs = workload(CHECKPOINTS[arch]["vocab"])
@@ -253,6 +259,7 @@ def test_single_process_tp2_equals_tp1(ckpts, reference, device, arch):
         assert tensors["mask"].sum().item() == sum(len(s["completion_token_ids"]) for s in seqs)
 
 
+@pytest.mark.slow
 def test_single_process_update_weights_and_bad_batches(ckpts, reference, device):
     from safetensors.torch import load_file
     seqs = workload(NEW_WEIGHTS["vocab"])
@@ -278,3 +285,33 @@ def test_unshardable_models_are_rejected_before_any_worker_starts(ckpts):
         Engine(ckpts["Qwen3ForCausalLM"], tp_size=3, **SETTINGS)
     with pytest.raises(ValueError, match="logprob_mode"):
         Engine(ckpts["Qwen3ForCausalLM"], tp_size=2, logprob_mode="topk", **SETTINGS)
+
+
+@pytest.mark.slow
+def test_single_process_interrupted_calls_never_shift_replies(ckpts, reference, device):
+    """Ctrl-C while the workers compute: the call raises KeyboardInterrupt, the workers
+    (which ignore it) finish, and every later call still gets its own reply."""
+    import _thread
+    import random
+    import threading
+    import time
+    arch = "Qwen3ForCausalLM"
+    seqs = workload(CHECKPOINTS[arch]["vocab"])
+    long_call = seqs * 8
+    rng = random.Random(7)
+    interrupted = 0
+    with deadline(SPMD_TIMEOUT_S), Engine(ckpts[arch], device=device, tp_size=WORLD,
+                                          **SETTINGS) as engine:
+        for _ in range(6):
+            timer = threading.Timer(rng.uniform(0.0, 0.05), _thread.interrupt_main)
+            try:
+                timer.start()
+                engine.compute_log_probs(long_call, 1.3)
+                timer.join()
+                time.sleep(0.01)
+            except KeyboardInterrupt:
+                interrupted += 1
+            assert_close(engine.compute_log_probs(seqs, 0.7, return_entropy=True),
+                         reference[arch])
+            assert engine.stats()["running"] == 0
+        assert interrupted >= 3

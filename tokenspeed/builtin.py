@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -78,13 +79,16 @@ def builtin_model_dir() -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-    save_file(builtin_weights(), str(staging / "model.safetensors"), metadata={"format": "pt"})
-    (staging / "config.json").write_text(json.dumps(CONFIG, indent=2) + "\n")
     try:
+        save_file(builtin_weights(), str(staging / "model.safetensors"),
+                  metadata={"format": "pt"})
+        (staging / "config.json").write_text(json.dumps(CONFIG, indent=2) + "\n")
         staging.rename(target)
     except OSError:
+        if not (target / "config.json").is_file():
+            raise
         # another process won the race; its folder is identical
-        for f in staging.iterdir():
-            f.unlink()
-        staging.rmdir()
+    finally:
+        if staging.exists():  # a failure, an interrupt or a lost race: leave nothing behind
+            shutil.rmtree(staging, ignore_errors=True)
     return target

@@ -1,36 +1,59 @@
 """`tokenspeed score INPUT.jsonl`: JSONL in, JSONL out with log_probs (and entropy) added.
 
-Each input line is an object with prompt_token_ids and completion_token_ids (or, when the
-model directory has a tokenizer, prompt and completion text); every other field passes
-through. Progress goes to stderr, results to --output or stdout.
+Each input line is a JSON object in one of two forms: token ids (prompt_token_ids and
+completion_token_ids) or text (prompt and completion, when the model folder has a
+tokenizer). Prompt and completion text are tokenized separately: the prompt with the
+tokenizer's special tokens (such as BOS), the completion without them. No chat template
+is applied: format chat prompts yourself, or give token ids. Every other field passes
+through.
+
+Every line is checked before anything is scored. Results go to stdout as they are scored,
+or to --output, which appears only when complete; progress goes to stderr. Set
+TOKENSPEED_DEBUG=1 to see the traceback behind an error.
 """
 from __future__ import annotations
 
 import argparse
+import codecs
+import contextlib
 import json
+import math
 import os
-import re
 import sys
 import time
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, BinaryIO, TextIO
 
 from tqdm import tqdm
+
+from . import Engine, __version__
+from .builtin import builtin_model_dir
+from .inputs import InvalidSequenceError
 
 # sequences handed to the engine per call: large enough to fill its batches, small enough
 # for the progress bar to move
 GROUP_SEQUENCES = 256
+ID_FIELDS = ("prompt_token_ids", "completion_token_ids")
+TEXT_FIELDS = ("prompt", "completion")
+# files that announce an HF tokenizer; without one, transformers fails with advice about
+# sentencepiece that does not apply
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+Record = tuple[int, dict[str, Any]]  # (input line number, the line's object)
 
 
-class InputError(ValueError):
-    pass
+class CLIError(Exception):
+    """A failure already worded for the user."""
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenspeed", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    score = sub.add_parser("score", help="score completions of a JSONL file")
+    score = sub.add_parser("score", help="score completions of a JSONL file", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     score.add_argument("input", help="JSONL input file ('-' for stdin)")
     score.add_argument("--model", help="HF checkpoint directory (default: the built-in model)")
     score.add_argument("--output", "-o", help="JSONL output file (default: stdout)")
@@ -43,41 +66,150 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _read_records(stream: TextIO) -> list[tuple[int, dict[str, Any]]]:
+def _finite(text: str) -> float:
+    # Python's json reads NaN, Infinity and 1e999, which other JSON readers reject and
+    # which could not be written back
+    value = float(text)
+    if not math.isfinite(value):
+        raise json.JSONDecodeError(f"{text} is not a finite number", text, 0)
+    return value
+
+
+def _parse_lines(stream: BinaryIO) -> list[Record]:
     records = []
-    for n, line in enumerate(stream, start=1):
+    for n, raw in enumerate(stream, start=1):
+        if n == 1:
+            raw = raw.removeprefix(codecs.BOM_UTF8)  # written by some Windows editors
+        try:
+            line = raw.decode()
+        except UnicodeDecodeError as e:
+            raise CLIError(f"line {n}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            record = json.loads(line, parse_float=_finite, parse_constant=_finite)
         except json.JSONDecodeError as e:
-            raise InputError(f"line {n}: not valid JSON ({e.msg})") from None
+            raise CLIError(f"line {n}: not valid JSON ({e.msg})") from None
         if not isinstance(record, dict):
-            raise InputError(f"line {n}: expected a JSON object, got {type(record).__name__}")
+            raise CLIError(f"line {n}: expected a JSON object, got {type(record).__name__}")
         records.append((n, record))
     return records
 
 
+def _read_records(path: str) -> list[Record]:
+    if path == "-":
+        return _parse_lines(sys.stdin.buffer)
+    with open(path, "rb") as f:
+        return _parse_lines(f)
+
+
+def _is_text(n: int, record: dict[str, Any]) -> bool:
+    """Whether the line gives text; raises unless it gives exactly one complete form, so
+    that no field is silently ignored."""
+    given = [k for k in ID_FIELDS + TEXT_FIELDS if k in record]
+    if given == list(ID_FIELDS):
+        return False
+    if given != list(TEXT_FIELDS):
+        raise CLIError(f"line {n}: has {', '.join(given) or 'neither'}; a line needs either "
+                       f"prompt_token_ids and completion_token_ids (token ids) or prompt and "
+                       f"completion (text)")
+    for key in TEXT_FIELDS:
+        if not isinstance(record[key], str):
+            raise CLIError(f"line {n}: {key} must be a string, got {type(record[key]).__name__}")
+    return True
+
+
 class _Tokenizer:
-    """Turns prompt/completion text into ids with the model directory's tokenizer."""
+    """Turns prompt/completion text into ids with the model folder's tokenizer, loaded on
+    the first text line."""
 
     def __init__(self, model_dir: Path):
         self.model_dir = model_dir
         self._tok = None
 
+    def _load(self, line: int) -> Any:
+        if not any((self.model_dir / name).is_file() for name in TOKENIZER_FILES):
+            raise CLIError(f"line {line}: prompt and completion are text, but the model folder "
+                           f"{self.model_dir} has no tokenizer ({', '.join(TOKENIZER_FILES)}); "
+                           f"give prompt_token_ids and completion_token_ids instead")
+        try:
+            from transformers import AutoTokenizer
+            return AutoTokenizer.from_pretrained(str(self.model_dir))
+        except Exception as e:  # noqa: BLE001 - any failure means: no usable tokenizer
+            raise CLIError(f"line {line}: cannot load the tokenizer in {self.model_dir}: "
+                           f"{e}") from e
+
     def __call__(self, line: int, record: dict[str, Any]) -> dict[str, Any]:
-        if "prompt_token_ids" in record or "prompt" not in record:
-            return record
         if self._tok is None:
-            try:
-                from transformers import AutoTokenizer
-                self._tok = AutoTokenizer.from_pretrained(str(self.model_dir))
-            except Exception as e:  # noqa: BLE001 - any failure means: no usable tokenizer
-                raise InputError(f"line {line}: text fields need a tokenizer in "
-                                 f"{self.model_dir} and transformers installed ({e})") from None
+            self._tok = self._load(line)
+        # two calls, not one on the joined text: the completion's ids must be exactly its
+        # own, never a token merged across the boundary
         prompt = self._tok(record["prompt"])["input_ids"]
-        completion = self._tok(record.get("completion", ""), add_special_tokens=False)["input_ids"]
+        completion = self._tok(record["completion"], add_special_tokens=False)["input_ids"]
         return {**record, "prompt_token_ids": prompt, "completion_token_ids": completion}
+
+
+def _with_token_ids(records: list[Record], model_dir: Path) -> list[Record]:
+    tokenize = _Tokenizer(model_dir)
+    return [(n, tokenize(n, r) if _is_text(n, r) else r) for n, r in records]
+
+
+@contextlib.contextmanager
+def _output(path: str | None) -> Iterator[TextIO]:
+    """stdout, or a file that only ever appears complete: it is written under a temporary
+    name in the target's folder and renamed over the target once everything succeeded."""
+    if path is None:
+        yield sys.stdout
+        return
+    if os.path.exists(path) and not os.path.isfile(path):
+        # a device or a named pipe (/dev/null, a FIFO) streams and must never be renamed
+        # over; a directory fails here with IsADirectoryError
+        with open(path, "w") as f:
+            yield f
+        return
+    target = Path(os.path.realpath(path))  # through a symlink: replace its file, keep it
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        f = open(tmp, "x")
+    except OSError as e:
+        raise CLIError(f"cannot write {path}: {e.strerror}") from e
+    try:
+        with f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())  # the rename must not land before the data
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink()
+        raise
+
+
+def _load_engine(model_dir: Path, args: argparse.Namespace) -> Engine:
+    try:
+        return Engine(model_dir, device=args.device, dtype=args.dtype,
+                      max_batch_tokens=args.max_batch_tokens)
+    except (ValueError, TypeError, OSError):
+        raise  # worded for the user by the engine
+    except Exception as e:
+        # a folder the engine cannot read (another architecture, a corrupt weights file)
+        # fails inside libraries whose messages do not say which folder
+        raise CLIError(f"cannot load the model in {model_dir}: {type(e).__name__}: {e}") from e
+
+
+def _validate(engine: Engine, records: list[Record], temperature: float) -> None:
+    try:
+        engine.validate([r for _, r in records], temperature)
+    except InvalidSequenceError as e:
+        raise CLIError(f"line {records[e.index][0]}: {e.detail}") from None
+
+
+def _json_line(line: int, record: dict[str, Any]) -> str:
+    try:
+        return json.dumps(record, allow_nan=False) + "\n"
+    except ValueError:
+        # inputs hold only finite numbers (_finite), so a score is not
+        raise CLIError(f"line {line}: the model gave a score that is not finite (NaN or "
+                       f"infinity), which JSON cannot hold") from None
 
 
 def _groups(records: list, size: int) -> Iterator[list]:
@@ -85,61 +217,66 @@ def _groups(records: list, size: int) -> Iterator[list]:
         yield records[i:i + size]
 
 
-def score(args: argparse.Namespace) -> int:
-    from . import Engine
-    from .builtin import builtin_model_dir
-
-    model_dir = Path(args.model) if args.model else builtin_model_dir()
-    if args.input == "-":
-        records = _read_records(sys.stdin)
-    else:
-        with open(args.input) as f:
-            records = _read_records(f)
-    tokenize = _Tokenizer(model_dir)
-    records = [(n, tokenize(n, r)) for n, r in records]
-    out = open(args.output, "w") if args.output else sys.stdout
+def _score_into(out: TextIO, engine: Engine, records: list[Record],
+                args: argparse.Namespace) -> int:
+    """Scores every record, writes its line to ``out``; returns the tokens scored."""
     total_tokens = 0
-    try:
-        with Engine(model_dir, device=args.device, dtype=args.dtype,
-                    max_batch_tokens=args.max_batch_tokens) as engine, \
-                tqdm(total=len(records), unit="seq", file=sys.stderr, desc="scoring") as bar:
-            start = time.perf_counter()  # scoring only: not the first-use build and load
-            for group in _groups(records, GROUP_SEQUENCES):
-                try:
-                    result = engine.compute_log_probs([r for _, r in group], args.temperature,
-                                                      return_entropy=args.entropy)
-                except (ValueError, TypeError) as e:
-                    # name the input line instead of the index inside this group
-                    m = re.match(r"sequence (\d+): (.*)", str(e), re.S)
-                    raise InputError(f"line {group[int(m[1])][0]}: {m[2]}" if m
-                                     else str(e)) from None
-                for i, (_, record) in enumerate(group):
-                    record = {**record, "log_probs": result["log_probs"][i]}
-                    if args.entropy:
-                        record["entropy"] = result["entropy"][i]
-                    out.write(json.dumps(record) + "\n")
-                    total_tokens += len(record["log_probs"])
-                bar.update(len(group))
-                bar.set_postfix(tokens=total_tokens)
-    finally:
-        if out is not sys.stdout:
-            out.close()
-    elapsed = time.perf_counter() - start
+    with tqdm(total=len(records), unit="seq", file=sys.stderr, desc="scoring") as bar:
+        for group in _groups(records, GROUP_SEQUENCES):
+            result = engine.compute_log_probs([r for _, r in group], args.temperature,
+                                              return_entropy=args.entropy)
+            for i, (n, record) in enumerate(group):
+                scores = {"log_probs": result["log_probs"][i]}
+                if args.entropy:
+                    scores["entropy"] = result["entropy"][i]
+                out.write(_json_line(n, {**record, **scores}))
+                total_tokens += len(scores["log_probs"])
+            bar.update(len(group))
+            bar.set_postfix(tokens=total_tokens)
+    return total_tokens
+
+
+def score(args: argparse.Namespace) -> int:
+    model_dir = Path(args.model) if args.model else builtin_model_dir()
+    records = _with_token_ids(_read_records(args.input), model_dir)
+    with _output(args.output) as out, _load_engine(model_dir, args) as engine:
+        _validate(engine, records, args.temperature)
+        start = time.perf_counter()  # scoring only: not the first-use build and load
+        total_tokens = _score_into(out, engine, records, args)
+        elapsed = time.perf_counter() - start
     print(f"tokenspeed: scored {len(records)} sequences, {total_tokens} tokens in "
           f"{elapsed:.2f} s ({total_tokens / max(elapsed, 1e-9):,.0f} tokens/s)",
           file=sys.stderr)
     return 0
 
 
+def _describe(e: Exception) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        # "out.jsonl: Is a directory", as Unix tools word it
+        return e.strerror if e.filename is None else f"{e.filename}: {e.strerror}"
+    if isinstance(e, (CLIError, ValueError, TypeError, OSError)):
+        return str(e)  # worded for the user where raised
+    return f"{type(e).__name__}: {e} (TOKENSPEED_DEBUG=1 shows the traceback)"
+
+
+def _fail(message: str, status: int) -> int:
+    if os.environ.get("TOKENSPEED_DEBUG", "") not in ("", "0"):
+        traceback.print_exc()
+    # one line, even for a library's message spread over several
+    print("tokenspeed: " + " ".join(message.split()), file=sys.stderr)
+    return status
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return score(args)
-    except (InputError, ValueError, TypeError, FileNotFoundError) as e:
-        print(f"tokenspeed: error: {e}", file=sys.stderr)
-        return 1
     except BrokenPipeError:
         # the reader went away (`tokenspeed score x.jsonl | head`): stop quietly, as Unix
         # tools do; point stdout at devnull so the interpreter's final flush cannot raise
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+    except Exception as e:  # noqa: BLE001 - the user gets one line, not a traceback
+        return _fail(f"error: {_describe(e)}", 1)

@@ -62,14 +62,12 @@ class EngineConfig:
     """``device``/``dtype`` accept strings or torch objects and become torch objects.
 
     kv_cache_tokens: size of the paged K/V pool in tokens; None sizes it from free GPU
-    memory (CUDA) or a fixed memory budget (CPU). lean_vocab_chunk: vocabulary chunk of
-    the log-prob head's lean mode, or None for whole logit rows (a bounded number of rows
-    at a time). "auto" picks by measurement: on CPU lean was 1.1-1.7x slower (fp32,
-    T=256 x H=1024 x V=32000 and T=512 x H=896 x V=151936, chunks 4096-16384), so None;
-    on an H200 chunks of 32768 were no slower (bf16, T=8192 x H=1536 x V=151936: 7.52 vs
-    7.82 ms; T=4096 x H=4096 x V=128256: 7.11 vs 7.28 ms), so lean there.
+    memory after one measured batch (CUDA) or a fixed memory budget (CPU).
+    lean_vocab_chunk: vocabulary chunk of the log-prob head's lean mode, or None for
+    whole logit rows (a bounded number of rows at a time). "auto" picks what measured
+    faster (bench/NOTES.md, "Lean head"): whole rows on the CPU, chunks of 32768 on CUDA.
 
-    tp_size > 1: tensor parallelism (see distributed.py). Each rank then scores its whole
+    tp_size > 1: tensor parallelism (see tokenspeed/parallel). Each rank then scores its whole
     vocabulary shard in bounded row blocks (lean_vocab_chunk applies at tp_size 1), and
     logprob_mode picks the exchange: "partials" ([T, 4] fp32 per rank) or "gather" (the
     logits themselves, [T, V / tp] per rank).

@@ -50,13 +50,10 @@ class ModelRunner:
     KV pool and vocabulary (host round trips; see EngineConfig)."""
 
     def __init__(self, model: nn.Module, kv_cache: KVCache, device: torch.device,
-                 lean_vocab_chunk: int | None, gather_logits: bool = False,
                  check_batches: bool = False):
         self.model = model
         self.kv_cache = kv_cache
         self.device = device
-        self.lean_vocab_chunk = lean_vocab_chunk
-        self.gather_logits = gather_logits
         self.check_batches = check_batches
 
     @torch.inference_mode()
@@ -75,6 +72,5 @@ class ModelRunner:
             empty = torch.empty(0, dtype=torch.float32, device=self.device)
             return BatchScores(empty, empty if return_entropy else None)
         lp, ent = self.model.lm_head(hidden, t["score_targets"], temperature, return_entropy,
-                                     self.lean_vocab_chunk, self.gather_logits,
                                      validate=self.check_batches)
         return BatchScores(lp, ent)

@@ -1,40 +1,26 @@
 """tokenspeed_ext: the compiled core of tokenspeed as PyTorch ops.
 
-Importing this package builds the C++/CUDA library on first use (see _build.py) and
-registers ``torch.ops.tokenspeed.*``. The scheduler module builds on first access of
-``tokenspeed_ext.Scheduler``.
+The op library and the scheduler are two JIT-built shared objects (see _build.py), each
+built and loaded on first use: touching an op wrapper (``tokenspeed_ext.logprobs``, ...)
+or ``BUILD`` builds and registers ``torch.ops.tokenspeed.*`` (``import
+tokenspeed_ext.ops`` does it explicitly); ``tokenspeed_ext.Scheduler`` builds only the
+scheduler, which needs no kernels.
 """
 from __future__ import annotations
 
-from . import reference
-from .ops import (
-    BUILD,
-    combine_logprob_partials,
-    logprob_partials,
-    logprobs,
-    paged_prefill_attention,
-    rms_norm,
-    rotary_embedding,
-    silu_and_mul,
-    store_kv,
-)
+import importlib
 
-__all__ = [
-    "BUILD",
-    "Scheduler",
-    "combine_logprob_partials",
-    "logprob_partials",
-    "logprobs",
-    "paged_prefill_attention",
-    "reference",
-    "rms_norm",
-    "rotary_embedding",
-    "silu_and_mul",
-    "store_kv",
-]
+from . import reference
+
+OPS = ("BUILD", "combine_logprob_partials", "logprob_partials", "logprobs",
+       "paged_prefill_attention", "rms_norm", "rotary_embedding", "silu_and_mul", "store_kv")
+
+__all__ = [*OPS, "Scheduler", "reference", "scheduler_module"]
 
 
 def __getattr__(name: str):
+    if name in OPS:
+        return getattr(importlib.import_module(".ops", __name__), name)
     if name in ("Scheduler", "scheduler_module"):
         from ._build import load_scheduler
         module = load_scheduler()

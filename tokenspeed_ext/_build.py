@@ -10,9 +10,10 @@ Two shared objects are built with torch.utils.cpp_extension + ninja:
 
 Environment:
   TORCH_EXTENSIONS_DIR    root of the build cache (default ~/.cache/torch_extensions)
-  TOKENSPEED_BUILD_CUDA   unset: build CUDA when torch has CUDA and a toolkit is found,
+  TOKENSPEED_BUILD_CUDA   unset: build CUDA when torch sees a GPU and a toolkit is found,
                           falling back to CPU-only on failure; 1: CUDA is required (a
-                          missing toolkit or a compile error is fatal); 0: never build CUDA
+                          missing toolkit or a compile error is fatal; CI compiles the
+                          kernels this way on machines without a GPU); 0: never build CUDA
   TORCH_CUDA_ARCH_LIST    overrides the default target (sm_90a)
   CUDA_HOME / CUDA_PATH   the toolkit, when it is not in a conventional place
   TOKENSPEED_VERBOSE_BUILD=1  show the compiler commands
@@ -185,16 +186,20 @@ def load_library() -> BuildInfo:
     root = source_root()
     mode = _cuda_mode()
     cuda_home = None
-    if mode != "off":
+    # Without a GPU the CUDA kernels could never run: by default they are not compiled
+    # (minutes of nvcc on a CPU-only machine that has a toolkit).
+    if mode == "required" or (mode == "auto" and torch.cuda.is_available()):
         cuda_home = find_cuda_home() if torch.version.cuda else None
         if cuda_home is not None:
             # before torch.utils.cpp_extension is imported, so its own guess agrees
             os.environ["CUDA_HOME"] = cuda_home
-        if cuda_home is None:
+        else:
             why = ("torch has no CUDA" if not torch.version.cuda
                    else "no CUDA toolkit found (set CUDA_HOME)")
             if mode == "required":
                 raise RuntimeError(f"TOKENSPEED_BUILD_CUDA=1 but {why}")
+            warnings.warn(f"tokenspeed_ext: torch sees a GPU but {why}; building the CPU "
+                          f"kernels only, so CUDA tensors cannot be scored")
     cflags = CXX_FLAGS + ["-fopenmp"]
     if cuda_home is not None:
         sources, headers = _op_sources(root, with_cuda=True)

@@ -110,10 +110,22 @@ def rotary_embedding(positions: Tensor, q: Tensor, k: Tensor, cos_sin_cache: Ten
     _ops.rotary_embedding.default(positions, q, k, cos_sin_cache, bool(validate))
 
 
-# Fake kernels: shapes and dtypes only, for torch.compile / FakeTensor tracing.
+# Fake kernels: shapes and dtypes only, for torch.compile / FakeTensor tracing. They also
+# serve a real call that mixes meta tensors with others (the dispatcher picks the meta
+# kernel), so each checks, as the C++ ops do, that its tensors share one device.
+
+def _same_device(op: str, **tensors: Tensor | None) -> None:
+    named = [(name, t) for name, t in tensors.items() if t is not None]
+    first_name, first = named[0]
+    for name, t in named[1:]:
+        torch._check(t.device == first.device,
+                     lambda: f"tokenspeed.{op}: {name} is on {t.device} but {first_name} "
+                             f"is on {first.device}")
+
 
 @torch.library.register_fake("tokenspeed::logprobs")
 def _logprobs_fake(logits, targets, temperature=1.0, return_entropy=False, validate=True):
+    _same_device("logprobs", logits=logits, targets=targets)
     torch._check(logits.dim() == 2, lambda: f"logits must be [T, V], got {logits.shape}")
     t = logits.shape[0]
     lp = logits.new_empty((t,), dtype=torch.float32)
@@ -123,6 +135,7 @@ def _logprobs_fake(logits, targets, temperature=1.0, return_entropy=False, valid
 
 @torch.library.register_fake("tokenspeed::logprob_partials")
 def _logprob_partials_fake(logits, targets, vocab_start, temperature=1.0, validate=True):
+    _same_device("logprob_partials", logits=logits, targets=targets)
     torch._check(logits.dim() == 2, lambda: f"logits must be [T, Vs], got {logits.shape}")
     return logits.new_empty((logits.shape[0], 4), dtype=torch.float32)
 
@@ -136,17 +149,22 @@ def _combine_fake(partials):
 
 @torch.library.register_fake("tokenspeed::store_kv")
 def _store_kv_fake(k, v, k_cache, v_cache, slot_mapping, validate=True):
+    _same_device("store_kv", k=k, v=v, k_cache=k_cache, v_cache=v_cache,
+                 slot_mapping=slot_mapping)
     return None
 
 
 @torch.library.register_fake("tokenspeed::paged_prefill_attention")
 def _paged_prefill_attention_fake(q, k_cache, v_cache, page_table, cu_seqlens_q, kv_lens,
                                   scale=None, max_seqlen_q=None, validate=True):
+    _same_device("paged_prefill_attention", q=q, k_cache=k_cache, v_cache=v_cache,
+                 page_table=page_table, cu_seqlens_q=cu_seqlens_q, kv_lens=kv_lens)
     return torch.empty_like(q)
 
 
 @torch.library.register_fake("tokenspeed::rms_norm")
 def _rms_norm_fake(x, weight, eps, residual=None):
+    _same_device("rms_norm", x=x, weight=weight, residual=residual)
     out = x.new_empty(x.shape)
     return out, (x.new_empty(x.shape) if residual is not None else x.new_empty((0,)))
 
@@ -159,4 +177,6 @@ def _silu_and_mul_fake(gate_up):
 
 @torch.library.register_fake("tokenspeed::rotary_embedding")
 def _rotary_embedding_fake(positions, q, k, cos_sin_cache, validate=True):
+    _same_device("rotary_embedding", q=q, k=k, positions=positions,
+                 cos_sin_cache=cos_sin_cache)
     return None

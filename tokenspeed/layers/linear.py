@@ -10,35 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..distributed import kv_head_range, tp_group
-
-
-def check_shape(param: Tensor, loaded: Tensor, what: str) -> None:
-    if tuple(param.shape) != tuple(loaded.shape):
-        raise ValueError(f"{what}: expected shape {tuple(param.shape)}, got {tuple(loaded.shape)}")
+from ..parallel.group import kv_head_range, tp_group
+from .weights import default_loader
 
 
 def _param(*shape: int) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape), requires_grad=False)
-
-
-def _default_loader(param: nn.Parameter, loaded: Tensor, shard: str | int | None = None) -> None:
-    check_shape(param, loaded, "weight")
-    param.data.copy_(loaded)
-
-
-class ReplicatedLinear(nn.Module):
-    def __init__(self, in_features: int, out_features: int, bias: bool = False):
-        super().__init__()
-        self.weight = _param(out_features, in_features)
-        self.weight.weight_loader = _default_loader
-        self.bias = None
-        if bias:
-            self.bias = _param(out_features)
-            self.bias.weight_loader = _default_loader
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight, self.bias)
 
 
 class ColumnParallelLinear(nn.Module):
@@ -103,7 +80,7 @@ class RowParallelLinear(nn.Module):
         self.bias = None
         if bias:
             self.bias = _param(out_features)
-            self.bias.weight_loader = _default_loader
+            self.bias.weight_loader = default_loader
 
     def _load(self, param: nn.Parameter, loaded: Tensor, shard: str | int | None = None) -> None:
         expected = (param.shape[0], self.local_in * self.tp_size)
@@ -122,7 +99,7 @@ class QKVLinear(ColumnParallelLinear):
     """The fused q/k/v projection; HF's q_proj, k_proj, v_proj load as shards q, k, v.
 
     q heads are split over ranks; KV heads too, or, when ranks outnumber them, each rank
-    holds the one KV head its q heads attend with (see ``distributed.kv_head_range``).
+    holds the one KV head its q heads attend with (see ``parallel.group.kv_head_range``).
     """
 
     def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from tokenspeed_ext import rms_norm
 
-from .linear import _default_loader
+from .weights import default_loader
 
 
 class RMSNorm(nn.Module):
@@ -15,7 +15,7 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(size), requires_grad=False)
-        self.weight.weight_loader = _default_loader
+        self.weight.weight_loader = default_loader
 
     def forward(self, x: Tensor, residual: Tensor | None = None
                 ) -> Tensor | tuple[Tensor, Tensor]:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tokenspeed_ext import reference, rotary_embedding
+from tokenspeed_ext import rotary_embedding
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
@@ -65,20 +65,12 @@ def _yarn(theta: float, dim: int, p: dict[str, Any], max_positions: int) -> tupl
     return inv_freq, float(attention_factor)
 
 
-def rope_parameters(hf_config: dict[str, Any]) -> dict[str, Any]:
-    """One dict with rope_theta and rope_type, from either the transformers 5 layout
-    (``rope_parameters``) or the older one (``rope_theta`` + ``rope_scaling``)."""
-    params = dict(hf_config.get("rope_parameters") or hf_config.get("rope_scaling") or {})
-    params.setdefault("rope_theta", hf_config.get("rope_theta", 10000.0))
-    params["rope_type"] = params.get("rope_type", params.get("type", "default"))
-    if params["rope_type"] in ("llama3", "yarn"):
-        # HF's order: a top-level original length wins, then the rope field, then the
-        # model's own max_position_embeddings
-        key = "original_max_position_embeddings"
-        if key in hf_config:
-            params[key] = hf_config[key]
-        params.setdefault(key, hf_config.get("max_position_embeddings", 2048))
-    return params
+def cos_sin_table(inv_freq: Tensor, max_positions: int, attention_factor: float) -> Tensor:
+    """[max_positions, D] fp32: cos | sin of position * inv_freq, scaled by yarn's factor."""
+    angles = torch.arange(max_positions, device=inv_freq.device).float().unsqueeze(-1) \
+        * inv_freq.unsqueeze(0)
+    return torch.cat((angles.cos() * attention_factor, angles.sin() * attention_factor),
+                     dim=-1)
 
 
 class RotaryEmbedding(nn.Module):
@@ -102,10 +94,9 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         # cos | sin of every position the model accepts, fp32 ([max_positions, D]: 16 MB
         # at 32k x 128); the op rounds them to the model dtype as HF's cos/sin cast does.
-        self.register_buffer(
-            "cos_sin_cache", reference.rope_cos_sin_cache(inv_freq, max_positions,
-                                                          self.attention_factor),
-            persistent=False)
+        self.register_buffer("cos_sin_cache",
+                             cos_sin_table(inv_freq, max_positions, self.attention_factor),
+                             persistent=False)
 
     def forward(self, positions: Tensor, q: Tensor, k: Tensor) -> None:
         """Rotates q [N, Hq, D] and k [N, Hk, D] in place (they may be views into the fused

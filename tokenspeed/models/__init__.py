@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..layers.logprob_head import HeadOptions
 from .config import ModelConfig
 from .llama import LlamaForCausalLM, Qwen2ForCausalLM
 from .loader import load_checkpoint
@@ -25,7 +26,8 @@ def model_class(config: ModelConfig) -> type[nn.Module]:
     return ARCHITECTURES[config.architecture]
 
 
-def build_model(config: ModelConfig, device: torch.device, dtype: torch.dtype) -> nn.Module:
+def build_model(config: ModelConfig, device: torch.device, dtype: torch.dtype,
+                head: HeadOptions = HeadOptions()) -> nn.Module:
     """An uninitialised model with parameters allocated directly on ``device`` in ``dtype``
     (rotary frequencies stay fp32: they are built with explicit dtypes)."""
     cls = model_class(config)
@@ -33,15 +35,15 @@ def build_model(config: ModelConfig, device: torch.device, dtype: torch.dtype) -
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            return cls(config).eval()
+            return cls(config, head).eval()
     finally:
         torch.set_default_dtype(previous)
 
 
-def load_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype
-               ) -> tuple[nn.Module, ModelConfig]:
+def load_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype,
+               head: HeadOptions = HeadOptions()) -> tuple[nn.Module, ModelConfig]:
     config = ModelConfig.from_dir(model_dir)
-    model = build_model(config, device, dtype)
+    model = build_model(config, device, dtype, head)
     load_checkpoint(model, model_dir)
     return model, config
 

@@ -9,8 +9,9 @@ from torch import Tensor, nn
 
 from ..layers.activation import silu_and_mul
 from ..layers.attention import AttentionMetadata, PagedAttention
-from ..layers.embedding import LogprobHead, VocabEmbedding
+from ..layers.embedding import VocabEmbedding
 from ..layers.linear import ColumnParallelLinear, QKVLinear, RowParallelLinear
+from ..layers.logprob_head import HeadOptions, LogprobHead
 from ..layers.norm import RMSNorm
 from ..layers.rotary import RotaryEmbedding
 from .config import ModelConfig
@@ -97,13 +98,13 @@ class LlamaModel(nn.Module):
 class LlamaForCausalLM(nn.Module):
     layer_cls = LlamaDecoderLayer
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, head: HeadOptions = HeadOptions()):
         super().__init__()
         self.config = config
         self.model = LlamaModel(config, self.layer_cls)
         self.lm_head = LogprobHead(config.vocab_size, config.hidden_size,
                                    tied=self.model.embed_tokens if config.tie_word_embeddings
-                                   else None)
+                                   else None, options=head)
 
     def forward(self, input_ids: Tensor, positions: Tensor, meta: AttentionMetadata,
                 score_rows: Tensor) -> Tensor:

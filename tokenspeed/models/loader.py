@@ -1,17 +1,27 @@
 """Load HF safetensors checkpoints (single file or sharded with an index), never pickle.
 
+The files read are the ones HF itself reads: the index's shards, else model.safetensors,
+else a complete model-0000i-of-0000N set; any other *.safetensors in the folder (a backup,
+a half-written export) is ignored. Every file's tensor names are checked against the
+index and against each other before any tensor is read.
+
 HF names map onto this package's fused parameters (q/k/v -> qkv_proj, gate/up ->
 gate_up_proj); each parameter's own ``weight_loader`` places and shards the tensor.
 """
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from torch import Tensor, nn
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+SHARD_FILE = re.compile(r"model-(\d{5})-of-(\d{5})\.safetensors")
 
 # (fused parameter's module, HF module, shard id)
 STACKED = (
@@ -23,23 +33,84 @@ STACKED = (
 )
 
 
-def checkpoint_files(model_dir: str | Path) -> list[Path]:
-    model_dir = Path(model_dir)
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [model_dir / n for n in names]
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors weights in {model_dir}")
+def _read_index(index: Path) -> dict[str, Path]:
+    """Tensor name -> the file the index places it in; every file named must exist."""
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map")
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise ValueError(f"{index} is not a safetensors index: {e}") from None
+    if not isinstance(weight_map, dict) or not all(
+            isinstance(name, str) and isinstance(file, str) for name, file in weight_map.items()):
+        raise ValueError(f"{index}: 'weight_map' must map tensor names to file names")
+    placement = {name: index.parent / file for name, file in weight_map.items()}
+    for name, path in placement.items():
+        if not path.is_file():
+            raise FileNotFoundError(f"{index} places tensor {name!r} in {path}, "
+                                    f"which does not exist")
+    return placement
+
+
+def _shard_set(model_dir: Path) -> list[Path]:
+    """The files of one complete model-0000i-of-0000N.safetensors set."""
+    matches = (SHARD_FILE.fullmatch(path.name) for path in model_dir.glob("model-*.safetensors"))
+    counts = {int(m.group(2)) for m in matches if m}
+    if not counts:
+        raise FileNotFoundError(f"no {INDEX_FILE}, {SINGLE_FILE} or model-00001-of-0000N."
+                                f"safetensors shards in {model_dir}")
+    if len(counts) > 1:
+        raise ValueError(f"{model_dir} holds shards of differently sized sets "
+                         f"(of {sorted(counts)}); without {INDEX_FILE} none is chosen")
+    total = counts.pop()
+    files = [model_dir / f"model-{i:05d}-of-{total:05d}.safetensors" for i in range(1, total + 1)]
+    for path in files:
+        if not path.is_file():
+            raise FileNotFoundError(f"shard {path} of {total} is missing")
     return files
 
 
-def iterate_checkpoint(model_dir: str | Path) -> Iterator[tuple[str, Tensor]]:
+def _check_names(files: list[Path], placement: dict[str, Path] | None, index: Path) -> None:
+    """Every name in exactly one file, and (with an index) in the file the index says."""
+    holder: dict[str, Path] = {}
+    for path in files:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            names = list(f.keys())
+        for name in names:
+            if name in holder:
+                raise ValueError(f"tensor {name!r} is in both {holder[name]} and {path}")
+            holder[name] = path
+            if placement is not None and placement.get(name) != path:
+                where = (f"places it in {placement[name]}" if name in placement
+                         else "does not list it")
+                raise ValueError(f"{path} holds tensor {name!r}, but {index} {where}")
+    if placement is None:
+        return
+    unheld = [name for name in placement if name not in holder]
+    if unheld:
+        raise ValueError(f"{index} places tensor {unheld[0]!r} in {placement[unheld[0]]}, "
+                         f"which does not hold it")
+
+
+def checkpoint_files(model_dir: str | Path) -> list[Path]:
+    model_dir = Path(model_dir)
+    index = model_dir / INDEX_FILE
+    placement = None
+    if index.is_file():
+        placement = _read_index(index)
+        files = sorted(set(placement.values()))
+    elif (model_dir / SINGLE_FILE).is_file():
+        files = [model_dir / SINGLE_FILE]
+    else:
+        files = _shard_set(model_dir)
+    _check_names(files, placement, index)
+    return files
+
+
+def iterate_checkpoint(model_dir: str | Path) -> Iterator[tuple[Path, str, Tensor]]:
+    """(file, HF name, tensor) of every tensor of the checkpoint."""
     for path in checkpoint_files(model_dir):
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for name in f.keys():
-                yield name, f.get_tensor(name)
+                yield path, name, f.get_tensor(name)
 
 
 class WeightMap:
@@ -69,8 +140,10 @@ class WeightMap:
             return name, self.params[name], None
         raise ValueError(f"unknown weight name {name!r} for this model")
 
-    def check(self, name: str, tensor: Tensor) -> None:
-        """Raise the loader's own error for a bad name or shape, touching no weights."""
+    def check(self, name: str, tensor: Tensor, *, check_finite: bool = True) -> None:
+        """Raise the loader's own error for a bad name, dtype or shape, or (``check_finite``)
+        a NaN or inf value, touching no weights. A diverged trainer sends NaNs; written, they
+        would make every later score NaN."""
         if not isinstance(tensor, Tensor):
             raise TypeError(f"weight {name!r}: expected a torch.Tensor, got {type(tensor).__name__}")
         if not tensor.is_floating_point():
@@ -84,6 +157,9 @@ class WeightMap:
             param.weight_loader(shadow, tensor.to("meta"), shard)
         except ValueError as e:
             raise ValueError(f"weight {name!r}: {e}") from None
+        # one reduction where the tensor lives, after the free checks
+        if check_finite and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"weight {name!r} holds NaN or inf values")
 
     def load(self, name: str, tensor: Tensor) -> str | None:
         """Copy one HF tensor into its parameter; returns the parameter name (None if ignored)."""
@@ -102,7 +178,11 @@ def load_checkpoint(model: nn.Module, model_dir: str | Path) -> None:
     """Fill every parameter of ``model`` from the checkpoint, or raise naming what is missing."""
     weights = WeightMap(model)
     loaded: dict[str, set] = {}
-    for name, tensor in iterate_checkpoint(model_dir):
+    for path, name, tensor in iterate_checkpoint(model_dir):
+        try:
+            weights.check(name, tensor)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"{path}: {e}") from None
         resolved = weights.resolve(name)
         if resolved is not None:
             weights.load(name, tensor)

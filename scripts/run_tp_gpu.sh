@@ -1,7 +1,7 @@
 #!/bin/bash
 # One device call on a machine with 2+ GPUs (nvidia-h200-x2): build, the NCCL tensor-parallel
 # tests, the TP log-prob benchmark, then the single-GPU suite. Logs under $OUT (or ./gpu_logs).
-#   bench/run_tp_gpu.sh [tp_tests] [bench_tp] [gpu_tests] [profile]
+#   scripts/run_tp_gpu.sh [tp_tests] [bench_tp] [gpu_tests] [profile]
 source "$(dirname "$0")/gpu_common.sh"
 stages=${*:-tp_tests bench_tp gpu_tests}
 build

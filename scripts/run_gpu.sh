@@ -1,7 +1,7 @@
 #!/bin/bash
 # One device call: build (CPU + CUDA ops), GPU tests, compute-sanitizer on the small kernel
 # tests, then the kernel benchmarks. Logs go under $OUT (or ./gpu_logs).
-#   bench/run_gpu.sh [build] [test] [sanitize] [bench_logprobs] [bench_attention] [ncu] [sass]
+#   scripts/run_gpu.sh [build] [test] [sanitize] [bench_logprobs] [bench_attention] [ncu] [sass]
 # PYTEST_ARGS adds pytest options to the test stage (e.g. --deselect ID).
 source "$(dirname "$0")/gpu_common.sh"
 stages=${*:-build test bench_logprobs bench_attention sanitize}
@@ -11,14 +11,14 @@ for s in $stages; do
     test)
       step test
       timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider ${PYTEST_ARGS:-} \
-        tests/test_ops_cuda.py tests/test_ops.py tests/test_fused_ops.py 2>&1 | tail -40 | tee "$OUT/tests.log" || status=1 ;;
+        tests/test_logprobs.py tests/test_attention.py tests/test_kv_cache.py tests/test_fused.py 2>&1 \
+        | tail -40 | tee "$OUT/tests.log" || status=1 ;;
     sanitize)
-      # the kernel tests named *small*: ops (both attention kernels) and the fused kernels
+      # the kernel tests marked sanitize: log-probs, store_kv, both attention kernels
       step sanitize
       for tool in memcheck racecheck synccheck; do
         timeout 100 compute-sanitizer --tool $tool --kernel-regex kns=tokenspeed --error-exitcode 9 \
-          python3 -m pytest -q -p no:cacheprovider tests/test_ops_cuda.py tests/test_fused_ops.py \
-          -k "small and not fp32 and not opcheck and not compile" 2>&1 \
+          python3 -m pytest -q -p no:cacheprovider -m sanitize tests 2>&1 \
           | grep -v "^$" | tail -4 | tee "$OUT/sanitize_$tool.log" || status=1
       done ;;
     bench_logprobs)

@@ -7,7 +7,7 @@ Two bounds per op: against the torch composition at the same dtype, within a sta
 number of units in the last place (1 for bf16/fp16, where only a different fp32 rounding
 inside the chain can flip a final rounding; a few for fp32, where the sum of squares or
 exp is evaluated in another order or by another libm); against the float64 reference,
-within a small multiple of the composition's own error (derived, as in test_ops.py).
+within a small multiple of the composition's own error (derived, see op_testing.py).
 """
 from __future__ import annotations
 
@@ -19,35 +19,12 @@ import torch.nn.functional as F
 from conftest import DEVICES
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_ops import FLOATS, SETTINGS, assert_within_own_error, seeds
+from op_testing import (FLOATS, SETTINGS, assert_each_raises, assert_within_own_error,
+                        assert_within_ulps, padded_rows, seeds, ulp)
 
 import tokenspeed_ext as tse
+import tokenspeed_ext.ops  # noqa: F401 - registers torch.ops.tokenspeed.*
 from tokenspeed_ext import reference as ref
-
-MANTISSA_BITS = {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10}
-
-
-def ulp(t, dtype):
-    """Unit in the last place of dtype at the magnitudes of t (float64; the smallest
-    normal's near zero)."""
-    _, exp = torch.frexp(t.double().abs().clamp_min(torch.finfo(dtype).tiny))
-    return torch.pow(2.0, (exp - 1 - MANTISSA_BITS[dtype]).double())
-
-
-def assert_within_ulps(actual, expected, ulps, extra=None, what=""):
-    """|actual - expected| <= ulps units in the last place of expected's dtype at the
-    larger magnitude of the two, plus `extra` (an absolute allowance per entry)."""
-    dtype = expected.dtype
-    assert actual.dtype == dtype and actual.shape == expected.shape, what
-    a, e = actual.double().cpu(), expected.double().cpu()
-    assert torch.equal(torch.isnan(a), torch.isnan(e)), f"{what}: nan pattern differs"
-    ok = ~torch.isnan(e)
-    unit = ulp(torch.maximum(a.abs(), e.abs()), dtype)
-    allowed = ulps * unit + (0.0 if extra is None else extra.double().cpu())
-    diff = (a - e).abs()
-    bad = ok & (diff > allowed)
-    assert not bad.any(), (f"{what}: {int(bad.sum())} of {e.numel()} entries beyond the "
-                           f"allowance, worst {float((diff / unit)[ok].max()):.3g} ulp")
 
 
 def assert_rms_norm_close(out, x, weight, eps, residual, what):
@@ -60,13 +37,6 @@ def assert_rms_norm_close(out, x, weight, eps, residual, what):
     ulps = 4 if x.dtype == torch.float32 else 1
     extra = ulps * weight.double().abs() * ulp(y, x.dtype).to(weight.device)
     assert_within_ulps(out, want, ulps, extra=extra, what=what)
-
-
-def padded_rows(g, shape, dtype, device, pad, scale=1.0):
-    """A tensor of `shape` whose rows are a [..., :H] view of a wider buffer when pad > 0."""
-    *lead, h = shape
-    x = torch.randn(*lead, h + pad, generator=g, dtype=torch.float64) * scale
-    return x.to(dtype).to(device)[..., :h]
 
 
 # ---- the torch compositions the engine ran before the fused ops (HF's code) ----
@@ -316,7 +286,16 @@ def bad_calls(device):
         (lambda: rot(pos + 1, q, k, cache), r"positions\[1\] is 10, but cos_sin_cache holds 10"),
         (lambda: rot(pos - 1, q, k, cache), r"positions\[0\] is -1, below 0"),
     ]
-    if device != "cpu":
+    if device == "cpu":
+        x1, w1 = torch.randn(5, 8), torch.randn(8)
+        q1, k1 = torch.randn(4, 2, 16), torch.randn(4, 1, 16)
+        calls += [
+            (lambda: tse.rms_norm(x1, w1.to("meta"), 1e-6), "weight is on meta but x is on cpu"),
+            (lambda: tse.rms_norm(x1, w1, 1e-6, x1.to("meta")), "residual is on meta"),
+            (lambda: rot(torch.arange(4), q1, k1, torch.zeros(8, 16).to("meta")),
+             "cos_sin_cache is on meta"),
+        ]
+    else:
         calls += [
             (lambda: tse.rms_norm(x, w.cpu(), 1e-6), r"x is on cuda.* but weight is on cpu"),
             (lambda: rot(pos.cpu(), q, k, cache), r"positions"),
@@ -326,9 +305,7 @@ def bad_calls(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_bad_arguments_raise_naming_the_argument(device):
-    for call, pattern in bad_calls(device):
-        with pytest.raises(RuntimeError, match=pattern):
-            call()
+    assert_each_raises(bad_calls(device))
 
 
 @pytest.mark.parametrize("device", DEVICES)

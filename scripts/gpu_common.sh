@@ -1,4 +1,4 @@
-# Sourced by the bench/run_*_gpu.sh scripts (one device call each): logs under $OUT (or
+# Sourced by the scripts/run_*_gpu.sh scripts (one device call each): logs under $OUT (or
 # ./gpu_logs), the extension built into /tmp/tse_ext with CUDA required, NVLink multicast
 # left off as the machines set it, and `step` / `build` for their stages.
 set -o pipefail

@@ -1,7 +1,7 @@
 #!/bin/bash
 # One device call for the engine: build, every GPU test of the suite, then the end-to-end
 # scoring benchmark. Logs under $OUT (or ./gpu_logs).
-#   bench/run_e2e_gpu.sh [tests] [scoring-1.5b] [scoring-7b]
+#   scripts/run_e2e_gpu.sh [tests] [scoring-1.5b] [scoring-7b]
 source "$(dirname "$0")/gpu_common.sh"
 stages=${*:-tests scoring-1.5b scoring-7b}
 build

@@ -1,0 +1,329 @@
+"""LocalShard: one process's part of an engine (the whole model at tp_size 1, one rank's
+shard under tensor parallelism): its model, KV pool, scheduler and runner.
+
+Data flows one way: the whole call is validated first (so a bad call changes nothing),
+every sequence with a completion becomes one scheduler request, each scheduler batch
+runs as one packed forward, and each batch entry's scores land in its request's slice of
+one flat result buffer. The batch loop never waits for the device: scores stay there
+until the end of the call, which brings them to the host in one copy.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import tokenspeed_ext as tse
+import torch
+from torch import Tensor
+
+from .config import EngineConfig
+from .inputs import Limits, check_temperature, validate_sequences
+from .interrupts import deferred_interrupts
+from .kv_cache import KVCache, kv_bytes_per_token
+from .layers.logprob_head import HeadOptions
+from .models import load_model
+from .models.loader import WeightMap
+from .parallel.group import (TPGroup, building_with, kv_head_range, sequences_fingerprint)
+from .parallel.launch import init_tp_group
+from .runner import BatchScores, ModelRunner
+
+MAX_CPU_KV_TOKENS = 1 << 18
+# scored rows held on the device before they are copied out mid-call (32 MiB with entropy)
+MAX_PENDING_ROWS = 1 << 22
+
+
+def _pad(rows: list[Tensor], dtype: torch.dtype) -> Tensor:
+    width = max((len(r) for r in rows), default=0)
+    out = torch.zeros(len(rows), width, dtype=dtype)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = r
+    return out
+
+
+class LocalShard:
+    """The engine's backend in this process. Under tensor parallelism (a process group is
+    up) it is this rank's shard, and every rank's shard makes the same calls; each call
+    first agrees across the ranks (``TPGroup.validated``), so a call rejected on one rank
+    raises on every rank before any collective runs."""
+
+    def __init__(self, config: EngineConfig):
+        self.config = cfg = config
+        # (parameter, shard) pairs a failed update may have left half-written
+        self._torn_weights: set[tuple[str, str | int | None]] = set()
+        self.tp = init_tp_group(cfg.tp_size, cfg.device) if cfg.tp_size > 1 else TPGroup()
+        # Loading and allocating run inside agreements: a rank that fails there (a bad
+        # shard file, out of memory) makes every rank raise instead of leaving the others
+        # waiting in the next collective. Sizing the pool runs a forward, whose
+        # collectives every rank reaches in lockstep, so it runs between the two.
+        self.tp.validated(self._load)
+        num_pages = self._num_pages()
+        if self.tp.size > 1:
+            # ranks schedule in lockstep only if their pools are the same size
+            num_pages = self.tp.min_int(num_pages)
+        self.tp.validated(lambda: self._allocate(num_pages))
+        self.weight_version = 0
+        self.scored_tokens = 0
+        self._next_request_id = 0
+
+    def _load(self) -> None:
+        """Load this rank's shard of the model."""
+        cfg = self.config
+        with building_with(self.tp):
+            head = HeadOptions(vocab_chunk=cfg.lean_vocab_chunk,
+                               gather_logits=cfg.logprob_mode == "gather")
+            self.model, self.model_config = load_model(cfg.model_path, cfg.device, cfg.dtype,
+                                                       head)
+        mc = self.model_config
+        first, end = kv_head_range(mc.num_kv_heads, self.tp.rank, self.tp.size)
+        self.local_kv_heads = end - first
+
+    def _allocate(self, num_pages: int) -> None:
+        cfg, mc = self.config, self.model_config
+        self.kv_cache = KVCache(mc.num_layers, num_pages, cfg.page_size, self.local_kv_heads,
+                                mc.head_dim, cfg.dtype, cfg.device)
+        self.scheduler = tse.Scheduler(num_pages, cfg.page_size, cfg.max_batch_tokens,
+                                       cfg.max_batch_requests, cfg.enable_prefix_cache)
+        self.runner = ModelRunner(self.model, self.kv_cache, cfg.device,
+                                  check_batches=cfg.check_batches)
+
+    def _num_pages(self) -> int:
+        """Pages of the KV pool: kv_cache_tokens when given; on CUDA what is left of 85% of
+        the free memory after one measured batch; on the CPU a fixed budget."""
+        cfg, mc = self.config, self.model_config
+        per_token = kv_bytes_per_token(mc.num_layers, self.local_kv_heads, mc.head_dim,
+                                       cfg.dtype)
+        tokens = cfg.kv_cache_tokens
+        if tokens is None:
+            if cfg.device.type == "cuda":
+                peak = self._batch_peak_bytes()
+                free, _ = torch.cuda.mem_get_info(cfg.device)
+                tokens = int((0.85 * free - peak) // per_token)
+            else:
+                ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+                tokens = min(int(min(4 << 30, ram // 8) // per_token), MAX_CPU_KV_TOKENS)
+        pages = tokens // cfg.page_size
+        if pages < 1:
+            raise ValueError(f"KV pool of {tokens} tokens holds no page of {cfg.page_size}")
+        return min(pages, 2**31 - 1)
+
+    def _batch_peak_bytes(self) -> int:
+        """Device memory the largest batch needs beyond the weights and the pool, measured:
+        one forward of max_batch_tokens tokens, every one of them scored (the head's worst
+        case), over a temporary pool just large enough for it. Measuring instead of
+        estimating keeps the sizing right for any model family."""
+        cfg, mc = self.config, self.model_config
+        lengths, left = [], cfg.max_batch_tokens
+        while left > 1 and len(lengths) < cfg.max_batch_requests:
+            lengths.append(min(left, mc.max_position_embeddings))
+            left -= lengths[-1]
+        pages = sum(-(-n // cfg.page_size) for n in lengths)
+        pool = KVCache(mc.num_layers, pages, cfg.page_size, self.local_kv_heads, mc.head_dim,
+                       cfg.dtype, cfg.device)
+        scheduler = tse.Scheduler(pages, cfg.page_size, cfg.max_batch_tokens,
+                                  cfg.max_batch_requests, False)
+        for rid, n in enumerate(lengths):
+            scheduler.add(rid, [0] * n, 0)
+        batch = scheduler.schedule()
+        torch.cuda.synchronize(cfg.device)
+        torch.cuda.reset_peak_memory_stats(cfg.device)
+        base = torch.cuda.memory_allocated(cfg.device)
+        ModelRunner(self.model, pool, cfg.device).run(batch, 1.0, True)
+        torch.cuda.synchronize(cfg.device)
+        peak = torch.cuda.max_memory_allocated(cfg.device) - base
+        scheduler.complete(batch)
+        del pool, scheduler, batch
+        torch.cuda.empty_cache()
+        return peak
+
+    def _validate(self, sequences: Any, temperature: Any
+                  ) -> tuple[list[tuple[list[int], list[int]]], float]:
+        if self._torn_weights:
+            raise RuntimeError(
+                f"an earlier update_weights failed part-way, so {len(self._torn_weights)} "
+                f"parameter(s) may hold a mix of old and new values; nothing is scored "
+                f"until update_weights succeeds for them (e.g. "
+                f"{sorted(self._torn_weights)[0]!r}) or the engine is rebuilt")
+        temperature = check_temperature(temperature)
+        mc = self.model_config
+        limits = Limits(mc.vocab_size, mc.max_position_embeddings, self.kv_cache.num_tokens,
+                        self.config.page_size)
+        return validate_sequences(sequences, limits), temperature
+
+    def validate(self, sequences: Sequence[Mapping[str, Any]], temperature: float = 1.0
+                 ) -> None:
+        self.tp.validated(lambda: self._validate(sequences, temperature))
+
+    def compute_log_probs(self, sequences: Sequence[Mapping[str, Any]], temperature: float = 1.0,
+                          *, return_entropy: bool = False, return_tensors: bool = False
+                          ) -> dict[str, Any]:
+        seqs, temperature = self.tp.validated(
+            lambda: self._validate(sequences, temperature),
+            lambda v: sequences_fingerprint(v[0], v[1], return_entropy))
+        lengths = [len(c) for _, c in seqs]
+        offsets = [0]
+        for n in lengths:
+            offsets.append(offsets[-1] + n)
+        flat_lp = torch.empty(offsets[-1], dtype=torch.float32)
+        flat_ent = torch.empty(offsets[-1], dtype=torch.float32) if return_entropy else None
+        # request id -> (first output slot, logprob_start)
+        requests: dict[int, tuple[int, int]] = {}
+        try:
+            for i, (prompt, completion) in enumerate(seqs):
+                if completion:
+                    rid = self._next_request_id
+                    self._next_request_id += 1
+                    start = len(prompt) - 1
+                    requests[rid] = (offsets[i], start)
+                    self.scheduler.add(rid, prompt + completion, start)
+            self._run(requests, temperature, flat_lp, flat_ent)
+        finally:
+            for rid in requests:
+                self.scheduler.abort(rid)
+        self.scored_tokens += offsets[-1]
+        return self._package(seqs, lengths, flat_lp, flat_ent, return_tensors)
+
+    def _run(self, requests: dict[int, tuple[int, int]], temperature: float,
+             flat_lp: Tensor, flat_ent: Tensor | None) -> None:
+        """Drive the scheduler until every request finished; pops finished ids.
+
+        A batch is completed as soon as its forward is enqueued: the device runs batches
+        in stream order, so its K/V is written before any later batch reads it, which is
+        all the scheduler's page reuse and in-flight prefix sharing need. Its scores stay
+        on the device until ``_copy_scores``, the loop's only wait for the device.
+        """
+        pending: list[tuple[BatchScores, Tensor]] = []
+        rows = 0
+        while requests:
+            batch = self.scheduler.schedule()
+            if batch is None:
+                self._discard(None, requests)
+                raise RuntimeError("internal error: the scheduler has unfinished requests "
+                                   "but made no batch; the call was aborted")
+            try:
+                scores = self.runner.run(batch, temperature, flat_ent is not None)
+                dst = self._destinations(batch, requests)
+                if dst.shape != scores.log_probs.shape:
+                    raise RuntimeError(f"internal error: a batch scored "
+                                       f"{tuple(scores.log_probs.shape)} rows for "
+                                       f"{tuple(dst.shape)} destinations")
+            except BaseException:
+                self._discard(batch, requests)
+                raise
+            if len(dst):
+                pending.append((scores, dst))
+                rows += len(dst)
+            for rid in self.scheduler.complete(batch):
+                requests.pop(rid)
+            if pending and (rows >= MAX_PENDING_ROWS or not requests):
+                try:
+                    self._copy_scores(pending, flat_lp, flat_ent)
+                except BaseException:
+                    self._discard(None, requests)
+                    raise
+                pending, rows = [], 0
+
+    @staticmethod
+    def _destinations(batch, requests: dict[int, tuple[int, int]]) -> Tensor:
+        """Flat output index (int64, host) of each scored row of the batch, in the order
+        the runner returns them."""
+        firsts, counts = [], []
+        for e in batch.entries:
+            n = e.score_end - e.score_begin
+            if n > 0:
+                first, start = requests[e.request_id]
+                firsts.append(first + e.begin + e.score_begin - start)
+                counts.append(n)
+        count = torch.tensor(counts, dtype=torch.int64)
+        # row i of entry j goes to firsts[j] + (i - rows before entry j)
+        shift = torch.tensor(firsts, dtype=torch.int64) - (count.cumsum(0) - count)
+        return torch.arange(int(count.sum())) + shift.repeat_interleave(count)
+
+    @staticmethod
+    def _copy_scores(pending: list[tuple[BatchScores, Tensor]], flat_lp: Tensor,
+                     flat_ent: Tensor | None) -> None:
+        """Bring the pending batches' scores to the host in one copy (which waits for the
+        device) and write them to their flat output rows."""
+        dst = torch.cat([d for _, d in pending])
+        parts = [s.log_probs for s, _ in pending]
+        if flat_ent is not None:
+            parts += [s.entropy for s, _ in pending]
+        values = torch.cat(parts).cpu()
+        flat_lp[dst] = values[:len(dst)]
+        if flat_ent is not None:
+            flat_ent[dst] = values[len(dst):]
+
+    def _discard(self, batch, requests: dict[int, tuple[int, int]]) -> None:
+        """The call failed with batches in flight: ``batch`` (None when the failure came
+        later, waiting for the device) may have written only some of its K/V, and so may
+        an earlier batch whose error the device reports late. Abort the call's requests,
+        retire the batch (else later requests wait on its pages forever) and flush the
+        prefix cache, which may hold pages those batches left unwritten."""
+        for rid in requests:
+            self.scheduler.abort(rid)
+        requests.clear()
+        if batch is not None:
+            self.scheduler.complete(batch)
+        self.scheduler.flush()
+
+    @staticmethod
+    def _package(seqs: list[tuple[list[int], list[int]]], lengths: list[int], flat_lp: Tensor,
+                 flat_ent: Tensor | None, return_tensors: bool) -> dict[str, Any]:
+        lps = list(flat_lp.split(lengths))
+        ents = list(flat_ent.split(lengths)) if flat_ent is not None else None
+        if not return_tensors:
+            out = {"log_probs": [r.tolist() for r in lps], "tokens": [c for _, c in seqs]}
+            if ents is not None:
+                out["entropy"] = [r.tolist() for r in ents]
+            return out
+        width = max(lengths, default=0)
+        out = {"log_probs": _pad(lps, torch.float32),
+               "tokens": _pad([torch.tensor(c, dtype=torch.int64) for _, c in seqs], torch.int64),
+               "mask": torch.arange(width) < torch.tensor(lengths, dtype=torch.int64).view(-1, 1)}
+        if ents is not None:
+            out["entropy"] = _pad(ents, torch.float32)
+        return out
+
+    def update_weights(self, weights: Mapping[str, Tensor] | Iterable[tuple[str, Tensor]], *,
+                       check_finite: bool = True) -> None:
+        """Every tensor is checked (on every rank) before any is written; the writes hold
+        Ctrl-C until done. A write that still fails marks its parameters torn: scoring
+        refuses to run until an update of them succeeds."""
+        items = self.tp.validated(lambda: self._check_weights(weights, check_finite))
+        weight_map = WeightMap(self.model, write_tied_head=True)
+        targets = {(r[0], r[2]) for r in (weight_map.resolve(name) for name, _ in items)
+                   if r is not None}
+        with deferred_interrupts():
+            try:
+                with torch.no_grad():
+                    for name, tensor in items:
+                        weight_map.load(name, tensor)
+            except BaseException:
+                self._torn_weights |= targets
+                raise
+            finally:
+                self.scheduler.flush()
+                self.weight_version += 1
+            self._torn_weights -= targets
+
+    def _check_weights(self, weights: Mapping[str, Tensor] | Iterable[tuple[str, Tensor]],
+                       check_finite: bool) -> list[tuple[str, Tensor]]:
+        items = list(weights.items() if isinstance(weights, Mapping) else weights)
+        weight_map = WeightMap(self.model, write_tied_head=True)
+        for entry in items:
+            if not (isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[0], str)):
+                raise TypeError(f"weights must map HF names to tensors, got entry {entry!r:.80}")
+            weight_map.check(*entry, check_finite=check_finite)
+        return items
+
+    def stats(self) -> dict[str, Any]:
+        out = dict(self.scheduler.stats())
+        out.update(scored_tokens=self.scored_tokens, weight_version=self.weight_version,
+                   page_size=self.config.page_size, kv_cache_tokens=self.kv_cache.num_tokens,
+                   tp_size=self.tp.size)
+        return out
+
+    def close(self) -> None:
+        del self.runner, self.kv_cache, self.model, self.scheduler
+        if self.config.device.type == "cuda":
+            torch.cuda.empty_cache()
