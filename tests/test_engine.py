@@ -685,3 +685,21 @@ def test_builtin_model_creation_leaves_nothing_behind_on_failure(tmp_path, monke
     monkeypatch.setenv("TOKENSPEED_CACHE", str(tmp_path))
     assert (builtin.builtin_model_dir() / "model.safetensors").is_file()
     assert [p.name for p in tmp_path.iterdir()] == [builtin.cache_dir().name]
+
+
+@pytest.mark.gpu
+def test_pool_sized_from_a_measured_batch(tmp_path):
+    """Without kv_cache_tokens the CUDA pool takes what is left of 85% of the free memory
+    after one measured max_batch_tokens batch: it fits beside such a batch, and the
+    batch it was measured on runs."""
+    path = make_checkpoint(tmp_path, "Qwen3ForCausalLM", vocab=VOCAB, seed=14)
+    free_before, _ = torch.cuda.mem_get_info()
+    with Engine(path, device="cuda", dtype="bfloat16", max_batch_tokens=2048) as engine:
+        stats = engine.stats()
+        per_token = engine.shard.kv_cache.k[0][0, 0].numel() * 2 * 2 * len(engine.shard.kv_cache.k)
+        assert 0 < stats["kv_cache_tokens"] * per_token < 0.85 * free_before
+        seqs = [{"prompt_token_ids": [1 + i % 90] * 400, "completion_token_ids": [2] * 111}
+                for i in range(4)]
+        out = engine.compute_log_probs(seqs)
+        assert [len(x) for x in out["log_probs"]] == [111] * 4
+        assert all(math.isfinite(x) for row in out["log_probs"] for x in row)

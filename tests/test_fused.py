@@ -20,7 +20,7 @@ from conftest import DEVICES
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from op_testing import (FLOATS, SETTINGS, assert_each_raises, assert_within_own_error,
-                        assert_within_ulps, padded_rows, seeds, ulp)
+                        assert_within_ulps, padded_rows, sanitized_dtypes, seeds, ulp)
 
 import tokenspeed_ext as tse
 import tokenspeed_ext.ops  # noqa: F401 - registers torch.ops.tokenspeed.*
@@ -168,6 +168,24 @@ def test_rotary_embedding(device, seed, dtype, pos_dtype, n, hq, hk, d, max_pos,
     assert torch.equal(qkv[:, (hq + hk) * d:], before[:, (hq + hk) * d:])
     assert_within_own_error(q, exact_q, want_q, factor=2.0, floor=1e-6, what="rotary q")
     assert_within_own_error(k, exact_k, want_k, factor=2.0, floor=1e-6, what="rotary k")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", sanitized_dtypes(torch.bfloat16, torch.float16))
+def test_fused_kernels_small(dtype):
+    """Fixed small cases of every fused kernel (odd widths, strided and 3-D rows, the
+    residual on and off), cheap enough to run under compute-sanitizer; the property
+    tests above draw the rest."""
+    rms_cases = [(3, None, 24, False, 0), (5, 3, 40, True, 3), (2, None, 1000, True, 8)]
+    for seed, (n, m, h, residual, pad) in enumerate(rms_cases):
+        test_rms_norm.hypothesis.inner_test("cuda", seed, dtype, n, m, h, residual, pad,
+                                            1.0, 1e-6)
+    for seed, (n, inter, pad) in enumerate([(1, 1, 0), (4, 37, 3), (3, 1000, 8)]):
+        test_silu_and_mul.hypothesis.inner_test("cuda", seed, dtype, n, inter, pad, 1.0)
+    rotary_cases = [(3, 4, 2, 128, 4096, 0), (2, 3, 1, 6, 17, 3), (5, 8, 2, 64, 40000, 8)]
+    for seed, (n, hq, hk, d, max_pos, pad) in enumerate(rotary_cases):
+        test_rotary_embedding.hypothesis.inner_test("cuda", seed, dtype, torch.int32, n, hq, hk,
+                                                    d, max_pos, pad, 10000.0, 1.0)
 
 
 @pytest.mark.parametrize("device", DEVICES)

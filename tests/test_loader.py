@@ -197,3 +197,21 @@ def test_weight_map_check_finite(tmp_path, device):
         weight_map.check("model.norm.weight", torch.full((3,), math.nan, device=device))
     with pytest.raises(TypeError, match="floating"):
         weight_map.check("model.norm.weight", torch.ones(32, dtype=torch.int64, device=device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_first_non_finite_names_the_culprit_and_never_a_finite_overflow(device):
+    """The fast path sums each tensor; a finite tensor whose sum overflows (values near the
+    dtype's max) must still pass, and a NaN or inf anywhere is found and placed."""
+    from tokenspeed.models.loader import first_non_finite
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    tensors = [torch.randn(int(torch.randint(1, 500, (), generator=gen)), generator=gen)
+               .to(device=device, dtype=dtype)
+               for dtype in (torch.float32, torch.bfloat16, torch.float16) for _ in range(3)]
+    huge = torch.full((64,), torch.finfo(torch.bfloat16).max, dtype=torch.bfloat16, device=device)
+    assert first_non_finite(tensors + [huge]) is None
+    for bad in (math.nan, math.inf, -math.inf):
+        i = int(torch.randint(0, len(tensors), (), generator=gen))
+        spoiled = [t.clone() for t in tensors]
+        spoiled[i][int(torch.randint(0, spoiled[i].numel(), (), generator=gen))] = bad
+        assert first_non_finite([huge] + spoiled) == i + 1

@@ -309,11 +309,10 @@ class LocalShard:
     def _check_weights(self, weights: Mapping[str, Tensor] | Iterable[tuple[str, Tensor]],
                        check_finite: bool) -> list[tuple[str, Tensor]]:
         items = list(weights.items() if isinstance(weights, Mapping) else weights)
-        weight_map = WeightMap(self.model, write_tied_head=True)
         for entry in items:
             if not (isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[0], str)):
                 raise TypeError(f"weights must map HF names to tensors, got entry {entry!r:.80}")
-            weight_map.check(*entry, check_finite=check_finite)
+        WeightMap(self.model, write_tied_head=True).check_all(items, check_finite=check_finite)
         return items
 
     def stats(self) -> dict[str, Any]:

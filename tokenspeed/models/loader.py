@@ -113,6 +113,22 @@ def iterate_checkpoint(model_dir: str | Path) -> Iterator[tuple[Path, str, Tenso
                 yield path, name, f.get_tensor(name)
 
 
+def first_non_finite(tensors: list[Tensor]) -> int | None:
+    """Index of the first tensor holding a NaN or inf, or None.
+
+    A sum is finite only if every term is (NaN and inf propagate), and it reads each
+    tensor once without writing a mask, so sums are checked first, one host round trip
+    per device; only when one is not finite (or overflowed) is each tensor checked
+    exactly to name the culprit.
+    """
+    sums: dict[torch.device, list[Tensor]] = {}
+    for t in tensors:
+        sums.setdefault(t.device, []).append(t.sum(dtype=torch.float32))
+    if all(bool(torch.stack(s).isfinite().all()) for s in sums.values()):
+        return None
+    return next((i for i, t in enumerate(tensors) if not bool(torch.isfinite(t).all())), None)
+
+
 class WeightMap:
     """Resolves HF weight names to (parameter name, parameter, shard id) of one model."""
 
@@ -160,6 +176,17 @@ class WeightMap:
         # one reduction where the tensor lives, after the free checks
         if check_finite and not bool(torch.isfinite(tensor).all()):
             raise ValueError(f"weight {name!r} holds NaN or inf values")
+
+    def check_all(self, items: list[tuple[str, Tensor]], *, check_finite: bool = True) -> None:
+        """``check`` of every (name, tensor), with the finiteness of all of them read back
+        at once (one host round trip per device instead of one per tensor)."""
+        for name, tensor in items:
+            self.check(name, tensor, check_finite=False)
+        if check_finite:
+            written = [(n, t) for n, t in items if self.resolve(n) is not None]
+            bad = first_non_finite([t for _, t in written])
+            if bad is not None:
+                raise ValueError(f"weight {written[bad][0]!r} holds NaN or inf values")
 
     def load(self, name: str, tensor: Tensor) -> str | None:
         """Copy one HF tensor into its parameter; returns the parameter name (None if ignored)."""
