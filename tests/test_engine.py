@@ -703,3 +703,12 @@ def test_pool_sized_from_a_measured_batch(tmp_path):
         out = engine.compute_log_probs(seqs)
         assert [len(x) for x in out["log_probs"]] == [111] * 4
         assert all(math.isfinite(x) for row in out["log_probs"] for x in row)
+
+
+def test_every_stats_key_is_documented(ckpt):
+    path, _ = ckpt
+    with Engine(path, kv_cache_tokens=64) as engine:
+        keys = engine.stats()
+    undocumented = [k for k in keys if f"``{k}``" not in Engine.stats.__doc__]
+    assert not undocumented
+    assert Engine.close.__doc__ and Engine.validate.__doc__
