@@ -174,6 +174,13 @@ def run(model_name: str, workload: str, root: Path, budgets: list[int], ref_subs
         computed = n_tokens - (eng.stats()["prefix_hit_tokens"] - hits_before)
     ts_res = [torch.tensor(x) for x in out["log_probs"]]
     _empty_cache()
+    # deterministic mode on the same workload, with its own warm-up
+    with Engine(str(path), device=DEVICE, dtype="bfloat16", kv_cache_tokens=kv_tokens,
+                deterministic=True) as eng:
+        eng.compute_log_probs(warm)
+        det_out, det_secs, _ = timed(lambda: eng.compute_log_probs(seqs))
+    det_res = [torch.tensor(x) for x in det_out["log_probs"]]
+    _empty_cache()
 
     mean_d, max_d = agreement(ts_res, hf_res)
     row = {
@@ -181,6 +188,7 @@ def run(model_name: str, workload: str, root: Path, budgets: list[int], ref_subs
         "hf_tok_s": n_tokens / hf_secs, "hf_peak_gib": hf_mem, "hf_budget": hf_budget,
         "ts_tok_s": n_tokens / ts_secs, "ts_peak_gib": ts_mem, "ts_kv_tokens": kv_tokens,
         "speedup": hf_secs / ts_secs,
+        "det_tok_s": n_tokens / det_secs, "det_vs_default": ts_secs / det_secs,
         # 2 x params x tokens scored per second over the peak; tokenspeed's can pass 1 when
         # the prefix cache saves work, so its rate on the tokens it computed is given too
         "hf_mfu": 2 * n_params * n_tokens / hf_secs / PEAK_BF16_FLOPS,
@@ -193,12 +201,13 @@ def run(model_name: str, workload: str, root: Path, budgets: list[int], ref_subs
         # spread over the workload: GRPO's neighbours share a prompt
         pick = list(range(0, len(seqs), max(1, len(seqs) // ref_subset)))[:ref_subset]
         row.update(reference_errors(path, [seqs[i] for i in pick], [ts_res[i] for i in pick],
-                                    [hf_res[i] for i in pick]))
+                                    [hf_res[i] for i in pick], [det_res[i] for i in pick]))
     return row
 
 
-def reference_errors(path: Path, seqs, ts_res, hf_res) -> dict:
-    """Both bf16 systems against the same checkpoint scored by HF in fp32."""
+def reference_errors(path: Path, seqs, ts_res, hf_res, det_res) -> dict:
+    """Both bf16 systems (and tokenspeed's deterministic mode) against the same
+    checkpoint scored by HF in fp32."""
     from transformers import AutoModelForCausalLM
     ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
                                                attn_implementation="sdpa").to(DEVICE).eval()
@@ -209,6 +218,7 @@ def reference_errors(path: Path, seqs, ts_res, hf_res) -> dict:
     hf_mean, hf_max = agreement(hf_res, ref_res)
     diff, se = paired_difference(ts_res, hf_res, ref_res)
     return {"ts_vs_fp32_mean": ts_mean, "ts_vs_fp32_max": ts_max,
+            "det_vs_fp32_mean": agreement(det_res, ref_res)[0],
             "hf_vs_fp32_mean": hf_mean, "hf_vs_fp32_max": hf_max,
             "ts_minus_hf_err": diff, "ts_minus_hf_err_se": se}
 
@@ -253,17 +263,19 @@ def main() -> None:
             rows.append(row)
             print("  " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                    for k, v in row.items()))
-    print("\n| model | workload | HF tok/s | tokenspeed tok/s | speedup | HF peak GiB | "
-          "tokenspeed peak GiB | MFU HF / ts (ts on computed tokens) | mean/max abs diff | "
-          "vs fp32 ts / HF (mean); ts - HF +- se |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| model | workload | HF tok/s | tokenspeed tok/s | speedup | deterministic tok/s "
+          "(x default) | HF peak GiB | tokenspeed peak GiB | MFU HF / ts (ts on computed "
+          "tokens) | mean/max abs diff | vs fp32 ts / HF / det (mean); ts - HF +- se |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ref = (f"{r.get('ts_vs_fp32_mean', float('nan')):.4g} / "
-               f"{r.get('hf_vs_fp32_mean', float('nan')):.4g}; "
+               f"{r.get('hf_vs_fp32_mean', float('nan')):.4g} / "
+               f"{r.get('det_vs_fp32_mean', float('nan')):.4g}; "
                f"{r.get('ts_minus_hf_err', float('nan')):+.2g} +- "
                f"{r.get('ts_minus_hf_err_se', float('nan')):.1g}")
         print(f"| {r['model']} | {r['workload']} | {r['hf_tok_s']:.0f} | {r['ts_tok_s']:.0f} | "
-              f"{r['speedup']:.2f}x | {r['hf_peak_gib']:.1f} | {r['ts_peak_gib']:.1f} | "
+              f"{r['speedup']:.2f}x | {r['det_tok_s']:.0f} ({r['det_vs_default']:.3f}x) | "
+              f"{r['hf_peak_gib']:.1f} | {r['ts_peak_gib']:.1f} | "
               f"{r['hf_mfu']:.2f} / {r['ts_mfu']:.2f} ({r['ts_mfu_computed']:.2f}) | "
               f"{r['mean_abs_diff']:.3g} / "
               f"{r['max_abs_diff']:.3g} | {ref} |")

@@ -63,6 +63,14 @@ def _parser() -> argparse.ArgumentParser:
     score.add_argument("--dtype", help="bfloat16, float16 or float32 "
                                        "(default: bfloat16 on cuda, float32 on cpu)")
     score.add_argument("--max-batch-tokens", type=int, default=8192)
+    compare = sub.add_parser(
+        "compare", help="agreement of two scored files' log_probs",
+        description="Agreement of the log_probs of two scored JSONL files, line by line "
+                    "(tokenspeed.metrics: mean and max |delta|, the k3 estimate of "
+                    "KL(A || B), the mean of exp(|delta|)), with the least agreeing lines.")
+    compare.add_argument("reference", help="scored JSONL file A ('log_probs' on every line)")
+    compare.add_argument("candidate", help="scored JSONL file B, the same sequences in order")
+    compare.add_argument("--worst", type=int, default=5, help="lines to list (default 5)")
     return parser
 
 
@@ -267,10 +275,43 @@ def _fail(message: str, status: int) -> int:
     return status
 
 
+def _log_probs(path: str) -> list[tuple[int, list[float]]]:
+    out = []
+    for n, record in _read_records(path):
+        value = record.get("log_probs")
+        if not isinstance(value, list) or not all(isinstance(x, (int, float)) for x in value):
+            raise CLIError(f"{path}: line {n} has no list of numbers 'log_probs'")
+        out.append((n, value))
+    return out
+
+
+def compare(args: argparse.Namespace) -> int:
+    from .metrics import METRICS, agreement
+
+    a, b = _log_probs(args.reference), _log_probs(args.candidate)
+    if len(a) != len(b):
+        raise CLIError(f"{args.reference} has {len(a)} scored lines, {args.candidate} {len(b)}")
+    for (na, ra), (nb, rb) in zip(a, b):
+        if len(ra) != len(rb):
+            raise CLIError(f"line {na} of {args.reference} has {len(ra)} log-probs, line {nb} "
+                           f"of {args.candidate} {len(rb)}")
+    result = agreement([r for _, r in a], [r for _, r in b])
+    print(f"{len(a)} sequences, {result['tokens']} tokens")
+    for key in METRICS:
+        print(f"{key:>22}: {result[key]:.6g}")
+    ranked = sorted(range(len(a)), key=lambda i: -(result["per_sequence"][i]["max_abs_diff"]
+                                                    if a[i][1] else -1.0))
+    for i in ranked[:max(args.worst, 0)]:
+        if a[i][1]:
+            print(f"line {a[i][0]}: max |delta| {result['per_sequence'][i]['max_abs_diff']:.6g}, "
+                  f"mean {result['per_sequence'][i]['mean_abs_diff']:.6g}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return score(args)
+        return compare(args) if args.command == "compare" else score(args)
     except BrokenPipeError:
         # the reader went away (`tokenspeed score x.jsonl | head`): stop quietly, as Unix
         # tools do; point stdout at devnull so the interpreter's final flush cannot raise

@@ -72,6 +72,13 @@ class EngineConfig:
     logprob_mode picks the exchange: "partials" ([T, 4] fp32 per rank) or "gather" (the
     logits themselves, [T, V / tp] per rank).
 
+    deterministic: every score is bitwise the same whatever else the call holds, its
+    order, max_batch_tokens, max_batch_requests, page size, prefix-cache hits, evictions
+    and earlier calls (for given weights, dtype, device type and tp_size): every matrix
+    product runs on fixed row blocks (layers/gemm.py) and tensor-parallel sums add the
+    ranks in order. The default mode keeps most of these invariances by how its kernels
+    are built, but not across GEMM shapes (docs/design.md, "Determinism").
+
     check_batches: every forward checks its batch before using it: layer 0 checks the
     slots, page table and sequence lengths against the KV pool and the head checks the
     targets against the vocabulary. Each check reads values back to the host, so the
@@ -90,6 +97,7 @@ class EngineConfig:
     tp_size: int = 1
     lean_vocab_chunk: int | None | str = "auto"
     logprob_mode: str = "partials"
+    deterministic: bool = False
     check_batches: bool = False
 
     def __post_init__(self) -> None:
@@ -107,7 +115,7 @@ class EngineConfig:
         for name in ("kv_cache_tokens", "lean_vocab_chunk"):
             if getattr(self, name) is not None:
                 _positive_int(name, getattr(self, name))
-        for name in ("enable_prefix_cache", "check_batches"):
+        for name in ("enable_prefix_cache", "deterministic", "check_batches"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.logprob_mode not in LOGPROB_MODES:

@@ -52,14 +52,15 @@ class Engine:
                  max_batch_tokens: int = 8192, kv_cache_tokens: int | None = None,
                  enable_prefix_cache: bool = True, tp_size: int = 1,
                  max_batch_requests: int = 256, lean_vocab_chunk: int | None | str = "auto",
-                 logprob_mode: str = "partials", check_batches: bool = False):
+                 logprob_mode: str = "partials", deterministic: bool = False,
+                 check_batches: bool = False):
         self.config = EngineConfig(model_path, device=device, dtype=dtype, page_size=page_size,
                                    max_batch_tokens=max_batch_tokens,
                                    max_batch_requests=max_batch_requests,
                                    kv_cache_tokens=kv_cache_tokens,
                                    enable_prefix_cache=enable_prefix_cache, tp_size=tp_size,
                                    lean_vocab_chunk=lean_vocab_chunk, logprob_mode=logprob_mode,
-                                   check_batches=check_batches)
+                                   deterministic=deterministic, check_batches=check_batches)
         self._lock = threading.RLock()
         self._closed = False
         cfg = self.config

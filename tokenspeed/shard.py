@@ -21,6 +21,7 @@ from .config import EngineConfig
 from .inputs import Limits, check_temperature, validate_sequences
 from .interrupts import deferred_interrupts
 from .kv_cache import KVCache, kv_bytes_per_token
+from .layers.gemm import building_batch_invariant
 from .layers.logprob_head import HeadOptions
 from .models import load_model
 from .models.loader import WeightMap
@@ -69,7 +70,7 @@ class LocalShard:
     def _load(self) -> None:
         """Load this rank's shard of the model."""
         cfg = self.config
-        with building_with(self.tp):
+        with building_with(self.tp), building_batch_invariant(cfg.deterministic):
             head = HeadOptions(vocab_chunk=cfg.lean_vocab_chunk,
                                gather_logits=cfg.logprob_mode == "gather")
             self.model, self.model_config = load_model(cfg.model_path, cfg.device, cfg.dtype,

@@ -11,11 +11,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..parallel.group import kv_head_range, tp_group
+from .gemm import batch_invariant, in_row_blocks, row_block
 from .weights import default_loader
 
 
 def _param(*shape: int) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape), requires_grad=False)
+
+
+def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, invariant: bool) -> Tensor:
+    if not invariant:
+        return F.linear(x, weight, bias)
+    return in_row_blocks(lambda rows: F.linear(rows, weight, bias), x, row_block(x))
 
 
 class ColumnParallelLinear(nn.Module):
@@ -31,6 +38,7 @@ class ColumnParallelLinear(nn.Module):
         super().__init__()
         group = tp_group()
         self.tp_rank, self.tp_size = group.rank, group.size
+        self.invariant = batch_invariant()
         # shard -> (start in the local weight, local rows, start in the HF tensor, HF rows)
         self.offsets: dict[str | int | None, tuple[int, int, int, int]] = {}
         local_total = 0
@@ -62,7 +70,7 @@ class ColumnParallelLinear(nn.Module):
         param.data.narrow(0, start, local).copy_(loaded.narrow(0, src, local))
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return _linear(x, self.weight, self.bias, self.invariant)
 
 
 class RowParallelLinear(nn.Module):
@@ -73,6 +81,7 @@ class RowParallelLinear(nn.Module):
         super().__init__()
         self.tp = tp_group()
         self.tp_rank, self.tp_size = self.tp.rank, self.tp.size
+        self.invariant = batch_invariant()
         assert in_features % self.tp_size == 0, (in_features, self.tp_size)
         self.local_in = in_features // self.tp_size
         self.weight = _param(out_features, self.local_in)
@@ -90,8 +99,9 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.tp_size == 1:
-            return F.linear(x, self.weight, self.bias)
-        y = self.tp.all_reduce(F.linear(x, self.weight))
+            return _linear(x, self.weight, self.bias, self.invariant)
+        y = self.tp.all_reduce(_linear(x, self.weight, None, self.invariant),
+                               ordered=self.invariant)
         return y if self.bias is None else y + self.bias
 
 

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from ..parallel.group import tp_group, vocab_range
 from .embedding import VocabEmbedding, vocab_loader
+from .gemm import batch_invariant, in_row_blocks, row_block
 
 # logits held at once by the non-lean head: 256 MiB in fp32
 MAX_LOGITS_ELEMENTS = 1 << 26
@@ -24,8 +25,9 @@ MAX_LOGITS_ELEMENTS = 1 << 26
 _MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
 
 
-def head_logits(hidden: Tensor, weight: Tensor) -> Tensor:
-    """hidden [S, H] @ weight[V, H]^T, in fp32 where the GEMM can write it directly.
+def head_logits(hidden: Tensor, weight: Tensor, row_block: int | None = None) -> Tensor:
+    """hidden [S, H] @ weight[V, H]^T, in fp32 where the GEMM can write it directly;
+    with ``row_block``, on fixed blocks of that many rows (batch-invariant, see gemm.py).
 
     Rounding bf16 logits costs |logit| * 2^-9 each, the largest error term of a bf16
     scorer; writing the GEMM's fp32 accumulator instead costs one extra pass over the
@@ -33,8 +35,12 @@ def head_logits(hidden: Tensor, weight: Tensor) -> Tensor:
     """
     if (_MM_OUT_DTYPE and hidden.is_cuda and hidden.dtype in (torch.bfloat16, torch.float16)
             and weight.dtype == hidden.dtype):
-        return torch.mm(hidden, weight.t(), out_dtype=torch.float32)
-    return F.linear(hidden, weight)
+        def product(rows: Tensor) -> Tensor:
+            return torch.mm(rows, weight.t(), out_dtype=torch.float32)
+    else:
+        def product(rows: Tensor) -> Tensor:
+            return F.linear(rows, weight)
+    return product(hidden) if row_block is None else in_row_blocks(product, hidden, row_block)
 
 
 @dataclass(frozen=True)
@@ -64,6 +70,7 @@ class LogprobHead(nn.Module):
         super().__init__()
         self.tied = tied
         self.options = options
+        self.invariant = batch_invariant()
         self.tp = tp_group()
         self.vocab_size = vocab_size
         self.vocab_start, self.vocab_end = vocab_range(vocab_size, self.tp.rank, self.tp.size)
@@ -96,18 +103,28 @@ class LogprobHead(nn.Module):
         vocab, vocab_chunk = weight.shape[0], self.options.vocab_chunk
         if vocab_chunk is None or vocab_chunk >= vocab:
             # full rows, but a bounded number at a time, so [rows, V] logits stay small
-            step = max(1, MAX_LOGITS_ELEMENTS // vocab)
-            outs = [tse.logprobs(head_logits(hidden[r:r + step], weight), targets[r:r + step],
-                                 temperature, True, validate=False)
+            step, block = self._rows_at_once(vocab, hidden)
+            outs = [tse.logprobs(head_logits(hidden[r:r + step], weight, block),
+                                 targets[r:r + step], temperature, True, validate=False)
                     for r in range(0, hidden.shape[0], step)]
             lp = torch.cat([o[0] for o in outs])
             return lp, torch.cat([o[1] for o in outs]) if return_entropy else None
+        block = row_block(hidden) if self.invariant else None
         partials = torch.stack([
-            tse.logprob_partials(head_logits(hidden, weight[start:start + vocab_chunk]), targets,
-                                 start, temperature, validate=False)
+            tse.logprob_partials(head_logits(hidden, weight[start:start + vocab_chunk], block),
+                                 targets, start, temperature, validate=False)
             for start in range(0, vocab, vocab_chunk)])
         lp, ent = tse.combine_logprob_partials(partials)
         return lp, ent if return_entropy else None
+
+    def _rows_at_once(self, width: int, hidden: Tensor) -> tuple[int, int | None]:
+        """Rows per block of [rows, width] logits (bounded), and the row block their GEMM
+        runs in: that same count in batch-invariant mode (capped), else none."""
+        step = max(1, MAX_LOGITS_ELEMENTS // width)
+        if not self.invariant:
+            return step, None
+        step = min(step, row_block(hidden))
+        return step, step
 
     def _check_targets(self, targets: Tensor) -> None:
         outside = (targets < 0) | (targets >= self.vocab_size)
@@ -119,10 +136,11 @@ class LogprobHead(nn.Module):
     def _shard_partials(self, hidden: Tensor, targets: Tensor, temperature: float) -> Tensor:
         """[S, 4] partials of this rank's vocabulary shard, in bounded row blocks."""
         weight = self.head_weight()
-        step = max(1, MAX_LOGITS_ELEMENTS // weight.shape[0])
+        step, block = self._rows_at_once(weight.shape[0], hidden)
         return torch.cat([
-            tse.logprob_partials(head_logits(hidden[r:r + step], weight), targets[r:r + step],
-                                 self.vocab_start, temperature, validate=False)
+            tse.logprob_partials(head_logits(hidden[r:r + step], weight, block),
+                                 targets[r:r + step], self.vocab_start, temperature,
+                                 validate=False)
             for r in range(0, hidden.shape[0], step)])
 
     def _gathered_logits(self, hidden: Tensor, targets: Tensor, temperature: float
@@ -133,10 +151,10 @@ class LogprobHead(nn.Module):
         size = self.tp.size
         bounds = [vocab_range(self.vocab_size, r, size) for r in range(size)]
         width = max(end - start for start, end in bounds)
-        step = max(1, MAX_LOGITS_ELEMENTS // (size * width))
+        step, block = self._rows_at_once(size * width, hidden)
         lps, ents = [], []
         for r in range(0, hidden.shape[0], step):
-            local = head_logits(hidden[r:r + step], weight)
+            local = head_logits(hidden[r:r + step], weight, block)
             # all_gather needs equal shapes: pad the shorter shards, then cut the padding
             local = F.pad(local, (0, width - local.shape[1]))
             shards = self.tp.all_gather(local)

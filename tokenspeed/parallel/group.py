@@ -29,9 +29,18 @@ class TPGroup:
     group: Any = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
-    def all_reduce(self, x: Tensor) -> Tensor:
-        dist.all_reduce(x, group=self.group)
-        return x
+    def all_reduce(self, x: Tensor, ordered: bool = False) -> Tensor:
+        """The sum of x over the ranks. ``ordered`` adds the ranks' tensors in rank order
+        after an all-gather, so each element's sum is the same whatever the tensor's size
+        (a collective library may pick its summation order by message size)."""
+        if not ordered:
+            dist.all_reduce(x, group=self.group)
+            return x
+        parts = self.all_gather(x)
+        total = parts[0].clone()
+        for part in parts[1:]:
+            total += part
+        return total
 
     def all_gather(self, x: Tensor) -> Tensor:
         """x [...] from every rank -> [size, ...] in rank order."""

@@ -1,0 +1,88 @@
+"""deterministic=True: a sequence's scores are bitwise the same whatever the call around it.
+
+The property draws the company (other sequences, GRPO siblings sharing its prompt), the
+order, max_batch_tokens (down to chunks far shorter than the sequence), the page size,
+prefix-cache hits (a warm second pass) and a KV pool small enough to evict, and compares
+the targets' scores with those of a fresh engine that scored them alone: exact equality.
+"""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from model_factory import make_checkpoint, random_sequences
+
+from tokenspeed import Engine
+
+pytest.importorskip("transformers")
+VOCAB = 101
+
+
+# the tiny Qwen3 (head dim 16) runs the simple attention kernel on CUDA; a Llama with
+# head dim 128 runs the tensor-core ones (wgmma on an H200) in bf16
+MODELS = {"qwen3": dict(arch="Qwen3ForCausalLM"),
+          "llama-d128": dict(arch="LlamaForCausalLM", hidden=256, heads=2, kv_heads=1)}
+CASES = [pytest.param("cpu", "qwen3", id="cpu"),
+         pytest.param("cuda", "qwen3", marks=pytest.mark.gpu, id="cuda"),
+         pytest.param("cuda", "llama-d128", marks=pytest.mark.gpu, id="cuda-d128")]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    return {name: make_checkpoint(tmp_path_factory.mktemp(name), vocab=VOCAB, seed=31, **kw)
+            for name, kw in MODELS.items()}
+
+
+def targets() -> list[dict]:
+    """A GRPO group (one prompt, three completions) and an unrelated sequence."""
+    gen = torch.Generator().manual_seed(32)
+    prompt = torch.randint(0, VOCAB, (23,), generator=gen).tolist()
+    group = [{"prompt_token_ids": prompt,
+              "completion_token_ids": torch.randint(0, VOCAB, (5 + 3 * i,), generator=gen).tolist()}
+             for i in range(3)]
+    return group + random_sequences(gen, VOCAB, 1, max_prompt=30, max_completion=20)
+
+
+@functools.cache
+def alone(path, device: str, dtype: str) -> list[dict]:
+    """Each target scored alone, by a fresh engine with the default settings."""
+    out = []
+    for seq in targets():
+        with Engine(path, device=device, dtype=dtype, deterministic=True) as engine:
+            out.append(engine.compute_log_probs([seq], 0.8, return_entropy=True))
+    return out
+
+
+@pytest.mark.parametrize("device, model", CASES)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@settings(max_examples=20, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(company_seed=st.integers(0, 2**16), n_company=st.integers(0, 6),
+       max_batch_tokens=st.sampled_from([1, 3, 8, 17, 64, 512]),
+       max_batch_requests=st.sampled_from([1, 2, 256]), page_size=st.sampled_from([1, 4, 16]),
+       prefix=st.booleans(), small_pool=st.booleans(), data=st.data())
+def test_scores_are_bitwise_independent_of_the_call(checkpoints, device, model, dtype,
+                                                    company_seed, n_company, max_batch_tokens,
+                                                    max_batch_requests, page_size, prefix,
+                                                    small_pool, data):
+    ckpt = checkpoints[model]
+    want = alone(ckpt, device, dtype)
+    gen = torch.Generator().manual_seed(company_seed)
+    company = random_sequences(gen, VOCAB, n_company, max_prompt=40, max_completion=30)
+    mixed = targets() + company
+    order = data.draw(st.permutations(range(len(mixed))))
+    batch = [mixed[i] for i in order]
+    longest = max(len(s["prompt_token_ids"]) + len(s["completion_token_ids"]) for s in batch)
+    pool = -(-longest // page_size) * page_size + (16 if small_pool else 4096)
+    with Engine(ckpt, device=device, dtype=dtype, deterministic=True, page_size=page_size,
+                max_batch_tokens=max_batch_tokens, max_batch_requests=max_batch_requests,
+                enable_prefix_cache=prefix, kv_cache_tokens=pool) as engine:
+        for _ in range(2):  # the second pass hits the prefix cache when it is on
+            out = engine.compute_log_probs(batch, 0.8, return_entropy=True)
+            for t, expected in enumerate(want):
+                row = order.index(t)
+                assert out["log_probs"][row] == expected["log_probs"][0], (t, row)
+                assert out["entropy"][row] == expected["entropy"][0], (t, row)

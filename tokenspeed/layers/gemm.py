@@ -1,0 +1,59 @@
+"""The matrix products of the layers, plain or batch-invariant.
+
+A GEMM library picks its algorithm (tile shape, split-K) from the problem's shape, so a
+row's result can change with the number of rows it is computed with: with the other
+sequences of a batch, the chunk size, whether its prefix came from the cache (on the
+CPU too: a product of one to three fp32 rows takes another path than one of eight). In
+batch-invariant mode every product runs on fixed blocks of ``row_block`` rows (the last
+one zero-padded): one shape, one algorithm, and each row's reduction order depends on
+nothing but its own values. Layers read the mode when they are built, as they read
+their tensor-parallel group.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor
+
+# Rows per block, by device type: on a GPU large enough to keep a Hopper's tensor cores
+# busy, so that mostly the zero padding of a call's last batch costs time; on the CPU a
+# few cache-sized tiles, as its GEMMs reach full speed at small row counts.
+ROW_BLOCK = {"cuda": 2048, "cpu": 64}
+
+_BATCH_INVARIANT = False
+
+
+def batch_invariant() -> bool:
+    """The mode of the layers being built now."""
+    return _BATCH_INVARIANT
+
+
+@contextmanager
+def building_batch_invariant(enabled: bool) -> Iterator[None]:
+    global _BATCH_INVARIANT
+    previous, _BATCH_INVARIANT = _BATCH_INVARIANT, enabled
+    try:
+        yield
+    finally:
+        _BATCH_INVARIANT = previous
+
+
+def row_block(x: Tensor) -> int:
+    return ROW_BLOCK[x.device.type]
+
+
+def in_row_blocks(fn: Callable[[Tensor], Tensor], x: Tensor, block: int) -> Tensor:
+    """fn over x's rows in blocks of exactly ``block`` rows (the last zero-padded), its
+    outputs' rows concatenated: fn never sees another row count."""
+    n = x.shape[0]
+    full = n - n % block
+    outs = [fn(x[i:i + block]) for i in range(0, full, block)]
+    if full < n:
+        tail = x.new_zeros((block, *x.shape[1:]))
+        tail[:n - full] = x[full:]
+        outs.append(fn(tail)[:n - full])
+    if not outs:
+        return fn(x)
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
