@@ -18,6 +18,7 @@ from torch import Tensor
 
 from .config import EngineConfig
 from .models import ModelConfig
+from .padded import ids_to_host, padded_sequences, scatter_scores
 from .parallel.group import check_shardable
 from .parallel.launch import launched_spmd
 from .parallel.workers import WorkerPool
@@ -98,19 +99,67 @@ class Engine:
 
     @_serialised
     def compute_log_probs(self, sequences: Sequence[Mapping[str, Any]], temperature: float = 1.0,
-                          *, return_entropy: bool = False, return_tensors: bool = False
-                          ) -> dict[str, Any]:
+                          *, return_entropy: bool = False, return_tensors: bool = False,
+                          pad_to: int | None = None) -> dict[str, Any]:
         """log p(completion token | everything before it) for every completion token.
 
         ``sequences``: dicts with ``prompt_token_ids`` (at least one id) and
-        ``completion_token_ids`` (lists, tuples or 1-D integer tensors of ids; ints, numpy
-        integers or 0-d integer tensors). Returns {"log_probs", "tokens"} (+ "entropy"):
-        lists of exactly len(completion) floats/ints per sequence, or with return_tensors
-        padded [N, max_M] tensors (fp32 scores, int64 tokens) plus a bool "mask". A bad
+        ``completion_token_ids`` (lists, tuples or 1-D integer tensors of ids, on any
+        device; ints, numpy integers or 0-d integer tensors). Returns {"log_probs",
+        "tokens"} (+ "entropy"): lists of exactly len(completion) floats/ints per
+        sequence, or with return_tensors [N, W] tensors on the engine's device (fp32
+        scores, int64 tokens, zeros past each completion) plus a bool "mask", W the
+        longest completion or ``pad_to``. Every result carries "weight_version". A bad
         sequence raises ``InvalidSequenceError`` before anything runs.
         """
-        return self._call("compute_log_probs", sequences, temperature,
-                          return_entropy=return_entropy, return_tensors=return_tensors)
+        return self._call("compute_log_probs", ids_to_host(sequences), temperature,
+                          return_entropy=return_entropy, return_tensors=return_tensors,
+                          pad_to=pad_to)
+
+    @_serialised
+    def score_padded(self, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor,
+                     temperature: float = 1.0, **options: Any) -> dict[str, Any]:
+        """Score a trainer's padded batch: ``[B, L]`` ids and masks (left or right padding,
+        any device). Returns every per-token output of ``compute_log_probs(**options)`` as
+        ``[B, L]`` fp32 on the engine's device: ``log_probs[b, i]`` is log p(input_ids[b, i]
+        | the attended tokens before it) where ``response_mask[b, i]`` is 1, and 0
+        elsewhere; plus "weight_version". Each row's response must be one contiguous run
+        of attended tokens that ends the row's attended tokens, after at least one prompt
+        token; a malformed row raises ValueError naming it, before anything runs.
+        """
+        seqs, response = padded_sequences(input_ids, attention_mask, response_mask)
+        result = self._call("compute_log_probs", seqs, temperature, return_tensors=True,
+                            **options)
+        return scatter_scores(result, response, self.config.device)
+
+    def score_responses(self, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor,
+                        response_mask: Tensor, temperature: float = 1.0, **options: Any
+                        ) -> dict[str, Any]:
+        """``score_padded`` for the split layout: prompts ``[B, P]`` (left-padded) and
+        responses ``[B, R]`` (right-padded), each with its attention mask. Returns the
+        per-token outputs as ``[B, R]``, aligned with ``response_ids``."""
+        for name, t in (("prompt_mask", prompt_mask), ("response_ids", response_ids),
+                        ("response_mask", response_mask)):
+            if not isinstance(t, Tensor) or t.dim() != 2:
+                raise TypeError(f"{name} must be a [B, R] tensor, got "
+                                f"{getattr(t, 'shape', type(t).__name__)}")
+        if not isinstance(prompt_ids, Tensor) or prompt_ids.dim() != 2 \
+                or prompt_ids.shape[0] != response_ids.shape[0]:
+            raise ValueError(f"prompt_ids must be [B, P] with the B of response_ids "
+                             f"{tuple(response_ids.shape)}, got "
+                             f"{getattr(prompt_ids, 'shape', type(prompt_ids).__name__)}")
+        width = prompt_ids.shape[1]
+        device = response_ids.device
+        response = response_mask.to(device)
+        result = self.score_padded(
+            torch.cat([prompt_ids.to(device, response_ids.dtype), response_ids], 1),
+            torch.cat([prompt_mask.to(device, response.dtype), response], 1),
+            torch.cat([torch.zeros_like(prompt_mask, device=device, dtype=response.dtype),
+                       response], 1),
+            temperature, **options)
+        return {key: value[:, width:].contiguous()
+                if isinstance(value, Tensor) and value.dim() >= 2 else value
+                for key, value in result.items()}
 
     @_serialised
     def update_weights(self, weights: Mapping[str, Tensor] | Iterable[tuple[str, Tensor]], *,

@@ -24,6 +24,7 @@ from .kv_cache import KVCache, kv_bytes_per_token
 from .layers.logprob_head import HeadOptions
 from .models import load_model
 from .models.loader import WeightMap
+from .padded import check_pad_to, pad_flat, padding_mask
 from .parallel.group import (TPGroup, building_with, kv_head_range, sequences_fingerprint)
 from .parallel.launch import init_tp_group
 from .runner import BatchScores, ModelRunner
@@ -31,14 +32,6 @@ from .runner import BatchScores, ModelRunner
 MAX_CPU_KV_TOKENS = 1 << 18
 # scored rows held on the device before they are copied out mid-call (32 MiB with entropy)
 MAX_PENDING_ROWS = 1 << 22
-
-
-def _pad(rows: list[Tensor], dtype: torch.dtype) -> Tensor:
-    width = max((len(r) for r in rows), default=0)
-    out = torch.zeros(len(rows), width, dtype=dtype)
-    for i, r in enumerate(rows):
-        out[i, :len(r)] = r
-    return out
 
 
 class LocalShard:
@@ -155,17 +148,21 @@ class LocalShard:
         self.tp.validated(lambda: self._validate(sequences, temperature))
 
     def compute_log_probs(self, sequences: Sequence[Mapping[str, Any]], temperature: float = 1.0,
-                          *, return_entropy: bool = False, return_tensors: bool = False
-                          ) -> dict[str, Any]:
+                          *, return_entropy: bool = False, return_tensors: bool = False,
+                          pad_to: int | None = None) -> dict[str, Any]:
         seqs, temperature = self.tp.validated(
             lambda: self._validate(sequences, temperature),
             lambda v: sequences_fingerprint(v[0], v[1], return_entropy))
         lengths = [len(c) for _, c in seqs]
+        width = check_pad_to(pad_to, return_tensors, lengths)
         offsets = [0]
         for n in lengths:
             offsets.append(offsets[-1] + n)
-        flat_lp = torch.empty(offsets[-1], dtype=torch.float32)
-        flat_ent = torch.empty(offsets[-1], dtype=torch.float32) if return_entropy else None
+        # tensors are returned on the engine's device: the scores never visit the host
+        where = self.config.device if return_tensors else torch.device("cpu")
+        flat_lp = torch.empty(offsets[-1], dtype=torch.float32, device=where)
+        flat_ent = (torch.empty(offsets[-1], dtype=torch.float32, device=where)
+                    if return_entropy else None)
         # request id -> (first output slot, logprob_start)
         requests: dict[int, tuple[int, int]] = {}
         try:
@@ -181,7 +178,9 @@ class LocalShard:
             for rid in requests:
                 self.scheduler.abort(rid)
         self.scored_tokens += offsets[-1]
-        return self._package(seqs, lengths, flat_lp, flat_ent, return_tensors)
+        out = self._package(seqs, lengths, flat_lp, flat_ent, return_tensors, width)
+        out["weight_version"] = self.weight_version
+        return out
 
     def _run(self, requests: dict[int, tuple[int, int]], temperature: float,
              flat_lp: Tensor, flat_ent: Tensor | None) -> None:
@@ -242,13 +241,14 @@ class LocalShard:
     @staticmethod
     def _copy_scores(pending: list[tuple[BatchScores, Tensor]], flat_lp: Tensor,
                      flat_ent: Tensor | None) -> None:
-        """Bring the pending batches' scores to the host in one copy (which waits for the
-        device) and write them to their flat output rows."""
-        dst = torch.cat([d for _, d in pending])
+        """Bring the pending batches' scores to the flat output in one copy and write them
+        to their rows: to the host (which waits for the device), or for device outputs
+        within the device (which waits for nothing)."""
+        dst = torch.cat([d for _, d in pending]).to(flat_lp.device)
         parts = [s.log_probs for s, _ in pending]
         if flat_ent is not None:
             parts += [s.entropy for s, _ in pending]
-        values = torch.cat(parts).cpu()
+        values = torch.cat(parts).to(flat_lp.device)
         flat_lp[dst] = values[:len(dst)]
         if flat_ent is not None:
             flat_ent[dst] = values[len(dst):]
@@ -266,22 +266,21 @@ class LocalShard:
             self.scheduler.complete(batch)
         self.scheduler.flush()
 
-    @staticmethod
-    def _package(seqs: list[tuple[list[int], list[int]]], lengths: list[int], flat_lp: Tensor,
-                 flat_ent: Tensor | None, return_tensors: bool) -> dict[str, Any]:
-        lps = list(flat_lp.split(lengths))
-        ents = list(flat_ent.split(lengths)) if flat_ent is not None else None
+    def _package(self, seqs: list[tuple[list[int], list[int]]], lengths: list[int],
+                 flat_lp: Tensor, flat_ent: Tensor | None, return_tensors: bool, width: int
+                 ) -> dict[str, Any]:
         if not return_tensors:
-            out = {"log_probs": [r.tolist() for r in lps], "tokens": [c for _, c in seqs]}
-            if ents is not None:
-                out["entropy"] = [r.tolist() for r in ents]
+            out = {"log_probs": [r.tolist() for r in flat_lp.split(lengths)],
+                   "tokens": [c for _, c in seqs]}
+            if flat_ent is not None:
+                out["entropy"] = [r.tolist() for r in flat_ent.split(lengths)]
             return out
-        width = max(lengths, default=0)
-        out = {"log_probs": _pad(lps, torch.float32),
-               "tokens": _pad([torch.tensor(c, dtype=torch.int64) for _, c in seqs], torch.int64),
-               "mask": torch.arange(width) < torch.tensor(lengths, dtype=torch.int64).view(-1, 1)}
-        if ents is not None:
-            out["entropy"] = _pad(ents, torch.float32)
+        mask = padding_mask(lengths, width, self.config.device)
+        tokens = torch.tensor([t for _, c in seqs for t in c], dtype=torch.int64)
+        out = {"log_probs": pad_flat(flat_lp, mask),
+               "tokens": pad_flat(tokens.to(mask.device), mask), "mask": mask}
+        if flat_ent is not None:
+            out["entropy"] = pad_flat(flat_ent, mask)
         return out
 
     def update_weights(self, weights: Mapping[str, Tensor] | Iterable[tuple[str, Tensor]], *,

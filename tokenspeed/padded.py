@@ -1,0 +1,167 @@
+"""Padded layouts as trainers hold them, to and from the engine's (prompt, completion) lists.
+
+A trainer keeps a batch as ``[B, L]`` tensors: ``input_ids``, an ``attention_mask`` (1 on
+real tokens, 0 on padding, left or right) and a ``response_mask`` (1 on the tokens to
+score). Each row's prompt is its attended tokens before the response run and its
+completion is the run itself; scores come back ``[B, L]`` on the engine's device, aligned
+with ``input_ids`` and 0 wherever the response mask is 0. Positions count attended tokens
+only, as HF's padded forward does with ``position_ids`` taken from the mask.
+
+Everything here reads the caller's tensors back to the host once per call (the scheduler
+needs the ids there), never once per row.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .inputs import KEYS, integer_dtype
+
+# output keys that are not per-token scores: they are not scattered into [B, L]
+NOT_SCORES = ("tokens", "mask")
+
+
+def _as_mask(name: str, mask: Any, shape: tuple[int, ...]) -> Tensor:
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(mask).__name__}")
+    if tuple(mask.shape) != shape:
+        raise ValueError(f"{name} has shape {tuple(mask.shape)}, input_ids {shape}")
+    if mask.dtype.is_complex:
+        raise TypeError(f"{name} must hold 0/1 (bool or numbers), got {mask.dtype}")
+    return mask
+
+
+def _ids(name: str, ids: Any) -> Tensor:
+    if not isinstance(ids, Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(ids).__name__}")
+    if ids.dim() != 2 or ids.dtype.is_floating_point or ids.dtype.is_complex \
+            or ids.dtype == torch.bool:
+        raise TypeError(f"{name} must be a [B, L] integer tensor, got {ids.dtype} of shape "
+                        f"{tuple(ids.shape)}")
+    return ids
+
+
+def padded_sequences(input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor
+                     ) -> tuple[list[dict[str, list[int]]], Tensor]:
+    """The engine's sequences of the rows with a response, and the response mask as a
+    host bool tensor [B, L]. Raises ValueError naming the first malformed row."""
+    input_ids = _ids("input_ids", input_ids)
+    shape = tuple(input_ids.shape)
+    masks = [_as_mask("attention_mask", attention_mask, shape),
+             _as_mask("response_mask", response_mask, shape)]
+    # one read-back for the ids and both masks
+    host = torch.stack([input_ids.to(masks[0].device, torch.int64),
+                        masks[0].to(torch.int64), masks[1].to(torch.int64)]).cpu()
+    ids, attn, resp = host.unbind(0)
+    for name, m in (("attention_mask", attn), ("response_mask", resp)):
+        bad = (m != 0) & (m != 1)
+        if bad.any():
+            b, i = bad.nonzero()[0].tolist()
+            raise ValueError(f"{name}[{b}, {i}] is {m[b, i].item()}; masks hold 0 or 1")
+    attn, resp = attn.bool(), resp.bool()
+    width = shape[1]
+    pos = torch.arange(width)
+    count = resp.sum(1)
+    first = torch.where(count > 0, resp.int().argmax(1), width)
+    last = torch.where(count > 0, width - 1 - resp.int().flip(1).argmax(1), -1)
+    seqs = []
+    for b in range(shape[0]):
+        n, lo, hi = int(count[b]), int(first[b]), int(last[b])
+        if n == 0:
+            continue
+        padded = resp[b] & ~attn[b]
+        if padded.any():
+            raise ValueError(f"row {b}: response token at position {int(padded.int().argmax())} "
+                             f"is padding (attention_mask 0 there)")
+        if hi - lo + 1 != n:
+            gap = lo + int((~resp[b, lo:hi + 1]).int().argmax())
+            raise ValueError(f"row {b}: the response has a gap at position {gap}; it must be "
+                             f"one contiguous run of positions {lo}..{hi}")
+        after = attn[b] & (pos > hi)
+        if after.any():
+            raise ValueError(f"row {b}: attended token at position {int(after.int().argmax())} "
+                             f"after the response run {lo}..{hi}; the response must end the "
+                             f"row's tokens")
+        prompt = attn[b] & (pos < lo)
+        if not prompt.any():
+            raise ValueError(f"row {b}: the response starts at position {lo} with no attended "
+                             f"prompt token before it")
+        seqs.append({KEYS[0]: ids[b][prompt].tolist(), KEYS[1]: ids[b, lo:hi + 1].tolist()})
+    return seqs, resp
+
+
+def scatter_scores(result: Mapping[str, Any], response: Tensor, device: torch.device
+                   ) -> dict[str, Any]:
+    """compute_log_probs(return_tensors=True) output of the rows with a response -> every
+    per-token output [B, L, ...] on ``device``, 0 off the response; other keys as they are.
+    Row-major order of ``response`` is the order of the result's masked entries."""
+    response = response.to(device)
+    valid = result["mask"]
+    out: dict[str, Any] = {}
+    for key, value in result.items():
+        if key in NOT_SCORES:
+            continue
+        if isinstance(value, Tensor) and value.shape[:2] == valid.shape:
+            full = value.new_zeros((*response.shape, *value.shape[2:]))
+            full[response] = value[valid]
+            out[key] = full
+        else:
+            out[key] = value
+    return out
+
+
+def padding_mask(lengths: Sequence[int], width: int, device: torch.device) -> Tensor:
+    """[len(lengths), width] bool, True on each row's first lengths[i] entries."""
+    mask = torch.arange(width) < torch.tensor(lengths, dtype=torch.int64).view(-1, 1)
+    return mask.to(device)
+
+
+def pad_flat(flat: Tensor, mask: Tensor) -> Tensor:
+    """Rows laid end to end [mask.sum()] -> [*mask.shape], zeros off the mask: one
+    scatter where ``flat`` lives."""
+    out = flat.new_zeros(mask.shape)
+    out[mask] = flat
+    return out
+
+
+def check_pad_to(pad_to: Any, return_tensors: bool, lengths: Sequence[int]) -> int:
+    """The padded width: ``pad_to`` when given (it must hold the longest completion)."""
+    longest = max(lengths, default=0)
+    if pad_to is None:
+        return longest
+    if not return_tensors:
+        raise ValueError("pad_to applies to tensors; pass return_tensors=True with it")
+    if isinstance(pad_to, bool) or not isinstance(pad_to, int):
+        raise TypeError(f"pad_to must be an int, got {pad_to!r}")
+    if pad_to < longest:
+        raise ValueError(f"pad_to is {pad_to}, but the longest completion has {longest} tokens")
+    return pad_to
+
+
+def ids_to_host(sequences: Any) -> Any:
+    """``sequences`` with every id tensor on a device read back to the host in one copy
+    per device (the scheduler needs ids on the host; reading each back on its own would
+    wait for the device once per sequence). Anything malformed is passed on untouched,
+    for validation to name."""
+    if isinstance(sequences, (str, bytes, Mapping)) or not isinstance(sequences, Sequence):
+        return sequences
+    found: dict[torch.device, list[tuple[int, str, Tensor]]] = {}
+    for i, item in enumerate(sequences):
+        if not isinstance(item, Mapping):
+            continue
+        for key in KEYS:
+            t = item.get(key)
+            if isinstance(t, Tensor) and t.device.type != "cpu" and t.dim() == 1 \
+                    and integer_dtype(t):
+                found.setdefault(t.device, []).append((i, key, t))
+    if not found:
+        return sequences
+    out = [dict(item) if isinstance(item, Mapping) else item for item in sequences]
+    for entries in found.values():
+        host = torch.cat([t.to(torch.int64) for *_, t in entries]).cpu()
+        for (i, key, _), part in zip(entries, host.split([t.numel() for *_, t in entries])):
+            out[i][key] = part
+    return out
