@@ -92,8 +92,9 @@ def test_score_responses_matches_score_padded(model, rows, prompt_pad, response_
     width_p = max(p for p, _, _ in rows) + prompt_pad
     width_r = max(r for _, r, _ in rows) + response_pad + 1
     b = len(rows)
-    prompt_ids, prompt_mask = torch.full((b, width_p), PAD), torch.zeros(b, width_p, dtype=torch.int64)
-    response_ids, response_mask = torch.full((b, width_r), PAD), torch.zeros(b, width_r, dtype=torch.int64)
+    prompt_ids, response_ids = torch.full((b, width_p), PAD), torch.full((b, width_r), PAD)
+    prompt_mask = torch.zeros(b, width_p, dtype=torch.int64)
+    response_mask = torch.zeros(b, width_r, dtype=torch.int64)
     for i, (p, r, _) in enumerate(rows):
         prompt_ids[i, width_p - p:] = torch.randint(0, VOCAB, (p,), generator=gen)
         prompt_mask[i, width_p - p:] = 1

@@ -23,6 +23,7 @@ from .parallel.group import check_shardable
 from .parallel.launch import launched_spmd
 from .parallel.workers import WorkerPool
 from .shard import LocalShard
+from .weight_sync import DEFAULT_BUCKET_BYTES
 
 
 def _serialised(method):
@@ -179,6 +180,44 @@ class Engine:
         return self._call("update_weights", weights, check_finite=check_finite)
 
     @_serialised
+    def init_weight_sync_group(self, master_address: str, master_port: int, rank_offset: int,
+                               world_size: int, backend: str = "nccl", *,
+                               timeout_s: float = 1800.0) -> None:
+        """Join a trainer's weight-sync group (``tokenspeed.weight_sync``): the trainer is
+        rank 0 and calls ``weight_sync.init_weight_sync_group(..., rank=0, ...)`` at the
+        same time; each engine TP rank joins as rank_offset + its TP rank. Blocks until
+        all ``world_size`` ranks joined. A group made earlier is replaced."""
+        return self._call("init_weight_sync_group", master_address, master_port, rank_offset,
+                          world_size, backend, timeout_s)
+
+    @_serialised
+    def update_weights_from_distributed(self, names: Sequence[str], dtypes: Sequence[Any],
+                                        shapes: Sequence[Sequence[int]], src: int = 0, *,
+                                        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+                                        check_finite: bool = True) -> None:
+        """Receive an update broadcast by the trainer's ``weight_sync.send_weights`` (HF
+        names, full tensors; (names, dtypes, shapes) as ``weight_sync.metadata_of`` gives
+        them, in the same order) and write it as ``update_weights`` does: each rank keeps
+        its shard, the version is bumped and the prefix cache flushed.
+
+        Every tensor is received and checked before any is written: names, shapes and
+        dtypes first, values (NaN/inf) as they arrive; if any rank (the trainer included)
+        rejects the update, every rank raises and the old weights and cache stay. The
+        whole update is staged meanwhile (on the GPU with NCCL: 15 GB for a 7B in bf16).
+        """
+        return self._call("update_weights_from_distributed", names, dtypes, shapes, src,
+                          bucket_bytes=bucket_bytes, check_finite=check_finite)
+
+    @_serialised
+    def update_weights_from_ipc(self, handles: Mapping[str, Any], *, check_finite: bool = True
+                                ) -> None:
+        """``update_weights`` from a trainer on the same GPU(s): ``handles`` maps HF names
+        to ``weight_sync.ipc_handles(...)`` entries (CUDA IPC: the engine reads the
+        trainer's memory, no copy through the host). The trainer keeps the tensors alive
+        and unchanged until this returns. Same checks and atomicity as update_weights."""
+        return self._call("update_weights_from_ipc", handles, check_finite=check_finite)
+
+    @_serialised
     def stats(self) -> dict[str, Any]:
         """Counters of the engine and its scheduler (under tensor parallelism, rank 0's;
         every rank's are the same):
@@ -191,7 +230,8 @@ class Engine:
         - ``inserted_pages``, ``evicted_pages``: pages that entered / left the prefix cache;
         - ``waiting``, ``running``: requests queued / admitted (both 0 between calls);
         - ``scored_tokens``: completion tokens scored since the engine was built;
-        - ``weight_version``: the number of ``update_weights`` calls that wrote weights;
+        - ``weight_version``: the number of updates (``update_weights`` and its
+          ``_from_distributed`` / ``_from_ipc`` forms) that wrote weights;
         - ``page_size``, ``tp_size``: the configuration.
         """
         return self._call("stats")

@@ -28,6 +28,8 @@ from .padded import check_pad_to, pad_flat, padding_mask
 from .parallel.group import (TPGroup, building_with, kv_head_range, sequences_fingerprint)
 from .parallel.launch import init_tp_group
 from .runner import BatchScores, ModelRunner
+from .weight_sync import (DEFAULT_BUCKET_BYTES, init_weight_sync_group, open_ipc_handles,
+                          receive_weights)
 
 MAX_CPU_KV_TOKENS = 1 << 18
 # scored rows held on the device before they are copied out mid-call (32 MiB with entropy)
@@ -56,6 +58,7 @@ class LocalShard:
             num_pages = self.tp.min_int(num_pages)
         self.tp.validated(lambda: self._allocate(num_pages))
         self.weight_version = 0
+        self.weight_sync = None  # the trainer's weight-sync group, once joined
         self.scored_tokens = 0
         self._next_request_id = 0
 
@@ -288,7 +291,12 @@ class LocalShard:
         """Every tensor is checked (on every rank) before any is written; the writes hold
         Ctrl-C until done. A write that still fails marks its parameters torn: scoring
         refuses to run until an update of them succeeds."""
-        items = self.tp.validated(lambda: self._check_weights(weights, check_finite))
+        self._write_weights(self.tp.validated(lambda: self._check_weights(weights,
+                                                                          check_finite)))
+
+    def _write_weights(self, items: list[tuple[str, Tensor]]) -> None:
+        """Write checked weights, flush the prefix cache and bump the version: all of it
+        or, should a write fail, the parameters it was writing marked torn."""
         weight_map = WeightMap(self.model, write_tied_head=True)
         targets = {(r[0], r[2]) for r in (weight_map.resolve(name) for name, _ in items)
                    if r is not None}
@@ -304,6 +312,40 @@ class LocalShard:
                 self.scheduler.flush()
                 self.weight_version += 1
             self._torn_weights -= targets
+
+    def init_weight_sync_group(self, master_address: str, master_port: int, rank_offset: int,
+                               world_size: int, backend: str = "nccl",
+                               timeout_s: float = 1800.0) -> None:
+        """Join the trainer's weight-sync group as rank rank_offset + this TP rank."""
+        if isinstance(rank_offset, bool) or not isinstance(rank_offset, int) \
+                or rank_offset < 1:
+            raise ValueError(f"rank_offset must be an int >= 1 (the trainer is rank 0), "
+                             f"got {rank_offset!r}")
+        if isinstance(world_size, int) and world_size < rank_offset + self.tp.size:
+            raise ValueError(f"world_size {world_size} cannot hold the engine's "
+                             f"{self.tp.size} rank(s) from rank_offset {rank_offset}")
+        self.weight_sync = init_weight_sync_group(
+            master_address, master_port, rank_offset + self.tp.rank, world_size, backend,
+            self.config.device if backend == "nccl" else torch.device("cpu"), timeout_s)
+
+    def update_weights_from_distributed(self, names: Sequence[str], dtypes: Sequence[Any],
+                                        shapes: Sequence[Sequence[int]], src: int = 0, *,
+                                        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+                                        check_finite: bool = True) -> None:
+        if self.weight_sync is None:
+            raise RuntimeError("no weight-sync group: call init_weight_sync_group first")
+        weight_map = WeightMap(self.model, write_tied_head=True)
+        items = receive_weights(
+            self.weight_sync, names, dtypes, shapes, src,
+            lambda name, t, finite: weight_map.check(name, t, check_finite=finite),
+            bucket_bytes=bucket_bytes, check_finite=check_finite)
+        self._write_weights(items)
+
+    def update_weights_from_ipc(self, handles: Mapping[str, Any], *,
+                                check_finite: bool = True) -> None:
+        # opened inside the agreement: a rank that cannot open them fails every rank
+        self._write_weights(self.tp.validated(
+            lambda: self._check_weights(open_ipc_handles(handles), check_finite)))
 
     def _check_weights(self, weights: Mapping[str, Tensor] | Iterable[tuple[str, Tensor]],
                        check_finite: bool) -> list[tuple[str, Tensor]]:
@@ -322,6 +364,7 @@ class LocalShard:
         return out
 
     def close(self) -> None:
+        self.weight_sync = None
         del self.runner, self.kv_cache, self.model, self.scheduler
         if self.config.device.type == "cuda":
             torch.cuda.empty_cache()

@@ -1,0 +1,257 @@
+"""Weights from a training process: broadcast over a weight-sync group (gloo here, NCCL on
+GPUs) and CUDA IPC. After an update the engine scores exactly as a fresh engine built from
+the new weights; a rejected update raises on both ends and leaves the old weights."""
+from __future__ import annotations
+
+import multiprocessing
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+from model_factory import make_checkpoint, max_abs_diff, random_sequences
+from safetensors.torch import load_file
+
+from tokenspeed import Engine
+from tokenspeed.parallel.launch import free_port
+from tokenspeed.weight_sync import (init_weight_sync_group, ipc_handles, metadata_of,
+                                    plan_buckets, send_weights, update_metadata)
+
+pytest.importorskip("transformers")
+VOCAB = 101
+ARCH = "Qwen3ForCausalLM"
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory) -> tuple[Path, Path]:
+    return (make_checkpoint(tmp_path_factory.mktemp("old"), ARCH, vocab=VOCAB, seed=1),
+            make_checkpoint(tmp_path_factory.mktemp("new"), ARCH, vocab=VOCAB, seed=2))
+
+
+@pytest.fixture(scope="module")
+def seqs() -> list[dict]:
+    return random_sequences(torch.Generator().manual_seed(4), VOCAB, 6)
+
+
+def fresh_scores(path: Path, seqs: list[dict]) -> list[list[float]]:
+    with Engine(path, device="cpu", dtype="float32", kv_cache_tokens=1024) as engine:
+        return engine.compute_log_probs(seqs)["log_probs"]
+
+
+def _trainer(port: int, world: int, conn) -> None:
+    """The training process: joins the group as rank 0, then sends what it is told."""
+    try:
+        group = init_weight_sync_group("127.0.0.1", port, 0, world, backend="gloo")
+        conn.send(("ok", None))
+    except Exception as e:  # noqa: BLE001 - reported to the test
+        conn.send(("err", repr(e)))
+        return
+    while (msg := conn.recv()) is not None:
+        weights, bucket_bytes = msg
+        try:
+            send_weights(weights, group, bucket_bytes=bucket_bytes)
+            conn.send(("ok", None))
+        except Exception as e:  # noqa: BLE001 - reported to the test
+            conn.send(("err", "".join(traceback.format_exception_only(e))))
+
+
+class Trainer:
+    """A trainer process joined to ``engine``'s weight-sync group on gloo."""
+
+    def __init__(self, engine: Engine, tp_size: int = 1):
+        ctx = multiprocessing.get_context("spawn")
+        port = free_port()
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_trainer, args=(port, 1 + tp_size, child), daemon=True)
+        self.proc.start()
+        engine.init_weight_sync_group("127.0.0.1", port, 1, 1 + tp_size, backend="gloo",
+                                      timeout_s=120)
+        assert self.reply() == ("ok", None)
+
+    def reply(self) -> tuple[str, str | None]:
+        assert self.conn.poll(120), "the trainer process did not answer"
+        return self.conn.recv()
+
+    def send(self, engine: Engine, weights: list[tuple[str, torch.Tensor]],
+             bucket_bytes: int = 1 << 12, **receive) -> tuple[str, str | None]:
+        """Both ends of one update; returns the trainer's reply, raises the engine's error."""
+        self.conn.send((weights, bucket_bytes))
+        try:
+            engine.update_weights_from_distributed(*metadata_of(weights),
+                                                   bucket_bytes=bucket_bytes, **receive)
+        finally:
+            reply = self.reply()
+        return reply
+
+    def close(self) -> None:
+        self.conn.send(None)
+        self.proc.join(30)
+
+
+def test_update_from_distributed_equals_fresh_engine_and_rejects_atomically(ckpts, seqs):
+    old, new = ckpts
+    ref_old, ref_new = fresh_scores(old, seqs), fresh_scores(new, seqs)
+    new_weights = list(load_file(str(new / "model.safetensors")).items())
+    with Engine(old, device="cpu", dtype="float32", kv_cache_tokens=1024) as engine:
+        trainer = Trainer(engine)
+        engine.compute_log_probs(seqs)  # fills the prefix cache with old K/V
+
+        # a wrong shape in the middle of the list: rejected before anything moves
+        bad = list(new_weights)
+        mid = len(bad) // 2
+        bad[mid] = (bad[mid][0], torch.zeros(3, 5))
+        with pytest.raises(ValueError,
+                           match=rf"weight {bad[mid][0]!r}: .*expected shape .*got \(3, 5\)"):
+            trainer.send(engine, bad)
+        out = engine.compute_log_probs(seqs)
+        assert out["log_probs"] == ref_old and out["weight_version"] == 0
+
+        # NaN in the last bucket: everything was received, nothing is written
+        bad = list(new_weights)
+        bad[-1] = (bad[-1][0], bad[-1][1].clone())
+        bad[-1][1].view(-1)[-1] = float("nan")
+        with pytest.raises(ValueError, match=rf"weight {bad[-1][0]!r} holds NaN"):
+            trainer.send(engine, bad)
+        assert engine.compute_log_probs(seqs)["log_probs"] == ref_old
+
+        # the group is still in step: a good update now lands whole
+        assert trainer.send(engine, new_weights) == ("ok", None)
+        out = engine.compute_log_probs(seqs)
+        assert max_abs_diff(out["log_probs"], ref_new) == 0.0
+        assert out["weight_version"] == engine.stats()["weight_version"] == 1
+        trainer.close()
+
+
+def test_trainer_raises_when_the_engine_rejects(ckpts, seqs):
+    """Both ends raise for a rejected update, and for lists that do not match."""
+    old, new = ckpts
+    new_weights = list(load_file(str(new / "model.safetensors")).items())
+    with Engine(old, device="cpu", dtype="float32", kv_cache_tokens=1024) as engine:
+        trainer = Trainer(engine)
+        ref_old = engine.compute_log_probs(seqs)["log_probs"]
+        bad = list(new_weights)
+        bad[1] = (bad[1][0], bad[1][1].clone().fill_(float("inf")))
+        trainer.conn.send((bad, 1 << 12))
+        with pytest.raises(ValueError, match="holds NaN or inf"):
+            engine.update_weights_from_distributed(*metadata_of(bad), bucket_bytes=1 << 12)
+        status, message = trainer.reply()
+        assert status == "err" and "an engine rank rejected the update" in message
+
+        # the engine is told other lists than the trainer sends: both raise, nothing moves
+        trainer.conn.send((new_weights, 1 << 12))
+        names, dtypes, shapes = metadata_of(new_weights)
+        with pytest.raises(ValueError, match="given different names"):
+            engine.update_weights_from_distributed(names[::-1], dtypes[::-1], shapes[::-1],
+                                                   bucket_bytes=1 << 12)
+        status, message = trainer.reply()
+        assert status == "err" and "given different names" in message
+
+        with pytest.raises(ValueError, match="unknown weight name 'model.nope'"):
+            trainer.send(engine, [("model.nope", torch.ones(2))])
+        assert engine.compute_log_probs(seqs)["log_probs"] == ref_old
+        assert engine.stats()["weight_version"] == 0
+        trainer.close()
+
+
+def test_plan_buckets_and_metadata_checks():
+    meta = update_metadata(["a", "b", "c", "d"], [torch.float32, "bfloat16", "torch.float16",
+                                                   torch.float32], [[3], [1000], [], [5, 2]])
+    buckets = plan_buckets(meta, 64)
+    assert buckets == [[(0, 0)], [(1, 0)], [(2, 0), (3, 16)]]
+    with pytest.raises(TypeError, match=r"dtypes\[0\] must be a floating torch.dtype"):
+        update_metadata(["a"], [torch.int64], [[1]])
+    with pytest.raises(ValueError, match="one entry per tensor, got 2, 1 and 1"):
+        update_metadata(["a", "b"], [torch.float32], [[1]])
+    with pytest.raises(ValueError, match=r"shapes\[0\] \('a'\) must hold sizes >= 0"):
+        update_metadata(["a"], [torch.float32], [[-1]])
+
+
+def test_ipc_handles_update_in_process(ckpts, seqs):
+    """The IPC path's API on CPU tensors (shared memory); the GPU test crosses processes."""
+    old, new = ckpts
+    weights = load_file(str(new / "model.safetensors"))
+    with Engine(old, device="cpu", dtype="float32", kv_cache_tokens=1024) as engine:
+        engine.update_weights_from_ipc(ipc_handles(weights))
+        out = engine.compute_log_probs(seqs)
+        assert out["log_probs"] == fresh_scores(new, seqs) and out["weight_version"] == 1
+        with pytest.raises(TypeError, match="is not an ipc_handles"):
+            engine.update_weights_from_ipc({"lm_head.weight": (print, ("x",))})
+
+
+@pytest.mark.slow
+def test_tp2_engine_ranks_each_keep_their_shard(ckpts, seqs):
+    """tp_size 2 from a plain process: both workers join the group (ranks 1 and 2) and each
+    keeps its shard; scores equal a fresh tp_size 1 engine on the new weights."""
+    old, new = ckpts
+    new_weights = list(load_file(str(new / "model.safetensors")).items())
+    with Engine(old, device="cpu", dtype="float32", kv_cache_tokens=1024, tp_size=2) as engine:
+        trainer = Trainer(engine, tp_size=2)
+        ref_old = engine.compute_log_probs(seqs)["log_probs"]
+        bad = list(new_weights)
+        bad[3] = (bad[3][0], bad[3][1][:-1])
+        with pytest.raises(ValueError, match="expected shape"):
+            trainer.send(engine, bad)
+        assert engine.compute_log_probs(seqs)["log_probs"] == ref_old
+        assert trainer.send(engine, new_weights) == ("ok", None)
+        assert max_abs_diff(engine.compute_log_probs(seqs)["log_probs"],
+                            fresh_scores(new, seqs)) <= 1e-5
+        trainer.close()
+
+
+def _ipc_trainer(path: str, conn) -> None:
+    weights = {k: v.cuda() for k, v in load_file(path).items()}
+    conn.send(ipc_handles(weights))
+    conn.recv()  # keep the tensors alive until the engine is done
+
+
+@pytest.mark.gpu
+def test_ipc_from_another_process_equals_fresh_engine(ckpts, seqs):
+    old, new = ckpts
+    ctx = multiprocessing.get_context("spawn")
+    conn, child = ctx.Pipe()
+    proc = ctx.Process(target=_ipc_trainer, args=(str(new / "model.safetensors"), child),
+                       daemon=True)
+    proc.start()
+    kw = dict(device="cuda", dtype="float32", kv_cache_tokens=1024)
+    try:
+        with Engine(old, **kw) as engine:
+            engine.update_weights_from_ipc(conn.recv())
+            got = engine.compute_log_probs(seqs)["log_probs"]
+    finally:
+        conn.send(None)
+        proc.join(60)
+    with Engine(new, **kw) as fresh:
+        assert max_abs_diff(got, fresh.compute_log_probs(seqs)["log_probs"]) == 0.0
+
+
+def _nccl_trainer(port: int, path: str, conn) -> None:
+    torch.cuda.set_device(1)
+    group = init_weight_sync_group("127.0.0.1", port, 0, 2, backend="nccl")
+    weights = [(k, v.cuda()) for k, v in load_file(path).items()]
+    conn.send(metadata_of(weights))
+    send_weights(weights, group, bucket_bytes=1 << 16)
+    conn.send("done")
+
+
+@pytest.mark.gpu
+@pytest.mark.multi_gpu
+def test_nccl_broadcast_between_two_gpus_equals_fresh_engine(ckpts, seqs):
+    """NCCL refuses two ranks on one GPU: the trainer sits on GPU 1, the engine on GPU 0."""
+    old, new = ckpts
+    ctx = multiprocessing.get_context("spawn")
+    conn, child = ctx.Pipe()
+    port = free_port()
+    proc = ctx.Process(target=_nccl_trainer, args=(port, str(new / "model.safetensors"), child),
+                       daemon=True)
+    proc.start()
+    kw = dict(device="cuda:0", dtype="float32", kv_cache_tokens=1024)
+    try:
+        with Engine(old, **kw) as engine:
+            engine.init_weight_sync_group("127.0.0.1", port, 1, 2, backend="nccl")
+            engine.update_weights_from_distributed(*conn.recv(), bucket_bytes=1 << 16)
+            assert conn.recv() == "done"
+            got = engine.compute_log_probs(seqs)["log_probs"]
+    finally:
+        proc.join(60)
+    with Engine(new, **kw) as fresh:
+        assert max_abs_diff(got, fresh.compute_log_probs(seqs)["log_probs"]) == 0.0
