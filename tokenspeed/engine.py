@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .config import EngineConfig
-from .models import ModelConfig
+from .models import InMemoryCheckpoint, model_config
 from .padded import ids_to_host, padded_sequences, scatter_scores
 from .parallel.group import check_shardable
 from .parallel.launch import launched_spmd
@@ -49,7 +49,7 @@ class Engine:
     An engine may be shared by threads: its calls run one at a time.
     """
 
-    def __init__(self, model_path: str | os.PathLike, *, device: str | torch.device | None = None,
+    def __init__(self, model_path: str | os.PathLike | InMemoryCheckpoint, *, device: str | torch.device | None = None,
                  dtype: str | torch.dtype | None = None, page_size: int = 16,
                  max_batch_tokens: int = 8192, kv_cache_tokens: int | None = None,
                  enable_prefix_cache: bool = True, tp_size: int = 1,
@@ -67,14 +67,31 @@ class Engine:
         cfg = self.config
         self._backend: LocalShard | WorkerPool
         if cfg.tp_size > 1 and not launched_spmd():
-            self.model_config = ModelConfig.from_dir(cfg.model_path)
+            self.model_config = model_config(cfg.model_path)
             check_shardable(self.model_config, cfg.tp_size)
             self._backend = WorkerPool(cfg.tp_size, LocalShard, cfg)
         else:
             if cfg.tp_size > 1:
-                check_shardable(ModelConfig.from_dir(cfg.model_path), cfg.tp_size)
+                check_shardable(model_config(cfg.model_path), cfg.tp_size)
             self._backend = LocalShard(cfg)
             self.model_config = self._backend.model_config
+
+    @classmethod
+    def from_hf_model(cls, model: Any, **engine_kwargs: Any) -> Engine:
+        """An engine over a transformers ``PreTrainedModel`` held in memory (its config and
+        state dict; no checkpoint on disk), e.g. the trainer's reference policy. The
+        engine copies the weights into its own layout and dtype; ``engine_kwargs`` are
+        the constructor's. With tp_size > 1 from a plain process the weights reach the
+        workers through shared memory."""
+        config = getattr(model, "config", None)
+        if config is None or not hasattr(config, "to_dict") or not hasattr(model, "state_dict"):
+            raise TypeError(f"model must be a transformers PreTrainedModel, got "
+                            f"{type(model).__name__}")
+        hf_config = config.to_dict()
+        if not hf_config.get("architectures"):
+            hf_config["architectures"] = [type(model).__name__]
+        weights = {name: t.detach() for name, t in model.state_dict().items()}
+        return cls(InMemoryCheckpoint(hf_config, weights), **engine_kwargs)
 
     @property
     def shard(self) -> LocalShard:
