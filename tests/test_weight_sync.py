@@ -4,6 +4,7 @@ the new weights; a rejected update raises on both ends and leaves the old weight
 from __future__ import annotations
 
 import multiprocessing
+import threading
 import traceback
 from pathlib import Path
 
@@ -255,3 +256,69 @@ def test_nccl_broadcast_between_two_gpus_equals_fresh_engine(ckpts, seqs):
         proc.join(60)
     with Engine(new, **kw) as fresh:
         assert max_abs_diff(got, fresh.compute_log_probs(seqs)["log_probs"]) == 0.0
+
+
+@pytest.mark.parametrize("at", [0, 3, -1])  # -1: the final agreement
+def test_interrupted_transfer_keeps_old_weights_and_breaks_the_group(ckpts, seqs, monkeypatch,
+                                                                     at):
+    """Ctrl-C in the engine at bucket ``at`` (-1: the final agreement): the old weights
+    stay, the group is marked broken (its ranks are out of step) and refuses further
+    transfers; a group made again works. The trainer, a thread here, times out."""
+    old, new = ckpts
+    new_weights = list(load_file(str(new / "model.safetensors")).items())
+    meta = metadata_of(new_weights)
+    with Engine(old, device="cpu", dtype="float32", kv_cache_tokens=1024) as engine:
+        ref_old = engine.compute_log_probs(seqs)["log_probs"]
+
+        def join(timeout_s: float) -> tuple[threading.Thread, list]:
+            port, box = free_port(), []
+            thread = threading.Thread(target=lambda: box.append(init_weight_sync_group(
+                "127.0.0.1", port, 0, 2, backend="gloo", timeout_s=timeout_s)))
+            thread.start()
+            engine.init_weight_sync_group("127.0.0.1", port, 1, 2, backend="gloo",
+                                          timeout_s=timeout_s)
+            thread.join()
+            return box[0]
+
+        def send(group, errors: list) -> threading.Thread:
+            def run():
+                try:
+                    send_weights(new_weights, group, bucket_bytes=1 << 12)
+                except Exception as e:  # noqa: BLE001 - checked by the test
+                    errors.append(e)
+            thread = threading.Thread(target=run)
+            thread.start()
+            return thread
+
+        group, errors = join(3.0), []
+        sync = engine.shard.weight_sync
+        calls = []
+        real = {"broadcast": sync.broadcast, "agree": sync.agree}
+        target = "agree" if at == -1 else "broadcast"
+
+        def interrupted(name):
+            def call(*args):
+                calls.append(name)
+                hit = (calls.count("agree") == 2 if at == -1
+                       else calls.count("broadcast") == at + 1)
+                if name == target and hit:
+                    raise KeyboardInterrupt
+                return real[name](*args)
+            return call
+        monkeypatch.setattr(sync, "broadcast", interrupted("broadcast"))
+        monkeypatch.setattr(sync, "agree", interrupted("agree"))
+        thread = send(group, errors)
+        with pytest.raises(KeyboardInterrupt):
+            engine.update_weights_from_distributed(*meta, bucket_bytes=1 << 12)
+        thread.join()
+        assert errors, "the trainer should have timed out"
+        assert engine.compute_log_probs(seqs)["log_probs"] == ref_old
+        with pytest.raises(RuntimeError, match="broke when a transfer stopped half-way"):
+            engine.update_weights_from_distributed(*meta, bucket_bytes=1 << 12)
+
+        group, errors = join(60.0), []
+        thread = send(group, errors)
+        engine.update_weights_from_distributed(*meta, bucket_bytes=1 << 12)
+        thread.join()
+        assert not errors
+        assert engine.compute_log_probs(seqs)["log_probs"] == fresh_scores(new, seqs)

@@ -24,7 +24,8 @@ created again; the weights are the old ones.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
@@ -75,10 +76,19 @@ class SyncGroup:
         flags = state.tolist()
         return bool(flags[0]), flags[1] == -flags[2]
 
-    def check_usable(self) -> None:
+    @contextmanager
+    def transfer(self) -> Iterator[None]:
+        """One update's collectives, all or none: anything that escapes half-way (an
+        interrupt, a lost peer, a device error) leaves the ranks out of step, so the group
+        is marked broken."""
         if self.broken:
             raise RuntimeError("the weight-sync group broke when a transfer stopped half-way "
                                "(interrupt or lost peer); create it again on every rank")
+        try:
+            yield
+        except BaseException:
+            self.broken = True
+            raise
 
 
 def init_weight_sync_group(master_address: str, master_port: int, rank: int, world_size: int,
@@ -208,7 +218,6 @@ def send_weights(weights: nn.Module | Mapping[str, Tensor] | Iterable[tuple[str,
     Returns once every engine rank accepted the update; raises on every rank if any
     rejected it (the engine then keeps its old weights).
     """
-    group.check_usable()
     error, meta = None, None
     try:
         items = _named_tensors(weights)
@@ -220,23 +229,22 @@ def send_weights(weights: nn.Module | Mapping[str, Tensor] | Iterable[tuple[str,
     except (TypeError, ValueError) as e:
         error = e
     digest = _digest(meta, bucket_bytes) if error is None else 0
-    failed, same = group.agree(error is not None, digest)
+    rejected = False
+    with group.transfer():
+        failed, same = group.agree(error is not None, digest)
+        if error is None and not failed and same:
+            for bucket in plan_buckets(meta, bucket_bytes):
+                buffer = torch.empty(_bucket_size(meta, bucket), dtype=torch.uint8,
+                                     device=group.device)
+                for i, offset in bucket:
+                    _, dtype, shape = meta[i]
+                    _view(buffer, offset, dtype, shape).copy_(items[i][1])
+                group.broadcast(buffer, group.rank)
+            rejected, _ = group.agree(False, digest)
     if error is not None:
         raise error
     _raise_if_rejected(failed, same)
-    try:
-        for bucket in plan_buckets(meta, bucket_bytes):
-            buffer = torch.empty(_bucket_size(meta, bucket), dtype=torch.uint8,
-                                 device=group.device)
-            for i, offset in bucket:
-                _, dtype, shape = meta[i]
-                _view(buffer, offset, dtype, shape).copy_(items[i][1])
-            group.broadcast(buffer, group.rank)
-        failed, _ = group.agree(False, digest)
-    except BaseException:
-        group.broken = True
-        raise
-    if failed:
+    if rejected:
         raise ValueError("an engine rank rejected the update (its error names the weight); "
                          "the engine kept its old weights")
 
@@ -258,7 +266,6 @@ def receive_weights(group: SyncGroup, names: Sequence[str], dtypes: Sequence[Any
     """The engine's end: every tensor of the update, staged on ``group.device`` and checked
     by ``check(name, tensor, check_finite)``, once every rank agreed it is whole and valid;
     otherwise raises on every rank (module docstring)."""
-    group.check_usable()
     error, meta = None, None
     try:
         meta = update_metadata(names, dtypes, shapes)
@@ -272,32 +279,29 @@ def receive_weights(group: SyncGroup, names: Sequence[str], dtypes: Sequence[Any
     except (TypeError, ValueError) as e:
         error = e
     digest = _digest(meta, bucket_bytes) if error is None else 0
-    failed, same = group.agree(error is not None, digest)
+    staged: list[tuple[str, Tensor]] = []
+    rejected = False
+    with group.transfer():
+        failed, same = group.agree(error is not None, digest)
+        if error is None and not failed and same:
+            for bucket in plan_buckets(meta, bucket_bytes):
+                buffer = torch.empty(_bucket_size(meta, bucket), dtype=torch.uint8,
+                                     device=group.device)
+                group.broadcast(buffer, src)
+                for i, offset in bucket:
+                    name, dtype, shape = meta[i]
+                    tensor = _view(buffer, offset, dtype, shape)
+                    if error is None and check_finite:
+                        try:
+                            check(name, tensor, True)
+                        except (TypeError, ValueError) as e:
+                            error = e  # raised after the last bucket: the ranks stay in step
+                    staged.append((name, tensor))
+            rejected, _ = group.agree(error is not None, digest)
     if error is not None:
         raise error
     _raise_if_rejected(failed, same)
-    staged: list[tuple[str, Tensor]] = []
-    try:
-        for bucket in plan_buckets(meta, bucket_bytes):
-            buffer = torch.empty(_bucket_size(meta, bucket), dtype=torch.uint8,
-                                 device=group.device)
-            group.broadcast(buffer, src)
-            for i, offset in bucket:
-                name, dtype, shape = meta[i]
-                tensor = _view(buffer, offset, dtype, shape)
-                if error is None and check_finite:
-                    try:
-                        check(name, tensor, True)
-                    except (TypeError, ValueError) as e:
-                        error = e  # reported after the last bucket: the ranks stay in step
-                staged.append((name, tensor))
-        failed, _ = group.agree(error is not None, digest)
-    except BaseException:
-        group.broken = True
-        raise
-    if error is not None:
-        raise error
-    if failed:
+    if rejected:
         raise ValueError("another rank of the weight-sync group rejected this update; the "
                          "old weights were kept")
     return staged
