@@ -129,6 +129,9 @@ def test_score_padded_equals_compute_log_probs_lists(model):
     ([[0, 1, 1, 1]], [[0, 1, 1, 1]], r"row 0: the response starts at position 1 with no "
                                      r"attended prompt"),
     ([[1, 1, 1, 1], [1, 1, 2, 1]], [[0, 0, 1, 1]] * 2, r"attention_mask\[1, 2\] is 2"),
+    ([[1, 1, 1, 1]] * 3, [[0, 1, 1, 1], [0, 0, 0, 0], [0, 1, 0, 1]],
+     r"row 2: the response has a gap at position 2; it must be one contiguous run of "
+     r"positions 1..3"),
     ([[1, 1, 1, 1]], [[0, 0, 1]], r"response_mask has shape \(1, 3\), input_ids \(1, 4\)"),
 ])
 def test_malformed_masks_are_rejected_naming_the_row(model, attn, resp, match):

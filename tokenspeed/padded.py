@@ -65,31 +65,35 @@ def padded_sequences(input_ids: Tensor, attention_mask: Tensor, response_mask: T
     width = shape[1]
     pos = torch.arange(width)
     count = resp.sum(1)
-    first = torch.where(count > 0, resp.int().argmax(1), width)
-    last = torch.where(count > 0, width - 1 - resp.int().flip(1).argmax(1), -1)
-    seqs = []
-    for b in range(shape[0]):
-        n, lo, hi = int(count[b]), int(first[b]), int(last[b])
-        if n == 0:
-            continue
-        padded = resp[b] & ~attn[b]
-        if padded.any():
-            raise ValueError(f"row {b}: response token at position {int(padded.int().argmax())} "
-                             f"is padding (attention_mask 0 there)")
-        if hi - lo + 1 != n:
-            gap = lo + int((~resp[b, lo:hi + 1]).int().argmax())
-            raise ValueError(f"row {b}: the response has a gap at position {gap}; it must be "
-                             f"one contiguous run of positions {lo}..{hi}")
-        after = attn[b] & (pos > hi)
-        if after.any():
-            raise ValueError(f"row {b}: attended token at position {int(after.int().argmax())} "
-                             f"after the response run {lo}..{hi}; the response must end the "
-                             f"row's tokens")
-        prompt = attn[b] & (pos < lo)
-        if not prompt.any():
-            raise ValueError(f"row {b}: the response starts at position {lo} with no attended "
-                             f"prompt token before it")
-        seqs.append({KEYS[0]: ids[b][prompt].tolist(), KEYS[1]: ids[b, lo:hi + 1].tolist()})
+    has = count > 0
+    first = torch.where(has, resp.int().argmax(1), width)
+    last = torch.where(has, width - 1 - resp.int().flip(1).argmax(1), -1)
+    prompt = attn & (pos < first[:, None])
+    after = attn & (pos > last[:, None]) & has[:, None]
+    # each check over every row at once; the first row that fails names the error
+    for bad, message in (
+            (resp & ~attn, lambda b, i: f"response token at position {i} is padding "
+                                        f"(attention_mask 0 there)"),
+            (has[:, None] & (pos >= first[:, None]) & (pos <= last[:, None]) & ~resp,
+             lambda b, i: f"the response has a gap at position {i}; it must be one "
+                          f"contiguous run of positions {int(first[b])}..{int(last[b])}"),
+            (after, lambda b, i: f"attended token at position {i} after the response run "
+                                 f"{int(first[b])}..{int(last[b])}; the response must end "
+                                 f"the row's tokens"),
+            ((has & ~prompt.any(1))[:, None] & (pos == first[:, None]),
+             lambda b, i: f"the response starts at position {i} with no attended prompt "
+                          f"token before it")):
+        if bad.any():
+            b, i = bad.nonzero()[0].tolist()
+            raise ValueError(f"row {b}: {message(b, i)}")
+    prompt &= has[:, None]
+    prompt_ids, response_ids = ids[prompt].tolist(), ids[resp].tolist()
+    seqs, p_at, r_at = [], 0, 0
+    for p, r in zip(prompt.sum(1).tolist(), count.tolist()):
+        if r:
+            seqs.append({KEYS[0]: prompt_ids[p_at:p_at + p],
+                         KEYS[1]: response_ids[r_at:r_at + r]})
+        p_at, r_at = p_at + p, r_at + r
     return seqs, resp
 
 
