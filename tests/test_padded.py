@@ -188,3 +188,29 @@ def test_device_results_and_ids_read_back_once(tmp_path, monkeypatch):
             [{"prompt_token_ids": ids[b][(attn[b] == 1) & (resp[b] == 0)],
               "completion_token_ids": ids[b][resp[b] == 1]} for b in range(3)])["log_probs"]
         assert [out["log_probs"][b][resp[b].to(device) == 1].tolist() for b in range(3)] == lists
+
+
+@pytest.mark.gpu
+def test_return_tensors_call_never_waits_for_the_device(tmp_path):
+    """With device outputs nothing in the call synchronises with the GPU, the final copy
+    and padding included (torch's sync debug mode turns any wait into an error). Head dim
+    64 in bf16 takes the attention kernel that needs no host copy of the lengths."""
+    path = make_checkpoint(tmp_path, "LlamaForCausalLM", vocab=VOCAB, hidden=256, heads=4,
+                           kv_heads=2, seed=13)
+    gen = torch.Generator().manual_seed(2)
+    seqs = [{"prompt_token_ids": torch.randint(0, VOCAB, (int(p),), generator=gen).tolist(),
+             "completion_token_ids": torch.randint(0, VOCAB, (int(c),), generator=gen).tolist()}
+            for p, c in torch.randint(1, 40, (24, 2), generator=gen)]
+    with Engine(path, device="cuda", dtype="bfloat16", max_batch_tokens=64,
+                kv_cache_tokens=8192) as engine:
+        lists = engine.compute_log_probs(seqs, return_entropy=True)
+        engine.shard.scheduler.flush()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            out = engine.compute_log_probs(seqs, return_entropy=True, return_tensors=True,
+                                           pad_to=48)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        assert out["log_probs"].shape == (24, 48) and out["log_probs"].is_cuda
+        assert [row[m].tolist() for row, m in zip(out["log_probs"], out["mask"])] \
+            == lists["log_probs"]

@@ -194,8 +194,19 @@ def test_tp2_engine_ranks_each_keep_their_shard(ckpts, seqs):
             trainer.send(engine, bad)
         assert engine.compute_log_probs(seqs)["log_probs"] == ref_old
         assert trainer.send(engine, new_weights) == ("ok", None)
-        assert max_abs_diff(engine.compute_log_probs(seqs)["log_probs"],
-                            fresh_scores(new, seqs)) <= 1e-5
+        ref_new = fresh_scores(new, seqs)
+        assert max_abs_diff(engine.compute_log_probs(seqs)["log_probs"], ref_new) <= 1e-5
+        # the padded layout through the workers: one row per sequence, right-padded
+        width = max(len(s["prompt_token_ids"]) + len(s["completion_token_ids"]) for s in seqs)
+        ids, attn, resp = (torch.zeros(len(seqs), width, dtype=torch.int64) for _ in range(3))
+        for b, s in enumerate(seqs):
+            p, c = len(s["prompt_token_ids"]), len(s["completion_token_ids"])
+            ids[b, :p + c] = torch.tensor(s["prompt_token_ids"] + s["completion_token_ids"])
+            attn[b, :p + c], resp[b, p:p + c] = 1, 1
+        out = engine.score_padded(ids, attn, resp)
+        assert out["weight_version"] == 1
+        assert max_abs_diff([out["log_probs"][b][resp[b] == 1].tolist()
+                             for b in range(len(seqs))], ref_new) <= 1e-5
         trainer.close()
 
 

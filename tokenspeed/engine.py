@@ -113,7 +113,7 @@ class Engine:
         """Raise what ``compute_log_probs(sequences, temperature)`` would raise for this
         input (an ``InvalidSequenceError`` naming the sequence and field, or a plain
         ValueError/TypeError for the options), scoring and changing nothing."""
-        return self._call("validate", sequences, temperature)
+        return self._call("validate", ids_to_host(sequences), temperature)
 
     @_serialised
     def compute_log_probs(self, sequences: Sequence[Mapping[str, Any]], temperature: float = 1.0,
@@ -159,7 +159,7 @@ class Engine:
         for name, t in (("prompt_mask", prompt_mask), ("response_ids", response_ids),
                         ("response_mask", response_mask)):
             if not isinstance(t, Tensor) or t.dim() != 2:
-                raise TypeError(f"{name} must be a [B, R] tensor, got "
+                raise TypeError(f"{name} must be a 2-D tensor, got "
                                 f"{getattr(t, 'shape', type(t).__name__)}")
         if not isinstance(prompt_ids, Tensor) or prompt_ids.dim() != 2 \
                 or prompt_ids.shape[0] != response_ids.shape[0]:

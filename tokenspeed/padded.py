@@ -97,38 +97,56 @@ def padded_sequences(input_ids: Tensor, attention_mask: Tensor, response_mask: T
     return seqs, resp
 
 
+def to_device(host: Tensor, device: torch.device) -> Tensor:
+    """A host tensor on ``device`` without waiting for the device: a pageable copy to a
+    GPU synchronises, a pinned non-blocking one does not (the caching host allocator
+    keeps the pinned buffer until its copy has run)."""
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
+def flat_index(mask: Tensor) -> Tensor:
+    """Row-major positions of a host bool mask's True entries (int64, host), so device
+    tensors are indexed with integers: a bool mask index on a GPU waits for its count."""
+    return mask.reshape(-1).nonzero().view(-1)
+
+
+def pad_flat(flat: Tensor, index: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """Rows laid end to end [n, ...] -> ``shape`` [R, W, ...], zeros elsewhere: one
+    index_copy where ``flat`` lives, ``index`` (on that device) the flat_index of the
+    entries."""
+    out = flat.new_zeros(shape)
+    out.view(-1, *shape[2:]).index_copy_(0, index, flat)
+    return out
+
+
 def scatter_scores(result: Mapping[str, Any], response: Tensor, device: torch.device
                    ) -> dict[str, Any]:
     """compute_log_probs(return_tensors=True) output of the rows with a response -> every
     per-token output [B, L, ...] on ``device``, 0 off the response; other keys as they are.
-    Row-major order of ``response`` is the order of the result's masked entries."""
-    response = response.to(device)
-    valid = result["mask"]
+    ``response`` is the host bool mask; the row-major order of its entries is the order
+    of the result's rows and their first entries."""
+    counts = response.sum(1)
+    width = result["mask"].shape[1]
+    valid = torch.arange(width) < counts[counts > 0].view(-1, 1)
+    src = to_device(flat_index(valid), device)
+    dst = to_device(flat_index(response), device)
     out: dict[str, Any] = {}
     for key, value in result.items():
         if key in NOT_SCORES:
             continue
         if isinstance(value, Tensor) and value.shape[:2] == valid.shape:
-            full = value.new_zeros((*response.shape, *value.shape[2:]))
-            full[response] = value[valid]
-            out[key] = full
+            rows = value.reshape(-1, *value.shape[2:]).index_select(0, src)
+            out[key] = pad_flat(rows, dst, (*response.shape, *value.shape[2:]))
         else:
             out[key] = value
     return out
 
 
-def padding_mask(lengths: Sequence[int], width: int, device: torch.device) -> Tensor:
-    """[len(lengths), width] bool, True on each row's first lengths[i] entries."""
-    mask = torch.arange(width) < torch.tensor(lengths, dtype=torch.int64).view(-1, 1)
-    return mask.to(device)
-
-
-def pad_flat(flat: Tensor, mask: Tensor) -> Tensor:
-    """Rows laid end to end [mask.sum()] -> [*mask.shape], zeros off the mask: one
-    scatter where ``flat`` lives."""
-    out = flat.new_zeros(mask.shape)
-    out[mask] = flat
-    return out
+def padding_mask(lengths: Sequence[int], width: int) -> Tensor:
+    """[len(lengths), width] host bool, True on each row's first lengths[i] entries."""
+    return torch.arange(width) < torch.tensor(lengths, dtype=torch.int64).view(-1, 1)
 
 
 def check_pad_to(pad_to: Any, return_tensors: bool, lengths: Sequence[int]) -> int:

@@ -24,7 +24,7 @@ from .kv_cache import KVCache, kv_bytes_per_token
 from .layers.logprob_head import HeadOptions
 from .models import load_model
 from .models.loader import WeightMap
-from .padded import check_pad_to, pad_flat, padding_mask
+from .padded import check_pad_to, flat_index, pad_flat, padding_mask, to_device
 from .parallel.group import (TPGroup, building_with, kv_head_range, sequences_fingerprint)
 from .parallel.launch import init_tp_group
 from .runner import BatchScores, ModelRunner
@@ -247,14 +247,14 @@ class LocalShard:
         """Bring the pending batches' scores to the flat output in one copy and write them
         to their rows: to the host (which waits for the device), or for device outputs
         within the device (which waits for nothing)."""
-        dst = torch.cat([d for _, d in pending]).to(flat_lp.device)
+        dst = to_device(torch.cat([d for _, d in pending]), flat_lp.device)
         parts = [s.log_probs for s, _ in pending]
         if flat_ent is not None:
             parts += [s.entropy for s, _ in pending]
         values = torch.cat(parts).to(flat_lp.device)
-        flat_lp[dst] = values[:len(dst)]
+        flat_lp.index_copy_(0, dst, values[:len(dst)])
         if flat_ent is not None:
-            flat_ent[dst] = values[len(dst):]
+            flat_ent.index_copy_(0, dst, values[len(dst):])
 
     def _discard(self, batch, requests: dict[int, tuple[int, int]]) -> None:
         """The call failed with batches in flight: ``batch`` (None when the failure came
@@ -278,12 +278,15 @@ class LocalShard:
             if flat_ent is not None:
                 out["entropy"] = [r.tolist() for r in flat_ent.split(lengths)]
             return out
-        mask = padding_mask(lengths, width, self.config.device)
+        device = self.config.device
+        mask = padding_mask(lengths, width)
+        index = to_device(flat_index(mask), device)
         tokens = torch.tensor([t for _, c in seqs for t in c], dtype=torch.int64)
-        out = {"log_probs": pad_flat(flat_lp, mask),
-               "tokens": pad_flat(tokens.to(mask.device), mask), "mask": mask}
+        out = {"log_probs": pad_flat(flat_lp, index, mask.shape),
+               "tokens": pad_flat(to_device(tokens, device), index, mask.shape),
+               "mask": to_device(mask, device)}
         if flat_ent is not None:
-            out["entropy"] = pad_flat(flat_ent, mask)
+            out["entropy"] = pad_flat(flat_ent, index, mask.shape)
         return out
 
     def update_weights(self, weights: Mapping[str, Tensor] | Iterable[tuple[str, Tensor]], *,
