@@ -340,7 +340,7 @@ class LocalShard:
         weight_map = WeightMap(self.model, write_tied_head=True)
         items = receive_weights(
             self.weight_sync, names, dtypes, shapes, src,
-            lambda name, t, finite: weight_map.check(name, t, check_finite=finite),
+            lambda items, finite: weight_map.check_all(items, check_finite=finite),
             bucket_bytes=bucket_bytes, check_finite=check_finite)
         self._write_weights(items)
 

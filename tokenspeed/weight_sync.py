@@ -260,12 +260,13 @@ def _raise_if_rejected(failed: bool, same: bool) -> None:
 
 def receive_weights(group: SyncGroup, names: Sequence[str], dtypes: Sequence[Any],
                     shapes: Sequence[Sequence[int]], src: int,
-                    check: Callable[[str, Tensor, bool], None], *,
+                    check: Callable[[list[tuple[str, Tensor]], bool], None], *,
                     bucket_bytes: int = DEFAULT_BUCKET_BYTES, check_finite: bool = True
                     ) -> list[tuple[str, Tensor]]:
     """The engine's end: every tensor of the update, staged on ``group.device`` and checked
-    by ``check(name, tensor, check_finite)``, once every rank agreed it is whole and valid;
-    otherwise raises on every rank (module docstring)."""
+    by ``check(items, check_finite)`` (the names, dtypes and shapes up front, the values of
+    each bucket as it arrives), once every rank agreed it is whole and valid; otherwise
+    raises on every rank (module docstring)."""
     error, meta = None, None
     try:
         meta = update_metadata(names, dtypes, shapes)
@@ -274,8 +275,8 @@ def receive_weights(group: SyncGroup, names: Sequence[str], dtypes: Sequence[Any
                 or src == group.rank:
             raise ValueError(f"src must be the trainer's rank in the weight-sync group "
                              f"[0, {group.size}), not this rank {group.rank}; got {src!r}")
-        for name, dtype, shape in meta:
-            check(name, torch.empty(shape, dtype=dtype, device="meta"), False)
+        check([(name, torch.empty(shape, dtype=dtype, device="meta"))
+               for name, dtype, shape in meta], False)
     except (TypeError, ValueError) as e:
         error = e
     digest = _digest(meta, bucket_bytes) if error is None else 0
@@ -288,15 +289,14 @@ def receive_weights(group: SyncGroup, names: Sequence[str], dtypes: Sequence[Any
                 buffer = torch.empty(_bucket_size(meta, bucket), dtype=torch.uint8,
                                      device=group.device)
                 group.broadcast(buffer, src)
-                for i, offset in bucket:
-                    name, dtype, shape = meta[i]
-                    tensor = _view(buffer, offset, dtype, shape)
-                    if error is None and check_finite:
-                        try:
-                            check(name, tensor, True)
-                        except (TypeError, ValueError) as e:
-                            error = e  # raised after the last bucket: the ranks stay in step
-                    staged.append((name, tensor))
+                arrived = [(meta[i][0], _view(buffer, offset, *meta[i][1:]))
+                           for i, offset in bucket]
+                if error is None and check_finite:
+                    try:
+                        check(arrived, True)
+                    except (TypeError, ValueError) as e:
+                        error = e  # raised after the last bucket: the ranks stay in step
+                staged += arrived
             rejected, _ = group.agree(error is not None, digest)
     if error is not None:
         raise error
