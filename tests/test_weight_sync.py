@@ -10,13 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from model_factory import make_checkpoint, max_abs_diff, random_sequences
 from safetensors.torch import load_file
 
 from tokenspeed import Engine
 from tokenspeed.parallel.launch import free_port
-from tokenspeed.weight_sync import (init_weight_sync_group, ipc_handles, metadata_of,
-                                    plan_buckets, send_weights, update_metadata)
+from tokenspeed.weight_sync import (ALIGN, init_weight_sync_group, ipc_handles, metadata_of,
+                                    plan_buckets, receive_weights, send_weights,
+                                    update_metadata)
 
 pytest.importorskip("transformers")
 VOCAB = 101
@@ -165,6 +168,48 @@ def test_plan_buckets_and_metadata_checks():
         update_metadata(["a", "b"], [torch.float32], [[1]])
     with pytest.raises(ValueError, match=r"shapes\[0\] \('a'\) must hold sizes >= 0"):
         update_metadata(["a"], [torch.float32], [[-1]])
+
+
+tensor_specs = st.lists(st.tuples(st.sampled_from([torch.float32, torch.bfloat16,
+                                                    torch.float16, torch.float64]),
+                                   st.lists(st.integers(0, 9), max_size=3)),
+                         max_size=8)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(specs=tensor_specs, bucket_bytes=st.integers(1, 600), seed=st.integers(0, 2**31 - 1))
+def test_buckets_carry_any_tensors_exactly(specs, bucket_bytes, seed):
+    """Random dtypes, shapes (empty and 0-d ones too) and bucket sizes: every tensor
+    arrives bit for bit; buckets never overlap a tensor and stay under bucket_bytes
+    unless one tensor alone is larger."""
+    gen = torch.Generator().manual_seed(seed)
+    weights = [(f"w{i}", torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype))
+               for i, (dtype, shape) in enumerate(specs)]
+    meta = update_metadata(*metadata_of(weights))
+    for bucket in plan_buckets(meta, bucket_bytes):
+        ends = [offset + t.numel() * t.element_size()
+                for (i, offset), (_, t) in zip(bucket, (weights[i] for i, _ in bucket))]
+        assert all(offset % ALIGN == 0 for _, offset in bucket)
+        assert all(end <= nxt for end, (_, nxt) in zip(ends, bucket[1:]))
+        assert len(bucket) == 1 or ends[-1] <= bucket_bytes
+    assert [i for bucket in plan_buckets(meta, bucket_bytes) for i, _ in bucket] \
+        == list(range(len(weights)))
+
+    port, box = free_port(), []
+    trainer = threading.Thread(target=lambda: box.append(init_weight_sync_group(
+        "127.0.0.1", port, 0, 2, backend="gloo", timeout_s=30)))
+    trainer.start()
+    engine_end = init_weight_sync_group("127.0.0.1", port, 1, 2, backend="gloo", timeout_s=30)
+    trainer.join()
+    sender = threading.Thread(target=send_weights, args=(weights, box[0]),
+                              kwargs=dict(bucket_bytes=bucket_bytes))
+    sender.start()
+    got = receive_weights(engine_end, *metadata_of(weights), 0, lambda items, finite: None,
+                          bucket_bytes=bucket_bytes)
+    sender.join()
+    assert [n for n, _ in got] == [n for n, _ in weights]
+    for (_, a), (_, b) in zip(got, weights):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
 
 
 def test_ipc_handles_update_in_process(ckpts, seqs):
