@@ -49,7 +49,8 @@ class Engine:
     An engine may be shared by threads: its calls run one at a time.
     """
 
-    def __init__(self, model_path: str | os.PathLike | InMemoryCheckpoint, *, device: str | torch.device | None = None,
+    def __init__(self, model_path: str | os.PathLike | InMemoryCheckpoint, *,
+                 device: str | torch.device | None = None,
                  dtype: str | torch.dtype | None = None, page_size: int = 16,
                  max_batch_tokens: int = 8192, kv_cache_tokens: int | None = None,
                  enable_prefix_cache: bool = True, tp_size: int = 1,
@@ -202,8 +203,9 @@ class Engine:
                                timeout_s: float = 1800.0) -> None:
         """Join a trainer's weight-sync group (``tokenspeed.weight_sync``): the trainer is
         rank 0 and calls ``weight_sync.init_weight_sync_group(..., rank=0, ...)`` at the
-        same time; each engine TP rank joins as rank_offset + its TP rank. Blocks until
-        all ``world_size`` ranks joined. A group made earlier is replaced."""
+        same time; each engine TP rank joins as rank_offset + its TP rank (engine replicas
+        of data parallelism each take their own rank_offset, or their own group). Blocks
+        until all ``world_size`` ranks joined. A group made earlier is replaced."""
         return self._call("init_weight_sync_group", master_address, master_port, rank_offset,
                           world_size, backend, timeout_s)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -116,7 +116,7 @@ class InMemoryCheckpoint:
     """An HF model held in memory: ``hf_config`` is what its config.json would hold and
     ``weights`` its tensors by HF name (a state dict)."""
     hf_config: dict[str, Any]
-    weights: Mapping[str, Tensor]
+    weights: Mapping[str, Tensor] = field(repr=False)  # a config's repr must stay short
 
     def __str__(self) -> str:
         return f"the in-memory {self.hf_config.get('architectures', ['model'])[0]}"
