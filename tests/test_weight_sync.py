@@ -99,6 +99,7 @@ def test_update_from_distributed_equals_fresh_engine_and_rejects_atomically(ckpt
     with Engine(old, device="cpu", dtype="float32", kv_cache_tokens=1024) as engine:
         trainer = Trainer(engine)
         engine.compute_log_probs(seqs)  # fills the prefix cache with old K/V
+        cached = engine.stats()
 
         # a wrong shape in the middle of the list: rejected before anything moves
         bad = list(new_weights)
@@ -116,6 +117,7 @@ def test_update_from_distributed_equals_fresh_engine_and_rejects_atomically(ckpt
         bad[-1][1].view(-1)[-1] = float("nan")
         with pytest.raises(ValueError, match=rf"weight {bad[-1][0]!r} holds NaN"):
             trainer.send(engine, bad)
+        assert engine.stats() == cached  # the old K/V stayed in the prefix cache
         assert engine.compute_log_probs(seqs)["log_probs"] == ref_old
 
         # the group is still in step: a good update now lands whole
