@@ -108,8 +108,10 @@ def test_update_from_distributed_equals_fresh_engine_and_rejects_atomically(ckpt
         with pytest.raises(ValueError,
                            match=rf"weight {bad[mid][0]!r}: .*expected shape .*got \(3, 5\)"):
             trainer.send(engine, bad)
+        assert engine.stats() == cached  # nothing moved, the prefix cache included
         out = engine.compute_log_probs(seqs)
         assert out["log_probs"] == ref_old and out["weight_version"] == 0
+        assert engine.stats()["prefix_hit_tokens"] > cached["prefix_hit_tokens"]
 
         # NaN in the last bucket: everything was received, nothing is written
         bad = list(new_weights)
@@ -117,7 +119,6 @@ def test_update_from_distributed_equals_fresh_engine_and_rejects_atomically(ckpt
         bad[-1][1].view(-1)[-1] = float("nan")
         with pytest.raises(ValueError, match=rf"weight {bad[-1][0]!r} holds NaN"):
             trainer.send(engine, bad)
-        assert engine.stats() == cached  # the old K/V stayed in the prefix cache
         assert engine.compute_log_probs(seqs)["log_probs"] == ref_old
 
         # the group is still in step: a good update now lands whole
