@@ -4,6 +4,8 @@ the new weights; a rejected update raises on both ends and leaves the old weight
 from __future__ import annotations
 
 import multiprocessing
+import os
+import signal
 import threading
 import traceback
 from pathlib import Path
@@ -381,3 +383,70 @@ def test_interrupted_transfer_keeps_old_weights_and_breaks_the_group(ckpts, seqs
         thread.join()
         assert not errors
         assert engine.compute_log_probs(seqs)["log_probs"] == fresh_scores(new, seqs)
+
+
+@pytest.mark.slow
+def test_update_interrupted_by_a_timer_anywhere_holds_old_or_new(ckpts, seqs):
+    """SIGINT at random moments of update_weights_from_distributed (the trainer a thread):
+    afterwards the engine scores exactly as the old or the new weights, with the version
+    to match, and a group left out of step refuses until it is made again."""
+    old, new = ckpts
+    sets = {path: list(load_file(str(path / "model.safetensors")).items()) for path in ckpts}
+    refs = {path: fresh_scores(path, seqs) for path in ckpts}
+    gen = torch.Generator().manual_seed(0)
+    # the timer's SIGALRM becomes a SIGINT, which the engine may hold over its writes
+    previous = signal.signal(signal.SIGALRM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
+    try:
+        outcomes = _interrupt_updates(sets, refs, old, new, seqs, gen)
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+    assert outcomes == {"done", "interrupted"}
+
+
+def _interrupt_updates(sets, refs, old, new, seqs, gen) -> set[str]:
+    """The loop of the test above; returns the outcomes seen."""
+    with Engine(old, device="cpu", dtype="float32", kv_cache_tokens=1024) as engine:
+        holds, group, outcomes = old, None, set()
+        for _ in range(8):
+            if group is not None and engine.shard.weight_sync.broken:
+                with pytest.raises(RuntimeError, match="create it again on every rank"):
+                    engine.update_weights_from_distributed(*metadata_of(sets[old]))
+            if group is None or engine.shard.weight_sync.broken:
+                port, box = free_port(), []
+                joiner = threading.Thread(target=lambda: box.append(init_weight_sync_group(
+                    "127.0.0.1", port, 0, 2, backend="gloo", timeout_s=3)))
+                joiner.start()
+                engine.init_weight_sync_group("127.0.0.1", port, 1, 2, backend="gloo",
+                                              timeout_s=3)
+                joiner.join()
+                group = box[0]
+            target = new if holds == old else old
+            version = engine.stats()["weight_version"]
+            sender = threading.Thread(target=_send_quietly, args=(sets[target], group))
+            sender.start()
+            delay = float(torch.rand(1, generator=gen)) * 0.05
+            try:
+                signal.setitimer(signal.ITIMER_REAL, delay)
+                engine.update_weights_from_distributed(*metadata_of(sets[target]),
+                                                       bucket_bytes=1 << 12)
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                outcomes.add("done")
+            except KeyboardInterrupt:
+                outcomes.add("interrupted")
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+            sender.join()
+            got = engine.compute_log_probs(seqs)["log_probs"]
+            assert got in (refs[old], refs[new])
+            now = old if got == refs[old] else new
+            assert engine.stats()["weight_version"] == version + (now != holds)
+            holds = now
+    return outcomes
+
+
+def _send_quietly(weights, group) -> None:
+    """send_weights as a trainer thread that may time out when the engine was stopped."""
+    try:
+        send_weights(weights, group, bucket_bytes=1 << 12)
+    except Exception:  # noqa: BLE001 - the engine side is what the test checks
+        pass
