@@ -133,6 +133,7 @@ def test_score_padded_equals_compute_log_probs_lists(model):
      r"row 2: the response has a gap at position 2; it must be one contiguous run of "
      r"positions 1..3"),
     ([[1, 1, 1, 1]], [[0, 0, 1]], r"response_mask has shape \(1, 3\), input_ids \(1, 4\)"),
+    ([[1, 1, 1, 1]], [[0, 0, 0.5, 1]], r"response_mask\[0, 2\] is 0.5; masks hold 0 or 1"),
 ])
 def test_malformed_masks_are_rejected_naming_the_row(model, attn, resp, match):
     engine, _ = model

@@ -37,8 +37,7 @@ def _as_mask(name: str, mask: Any, shape: tuple[int, ...]) -> Tensor:
 def _ids(name: str, ids: Any) -> Tensor:
     if not isinstance(ids, Tensor):
         raise TypeError(f"{name} must be a tensor, got {type(ids).__name__}")
-    if ids.dim() != 2 or ids.dtype.is_floating_point or ids.dtype.is_complex \
-            or ids.dtype == torch.bool:
+    if ids.dim() != 2 or not integer_dtype(ids):
         raise TypeError(f"{name} must be a [B, L] integer tensor, got {ids.dtype} of shape "
                         f"{tuple(ids.shape)}")
     return ids
@@ -50,16 +49,18 @@ def padded_sequences(input_ids: Tensor, attention_mask: Tensor, response_mask: T
     host bool tensor [B, L]. Raises ValueError naming the first malformed row."""
     input_ids = _ids("input_ids", input_ids)
     shape = tuple(input_ids.shape)
-    masks = [_as_mask("attention_mask", attention_mask, shape),
-             _as_mask("response_mask", response_mask, shape)]
-    # one read-back for the ids and both masks
-    host = torch.stack([input_ids.to(masks[0].device, torch.int64),
-                        masks[0].to(torch.int64), masks[1].to(torch.int64)]).cpu()
-    ids, attn, resp = host.unbind(0)
-    for name, m in (("attention_mask", attn), ("response_mask", resp)):
-        bad = (m != 0) & (m != 1)
-        if bad.any():
-            b, i = bad.nonzero()[0].tolist()
+    masks = {"attention_mask": _as_mask("attention_mask", attention_mask, shape),
+             "response_mask": _as_mask("response_mask", response_mask, shape)}
+    # one read-back for the ids, both masks and whether each mask entry is 0 or 1 (worked
+    # out where the mask lives: 0.5 must not pass as 0)
+    device = input_ids.device
+    parts = [input_ids.to(torch.int64)]
+    for m in masks.values():
+        parts += [(m != 0).to(device, torch.int64), ((m == 0) | (m == 1)).to(device, torch.int64)]
+    ids, attn, attn_ok, resp, resp_ok = torch.stack(parts).cpu().unbind(0)
+    for (name, m), ok in zip(masks.items(), (attn_ok, resp_ok)):
+        if not ok.all():
+            b, i = (ok == 0).nonzero()[0].tolist()
             raise ValueError(f"{name}[{b}, {i}] is {m[b, i].item()}; masks hold 0 or 1")
     attn, resp = attn.bool(), resp.bool()
     width = shape[1]
