@@ -246,7 +246,8 @@ def test_shapes_empty_and_tensors(ckpt):
             {"prompt_token_ids": torch.tensor([8, 9]), "completion_token_ids": (10, 11, 12)}]
     ref_lp, ref_ent = hf_scores(hf, [{k: list(v) for k, v in s.items()} for s in seqs], 0.8)
     with Engine(path, kv_cache_tokens=256) as engine:
-        assert engine.compute_log_probs([]) == {"log_probs": [], "tokens": []}
+        assert engine.compute_log_probs([]) == {"log_probs": [], "tokens": [],
+                                                "weight_version": 0}
         out = engine.compute_log_probs(seqs, 0.8, return_entropy=True)
         assert out["tokens"] == [[4, 5], [], [10, 11, 12]]
         assert [len(x) for x in out["log_probs"]] == [2, 0, 3]

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from .models.loader import InMemoryCheckpoint
+
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
           "fp16": torch.float16, "half": torch.float16, "float32": torch.float32,
           "fp32": torch.float32, "float": torch.float32}
@@ -86,7 +88,7 @@ class EngineConfig:
     this is for debugging. Off, the ops trust the batch: a bad slot or page goes
     unnoticed and a bad target scores -inf.
     """
-    model_path: str | Path
+    model_path: str | Path | InMemoryCheckpoint
     device: str | torch.device | None = None
     dtype: str | torch.dtype | None = None
     page_size: int = 16
@@ -101,8 +103,9 @@ class EngineConfig:
     check_batches: bool = False
 
     def __post_init__(self) -> None:
-        self.model_path = Path(self.model_path)
-        if not self.model_path.is_dir():
+        if not isinstance(self.model_path, InMemoryCheckpoint):
+            self.model_path = Path(self.model_path)
+        if isinstance(self.model_path, Path) and not self.model_path.is_dir():
             raise FileNotFoundError(f"model directory {self.model_path} does not exist")
         _positive_int("tp_size", self.tp_size)
         rank_gpu = int(os.environ.get("LOCAL_RANK", 0)) if self.tp_size > 1 else None

@@ -17,11 +17,13 @@ import torch
 from torch import Tensor
 
 from .config import EngineConfig
-from .models import ModelConfig
+from .models import InMemoryCheckpoint, model_config
+from .padded import ids_to_host, padded_sequences, scatter_scores
 from .parallel.group import check_shardable
 from .parallel.launch import launched_spmd
 from .parallel.workers import WorkerPool
 from .shard import LocalShard
+from .weight_sync import DEFAULT_BUCKET_BYTES
 
 
 def _serialised(method):
@@ -47,7 +49,8 @@ class Engine:
     An engine may be shared by threads: its calls run one at a time.
     """
 
-    def __init__(self, model_path: str | os.PathLike, *, device: str | torch.device | None = None,
+    def __init__(self, model_path: str | os.PathLike | InMemoryCheckpoint, *,
+                 device: str | torch.device | None = None,
                  dtype: str | torch.dtype | None = None, page_size: int = 16,
                  max_batch_tokens: int = 8192, kv_cache_tokens: int | None = None,
                  enable_prefix_cache: bool = True, tp_size: int = 1,
@@ -66,14 +69,31 @@ class Engine:
         cfg = self.config
         self._backend: LocalShard | WorkerPool
         if cfg.tp_size > 1 and not launched_spmd():
-            self.model_config = ModelConfig.from_dir(cfg.model_path)
+            self.model_config = model_config(cfg.model_path)
             check_shardable(self.model_config, cfg.tp_size)
             self._backend = WorkerPool(cfg.tp_size, LocalShard, cfg)
         else:
             if cfg.tp_size > 1:
-                check_shardable(ModelConfig.from_dir(cfg.model_path), cfg.tp_size)
+                check_shardable(model_config(cfg.model_path), cfg.tp_size)
             self._backend = LocalShard(cfg)
             self.model_config = self._backend.model_config
+
+    @classmethod
+    def from_hf_model(cls, model: Any, **engine_kwargs: Any) -> Engine:
+        """An engine over a transformers ``PreTrainedModel`` held in memory (its config and
+        state dict; no checkpoint on disk), e.g. the trainer's reference policy. The
+        engine copies the weights into its own layout and dtype; ``engine_kwargs`` are
+        the constructor's. With tp_size > 1 from a plain process the weights reach the
+        workers through shared memory."""
+        config = getattr(model, "config", None)
+        if config is None or not hasattr(config, "to_dict") or not hasattr(model, "state_dict"):
+            raise TypeError(f"model must be a transformers PreTrainedModel, got "
+                            f"{type(model).__name__}")
+        hf_config = config.to_dict()
+        if not hf_config.get("architectures"):
+            hf_config["architectures"] = [type(model).__name__]
+        weights = {name: t.detach() for name, t in model.state_dict().items()}
+        return cls(InMemoryCheckpoint(hf_config, weights), **engine_kwargs)
 
     @property
     def shard(self) -> LocalShard:
@@ -95,23 +115,71 @@ class Engine:
         """Raise what ``compute_log_probs(sequences, temperature)`` would raise for this
         input (an ``InvalidSequenceError`` naming the sequence and field, or a plain
         ValueError/TypeError for the options), scoring and changing nothing."""
-        return self._call("validate", sequences, temperature)
+        return self._call("validate", ids_to_host(sequences), temperature)
 
     @_serialised
     def compute_log_probs(self, sequences: Sequence[Mapping[str, Any]], temperature: float = 1.0,
-                          *, return_entropy: bool = False, return_tensors: bool = False
-                          ) -> dict[str, Any]:
+                          *, return_entropy: bool = False, return_tensors: bool = False,
+                          pad_to: int | None = None) -> dict[str, Any]:
         """log p(completion token | everything before it) for every completion token.
 
         ``sequences``: dicts with ``prompt_token_ids`` (at least one id) and
-        ``completion_token_ids`` (lists, tuples or 1-D integer tensors of ids; ints, numpy
-        integers or 0-d integer tensors). Returns {"log_probs", "tokens"} (+ "entropy"):
-        lists of exactly len(completion) floats/ints per sequence, or with return_tensors
-        padded [N, max_M] tensors (fp32 scores, int64 tokens) plus a bool "mask". A bad
+        ``completion_token_ids`` (lists, tuples or 1-D integer tensors of ids, on any
+        device; ints, numpy integers or 0-d integer tensors). Returns {"log_probs",
+        "tokens"} (+ "entropy"): lists of exactly len(completion) floats/ints per
+        sequence, or with return_tensors [N, W] tensors on the engine's device (fp32
+        scores, int64 tokens, zeros past each completion) plus a bool "mask", W the
+        longest completion or ``pad_to``. Every result carries "weight_version". A bad
         sequence raises ``InvalidSequenceError`` before anything runs.
         """
-        return self._call("compute_log_probs", sequences, temperature,
-                          return_entropy=return_entropy, return_tensors=return_tensors)
+        return self._call("compute_log_probs", ids_to_host(sequences), temperature,
+                          return_entropy=return_entropy, return_tensors=return_tensors,
+                          pad_to=pad_to)
+
+    @_serialised
+    def score_padded(self, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor,
+                     temperature: float = 1.0, **options: Any) -> dict[str, Any]:
+        """Score a trainer's padded batch: ``[B, L]`` ids and masks (left or right padding,
+        any device). Returns every per-token output of ``compute_log_probs(**options)`` as
+        ``[B, L]`` fp32 on the engine's device: ``log_probs[b, i]`` is log p(input_ids[b, i]
+        | the attended tokens before it) where ``response_mask[b, i]`` is 1, and 0
+        elsewhere; plus "weight_version". Each row's response must be one contiguous run
+        of attended tokens that ends the row's attended tokens, after at least one prompt
+        token; a malformed row raises ValueError naming it, before anything runs.
+        """
+        seqs, response = padded_sequences(input_ids, attention_mask, response_mask)
+        result = self._call("compute_log_probs", seqs, temperature, return_tensors=True,
+                            **options)
+        return scatter_scores(result, response, self.config.device)
+
+    def score_responses(self, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor,
+                        response_mask: Tensor, temperature: float = 1.0, **options: Any
+                        ) -> dict[str, Any]:
+        """``score_padded`` for the split layout: prompts ``[B, P]`` (left-padded) and
+        responses ``[B, R]`` (right-padded), each with its attention mask. Returns the
+        per-token outputs as ``[B, R]``, aligned with ``response_ids``."""
+        for name, t in (("prompt_mask", prompt_mask), ("response_ids", response_ids),
+                        ("response_mask", response_mask)):
+            if not isinstance(t, Tensor) or t.dim() != 2:
+                raise TypeError(f"{name} must be a 2-D tensor, got "
+                                f"{getattr(t, 'shape', type(t).__name__)}")
+        if not isinstance(prompt_ids, Tensor) or prompt_ids.dim() != 2 \
+                or prompt_ids.shape[0] != response_ids.shape[0]:
+            raise ValueError(f"prompt_ids must be [B, P] with the B of response_ids "
+                             f"{tuple(response_ids.shape)}, got "
+                             f"{getattr(prompt_ids, 'shape', type(prompt_ids).__name__)}")
+        width = prompt_ids.shape[1]
+        device = response_ids.device
+        response = response_mask.to(device)
+        result = self.score_padded(
+            torch.cat([prompt_ids.to(device, response_ids.dtype), response_ids], 1),
+            torch.cat([prompt_mask.to(device, response.dtype), response], 1),
+            torch.cat([torch.zeros_like(prompt_mask, device=device, dtype=response.dtype),
+                       response], 1),
+            temperature, **options)
+        return {key: value[:, width:].contiguous()
+                if isinstance(value, Tensor) and value.dim() >= 2 else value
+                for key, value in result.items()}
 
     @_serialised
     def update_weights(self, weights: Mapping[str, Tensor] | Iterable[tuple[str, Tensor]], *,
@@ -131,6 +199,45 @@ class Engine:
         return self._call("update_weights", weights, check_finite=check_finite)
 
     @_serialised
+    def init_weight_sync_group(self, master_address: str, master_port: int, rank_offset: int,
+                               world_size: int, backend: str = "nccl", *,
+                               timeout_s: float = 1800.0) -> None:
+        """Join a trainer's weight-sync group (``tokenspeed.weight_sync``): the trainer is
+        rank 0 and calls ``weight_sync.init_weight_sync_group(..., rank=0, ...)`` at the
+        same time; each engine TP rank joins as rank_offset + its TP rank (engine replicas
+        of data parallelism each take their own rank_offset, or their own group). Blocks
+        until all ``world_size`` ranks joined. A group made earlier is replaced."""
+        return self._call("init_weight_sync_group", master_address, master_port, rank_offset,
+                          world_size, backend, timeout_s)
+
+    @_serialised
+    def update_weights_from_distributed(self, names: Sequence[str], dtypes: Sequence[Any],
+                                        shapes: Sequence[Sequence[int]], src: int = 0, *,
+                                        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+                                        check_finite: bool = True) -> None:
+        """Receive an update broadcast by the trainer's ``weight_sync.send_weights`` (HF
+        names, full tensors; (names, dtypes, shapes) as ``weight_sync.metadata_of`` gives
+        them, in the same order) and write it as ``update_weights`` does: each rank keeps
+        its shard, the version is bumped and the prefix cache flushed.
+
+        Every tensor is received and checked before any is written: names, shapes and
+        dtypes first, values (NaN/inf) as they arrive; if any rank (the trainer included)
+        rejects the update, every rank raises and the old weights and cache stay. The
+        whole update is staged meanwhile (on the GPU with NCCL: 15 GB for a 7B in bf16).
+        """
+        return self._call("update_weights_from_distributed", names, dtypes, shapes, src,
+                          bucket_bytes=bucket_bytes, check_finite=check_finite)
+
+    @_serialised
+    def update_weights_from_ipc(self, handles: Mapping[str, Any], *, check_finite: bool = True
+                                ) -> None:
+        """``update_weights`` from a trainer on the same GPU(s): ``handles`` maps HF names
+        to ``weight_sync.ipc_handles(...)`` entries (CUDA IPC: the engine reads the
+        trainer's memory, no copy through the host). The trainer keeps the tensors alive
+        and unchanged until this returns. Same checks and atomicity as update_weights."""
+        return self._call("update_weights_from_ipc", handles, check_finite=check_finite)
+
+    @_serialised
     def stats(self) -> dict[str, Any]:
         """Counters of the engine and its scheduler (under tensor parallelism, rank 0's;
         every rank's are the same):
@@ -143,7 +250,8 @@ class Engine:
         - ``inserted_pages``, ``evicted_pages``: pages that entered / left the prefix cache;
         - ``waiting``, ``running``: requests queued / admitted (both 0 between calls);
         - ``scored_tokens``: completion tokens scored since the engine was built;
-        - ``weight_version``: the number of ``update_weights`` calls that wrote weights;
+        - ``weight_version``: the number of updates (``update_weights`` and its
+          ``_from_distributed`` / ``_from_ipc`` forms) that wrote weights;
         - ``page_size``, ``tp_size``: the configuration.
         """
         return self._call("stats")

@@ -46,7 +46,7 @@ class Limits:
 def token_list(index: int, key: str, value: Any, vocab: int) -> list[int]:
     """The ids of one field as a list of int, or an InvalidSequenceError naming them."""
     if isinstance(value, Tensor):
-        if value.dim() != 1 or not _integer_dtype(value):
+        if value.dim() != 1 or not integer_dtype(value):
             raise InvalidSequenceError(index, key, f"{key} must be a 1-D integer tensor, got "
                                                    f"{value.dtype} of shape {tuple(value.shape)}")
         value = value.tolist()
@@ -67,14 +67,14 @@ def token_list(index: int, key: str, value: Any, vocab: int) -> list[int]:
     return tokens
 
 
-def _integer_dtype(t: Tensor) -> bool:
+def integer_dtype(t: Tensor) -> bool:
     return not (t.dtype.is_floating_point or t.dtype.is_complex) and t.dtype != torch.bool
 
 
 def _scalar_int(value: Any) -> bool:
     """An int, a numpy integer or a 0-d integer tensor; never a bool."""
     if isinstance(value, Tensor):
-        return value.dim() == 0 and _integer_dtype(value)
+        return value.dim() == 0 and integer_dtype(value)
     return not isinstance(value, bool) and isinstance(value, numbers.Integral)
 
 

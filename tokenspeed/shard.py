@@ -25,21 +25,16 @@ from .layers.gemm import building_batch_invariant
 from .layers.logprob_head import HeadOptions
 from .models import load_model
 from .models.loader import WeightMap
+from .padded import check_pad_to, flat_index, pad_flat, padding_mask, to_device
 from .parallel.group import (TPGroup, building_with, kv_head_range, sequences_fingerprint)
 from .parallel.launch import init_tp_group
 from .runner import BatchScores, ModelRunner
+from .weight_sync import (DEFAULT_BUCKET_BYTES, init_weight_sync_group, open_ipc_handles,
+                          receive_weights)
 
 MAX_CPU_KV_TOKENS = 1 << 18
 # scored rows held on the device before they are copied out mid-call (32 MiB with entropy)
 MAX_PENDING_ROWS = 1 << 22
-
-
-def _pad(rows: list[Tensor], dtype: torch.dtype) -> Tensor:
-    width = max((len(r) for r in rows), default=0)
-    out = torch.zeros(len(rows), width, dtype=dtype)
-    for i, r in enumerate(rows):
-        out[i, :len(r)] = r
-    return out
 
 
 class LocalShard:
@@ -64,6 +59,7 @@ class LocalShard:
             num_pages = self.tp.min_int(num_pages)
         self.tp.validated(lambda: self._allocate(num_pages))
         self.weight_version = 0
+        self.weight_sync = None  # the trainer's weight-sync group, once joined
         self.scored_tokens = 0
         self._next_request_id = 0
 
@@ -156,17 +152,21 @@ class LocalShard:
         self.tp.validated(lambda: self._validate(sequences, temperature))
 
     def compute_log_probs(self, sequences: Sequence[Mapping[str, Any]], temperature: float = 1.0,
-                          *, return_entropy: bool = False, return_tensors: bool = False
-                          ) -> dict[str, Any]:
+                          *, return_entropy: bool = False, return_tensors: bool = False,
+                          pad_to: int | None = None) -> dict[str, Any]:
         seqs, temperature = self.tp.validated(
             lambda: self._validate(sequences, temperature),
             lambda v: sequences_fingerprint(v[0], v[1], return_entropy))
         lengths = [len(c) for _, c in seqs]
+        width = check_pad_to(pad_to, return_tensors, lengths)
         offsets = [0]
         for n in lengths:
             offsets.append(offsets[-1] + n)
-        flat_lp = torch.empty(offsets[-1], dtype=torch.float32)
-        flat_ent = torch.empty(offsets[-1], dtype=torch.float32) if return_entropy else None
+        # tensors are returned on the engine's device: the scores never visit the host
+        where = self.config.device if return_tensors else torch.device("cpu")
+        flat_lp = torch.empty(offsets[-1], dtype=torch.float32, device=where)
+        flat_ent = (torch.empty(offsets[-1], dtype=torch.float32, device=where)
+                    if return_entropy else None)
         # request id -> (first output slot, logprob_start)
         requests: dict[int, tuple[int, int]] = {}
         try:
@@ -182,7 +182,9 @@ class LocalShard:
             for rid in requests:
                 self.scheduler.abort(rid)
         self.scored_tokens += offsets[-1]
-        return self._package(seqs, lengths, flat_lp, flat_ent, return_tensors)
+        out = self._package(seqs, lengths, flat_lp, flat_ent, return_tensors, width)
+        out["weight_version"] = self.weight_version
+        return out
 
     def _run(self, requests: dict[int, tuple[int, int]], temperature: float,
              flat_lp: Tensor, flat_ent: Tensor | None) -> None:
@@ -243,16 +245,17 @@ class LocalShard:
     @staticmethod
     def _copy_scores(pending: list[tuple[BatchScores, Tensor]], flat_lp: Tensor,
                      flat_ent: Tensor | None) -> None:
-        """Bring the pending batches' scores to the host in one copy (which waits for the
-        device) and write them to their flat output rows."""
-        dst = torch.cat([d for _, d in pending])
+        """Bring the pending batches' scores to the flat output in one copy and write them
+        to their rows: to the host (which waits for the device), or for device outputs
+        within the device (which waits for nothing)."""
+        dst = to_device(torch.cat([d for _, d in pending]), flat_lp.device)
         parts = [s.log_probs for s, _ in pending]
         if flat_ent is not None:
             parts += [s.entropy for s, _ in pending]
-        values = torch.cat(parts).cpu()
-        flat_lp[dst] = values[:len(dst)]
+        values = torch.cat(parts).to(flat_lp.device)
+        flat_lp.index_copy_(0, dst, values[:len(dst)])
         if flat_ent is not None:
-            flat_ent[dst] = values[len(dst):]
+            flat_ent.index_copy_(0, dst, values[len(dst):])
 
     def _discard(self, batch, requests: dict[int, tuple[int, int]]) -> None:
         """The call failed with batches in flight: ``batch`` (None when the failure came
@@ -267,22 +270,24 @@ class LocalShard:
             self.scheduler.complete(batch)
         self.scheduler.flush()
 
-    @staticmethod
-    def _package(seqs: list[tuple[list[int], list[int]]], lengths: list[int], flat_lp: Tensor,
-                 flat_ent: Tensor | None, return_tensors: bool) -> dict[str, Any]:
-        lps = list(flat_lp.split(lengths))
-        ents = list(flat_ent.split(lengths)) if flat_ent is not None else None
+    def _package(self, seqs: list[tuple[list[int], list[int]]], lengths: list[int],
+                 flat_lp: Tensor, flat_ent: Tensor | None, return_tensors: bool, width: int
+                 ) -> dict[str, Any]:
         if not return_tensors:
-            out = {"log_probs": [r.tolist() for r in lps], "tokens": [c for _, c in seqs]}
-            if ents is not None:
-                out["entropy"] = [r.tolist() for r in ents]
+            out = {"log_probs": [r.tolist() for r in flat_lp.split(lengths)],
+                   "tokens": [c for _, c in seqs]}
+            if flat_ent is not None:
+                out["entropy"] = [r.tolist() for r in flat_ent.split(lengths)]
             return out
-        width = max(lengths, default=0)
-        out = {"log_probs": _pad(lps, torch.float32),
-               "tokens": _pad([torch.tensor(c, dtype=torch.int64) for _, c in seqs], torch.int64),
-               "mask": torch.arange(width) < torch.tensor(lengths, dtype=torch.int64).view(-1, 1)}
-        if ents is not None:
-            out["entropy"] = _pad(ents, torch.float32)
+        device = self.config.device
+        mask = padding_mask(lengths, width)
+        index = to_device(flat_index(mask), device)
+        tokens = torch.tensor([t for _, c in seqs for t in c], dtype=torch.int64)
+        out = {"log_probs": pad_flat(flat_lp, index, mask.shape),
+               "tokens": pad_flat(to_device(tokens, device), index, mask.shape),
+               "mask": to_device(mask, device)}
+        if flat_ent is not None:
+            out["entropy"] = pad_flat(flat_ent, index, mask.shape)
         return out
 
     def update_weights(self, weights: Mapping[str, Tensor] | Iterable[tuple[str, Tensor]], *,
@@ -290,7 +295,12 @@ class LocalShard:
         """Every tensor is checked (on every rank) before any is written; the writes hold
         Ctrl-C until done. A write that still fails marks its parameters torn: scoring
         refuses to run until an update of them succeeds."""
-        items = self.tp.validated(lambda: self._check_weights(weights, check_finite))
+        self._write_weights(self.tp.validated(lambda: self._check_weights(weights,
+                                                                          check_finite)))
+
+    def _write_weights(self, items: list[tuple[str, Tensor]]) -> None:
+        """Write checked weights, flush the prefix cache and bump the version: all of it
+        or, should a write fail, the parameters it was writing marked torn."""
         weight_map = WeightMap(self.model, write_tied_head=True)
         targets = {(r[0], r[2]) for r in (weight_map.resolve(name) for name, _ in items)
                    if r is not None}
@@ -306,6 +316,40 @@ class LocalShard:
                 self.scheduler.flush()
                 self.weight_version += 1
             self._torn_weights -= targets
+
+    def init_weight_sync_group(self, master_address: str, master_port: int, rank_offset: int,
+                               world_size: int, backend: str = "nccl",
+                               timeout_s: float = 1800.0) -> None:
+        """Join the trainer's weight-sync group as rank rank_offset + this TP rank."""
+        if isinstance(rank_offset, bool) or not isinstance(rank_offset, int) \
+                or rank_offset < 1:
+            raise ValueError(f"rank_offset must be an int >= 1 (the trainer is rank 0), "
+                             f"got {rank_offset!r}")
+        if isinstance(world_size, int) and world_size < rank_offset + self.tp.size:
+            raise ValueError(f"world_size {world_size} cannot hold the engine's "
+                             f"{self.tp.size} rank(s) from rank_offset {rank_offset}")
+        self.weight_sync = init_weight_sync_group(
+            master_address, master_port, rank_offset + self.tp.rank, world_size, backend,
+            self.config.device if backend == "nccl" else torch.device("cpu"), timeout_s)
+
+    def update_weights_from_distributed(self, names: Sequence[str], dtypes: Sequence[Any],
+                                        shapes: Sequence[Sequence[int]], src: int = 0, *,
+                                        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+                                        check_finite: bool = True) -> None:
+        if self.weight_sync is None:
+            raise RuntimeError("no weight-sync group: call init_weight_sync_group first")
+        weight_map = WeightMap(self.model, write_tied_head=True)
+        items = receive_weights(
+            self.weight_sync, names, dtypes, shapes, src,
+            lambda items, finite: weight_map.check_all(items, check_finite=finite),
+            bucket_bytes=bucket_bytes, check_finite=check_finite)
+        self._write_weights(items)
+
+    def update_weights_from_ipc(self, handles: Mapping[str, Any], *,
+                                check_finite: bool = True) -> None:
+        # opened inside the agreement: a rank that cannot open them fails every rank
+        self._write_weights(self.tp.validated(
+            lambda: self._check_weights(open_ipc_handles(handles), check_finite)))
 
     def _check_weights(self, weights: Mapping[str, Tensor] | Iterable[tuple[str, Tensor]],
                        check_finite: bool) -> list[tuple[str, Tensor]]:
@@ -324,6 +368,7 @@ class LocalShard:
         return out
 
     def close(self) -> None:
+        self.weight_sync = None
         del self.runner, self.kv_cache, self.model, self.scheduler
         if self.config.device.type == "cuda":
             torch.cuda.empty_cache()

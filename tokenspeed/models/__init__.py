@@ -9,7 +9,7 @@ from torch import nn
 from ..layers.logprob_head import HeadOptions
 from .config import ModelConfig
 from .llama import LlamaForCausalLM, Qwen2ForCausalLM
-from .loader import load_checkpoint
+from .loader import InMemoryCheckpoint, load_checkpoint
 from .qwen3 import Qwen3ForCausalLM
 
 ARCHITECTURES: dict[str, type[nn.Module]] = {
@@ -40,12 +40,24 @@ def build_model(config: ModelConfig, device: torch.device, dtype: torch.dtype,
         torch.set_default_dtype(previous)
 
 
-def load_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype,
-               head: HeadOptions = HeadOptions()) -> tuple[nn.Module, ModelConfig]:
-    config = ModelConfig.from_dir(model_dir)
+def model_config(source: str | Path | InMemoryCheckpoint) -> ModelConfig:
+    """The validated config of a checkpoint directory or an in-memory model."""
+    if isinstance(source, InMemoryCheckpoint):
+        try:
+            return ModelConfig.from_hf(source.hf_config)
+        except ValueError as e:
+            raise ValueError(f"config of {source}: {e}") from None
+    return ModelConfig.from_dir(source)
+
+
+def load_model(model_dir: str | Path | InMemoryCheckpoint, device: torch.device,
+               dtype: torch.dtype, head: HeadOptions = HeadOptions()
+               ) -> tuple[nn.Module, ModelConfig]:
+    config = model_config(model_dir)
     model = build_model(config, device, dtype, head)
     load_checkpoint(model, model_dir)
     return model, config
 
 
-__all__ = ["ARCHITECTURES", "ModelConfig", "build_model", "load_model", "model_class"]
+__all__ = ["ARCHITECTURES", "InMemoryCheckpoint", "ModelConfig", "build_model", "load_model",
+           "model_class", "model_config"]

@@ -5,6 +5,10 @@ else a complete model-0000i-of-0000N set; any other *.safetensors in the folder 
 a half-written export) is ignored. Every file's tensor names are checked against the
 index and against each other before any tensor is read.
 
+An HF model held in memory (``InMemoryCheckpoint``: its config dict and its tensors)
+loads through the same path, so an engine can be built from a trainer's model without a
+checkpoint on disk.
+
 HF names map onto this package's fused parameters (q/k/v -> qkv_proj, gate/up ->
 gate_up_proj); each parameter's own ``weight_loader`` places and shards the tensor.
 """
@@ -12,8 +16,10 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -105,9 +111,25 @@ def checkpoint_files(model_dir: str | Path) -> list[Path]:
     return files
 
 
-def iterate_checkpoint(model_dir: str | Path) -> Iterator[tuple[Path, str, Tensor]]:
+@dataclass(frozen=True)
+class InMemoryCheckpoint:
+    """An HF model held in memory: ``hf_config`` is what its config.json would hold and
+    ``weights`` its tensors by HF name (a state dict)."""
+    hf_config: dict[str, Any]
+    weights: Mapping[str, Tensor] = field(repr=False)  # a config's repr must stay short
+
+    def __str__(self) -> str:
+        return f"the in-memory {self.hf_config.get('architectures', ['model'])[0]}"
+
+
+def iterate_checkpoint(source: str | Path | InMemoryCheckpoint
+                       ) -> Iterator[tuple[Path | str, str, Tensor]]:
     """(file, HF name, tensor) of every tensor of the checkpoint."""
-    for path in checkpoint_files(model_dir):
+    if isinstance(source, InMemoryCheckpoint):
+        for name, tensor in source.weights.items():
+            yield str(source), name, tensor
+        return
+    for path in checkpoint_files(source):
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for name in f.keys():
                 yield path, name, f.get_tensor(name)
@@ -201,7 +223,7 @@ class WeightMap:
         return target
 
 
-def load_checkpoint(model: nn.Module, model_dir: str | Path) -> None:
+def load_checkpoint(model: nn.Module, model_dir: str | Path | InMemoryCheckpoint) -> None:
     """Fill every parameter of ``model`` from the checkpoint, or raise naming what is missing."""
     weights = WeightMap(model)
     loaded: dict[str, set] = {}

@@ -35,4 +35,6 @@ def compute_log_probs_dp(engine: Any, sequences: Sequence[Any], temperature: flo
     if failed:
         raise ValueError(f"ranks {failed} rejected their slice: {replies[failed[0]][1]}")
     firsts = [replies[k * tp][1] for k in range(dp_size)]
-    return {key: [row for part in firsts for row in part[key]] for key in firsts[0]}
+    # per-sequence lists are joined; per-call values (weight_version) are every group's
+    return {key: [row for part in firsts for row in part[key]]
+            if isinstance(value, list) else value for key, value in firsts[0].items()}

@@ -53,7 +53,10 @@ def _worker_main(rank: int, size: int, port: int, factory: Callable[[Any], Any],
         except EOFError:  # the caller went away without closing
             break
         try:
-            conn.send((tag, "ok", getattr(backend, method)(*args, **kwargs)))
+            value = getattr(backend, method)(*args, **kwargs)
+            # every rank's answer is the same and the caller takes rank 0's: only it travels
+            # (device tensors would open every rank's GPU in the caller)
+            conn.send((tag, "ok", value if rank == 0 else None))
         except Exception as e:  # noqa: BLE001 - reported to the parent, which raises it
             _send_error(conn, tag, e)
         if method == "close":
