@@ -26,6 +26,7 @@ from .models import load_model
 from .models.loader import WeightMap
 from .parallel.group import (TPGroup, building_with, kv_head_range, sequences_fingerprint)
 from .parallel.launch import init_tp_group
+from .rich import RichCall, plan
 from .runner import BatchScores, ModelRunner
 
 MAX_CPU_KV_TOKENS = 1 << 18
@@ -155,11 +156,13 @@ class LocalShard:
         self.tp.validated(lambda: self._validate(sequences, temperature))
 
     def compute_log_probs(self, sequences: Sequence[Mapping[str, Any]], temperature: float = 1.0,
-                          *, return_entropy: bool = False, return_tensors: bool = False
-                          ) -> dict[str, Any]:
-        seqs, temperature = self.tp.validated(
-            lambda: self._validate(sequences, temperature),
-            lambda v: sequences_fingerprint(v[0], v[1], return_entropy))
+                          *, return_entropy: bool = False, return_tensors: bool = False,
+                          **rich_options: Any) -> dict[str, Any]:
+        """``rich_options``: top_k, top_p, min_p, top_logprobs, token_ids (rich.py)."""
+        seqs, temperature, rich = self.tp.validated(
+            lambda: self._validate_rich(sequences, temperature, rich_options),
+            lambda v: sequences_fingerprint(v[0], v[1], return_entropy,
+                                            v[2] and v[2].fingerprint()))
         lengths = [len(c) for _, c in seqs]
         offsets = [0]
         for n in lengths:
@@ -176,15 +179,26 @@ class LocalShard:
                     start = len(prompt) - 1
                     requests[rid] = (offsets[i], start)
                     self.scheduler.add(rid, prompt + completion, start)
-            self._run(requests, temperature, flat_lp, flat_ent)
+            self._run(requests, temperature, flat_lp, flat_ent, rich)
         finally:
             for rid in requests:
                 self.scheduler.abort(rid)
         self.scored_tokens += offsets[-1]
-        return self._package(seqs, lengths, flat_lp, flat_ent, return_tensors)
+        out = self._package(seqs, lengths, flat_lp, flat_ent, return_tensors)
+        if rich is not None:
+            rich.package(out, lengths, return_tensors)
+        return out
+
+    def _validate_rich(self, sequences: Any, temperature: Any, options: dict[str, Any]
+                       ) -> tuple[list[tuple[list[int], list[int]]], float, RichCall | None]:
+        unknown = set(options) - {"top_k", "top_p", "min_p", "top_logprobs", "token_ids"}
+        if unknown:
+            raise TypeError(f"compute_log_probs got unexpected options {sorted(unknown)}")
+        seqs, temperature = self._validate(sequences, temperature)
+        return seqs, temperature, plan(sequences, seqs, self.model_config.vocab_size, options)
 
     def _run(self, requests: dict[int, tuple[int, int]], temperature: float,
-             flat_lp: Tensor, flat_ent: Tensor | None) -> None:
+             flat_lp: Tensor, flat_ent: Tensor | None, rich: RichCall | None = None) -> None:
         """Drive the scheduler until every request finished; pops finished ids.
 
         A batch is completed as soon as its forward is enqueued: the device runs batches
@@ -201,8 +215,9 @@ class LocalShard:
                 raise RuntimeError("internal error: the scheduler has unfinished requests "
                                    "but made no batch; the call was aborted")
             try:
-                scores = self.runner.run(batch, temperature, flat_ent is not None)
                 dst = self._destinations(batch, requests)
+                scores = self.runner.run(batch, temperature, flat_ent is not None,
+                                         rich and rich.row_options(dst, self.config.device))
                 if dst.shape != scores.log_probs.shape:
                     raise RuntimeError(f"internal error: a batch scored "
                                        f"{tuple(scores.log_probs.shape)} rows for "
@@ -217,7 +232,7 @@ class LocalShard:
                 requests.pop(rid)
             if pending and (rows >= MAX_PENDING_ROWS or not requests):
                 try:
-                    self._copy_scores(pending, flat_lp, flat_ent)
+                    self._copy_scores(pending, flat_lp, flat_ent, rich)
                 except BaseException:
                     self._discard(None, requests)
                     raise
@@ -241,7 +256,7 @@ class LocalShard:
 
     @staticmethod
     def _copy_scores(pending: list[tuple[BatchScores, Tensor]], flat_lp: Tensor,
-                     flat_ent: Tensor | None) -> None:
+                     flat_ent: Tensor | None, rich: RichCall | None = None) -> None:
         """Bring the pending batches' scores to the host in one copy (which waits for the
         device) and write them to their flat output rows."""
         dst = torch.cat([d for _, d in pending])
@@ -252,6 +267,9 @@ class LocalShard:
         flat_lp[dst] = values[:len(dst)]
         if flat_ent is not None:
             flat_ent[dst] = values[len(dst):]
+        if rich is not None:
+            rich.store(dst, {name: torch.cat([s.extras[name] for s, _ in pending]).cpu()
+                             for name in pending[0][0].extras})
 
     def _discard(self, batch, requests: dict[int, tuple[int, int]]) -> None:
         """The call failed with batches in flight: ``batch`` (None when the failure came

@@ -1,4 +1,6 @@
-// CPU log-prob kernels: logprobs, logprob_partials, combine_logprob_partials.
+// CPU log-prob kernels: logprobs, logprob_partials, combine_logprob_partials, and for
+// the sampler outputs logprob_topk_partials (the same row state plus the row's k largest
+// x, taken in the same read of the row) and logprob_mass_above (a second pass).
 //
 // Fuses temperature scaling, the log-sum-exp, the target gather and the entropy into one
 // read of each logits row; never writes [T, V] nor any fp32 copy of a row (a 512-column
@@ -13,6 +15,8 @@
 #include <algorithm>
 #include <cmath>
 #include <tuple>
+#include <utility>
+#include <vector>
 
 #include "cpu/cpu_math.h"
 #include "op_checks.h"
@@ -168,6 +172,105 @@ at::Tensor logprob_partials_cpu(const at::Tensor& logits, const at::Tensor& targ
   return out;
 }
 
+// The k largest x = logits * inv_temp of a row, descending, ties to the lower column:
+// columns arrive in ascending order, so a later equal value never displaces an earlier
+// one. Nan logits are never candidates. Unfilled places keep (-inf, -1).
+template <typename scalar_t>
+void row_topk(const scalar_t* row, int64_t v, float inv_temp, int64_t k, float* vals,
+              int64_t* ids) {
+  int64_t n = 0;
+  for (int64_t j = 0; j < v; ++j) {
+    const float x = to_float(row[j]) * inv_temp;
+    if (x != x || (n == k && !(x > vals[k - 1]))) continue;
+    int64_t i = n < k ? n++ : k - 1;
+    for (; i > 0 && vals[i - 1] < x; --i) {
+      vals[i] = vals[i - 1];
+      ids[i] = ids[i - 1];
+    }
+    vals[i] = x;
+    ids[i] = j;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> logprob_topk_partials_cpu(
+    const at::Tensor& logits, const at::Tensor& targets, int64_t vocab_start,
+    double temperature, int64_t k, bool validate) {
+  check_topk(k);
+  at::Tensor parts = logprob_partials_cpu(logits, targets, vocab_start, temperature, validate);
+  const int64_t t_rows = logits.size(0), v = logits.size(1), row_stride = logits.stride(0);
+  const float inv_temp = static_cast<float>(1.0 / temperature);
+  at::Tensor vals = at::full({t_rows, k}, kNegInf, logits.options().dtype(at::kFloat));
+  at::Tensor ids = at::full({t_rows, k}, -1, logits.options().dtype(at::kLong));
+  float* vp = vals.data_ptr<float>();
+  int64_t* ip = ids.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, logits.scalar_type(), "tokenspeed_row_topk", [&] {
+        const scalar_t* base = logits.const_data_ptr<scalar_t>();
+        at::parallel_for(0, t_rows, std::max<int64_t>(1, 16384 / v), [&](int64_t b, int64_t e) {
+          for (int64_t r = b; r < e; ++r) {
+            row_topk(base + r * row_stride, v, inv_temp, k, vp + r * k, ip + r * k);
+            for (int64_t i = 0; i < k; ++i)
+              if (ip[r * k + i] >= 0) ip[r * k + i] += vocab_start;
+          }
+        });
+      });
+  return {parts, vals, ids};
+}
+
+// Each x lands in the bin of the largest threshold <= x (thresholds sorted per row), and
+// the suffix sums of the bins give every threshold's mass at once. Sums in double.
+at::Tensor logprob_mass_above_cpu(const at::Tensor& logits, double temperature,
+                                  const at::Tensor& thresholds, const at::Tensor& ref_m) {
+  check_mass_above(logits, thresholds, ref_m);
+  check_temperature(temperature);
+  const int64_t t_rows = logits.size(0), v = logits.size(1), row_stride = logits.stride(0);
+  const int64_t n = thresholds.size(1);
+  const float inv_temp = static_cast<float>(1.0 / temperature);
+  const at::Tensor th = thresholds.contiguous(), rm = ref_m.contiguous();
+  at::Tensor out = at::zeros({t_rows, n, 2}, logits.options().dtype(at::kFloat));
+  const float* thp = th.const_data_ptr<float>();
+  const float* rmp = rm.const_data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, logits.scalar_type(), "tokenspeed_mass_above", [&] {
+        const scalar_t* base = logits.const_data_ptr<scalar_t>();
+        at::parallel_for(0, t_rows, 1, [&](int64_t b, int64_t e) {
+          std::vector<std::pair<float, int64_t>> sorted;
+          std::vector<double> bin_s, bin_w;
+          for (int64_t r = b; r < e; ++r) {
+            sorted.clear();
+            for (int64_t i = 0; i < n; ++i)  // a nan threshold keeps nothing: mass 0
+              if (thp[r * n + i] == thp[r * n + i]) sorted.emplace_back(thp[r * n + i], i);
+            std::sort(sorted.begin(), sorted.end());
+            bin_s.assign(sorted.size(), 0.0);
+            bin_w.assign(sorted.size(), 0.0);
+            const scalar_t* row = base + r * row_stride;
+            const double m = rmp[r];
+            for (int64_t j = 0; j < v; ++j) {
+              const float x = to_float(row[j]) * inv_temp;
+              if (x == kNegInf || x != x) continue;
+              const auto it = std::upper_bound(sorted.begin(), sorted.end(),
+                                               std::make_pair(x, INT64_MAX));
+              if (it == sorted.begin()) continue;
+              const auto bin = (it - sorted.begin()) - 1;
+              const double d = double(x) - m, p = std::exp(d);
+              bin_s[bin] += p;
+              bin_w[bin] += p * d;
+            }
+            double s = 0.0, w = 0.0;
+            for (int64_t i = int64_t(sorted.size()) - 1; i >= 0; --i) {
+              s += bin_s[i];
+              w += bin_w[i];
+              float* dst = o + (r * n + sorted[i].second) * 2;
+              dst[0] = static_cast<float>(s);
+              dst[1] = static_cast<float>(w);
+            }
+          }
+        });
+      });
+  return out;
+}
+
 // Shard i's state moves to the global max M with scale_i = exp(m_i - M) and
 // shift_i = m_i - M: S = sum s_i scale_i, W = sum (w_i + s_i shift_i) scale_i, summed in
 // shard order so the result does not depend on how the vocabulary was split. One shard
@@ -214,4 +317,6 @@ TORCH_LIBRARY_IMPL(tokenspeed, CPU, m) {
   m.impl("logprobs", &tokenspeed::cpu::logprobs_cpu);
   m.impl("logprob_partials", &tokenspeed::cpu::logprob_partials_cpu);
   m.impl("combine_logprob_partials", &tokenspeed::cpu::combine_logprob_partials_cpu);
+  m.impl("logprob_topk_partials", &tokenspeed::cpu::logprob_topk_partials_cpu);
+  m.impl("logprob_mass_above", &tokenspeed::cpu::logprob_mass_above_cpu);
 }

@@ -7,6 +7,7 @@ the ranks' partials with the same op.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import tokenspeed_ext as tse
@@ -16,6 +17,8 @@ from torch import Tensor, nn
 
 from ..parallel.group import tp_group, vocab_range
 from .embedding import VocabEmbedding, vocab_loader
+from .sampler_filters import (RichRows, RowOptions, finish_rows, gather_token_logits,
+                              merge_candidates, merge_state)
 
 # logits held at once by the non-lean head: 256 MiB in fp32
 MAX_LOGITS_ELEMENTS = 1 << 26
@@ -109,6 +112,98 @@ class LogprobHead(nn.Module):
         lp, ent = tse.combine_logprob_partials(partials)
         return lp, ent if return_entropy else None
 
+    def forward_rich(self, hidden: Tensor, targets: Tensor, temperature: float,
+                     opts: RowOptions, validate: bool = False) -> RichRows:
+        """The sampler-filtered log-probs, entropy, top-k and requested-id log-probs of
+        every row (sampler_filters.py), from the same read of the logits that gives the
+        partials, in bounded row blocks; a second pass over a block's logits only for
+        the rows whose kept set the candidates do not settle."""
+        if validate:
+            self._check_targets(targets)
+        step = max(1, MAX_LOGITS_ELEMENTS // self._block_width())
+        blocks = [self._rich_block(hidden[r:r + step], targets[r:r + step], temperature,
+                                   opts.rows(r, r + step))
+                  for r in range(0, hidden.shape[0], step)]
+        return RichRows(*(None if parts[0] is None else torch.cat(parts)
+                          for parts in zip(*(vars(b).values() for b in blocks))))
+
+    def _block_width(self) -> int:
+        """Logits columns a row of a block holds at once. Under tensor parallelism it is
+        the widest shard's (rank 0's), so that every rank cuts the same blocks and runs
+        the same collectives."""
+        width = self.head_weight().shape[0]
+        if self.tp.size > 1:
+            start, end = vocab_range(self.vocab_size, 0, self.tp.size)
+            return (end - start) * (self.tp.size if self.options.gather_logits else 1)
+        chunk = self.options.vocab_chunk
+        if self.tp.size == 1 and chunk is not None and chunk < width:
+            return chunk
+        return width
+
+    def _logit_sources(self, hidden: Tensor) -> list[tuple[Callable[[], Tensor], int]]:
+        """(logits of a vocabulary piece, its first id) that together cover what this rank
+        scores: its shard, the lean chunks, or the gathered full rows. Each call of a
+        piece computes its logits again (a lean chunk is never kept), except a whole-row
+        block, which is kept for a second pass."""
+        weight = self.head_weight()
+        if self.tp.size > 1 and self.options.gather_logits:
+            full = self._gather_block(hidden)
+            return [(lambda: full, 0)]
+        if self.tp.size > 1:
+            local = head_logits(hidden, weight)
+            return [(lambda: local, self.vocab_start)]
+        chunk = self.options.vocab_chunk
+        if chunk is None or chunk >= weight.shape[0]:
+            whole = head_logits(hidden, weight)
+            return [(lambda: whole, 0)]
+        return [((lambda s=start: head_logits(hidden, weight[s:s + chunk])), start)
+                for start in range(0, weight.shape[0], chunk)]
+
+    def _across_ranks(self, x: Tensor) -> Tensor:
+        """[C, ...] per-piece values of this rank -> [ranks * C, ...] in rank order (the
+        same on every rank); unchanged without a vocabulary split across ranks."""
+        if self.tp.size == 1 or self.options.gather_logits:
+            return x
+        return self.tp.all_gather(x).flatten(0, 1)
+
+    def _rich_block(self, hidden: Tensor, targets: Tensor, temperature: float,
+                    opts: RowOptions) -> RichRows:
+        sources = self._logit_sources(hidden)
+        parts, vals, ids, tok = [], [], [], []
+        for logits, start in sources:
+            x = logits()
+            p, v, i = tse.logprob_topk_partials(x, targets, start, temperature,
+                                                opts.candidates, validate=False)
+            parts.append(p)
+            vals.append(v)
+            ids.append(i)
+            if opts.token_ids is not None:
+                tok.append(gather_token_logits(x, start, opts.token_ids, temperature))
+        state = merge_state(self._across_ranks(torch.stack(parts)))
+        values, cand_ids = merge_candidates(self._across_ranks(torch.stack(vals)),
+                                            self._across_ranks(torch.stack(ids)),
+                                            opts.candidates)
+        token_x = self._across_ranks(torch.stack(tok)).max(0).values if tok else None
+
+        def mass_above(thresholds: Tensor, ref_m: Tensor) -> Tensor:
+            sums = torch.stack([tse.logprob_mass_above(logits(), temperature, thresholds, ref_m)
+                                for logits, _ in sources])
+            return self._across_ranks(sums).sum(0)
+
+        return finish_rows(state, values, cand_ids, token_x, opts, mass_above)
+
+    def _gather_block(self, hidden: Tensor) -> Tensor:
+        """Full-vocabulary logits [rows, V] of a row block, all-gathered from the ranks'
+        shards (padded to equal widths for the collective, the padding cut)."""
+        size = self.tp.size
+        bounds = [vocab_range(self.vocab_size, r, size) for r in range(size)]
+        width = max(end - start for start, end in bounds)
+        local = F.pad(head_logits(hidden, self.head_weight()),
+                      (0, width - self.head_weight().shape[0]))
+        shards = self.tp.all_gather(local)
+        return torch.cat([shards[i, :, :end - start] for i, (start, end) in enumerate(bounds)],
+                         dim=1)
+
     def _check_targets(self, targets: Tensor) -> None:
         outside = (targets < 0) | (targets >= self.vocab_size)
         if outside.any():
@@ -136,12 +231,7 @@ class LogprobHead(nn.Module):
         step = max(1, MAX_LOGITS_ELEMENTS // (size * width))
         lps, ents = [], []
         for r in range(0, hidden.shape[0], step):
-            local = head_logits(hidden[r:r + step], weight)
-            # all_gather needs equal shapes: pad the shorter shards, then cut the padding
-            local = F.pad(local, (0, width - local.shape[1]))
-            shards = self.tp.all_gather(local)
-            logits = torch.cat([shards[i, :, :end - start]
-                                for i, (start, end) in enumerate(bounds)], dim=1)
+            logits = self._gather_block(hidden[r:r + step])
             lp, ent = tse.logprobs(logits, targets[r:r + step], temperature, True,
                                    validate=False)
             lps.append(lp)
