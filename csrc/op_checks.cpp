@@ -114,6 +114,8 @@ void check_mass_above(const at::Tensor& logits, const at::Tensor& thresholds,
   TS_CHECK(thresholds.dim() == 2 && thresholds.size(0) == logits.size(0),
            "thresholds must be [T, n] with T = ", logits.size(0), ", got shape ",
            thresholds.sizes());
+  TS_CHECK(thresholds.size(1) <= kMaxThresholds, "thresholds must have at most ",
+           kMaxThresholds, " columns, got ", thresholds.size(1));
   TS_CHECK(ref_m.dim() == 1 && ref_m.size(0) == logits.size(0), "ref_m must be [T] with T = ",
            logits.size(0), ", got shape ", ref_m.sizes());
   check_same_device(logits, "logits", thresholds, "thresholds");

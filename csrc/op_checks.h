@@ -71,7 +71,10 @@ constexpr int64_t kMaxTopK = 64;
 
 void check_topk(int64_t k);
 
-// thresholds [T, n] and ref_m [T] float32 for logits [T, V], on logits' device.
+// Thresholds per row of logprob_mass_above: one per thread of the CUDA kernel's block.
+constexpr int64_t kMaxThresholds = 256;
+
+// thresholds [T, n] (n <= 256) and ref_m [T] float32 for logits [T, V], on logits' device.
 void check_mass_above(const at::Tensor& logits, const at::Tensor& thresholds,
                       const at::Tensor& ref_m);
 

@@ -373,3 +373,35 @@ def test_tensor_parallel_matches_one_rank(ckpt, mode):
         assert got["top_logprobs"][i]["ids"] == want["top_logprobs"][i]["ids"]
         for a, b in zip(got["token_ids_logprobs"][i], want["token_ids_logprobs"][i]):
             assert_scores(torch.tensor(a), torch.tensor(b), "ids")
+
+
+def test_cli_rich_flags(ckpt, tmp_path):
+    """--top-k/--top-p/--min-p/--top-logprobs reach the engine; a line's own token_ids and
+    filters are honoured; a bad flag fails before anything is written."""
+    import json
+
+    from test_cli import run_cli, write_lines
+    path, model = ckpt
+    seqs = workload(8, 2)
+    seqs[1] = {**seqs[1], "token_ids": [0, 5], "top_p": 0.6}
+    src = write_lines(tmp_path / "in.jsonl", seqs)
+    out = tmp_path / "out.jsonl"
+    flags = ["--model", str(path), "--device", "cpu", "--dtype", "float32", "-o", str(out),
+             "--temperature", "0.8", "--entropy"]
+    proc = run_cli(["score", str(src), *flags, "--top-k", "7", "--top-p", "0.9",
+                    "--min-p", "0.01", "--top-logprobs", "4"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    # a token the filters cut scores -inf, written as null
+    lines = [json.loads(line.replace("null", "-Infinity"))
+             for line in out.read_text().splitlines()]
+    result = {key: [line.get(key) for line in lines]
+              for key in ("log_probs", "entropy", "top_logprobs")}
+    result["token_ids_logprobs"] = [line.get("token_ids_logprobs", []) for line in lines]
+    call = dict(top_k=7, top_p=0.9, min_p=0.01, top_logprobs=4, token_ids=None)
+    check_against_hf(model, seqs[:1], result, 0.8, call)
+    # a line that asks no ids gets an empty list per position
+    assert lines[0]["token_ids_logprobs"] == [[]] * len(seqs[0]["completion_token_ids"])
+    assert len(lines[1]["token_ids_logprobs"][0]) == 2
+    check_against_hf(model, seqs[1:], {k: v[1:] for k, v in result.items()}, 0.8, call)
+    bad = run_cli(["score", str(src), *flags, "--top-p", "0"], tmp_path)
+    assert bad.returncode == 1 and "top_p must be in (0, 1], got 0.0" in bad.stderr

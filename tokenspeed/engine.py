@@ -89,12 +89,13 @@ class Engine:
         return getattr(self._backend, method)(*args, **kwargs)
 
     @_serialised
-    def validate(self, sequences: Sequence[Mapping[str, Any]], temperature: float = 1.0
-                 ) -> None:
-        """Raise what ``compute_log_probs(sequences, temperature)`` would raise for this
-        input (an ``InvalidSequenceError`` naming the sequence and field, or a plain
-        ValueError/TypeError for the options), scoring and changing nothing."""
-        return self._call("validate", sequences, temperature)
+    def validate(self, sequences: Sequence[Mapping[str, Any]], temperature: float = 1.0,
+                 **options: Any) -> None:
+        """Raise what ``compute_log_probs(sequences, temperature, **options)`` would raise
+        for this input (an ``InvalidSequenceError`` naming the sequence and field, or a
+        plain ValueError/TypeError for the options), scoring and changing nothing.
+        ``options``: top_k, top_p, min_p, top_logprobs, token_ids."""
+        return self._call("validate", sequences, temperature, **options)
 
     @_serialised
     def compute_log_probs(self, sequences: Sequence[Mapping[str, Any]], temperature: float = 1.0,

@@ -71,6 +71,7 @@ class RichCall:
     token_ids: Tensor | None   # [N, n] int64, -1 where a position asks fewer ids
     id_counts: list[int] | None  # ids asked at each of the N positions
     candidates: int
+    filtered: bool
     top_ids_out: Tensor | None = None
     top_lp_out: Tensor | None = None
     token_lp_out: Tensor | None = None
@@ -96,7 +97,7 @@ class RichCall:
         return RowOptions(rows(self.top_k), rows(self.top_p), rows(self.min_p),
                           self.top_logprobs,
                           None if self.token_ids is None else rows(self.token_ids),
-                          self.candidates)
+                          self.candidates, self.filtered)
 
     def store(self, dst: Tensor, extras: dict[str, Tensor]) -> None:
         """Write one copy-out's extra outputs (already on the host) to their slots."""
@@ -190,4 +191,4 @@ def plan(sequences: Sequence[Mapping[str, Any]], seqs: list[tuple[list[int], lis
                     flat(per_seq["top_p"], torch.float32), flat(per_seq["min_p"], torch.float32),
                     token_ids, [len(r) for r in ids] if any_ids else None,
                     candidate_count(top_logprobs, max(per_seq["top_k"], default=0),
-                                    open_filter))
+                                    open_filter), filtered)

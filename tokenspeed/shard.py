@@ -151,9 +151,9 @@ class LocalShard:
                         self.config.page_size)
         return validate_sequences(sequences, limits), temperature
 
-    def validate(self, sequences: Sequence[Mapping[str, Any]], temperature: float = 1.0
-                 ) -> None:
-        self.tp.validated(lambda: self._validate(sequences, temperature))
+    def validate(self, sequences: Sequence[Mapping[str, Any]], temperature: float = 1.0,
+                 **rich_options: Any) -> None:
+        self.tp.validated(lambda: self._validate_rich(sequences, temperature, rich_options))
 
     def compute_log_probs(self, sequences: Sequence[Mapping[str, Any]], temperature: float = 1.0,
                           *, return_entropy: bool = False, return_tensors: bool = False,

@@ -7,6 +7,7 @@ the ranks' partials with the same op.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -172,8 +173,13 @@ class LogprobHead(nn.Module):
         parts, vals, ids, tok = [], [], [], []
         for logits, start in sources:
             x = logits()
-            p, v, i = tse.logprob_topk_partials(x, targets, start, temperature,
-                                                opts.candidates, validate=False)
+            if opts.needs_candidates:
+                p, v, i = tse.logprob_topk_partials(x, targets, start, temperature,
+                                                    opts.candidates, validate=False)
+            else:  # requested ids alone: the plain partials and an empty candidate list
+                p = tse.logprob_partials(x, targets, start, temperature, validate=False)
+                v = torch.full((x.shape[0], 1), -math.inf, device=x.device)
+                i = torch.full((x.shape[0], 1), -1, dtype=torch.int64, device=x.device)
             parts.append(p)
             vals.append(v)
             ids.append(i)

@@ -35,12 +35,17 @@ class RowOptions:
     top_logprobs: int
     token_ids: Tensor | None
     candidates: int  # k of the ops: enough for the filters and the top_logprobs
+    filtered: bool = True  # some row has a filter on (False: no candidates needed)
+
+    @property
+    def needs_candidates(self) -> bool:
+        return self.filtered or self.top_logprobs > 0
 
     def rows(self, begin: int, end: int) -> RowOptions:
         return RowOptions(self.top_k[begin:end], self.top_p[begin:end], self.min_p[begin:end],
                           self.top_logprobs,
                           None if self.token_ids is None else self.token_ids[begin:end],
-                          self.candidates)
+                          self.candidates, self.filtered)
 
 
 def candidate_count(top_logprobs: int, max_top_k: int, open_filter: bool) -> int:
