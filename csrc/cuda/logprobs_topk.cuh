@@ -52,7 +52,8 @@ __device__ __forceinline__ void for_each_composite(const uint4 (&raw)[kVecs], in
     const int base = (j * kThreads + int(threadIdx.x)) * kVec;
 #pragma unroll
     for (int q = 0; q < kVec; ++q) {
-      const float x = to_float(e[q]) * inv_temp;
+      float x = to_float(e[q]) * inv_temp;
+      if (x == 0.f) x = 0.f;  // -0 and +0 are one value: ties go by column, as on the CPU
       if (base + q < cols_left && x == x)
         f((uint64_t(float_key(x)) << 16) | uint64_t(0xFFFF - (base + q)));
     }
