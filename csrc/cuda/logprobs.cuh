@@ -153,7 +153,8 @@ __global__ void __launch_bounds__(kLpThreads, kTopK ? 2 : 3)
   __shared__ float warp_max[kLpThreads / 32];
   __shared__ float2 warp_sw[kLpThreads / 32];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  float m = raw_max<T>(raw);
+  const float thread_max = raw_max<T>(raw);
+  float m = thread_max;
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
   if (lane == 0) warp_max[warp] = m;
@@ -200,7 +201,7 @@ __global__ void __launch_bounds__(kLpThreads, kTopK ? 2 : 3)
     state[blockIdx.x] = make_float4(m, s, w * 0.6931471805599453f, t);
   }
   if constexpr (kTopK) {
-    block_topk<T, kLpThreads>(raw, V - c0, inv_temp, k, vocab_start + c0,
+    block_topk<T, kLpThreads>(raw, V - c0, inv_temp, k, thread_max, vocab_start + c0,
                               cand_vals + int64_t(blockIdx.x) * k,
                               cand_ids + int64_t(blockIdx.x) * k);
   }
