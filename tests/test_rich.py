@@ -460,3 +460,21 @@ def test_cli_rich_flags(ckpt, tmp_path):
     check_against_hf(model, seqs[1:], {k: v[1:] for k, v in result.items()}, 0.8, call)
     bad = run_cli(["score", str(src), *flags, "--top-p", "0"], tmp_path)
     assert bad.returncode == 1 and "top_p must be in (0, 1], got 0.0" in bad.stderr
+
+
+def test_rich_outputs_copied_out_mid_call(ckpt, monkeypatch):
+    """A call whose rich outputs are copied to the host several times (a small pending
+    bound) gives what one copy gives."""
+    from tokenspeed import Engine
+    import tokenspeed.shard as shard_module
+    path, _ = ckpt
+    seqs = workload(9, 6)
+    call = dict(top_k=5, top_logprobs=5, token_ids=[3, 4], return_entropy=True)
+    kw = dict(device="cpu", dtype="float32", page_size=4, max_batch_tokens=16)
+    with Engine(path, **kw) as engine:
+        # the first call fills the prefix cache, so the two compared calls compute alike
+        engine.compute_log_probs(seqs, 0.9, **call)
+        want = engine.compute_log_probs(seqs, 0.9, **call)
+        monkeypatch.setattr(shard_module, "MAX_PENDING_ROWS", 40)  # about 4 rich rows
+        got = engine.compute_log_probs(seqs, 0.9, **call)
+    assert got == want

@@ -90,6 +90,12 @@ class RichCall:
         return (self.top_logprobs, self.top_k.tolist(), self.top_p.tolist(),
                 self.min_p.tolist(), ids)
 
+    def pending_rows(self, plain_rows: int) -> int:
+        """Scored rows to hold on the device before a copy-out: the plain bound's bytes
+        (8 a row: log-prob and entropy) spread over the rows' extra outputs as well."""
+        width = 0 if self.token_ids is None else self.token_ids.shape[1]
+        return max(1, plain_rows * 8 // (8 + 12 * self.top_logprobs + 4 * width))
+
     def row_options(self, dst: Tensor, device: torch.device) -> RowOptions:
         """The options of a batch's scored rows, whose flat output slots are ``dst``."""
         def rows(t: Tensor) -> Tensor:

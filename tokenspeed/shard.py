@@ -208,6 +208,7 @@ class LocalShard:
         """
         pending: list[tuple[BatchScores, Tensor]] = []
         rows = 0
+        max_rows = MAX_PENDING_ROWS if rich is None else rich.pending_rows(MAX_PENDING_ROWS)
         while requests:
             batch = self.scheduler.schedule()
             if batch is None:
@@ -230,7 +231,7 @@ class LocalShard:
                 rows += len(dst)
             for rid in self.scheduler.complete(batch):
                 requests.pop(rid)
-            if pending and (rows >= MAX_PENDING_ROWS or not requests):
+            if pending and (rows >= max_rows or not requests):
                 try:
                     self._copy_scores(pending, flat_lp, flat_ent, rich)
                 except BaseException:
