@@ -1,10 +1,14 @@
-"""Fused log-prob gather vs eager PyTorch, a torch.compile'd logsumexp-gather and the floor.
+"""Fused log-prob gather vs eager PyTorch, a torch.compile'd logsumexp-gather and the floor;
+with --rich, the rich outputs (top_logprobs=20; top-k 50 + top-p 0.95; 8 requested ids a
+position) vs the plain kernel and torch.compile of the straightforward torch code.
 
 Floor: the bf16 logits read once at the device-to-device copy rate measured in this run.
 bf16 logits, random (never zeros), inputs rotated so that each timed call reads memory
 rather than L2.
 
     python bench/bench_logprobs.py [--t 1024 4096 16384] [--v 151936 32000]
+    python bench/bench_logprobs.py --rich [--t 16384] [--v 151936]   # also on CPU:
+    python bench/bench_logprobs.py --rich --device cpu --t 64 --v 4096
 """
 from __future__ import annotations
 
@@ -15,9 +19,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from shapes import copy_bandwidth, median_ms  # noqa: E402
+from shapes import copy_bandwidth, median_ms, timed_ms  # noqa: E402
 
 import tokenspeed_ext as tse  # noqa: E402
+from tokenspeed.layers.sampler_filters import (RowOptions, finish_rows,  # noqa: E402
+                                               gather_token_logits, merge_state)
 
 
 def eager(x, t, entropy):
@@ -38,18 +44,110 @@ def lse_gather(x, t, entropy: bool):
     return lp, lse - (p * xf).sum(-1)
 
 
+def ours_rich(x, t, opts, ids=None):
+    """The head's computation on one piece of whole rows (sampler_filters.py)."""
+    if opts.needs_candidates:
+        parts, vals, cand = tse.logprob_topk_partials(x, t, 0, 1.0, opts.candidates,
+                                                      validate=False)
+    else:
+        parts = tse.logprob_partials(x, t, 0, 1.0, validate=False)
+        vals = torch.full((x.shape[0], 1), -torch.inf, device=x.device)
+        cand = torch.full((x.shape[0], 1), -1, dtype=torch.int64, device=x.device)
+    token_x = None if ids is None else gather_token_logits(x, 0, ids, 1.0)
+
+    def mass_above(thresholds, ref_m):
+        return tse.logprob_mass_above(x, 1.0, thresholds, ref_m)
+
+    return finish_rows(merge_state(parts[None]), vals, cand, token_x, opts, mass_above)
+
+
+def torch_top_logprobs(x, t, k: int):
+    logp = torch.log_softmax(x.float(), -1)
+    top = logp.topk(k, -1)
+    return logp.gather(-1, t[:, None]).squeeze(-1), top.values, top.indices
+
+
+def torch_top_k_top_p(x, t, k: int, p: float):
+    xf = x.float()
+    srt, idx = xf.sort(-1, descending=True)
+    srt = srt.masked_fill(torch.arange(xf.shape[-1], device=x.device) >= k, -torch.inf)
+    probs = srt.softmax(-1)
+    srt = srt.masked_fill(probs.cumsum(-1) - probs >= p, -torch.inf)
+    logp = torch.full_like(xf, -torch.inf).scatter(-1, idx, srt).log_softmax(-1)
+    return logp.gather(-1, t[:, None]).squeeze(-1)
+
+
+def torch_token_ids(x, t, ids):
+    logp = torch.log_softmax(x.float(), -1)
+    return logp.gather(-1, t[:, None]).squeeze(-1), logp.gather(-1, ids)
+
+
+def rich(args) -> None:
+    """Each case: ours, the plain kernel and torch.compile of the torch code, as ratios."""
+    dev = args.device
+    header = (f"{'T':>6} {'V':>7} {'case':<14} | {'ours ms':>8} {'plain':>8} {'x plain':>7} | "
+              f"{'compile':>8} {'x ours':>6}")
+    rows = [header]
+    print(header, flush=True)
+    for v in args.v:
+        for t in args.t:
+            gen = torch.Generator(dev).manual_seed(t + v)
+            sets = 1 if dev == "cpu" else max(1, min(4, -(-(512 << 20) // (t * v * 2))))
+            xs = [torch.randn(t, v, device=dev, generator=gen).mul_(3).to(torch.bfloat16)
+                  for _ in range(sets)]
+            ts = [torch.randint(0, v, (t,), device=dev, generator=gen) for _ in range(sets)]
+            ids = torch.randint(0, v, (t, 8), device=dev, generator=gen)
+            zeros = torch.zeros(t, dtype=torch.int64, device=dev)
+            ones = torch.ones(t, device=dev)
+
+            def opts(k, p, top, filtered, cands):
+                return RowOptions(zeros + k, ones * p, ones * 0, top, None, cands, filtered)
+
+            cases = {
+                "top_logprobs20": (lambda i: ours_rich(xs[i % sets], ts[i % sets],
+                                                       opts(0, 1.0, 20, False, 20)),
+                                   torch.compile(torch_top_logprobs, dynamic=True),
+                                   lambda i, f: f(xs[i % sets], ts[i % sets], 20)),
+                "topk50_topp95": (lambda i: ours_rich(xs[i % sets], ts[i % sets],
+                                                      opts(50, 0.95, 0, True, 51)),
+                                  torch.compile(torch_top_k_top_p, dynamic=True),
+                                  lambda i, f: f(xs[i % sets], ts[i % sets], 50, 0.95)),
+                "ids8": (lambda i: ours_rich(xs[i % sets], ts[i % sets],
+                                             opts(0, 1.0, 0, False, 1), ids),
+                         torch.compile(torch_token_ids, dynamic=True),
+                         lambda i, f: f(xs[i % sets], ts[i % sets], ids)),
+            }
+            plain = timed_ms(lambda i: tse.logprobs(xs[i % sets], ts[i % sets], validate=False),
+                             dev, args.reps)
+            for name, (ours, peer, call) in cases.items():
+                o = timed_ms(ours, dev, args.reps)
+                c = timed_ms(lambda i: call(i, peer), dev, args.reps)
+                line = (f"{t:>6} {v:>7} {name:<14} | {o:8.3f} {plain:8.3f} {o / plain:7.2f} | "
+                        f"{c:8.3f} {c / o:6.2f}")
+                rows.append(line)
+                print(line, flush=True)
+            del xs, ts
+    print("\n".join(["", "summary (targets: top_logprobs20 <= 1.25x plain, topk50_topp95 <= 2x, "
+                     "ids8 <= 1.1x)"] + rows))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--t", type=int, nargs="+", default=[1024, 4096, 16384])
     ap.add_argument("--v", type=int, nargs="+", default=[151936, 32000])
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--rich", action="store_true", help="the rich-output cases instead")
+    ap.add_argument("--device", default="cuda")
     args = ap.parse_args()
+    if args.rich:
+        return rich(args)
     compiled = torch.compile(lse_gather, dynamic=True)
     bw = copy_bandwidth()
     print(f"# {torch.cuda.get_device_name()}  torch {torch.__version__}  "
           f"copy bandwidth {bw / 1e12:.2f} TB/s")
     header = (f"{'T':>6} {'V':>7} {'ent':>3} | {'ours ms':>8} {'floor':>7} {'x floor':>7} | "
-              f"{'eager':>8} {'x ours':>6} | {'compile':>8} {'x ours':>6}")
+              f"{'no chk':>8} {'x floor':>7} | {'eager':>8} {'x ours':>6} | {'compile':>8} "
+              f"{'x ours':>6}")
     rows = [header]
     print(header, flush=True)
     for v in args.v:
@@ -64,10 +162,15 @@ def main() -> None:
             for ent in (False, True):
                 ours = median_ms(lambda i: tse.logprobs(xs[i % sets], ts[i % sets],
                                                         return_entropy=ent), args.reps)
+                # as the engine calls it: without the targets' range check (a host round trip)
+                bare = median_ms(lambda i: tse.logprobs(xs[i % sets], ts[i % sets],
+                                                        return_entropy=ent, validate=False),
+                                 args.reps)
                 e = median_ms(lambda i: eager(xs[i % sets], ts[i % sets], ent), 10, 2)
                 c = median_ms(lambda i: compiled(xs[i % sets], ts[i % sets], ent), args.reps)
                 line = (f"{t:>6} {v:>7} {int(ent):>3} | {ours:8.3f} {floor:7.3f} "
-                        f"{ours / floor:7.2f} | {e:8.3f} {e / ours:6.1f} | {c:8.3f} "
+                        f"{ours / floor:7.2f} | {bare:8.3f} {bare / floor:7.2f} | {e:8.3f} "
+                        f"{e / ours:6.1f} | {c:8.3f} "
                         f"{c / ours:6.2f}")
                 rows.append(line)
                 print(line, flush=True)

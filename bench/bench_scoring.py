@@ -133,7 +133,7 @@ def agreement(a: list[torch.Tensor], b: list[torch.Tensor]) -> tuple[float, floa
 
 
 def run(model_name: str, workload: str, root: Path, budgets: list[int], ref_subset: int,
-        kv_tokens: int, grpo_prompts: int) -> dict:
+        kv_tokens: int, grpo_prompts: int, top_logprobs: int = 0) -> dict:
     from transformers import AutoModelForCausalLM
 
     from tokenspeed import Engine
@@ -172,6 +172,13 @@ def run(model_name: str, workload: str, root: Path, budgets: list[int], ref_subs
         out, ts_secs, ts_mem = timed(lambda: eng.compute_log_probs(seqs))
         # tokens whose K/V came from the prefix cache were never run through the model
         computed = n_tokens - (eng.stats()["prefix_hit_tokens"] - hits_before)
+        rich_ratio = float("nan")
+        if top_logprobs:
+            # both repeats find the prompts the first call cached: the same work but the head
+            _, plain_secs, _ = timed(lambda: eng.compute_log_probs(seqs))
+            _, rich_secs, _ = timed(lambda: eng.compute_log_probs(seqs,
+                                                                  top_logprobs=top_logprobs))
+            rich_ratio = rich_secs / plain_secs
     ts_res = [torch.tensor(x) for x in out["log_probs"]]
     _empty_cache()
     # deterministic mode on the same workload, with its own warm-up
@@ -196,6 +203,8 @@ def run(model_name: str, workload: str, root: Path, budgets: list[int], ref_subs
         "ts_computed_tokens": computed,
         "ts_mfu_computed": 2 * n_params * computed / ts_secs / PEAK_BF16_FLOPS,
         "mean_abs_diff": mean_d, "max_abs_diff": max_d,
+        # time with top_logprobs=K over time without (target <= 1.10 on GRPO at K = 20)
+        "top_logprobs_time_ratio": rich_ratio,
     }
     if ref_subset:
         # spread over the workload: GRPO's neighbours share a prompt
@@ -248,6 +257,8 @@ def main() -> None:
     ap.add_argument("--root", type=Path, default=None, help="where checkpoints are saved")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--grpo-prompts", type=int, default=64)
+    ap.add_argument("--top-logprobs", type=int, default=0, metavar="K",
+                    help="also time the call with top_logprobs=K against the plain call")
     args = ap.parse_args()
     global DEVICE
     DEVICE = args.device
@@ -259,7 +270,7 @@ def main() -> None:
         for workload in args.workloads:
             print(f"{model} / {workload}")
             row = run(model, workload, root, args.budgets, args.ref_subset, args.kv_tokens,
-                      args.grpo_prompts)
+                      args.grpo_prompts, args.top_logprobs)
             rows.append(row)
             print("  " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                    for k, v in row.items()))

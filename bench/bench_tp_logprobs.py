@@ -14,9 +14,7 @@ Needs 2+ GPUs; ``--device cpu`` runs the same code on gloo with small shapes, as
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -25,23 +23,11 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from shapes import median_ms  # noqa: E402
+from shapes import timed_ms  # noqa: E402
 
 from tokenspeed.parallel.group import building_with  # noqa: E402
 from tokenspeed.parallel.launch import free_port, init_tp_group  # noqa: E402
 from tokenspeed.layers.logprob_head import HeadOptions, LogprobHead  # noqa: E402
-
-
-def timed_ms(fn, device: torch.device, reps: int) -> float:
-    if device.type == "cuda":
-        return median_ms(fn, reps=reps)
-    fn(0)
-    times = []
-    for i in range(reps):
-        start = time.perf_counter()
-        fn(i)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def run(rank: int, args: argparse.Namespace, port: int) -> None:

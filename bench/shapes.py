@@ -7,6 +7,7 @@ benchmarks read.
 from __future__ import annotations
 
 import statistics
+import time
 from typing import Callable
 
 import torch
@@ -51,6 +52,19 @@ def median_ms(fn: Callable[[int], object], reps: int = 20, warmup: int = 3) -> f
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def timed_ms(fn: Callable[[int], object], device: str | torch.device, reps: int) -> float:
+    """median_ms on CUDA; on the CPU the median wall time of fn(i) after one warm-up."""
+    if torch.device(device).type == "cuda":
+        return median_ms(fn, reps=reps)
+    fn(0)
+    times = []
+    for i in range(reps):
+        start = time.perf_counter()
+        fn(i)
+        times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
 
 

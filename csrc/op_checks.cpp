@@ -97,6 +97,31 @@ void check_partials(const at::Tensor& partials) {
               partials.sizes());
 }
 
+void check_topk(int64_t k) {
+  TS_CHECK(k >= 1 && k <= kMaxTopK, "k must be in [1, ", kMaxTopK, "], got ", k);
+}
+
+void check_mass_above(const at::Tensor& logits, const at::Tensor& thresholds,
+                      const at::Tensor& ref_m) {
+  check_float_input(logits, "logits");
+  TS_CHECK(logits.dim() == 2, "logits must be 2-D [T, V], got shape ", logits.sizes());
+  TS_CHECK(logits.size(1) == 1 || logits.stride(1) == 1,
+           "logits must be contiguous along the vocabulary (stride(1) == 1), got strides ",
+           logits.strides());
+  TS_CHECK(thresholds.scalar_type() == at::kFloat && ref_m.scalar_type() == at::kFloat,
+           "thresholds and ref_m must be float32, got ", thresholds.scalar_type(), " and ",
+           ref_m.scalar_type());
+  TS_CHECK(thresholds.dim() == 2 && thresholds.size(0) == logits.size(0),
+           "thresholds must be [T, n] with T = ", logits.size(0), ", got shape ",
+           thresholds.sizes());
+  TS_CHECK(thresholds.size(1) <= kMaxThresholds, "thresholds must have at most ",
+           kMaxThresholds, " columns, got ", thresholds.size(1));
+  TS_CHECK(ref_m.dim() == 1 && ref_m.size(0) == logits.size(0), "ref_m must be [T] with T = ",
+           logits.size(0), ", got shape ", ref_m.sizes());
+  check_same_device(logits, "logits", thresholds, "thresholds");
+  check_same_device(logits, "logits", ref_m, "ref_m");
+}
+
 void check_store_kv(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
                     const at::Tensor& v_cache, const at::Tensor& slot_mapping, bool validate) {
   check_float_input(k, "k");

@@ -66,6 +66,18 @@ void check_target_range(const at::Tensor& targets, int64_t lo, int64_t hi);
 
 void check_partials(const at::Tensor& partials);
 
+// Candidates per row of logprob_topk_partials.
+constexpr int64_t kMaxTopK = 64;
+
+void check_topk(int64_t k);
+
+// Thresholds per row of logprob_mass_above: one per thread of the CUDA kernel's block.
+constexpr int64_t kMaxThresholds = 256;
+
+// thresholds [T, n] (n <= 256) and ref_m [T] float32 for logits [T, V], on logits' device.
+void check_mass_above(const at::Tensor& logits, const at::Tensor& thresholds,
+                      const at::Tensor& ref_m);
+
 // k, v [N, Hk, D]; caches [P, page_size, Hk, D]; slot_mapping [N].
 // validate=false skips the data-dependent slot-range check.
 void check_store_kv(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,

@@ -22,6 +22,16 @@ TORCH_LIBRARY(tokenspeed, m) {
         "float temperature=1.0, bool validate=True) -> Tensor");
   // Merge S shards' partials [S, T, 4] in shard order -> (logprobs [T], entropy [T]).
   m.def("combine_logprob_partials(Tensor partials) -> (Tensor, Tensor)");
+  // logprob_partials plus the shard's k (1..64) largest x = logits * (1 / temperature),
+  // in descending order with ties to the lower id: -> (partials [T, 4], values [T, k]
+  // fp32, ids [T, k] int64 global ids; id -1 and value -inf past the shard's columns).
+  m.def("logprob_topk_partials(Tensor logits, Tensor targets, int vocab_start, "
+        "float temperature, int k, bool validate=True) -> (Tensor, Tensor, Tensor)");
+  // The mass of the tokens at or above each threshold, for the sampler filters' second
+  // pass: logits [T, V], thresholds [T, n] and ref_m [T] fp32 (x units) -> [T, n, 2] fp32
+  // sums over x >= thresholds[t, i] of e^(x - ref_m[t]) and e^(x - ref_m[t]) (x - ref_m[t]).
+  m.def("logprob_mass_above(Tensor logits, float temperature, Tensor thresholds, "
+        "Tensor ref_m) -> Tensor");
   // ---- kv_cache ----
   // k, v [N, Hk, D] into k_cache, v_cache [P, page_size, Hk, D] at flat slots
   // slot_mapping [N] (int32/int64; page * page_size + offset; a negative slot is skipped).

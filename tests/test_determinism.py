@@ -46,13 +46,20 @@ def targets() -> list[dict]:
     return group + random_sequences(gen, VOCAB, 1, max_prompt=30, max_completion=20)
 
 
+# rich outputs, with filters that need a second pass over the logits (top-p without
+# top-k) beside ones the candidates settle
+RICH = dict(top_logprobs=3, top_p=0.9, min_p=0.02, token_ids=[0, 7, 50])
+OUTPUTS = ("log_probs", "entropy", "top_logprobs", "token_ids_logprobs")
+
+
 @functools.cache
-def alone(path, device: str, dtype: str) -> list[dict]:
+def alone(path, device: str, dtype: str, rich: bool) -> list[dict]:
     """Each target scored alone, by a fresh engine with the default settings."""
     out = []
     for seq in targets():
         with Engine(path, device=device, dtype=dtype, deterministic=True) as engine:
-            out.append(engine.compute_log_probs([seq], 0.8, return_entropy=True))
+            out.append(engine.compute_log_probs([seq], 0.8, return_entropy=True,
+                                                **(RICH if rich else {})))
     return out
 
 
@@ -63,13 +70,13 @@ def alone(path, device: str, dtype: str) -> list[dict]:
 @given(company_seed=st.integers(0, 2**16), n_company=st.integers(0, 6),
        max_batch_tokens=st.sampled_from([1, 3, 8, 17, 64, 512]),
        max_batch_requests=st.sampled_from([1, 2, 256]), page_size=st.sampled_from([1, 4, 16]),
-       prefix=st.booleans(), small_pool=st.booleans(), data=st.data())
+       prefix=st.booleans(), small_pool=st.booleans(), rich=st.booleans(), data=st.data())
 def test_scores_are_bitwise_independent_of_the_call(checkpoints, device, model, dtype,
                                                     company_seed, n_company, max_batch_tokens,
                                                     max_batch_requests, page_size, prefix,
-                                                    small_pool, data):
+                                                    small_pool, rich, data):
     ckpt = checkpoints[model]
-    want = alone(ckpt, device, dtype)
+    want = alone(ckpt, device, dtype, rich)
     gen = torch.Generator().manual_seed(company_seed)
     company = random_sequences(gen, VOCAB, n_company, max_prompt=40, max_completion=30)
     mixed = targets() + company
@@ -81,8 +88,9 @@ def test_scores_are_bitwise_independent_of_the_call(checkpoints, device, model, 
                 max_batch_tokens=max_batch_tokens, max_batch_requests=max_batch_requests,
                 enable_prefix_cache=prefix, kv_cache_tokens=pool) as engine:
         for _ in range(2):  # the second pass hits the prefix cache when it is on
-            out = engine.compute_log_probs(batch, 0.8, return_entropy=True)
+            out = engine.compute_log_probs(batch, 0.8, return_entropy=True,
+                                           **(RICH if rich else {}))
             for t, expected in enumerate(want):
                 row = order.index(t)
-                assert out["log_probs"][row] == expected["log_probs"][0], (t, row)
-                assert out["entropy"][row] == expected["entropy"][0], (t, row)
+                for key in OUTPUTS[:4 if rich else 2]:
+                    assert out[key][row] == expected[key][0], (key, t, row)

@@ -59,6 +59,14 @@ def _parser() -> argparse.ArgumentParser:
     score.add_argument("--output", "-o", help="JSONL output file (default: stdout)")
     score.add_argument("--temperature", type=float, default=1.0)
     score.add_argument("--entropy", action="store_true", help="also output per-token entropy")
+    score.add_argument("--top-k", type=int, default=0,
+                       help="score under the sampler's top-k filter (0: off; at most 64)")
+    score.add_argument("--top-p", type=float, default=1.0,
+                       help="score under the sampler's top-p filter (1: off)")
+    score.add_argument("--min-p", type=float, default=0.0,
+                       help="score under the sampler's min-p filter (0: off)")
+    score.add_argument("--top-logprobs", type=int, default=0, metavar="K",
+                       help="also output the K most likely tokens per position (at most 64)")
     score.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     score.add_argument("--dtype", help="bfloat16, float16 or float32 "
                                        "(default: bfloat16 on cuda, float32 on cpu)")
@@ -204,9 +212,9 @@ def _load_engine(model_dir: Path, args: argparse.Namespace) -> Engine:
         raise CLIError(f"cannot load the model in {model_dir}: {type(e).__name__}: {e}") from e
 
 
-def _validate(engine: Engine, records: list[Record], temperature: float) -> None:
+def _validate(engine: Engine, records: list[Record], args: argparse.Namespace) -> None:
     try:
-        engine.validate([r for _, r in records], temperature)
+        engine.validate([r for _, r in records], args.temperature, **_rich_args(args))
     except InvalidSequenceError as e:
         raise CLIError(f"line {records[e.index][0]}: {e.detail}") from None
 
@@ -225,6 +233,32 @@ def _groups(records: list, size: int) -> Iterator[list]:
         yield records[i:i + size]
 
 
+# what a line's output holds of the results, in this order
+RICH_OUTPUTS = ("log_probs", "entropy", "top_logprobs", "token_ids_logprobs")
+
+
+def _rich_args(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                top_logprobs=args.top_logprobs)
+
+
+def _filtered(args: argparse.Namespace, record: dict[str, Any]) -> bool:
+    """Whether a sampler filter applies to the line (its own settings or the flags')."""
+    return (record.get("top_k", args.top_k) != 0 or record.get("top_p", args.top_p) != 1.0
+            or record.get("min_p", args.min_p) != 0.0)
+
+
+def _cut_to_null(value: Any) -> Any:
+    """-inf (a token the sampler's filters cut) as JSON null, which JSON can hold."""
+    if isinstance(value, float) and value == -math.inf:
+        return None
+    if isinstance(value, list):
+        return [_cut_to_null(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _cut_to_null(v) for k, v in value.items()}
+    return value
+
+
 def _score_into(out: TextIO, engine: Engine, records: list[Record],
                 args: argparse.Namespace) -> int:
     """Scores every record, writes its line to ``out``; returns the tokens scored."""
@@ -232,11 +266,11 @@ def _score_into(out: TextIO, engine: Engine, records: list[Record],
     with tqdm(total=len(records), unit="seq", file=sys.stderr, desc="scoring") as bar:
         for group in _groups(records, GROUP_SEQUENCES):
             result = engine.compute_log_probs([r for _, r in group], args.temperature,
-                                              return_entropy=args.entropy)
+                                              return_entropy=args.entropy, **_rich_args(args))
             for i, (n, record) in enumerate(group):
-                scores = {"log_probs": result["log_probs"][i]}
-                if args.entropy:
-                    scores["entropy"] = result["entropy"][i]
+                scores = {key: result[key][i] for key in RICH_OUTPUTS if key in result}
+                if _filtered(args, record):
+                    scores = _cut_to_null(scores)
                 out.write(_json_line(n, {**record, **scores}))
                 total_tokens += len(scores["log_probs"])
             bar.update(len(group))
@@ -248,7 +282,7 @@ def score(args: argparse.Namespace) -> int:
     model_dir = Path(args.model) if args.model else builtin_model_dir()
     records = _with_token_ids(_read_records(args.input), model_dir)
     with _output(args.output) as out, _load_engine(model_dir, args) as engine:
-        _validate(engine, records, args.temperature)
+        _validate(engine, records, args)
         start = time.perf_counter()  # scoring only: not the first-use build and load
         total_tokens = _score_into(out, engine, records, args)
         elapsed = time.perf_counter() - start

@@ -110,16 +110,19 @@ class Engine:
         return getattr(self._backend, method)(*args, **kwargs)
 
     @_serialised
-    def validate(self, sequences: Sequence[Mapping[str, Any]], temperature: float = 1.0
-                 ) -> None:
-        """Raise what ``compute_log_probs(sequences, temperature)`` would raise for this
-        input (an ``InvalidSequenceError`` naming the sequence and field, or a plain
-        ValueError/TypeError for the options), scoring and changing nothing."""
-        return self._call("validate", ids_to_host(sequences), temperature)
+    def validate(self, sequences: Sequence[Mapping[str, Any]], temperature: float = 1.0,
+                 **options: Any) -> None:
+        """Raise what ``compute_log_probs(sequences, temperature, **options)`` would raise
+        for this input (an ``InvalidSequenceError`` naming the sequence and field, or a
+        plain ValueError/TypeError for the options), scoring and changing nothing.
+        ``options``: top_k, top_p, min_p, top_logprobs, token_ids."""
+        return self._call("validate", ids_to_host(sequences), temperature, **options)
 
     @_serialised
     def compute_log_probs(self, sequences: Sequence[Mapping[str, Any]], temperature: float = 1.0,
-                          *, return_entropy: bool = False, return_tensors: bool = False,
+                          *, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+                          return_entropy: bool = False, top_logprobs: int = 0,
+                          token_ids: Sequence[int] | None = None, return_tensors: bool = False,
                           pad_to: int | None = None) -> dict[str, Any]:
         """log p(completion token | everything before it) for every completion token.
 
@@ -131,10 +134,22 @@ class Engine:
         scores, int64 tokens, zeros past each completion) plus a bool "mask", W the
         longest completion or ``pad_to``. Every result carries "weight_version". A bad
         sequence raises ``InvalidSequenceError`` before anything runs.
+
+        Sampler filters (defaults: off): scores are log-probs under the distribution the
+        rollout sampled from, temperature, then top_k (0..64), top_p (0, 1], min_p [0, 1),
+        renormalised; a filtered-out token scores -inf, entropy is over the kept set.
+        A sequence dict may override top_k, top_p and min_p for itself.
+        ``top_logprobs`` k (0..64) adds "top_logprobs": per sequence {"ids", "logprobs"}
+        [n, k] (descending, ties to the lower id). ``token_ids`` (one id list for every
+        position, or per sequence a dict entry "token_ids": one list, or one list per
+        scored position) adds "token_ids_logprobs": per sequence, per position, the
+        log-probs of the ids asked. With return_tensors these are padded tensors
+        (ids -1, scores nan where nothing was asked). docs/design.md has the rules.
         """
         return self._call("compute_log_probs", ids_to_host(sequences), temperature,
                           return_entropy=return_entropy, return_tensors=return_tensors,
-                          pad_to=pad_to)
+                          pad_to=pad_to, top_k=top_k, top_p=top_p, min_p=min_p,
+                          top_logprobs=top_logprobs, token_ids=token_ids)
 
     @_serialised
     def score_padded(self, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor,

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from .kv_cache import KVCache
 from .layers.attention import AttentionMetadata
+from .layers.sampler_filters import RowOptions
 
 # the scheduler's int32 arrays of a Batch, in the order they are packed
 BATCH_ARRAYS = ("input_ids", "positions", "slot_mapping", "page_table", "cu_seqlens_q",
@@ -26,6 +27,8 @@ class BatchScores:
     batch's device; they may still be being computed there."""
     log_probs: Tensor
     entropy: Tensor | None
+    # the rich outputs asked for: top_ids, top_logprobs [S, k], token_logprobs [S, n]
+    extras: dict[str, Tensor] | None = None
 
 
 def upload(batch, device: torch.device) -> dict[str, Tensor]:
@@ -57,7 +60,8 @@ class ModelRunner:
         self.check_batches = check_batches
 
     @torch.inference_mode()
-    def run(self, batch, temperature: float, return_entropy: bool) -> BatchScores:
+    def run(self, batch, temperature: float, return_entropy: bool,
+            rich: RowOptions | None = None) -> BatchScores:
         t = upload(batch, self.device)
         meta = AttentionMetadata(
             slot_mapping=t["slot_mapping"],
@@ -71,6 +75,14 @@ class ModelRunner:
         if hidden.shape[0] == 0:
             empty = torch.empty(0, dtype=torch.float32, device=self.device)
             return BatchScores(empty, empty if return_entropy else None)
+        if rich is not None:
+            out = self.model.lm_head.forward_rich(hidden, t["score_targets"], temperature, rich,
+                                                  validate=self.check_batches)
+            extras = {name: value for name, value in (("top_ids", out.top_ids),
+                                                      ("top_logprobs", out.top_logprobs),
+                                                      ("token_logprobs", out.token_logprobs))
+                      if value is not None}
+            return BatchScores(out.log_probs, out.entropy if return_entropy else None, extras)
         lp, ent = self.model.lm_head(hidden, t["score_targets"], temperature, return_entropy,
                                      validate=self.check_batches)
         return BatchScores(lp, ent)

@@ -28,6 +28,7 @@ from .models.loader import WeightMap
 from .padded import check_pad_to, flat_index, pad_flat, padding_mask, to_device
 from .parallel.group import (TPGroup, building_with, kv_head_range, sequences_fingerprint)
 from .parallel.launch import init_tp_group
+from .rich import RichCall, plan
 from .runner import BatchScores, ModelRunner
 from .weight_sync import (DEFAULT_BUCKET_BYTES, init_weight_sync_group, open_ipc_handles,
                           receive_weights)
@@ -147,16 +148,18 @@ class LocalShard:
                         self.config.page_size)
         return validate_sequences(sequences, limits), temperature
 
-    def validate(self, sequences: Sequence[Mapping[str, Any]], temperature: float = 1.0
-                 ) -> None:
-        self.tp.validated(lambda: self._validate(sequences, temperature))
+    def validate(self, sequences: Sequence[Mapping[str, Any]], temperature: float = 1.0,
+                 **rich_options: Any) -> None:
+        self.tp.validated(lambda: self._validate_rich(sequences, temperature, rich_options))
 
     def compute_log_probs(self, sequences: Sequence[Mapping[str, Any]], temperature: float = 1.0,
                           *, return_entropy: bool = False, return_tensors: bool = False,
-                          pad_to: int | None = None) -> dict[str, Any]:
-        seqs, temperature = self.tp.validated(
-            lambda: self._validate(sequences, temperature),
-            lambda v: sequences_fingerprint(v[0], v[1], return_entropy))
+                          pad_to: int | None = None, **rich_options: Any) -> dict[str, Any]:
+        """``rich_options``: top_k, top_p, min_p, top_logprobs, token_ids (rich.py)."""
+        seqs, temperature, rich = self.tp.validated(
+            lambda: self._validate_rich(sequences, temperature, rich_options),
+            lambda v: sequences_fingerprint(v[0], v[1], return_entropy,
+                                            v[2] and v[2].fingerprint()))
         lengths = [len(c) for _, c in seqs]
         width = check_pad_to(pad_to, return_tensors, lengths)
         offsets = [0]
@@ -177,17 +180,27 @@ class LocalShard:
                     start = len(prompt) - 1
                     requests[rid] = (offsets[i], start)
                     self.scheduler.add(rid, prompt + completion, start)
-            self._run(requests, temperature, flat_lp, flat_ent)
+            self._run(requests, temperature, flat_lp, flat_ent, rich)
         finally:
             for rid in requests:
                 self.scheduler.abort(rid)
         self.scored_tokens += offsets[-1]
         out = self._package(seqs, lengths, flat_lp, flat_ent, return_tensors, width)
+        if rich is not None:
+            rich.package(out, lengths, return_tensors, width, where)
         out["weight_version"] = self.weight_version
         return out
 
+    def _validate_rich(self, sequences: Any, temperature: Any, options: dict[str, Any]
+                       ) -> tuple[list[tuple[list[int], list[int]]], float, RichCall | None]:
+        unknown = set(options) - {"top_k", "top_p", "min_p", "top_logprobs", "token_ids"}
+        if unknown:
+            raise TypeError(f"compute_log_probs got unexpected options {sorted(unknown)}")
+        seqs, temperature = self._validate(sequences, temperature)
+        return seqs, temperature, plan(sequences, seqs, self.model_config.vocab_size, options)
+
     def _run(self, requests: dict[int, tuple[int, int]], temperature: float,
-             flat_lp: Tensor, flat_ent: Tensor | None) -> None:
+             flat_lp: Tensor, flat_ent: Tensor | None, rich: RichCall | None = None) -> None:
         """Drive the scheduler until every request finished; pops finished ids.
 
         A batch is completed as soon as its forward is enqueued: the device runs batches
@@ -197,6 +210,7 @@ class LocalShard:
         """
         pending: list[tuple[BatchScores, Tensor]] = []
         rows = 0
+        max_rows = MAX_PENDING_ROWS if rich is None else rich.pending_rows(MAX_PENDING_ROWS)
         while requests:
             batch = self.scheduler.schedule()
             if batch is None:
@@ -204,8 +218,9 @@ class LocalShard:
                 raise RuntimeError("internal error: the scheduler has unfinished requests "
                                    "but made no batch; the call was aborted")
             try:
-                scores = self.runner.run(batch, temperature, flat_ent is not None)
                 dst = self._destinations(batch, requests)
+                scores = self.runner.run(batch, temperature, flat_ent is not None,
+                                         rich and rich.row_options(dst, self.config.device))
                 if dst.shape != scores.log_probs.shape:
                     raise RuntimeError(f"internal error: a batch scored "
                                        f"{tuple(scores.log_probs.shape)} rows for "
@@ -218,9 +233,9 @@ class LocalShard:
                 rows += len(dst)
             for rid in self.scheduler.complete(batch):
                 requests.pop(rid)
-            if pending and (rows >= MAX_PENDING_ROWS or not requests):
+            if pending and (rows >= max_rows or not requests):
                 try:
-                    self._copy_scores(pending, flat_lp, flat_ent)
+                    self._copy_scores(pending, flat_lp, flat_ent, rich)
                 except BaseException:
                     self._discard(None, requests)
                     raise
@@ -244,11 +259,12 @@ class LocalShard:
 
     @staticmethod
     def _copy_scores(pending: list[tuple[BatchScores, Tensor]], flat_lp: Tensor,
-                     flat_ent: Tensor | None) -> None:
+                     flat_ent: Tensor | None, rich: RichCall | None = None) -> None:
         """Bring the pending batches' scores to the flat output in one copy and write them
         to their rows: to the host (which waits for the device), or for device outputs
-        within the device (which waits for nothing)."""
-        dst = to_device(torch.cat([d for _, d in pending]), flat_lp.device)
+        within the device (which waits for nothing). Rich outputs go to the host."""
+        host_dst = torch.cat([d for _, d in pending])
+        dst = to_device(host_dst, flat_lp.device)
         parts = [s.log_probs for s, _ in pending]
         if flat_ent is not None:
             parts += [s.entropy for s, _ in pending]
@@ -256,6 +272,9 @@ class LocalShard:
         flat_lp.index_copy_(0, dst, values[:len(dst)])
         if flat_ent is not None:
             flat_ent.index_copy_(0, dst, values[len(dst):])
+        if rich is not None:
+            rich.store(host_dst, {name: torch.cat([s.extras[name] for s, _ in pending]).cpu()
+                                  for name in pending[0][0].extras})
 
     def _discard(self, batch, requests: dict[int, tuple[int, int]]) -> None:
         """The call failed with batches in flight: ``batch`` (None when the failure came

@@ -12,7 +12,8 @@ import importlib
 
 from . import reference
 
-OPS = ("BUILD", "combine_logprob_partials", "logprob_partials", "logprobs",
+OPS = ("BUILD", "combine_logprob_partials", "logprob_mass_above", "logprob_partials",
+       "logprob_topk_partials", "logprobs",
        "paged_prefill_attention", "rms_norm", "rotary_embedding", "silu_and_mul", "store_kv")
 
 __all__ = [*OPS, "Scheduler", "reference", "scheduler_module"]

@@ -47,6 +47,30 @@ def combine_logprob_partials(partials: Tensor) -> tuple[Tensor, Tensor]:
     return _ops.combine_logprob_partials.default(partials)
 
 
+def logprob_topk_partials(logits: Tensor, targets: Tensor, vocab_start: int,
+                          temperature: float, k: int, validate: bool = True
+                          ) -> tuple[Tensor, Tensor, Tensor]:
+    """``logprob_partials`` and the shard's k (1..64) largest x, in one read of the rows.
+
+    Returns (partials [T, 4], values [T, k] fp32, ids [T, k] int64): x = logits * (1 /
+    temperature) in fp32, descending, ties to the lower id, ids global (vocab_start
+    added); past the shard's columns the places hold id -1 and -inf.
+    """
+    return _ops.logprob_topk_partials.default(logits, targets, int(vocab_start),
+                                              float(temperature), int(k), bool(validate))
+
+
+def logprob_mass_above(logits: Tensor, temperature: float, thresholds: Tensor,
+                       ref_m: Tensor) -> Tensor:
+    """[T, n, 2] fp32: over x >= thresholds[t, i] (x = logits * (1 / temperature) in
+    fp32), the sums of e^(x - ref_m[t]) and e^(x - ref_m[t]) (x - ref_m[t]).
+
+    thresholds [T, n] and ref_m [T] fp32, in x units. The second pass of the sampler
+    filters: shards' sums (same ref_m) add up.
+    """
+    return _ops.logprob_mass_above.default(logits, float(temperature), thresholds, ref_m)
+
+
 def store_kv(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
              slot_mapping: Tensor, validate: bool = True) -> None:
     """Write k, v [N, Hk, D] into the paged caches [P, page_size, Hk, D] in place.
@@ -145,6 +169,25 @@ def _combine_fake(partials):
     torch._check(partials.dim() == 3, lambda: f"partials must be [S, T, 4], got {partials.shape}")
     t = partials.shape[1]
     return partials.new_empty((t,)), partials.new_empty((t,))
+
+
+@torch.library.register_fake("tokenspeed::logprob_topk_partials")
+def _logprob_topk_partials_fake(logits, targets, vocab_start, temperature, k, validate=True):
+    _same_device("logprob_topk_partials", logits=logits, targets=targets)
+    torch._check(logits.dim() == 2, lambda: f"logits must be [T, Vs], got {logits.shape}")
+    torch._check(1 <= k <= 64, lambda: f"k must be in [1, 64], got {k}")
+    t = logits.shape[0]
+    return (logits.new_empty((t, 4), dtype=torch.float32),
+            logits.new_empty((t, k), dtype=torch.float32),
+            logits.new_empty((t, k), dtype=torch.int64))
+
+
+@torch.library.register_fake("tokenspeed::logprob_mass_above")
+def _logprob_mass_above_fake(logits, temperature, thresholds, ref_m):
+    _same_device("logprob_mass_above", logits=logits, thresholds=thresholds, ref_m=ref_m)
+    torch._check(thresholds.dim() == 2, lambda: f"thresholds must be [T, n], got "
+                                                f"{thresholds.shape}")
+    return logits.new_empty((logits.shape[0], thresholds.shape[1], 2), dtype=torch.float32)
 
 
 @torch.library.register_fake("tokenspeed::store_kv")

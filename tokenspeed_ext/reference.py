@@ -6,6 +6,7 @@ error can be measured against it. Attention returns [N, Hq, D] in ``dtype`` too.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -147,3 +148,118 @@ def rotary_embedding(positions: Tensor, q: Tensor, k: Tensor, cos_sin_cache: Ten
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
     return rotate(q), rotate(k)
+
+
+def _per_row(value, rows: int, dtype: torch.dtype) -> Tensor:
+    """A scalar or [T] setting as a [T] CPU tensor."""
+    t = torch.as_tensor(value, dtype=dtype).cpu()
+    return t.expand(rows) if t.dim() == 0 else t
+
+
+def sampler_keep(x: Tensor, top_k: int, top_p: float, min_p: float) -> Tensor:
+    """Bool mask of the tokens a sampler keeps in one row x = logits / temperature [V].
+
+    In order, each over what the previous step kept, renormalised: top-k keeps x >= the
+    k-th largest x (ties at the boundary kept, as vLLM's ``x < kth`` mask keeps them;
+    0 = off); top-p keeps a token when the mass of the kept tokens with a strictly larger
+    x is < p (vLLM's rule, with a whole tie group kept or dropped together; 1 = off);
+    min-p keeps p >= min_p * p_max (0 = off).
+    """
+    keep = torch.ones_like(x, dtype=torch.bool)
+    v = x.shape[0]
+    if top_k > 0 and top_k < v:
+        kth = x.sort(descending=True).values[top_k - 1]
+        keep &= x >= kth
+    if top_p < 1.0:
+        probs = torch.softmax(torch.where(keep, x, -math.inf), -1)
+        asc = torch.where(keep, x, -math.inf).sort().values
+        cum = torch.cat([probs.sort().values.cumsum(0), probs.new_zeros(1)])
+        # mass strictly above x_i: total minus the mass of everything <= x_i
+        at_or_below = torch.searchsorted(asc, x, right=True)
+        above = cum[-2] - cum.roll(1)[at_or_below]
+        keep &= above < top_p
+    if min_p > 0.0:
+        probs = torch.softmax(torch.where(keep, x, -math.inf), -1)
+        keep &= probs >= min_p * probs.max()
+    return keep
+
+
+def sampler_logprobs(logits: Tensor, targets: Tensor, temperature: float = 1.0,
+                     top_k=0, top_p=1.0, min_p=0.0, top_logprobs: int = 0,
+                     token_ids: list[list[int]] | None = None,
+                     dtype: torch.dtype = torch.float64) -> dict[str, Any]:
+    """The rich scoring outputs of rows of logits [T, V] under the sampler's processed
+    distribution (sampler_keep, renormalised); top_k, top_p, min_p are scalars or [T].
+
+    Returns log_probs [T] and entropy [T] (over the kept set; a filtered target scores
+    -inf), top_ids / top_logprobs [T, top_logprobs] (the largest x, ties to the lower id,
+    their log-probs under the same distribution; id -1 and -inf past the vocabulary) and,
+    with token_ids (one id list per row), token_logprobs: one [len] tensor per row.
+    """
+    x = logits.to(dtype).cpu() / temperature
+    rows, v = x.shape
+    ks = _per_row(top_k, rows, torch.int64)
+    ps = _per_row(top_p, rows, torch.float64)
+    mins = _per_row(min_p, rows, torch.float64)
+    lp = x.new_empty(rows)
+    ent = x.new_empty(rows)
+    top_ids = torch.full((rows, top_logprobs), -1, dtype=torch.int64)
+    top_lp = x.new_full((rows, top_logprobs), -math.inf)
+    tok = []
+    for r in range(rows):
+        keep = sampler_keep(x[r], int(ks[r]), float(ps[r]), float(mins[r]))
+        logp = torch.log_softmax(torch.where(keep, x[r], -math.inf), -1)
+        lp[r] = logp[int(targets[r])]
+        p = logp.exp()
+        ent[r] = -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum()
+        n = min(top_logprobs, v)
+        # a stable sort of the ids in order keeps equal values in ascending id order
+        order = torch.sort(x[r], descending=True, stable=True).indices[:n]
+        top_ids[r, :n] = order
+        top_lp[r, :n] = logp[order]
+        if token_ids is not None:
+            tok.append(logp[torch.as_tensor(token_ids[r], dtype=torch.int64)])
+    out = {"log_probs": lp, "entropy": ent, "top_ids": top_ids, "top_logprobs": top_lp}
+    if token_ids is not None:
+        out["token_logprobs"] = tok
+    return out
+
+
+def _topk_order(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k largest of rows x [T, V] (ties to the lower column), padded with -inf, -1."""
+    rows, v = x.shape
+    n = min(k, v)
+    order = torch.sort(x, dim=-1, descending=True, stable=True).indices[:, :n]
+    vals = torch.full((rows, k), -math.inf, dtype=x.dtype)
+    ids = torch.full((rows, k), -1, dtype=torch.int64)
+    vals[:, :n] = x.gather(-1, order)
+    ids[:, :n] = order
+    return vals, ids
+
+
+def logprob_topk_partials(logits: Tensor, targets: Tensor, vocab_start: int,
+                          temperature: float, k: int, dtype: torch.dtype = torch.float64
+                          ) -> tuple[Tensor, Tensor, Tensor]:
+    """(partials [T, 4], values [T, k] of x, global ids [T, k]) of one shard; see
+    tokenspeed_ext.ops.logprob_topk_partials. The candidates are ordered from the fp32
+    x = logits * (1 / temperature) the kernels compare, so ties match theirs."""
+    x32 = logits.float().cpu() * (1.0 / temperature)
+    _, ids = _topk_order(x32, k)
+    vals = torch.where(ids >= 0, (logits.to(dtype).cpu() / temperature).gather(
+        -1, ids.clamp_min(0)), torch.full(ids.shape, -math.inf, dtype=dtype))
+    parts = logprob_partials(logits, targets, vocab_start, temperature, dtype)
+    return parts, vals, torch.where(ids >= 0, ids + vocab_start, ids)
+
+
+def logprob_mass_above(logits: Tensor, temperature: float, thresholds: Tensor, ref_m: Tensor,
+                       dtype: torch.dtype = torch.float64) -> Tensor:
+    """[T, n, 2]: sum of e^(x - ref_m) and e^(x - ref_m) (x - ref_m) over x >= each of a
+    row's n thresholds, x = fp32 logits * (1 / temperature) as the kernels compare it."""
+    x32 = logits.float().cpu() * (1.0 / temperature)
+    x = logits.to(dtype).cpu() / temperature
+    d = x - ref_m.to(dtype).cpu().unsqueeze(-1)
+    e = torch.where(torch.isneginf(x32), torch.zeros_like(d), d.exp())
+    w = torch.where(e > 0, e * d, torch.zeros_like(d))
+    inside = x32.unsqueeze(1) >= thresholds.float().cpu().unsqueeze(-1)  # [T, n, V]
+    return torch.stack([(inside * e.unsqueeze(1)).sum(-1), (inside * w.unsqueeze(1)).sum(-1)],
+                       dim=-1)

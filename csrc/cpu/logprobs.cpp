@@ -1,4 +1,6 @@
-// CPU log-prob kernels: logprobs, logprob_partials, combine_logprob_partials.
+// CPU log-prob kernels: logprobs, logprob_partials, combine_logprob_partials, and for
+// the sampler outputs logprob_topk_partials (the same row state plus the row's k largest
+// x, taken in the same read of the row) and logprob_mass_above (a second pass).
 //
 // Fuses temperature scaling, the log-sum-exp, the target gather and the entropy into one
 // read of each logits row; never writes [T, V] nor any fp32 copy of a row (a 512-column
@@ -13,6 +15,8 @@
 #include <algorithm>
 #include <cmath>
 #include <tuple>
+#include <utility>
+#include <vector>
 
 #include "cpu/cpu_math.h"
 #include "op_checks.h"
@@ -27,6 +31,9 @@ struct RowState {
 };
 
 constexpr int64_t kBlock = 512;
+
+// The on_block of the ops that need nothing but the row state.
+constexpr auto kNoBlockFn = [](auto&&...) {};
 
 // Max of buf[0, n) after padding it with -inf to whole vectors. Built for AVX2 too, as
 // the 8-lane select only becomes a single instruction there.
@@ -75,14 +82,17 @@ void accumulate_block(const float* __restrict__ buf, int64_t n, float m, float& 
 
 // One pass over a row with online rescaling: when the running max moves from m to
 // m' > m, every term exp(x - m) gains a = exp(m - m') and every (x - m) gains
-// delta = m - m', so s' = a * s and w' = a * (w + s * delta).
-template <typename scalar_t>
-RowState row_state(const scalar_t* row, int64_t v, float inv_temp, int64_t target) {
+// delta = m - m', so s' = a * s and w' = a * (w + s * delta). on_block(x, j0, n) sees
+// each block's scaled values x[0, n) (columns j0 ..) while they are in L1.
+template <typename scalar_t, typename BlockFn>
+RowState row_state(const scalar_t* row, int64_t v, float inv_temp, int64_t target,
+                   BlockFn&& on_block) {
   alignas(64) float buf[kBlock];
   float m = kNegInf, s = 0.0f, w = 0.0f;
   for (int64_t j0 = 0; j0 < v; j0 += kBlock) {
     const int64_t n = std::min(kBlock, v - j0);
     const float bm = load_block(row + j0, n, inv_temp, buf);
+    on_block(static_cast<const float*>(buf), j0, n);
     if (bm == kNegInf) continue;  // an all -inf block adds nothing
     if (bm > m) {
       if (m != kNegInf) {
@@ -110,9 +120,10 @@ std::pair<float, float> finalize(const RowState& st) {
 }
 
 // Calls fn(row, RowState) for every row in parallel; targets are shifted by -offset.
-template <typename Fn>
+// on_block(row, x, j0, n) sees every block of scaled values on the way (row_state).
+template <typename Fn, typename BlockFn>
 void for_each_row_state(const at::Tensor& logits, const at::Tensor& targets, int64_t offset,
-                        double temperature, Fn&& fn) {
+                        double temperature, Fn&& fn, BlockFn&& on_block) {
   const int64_t t_rows = logits.size(0), v = logits.size(1);
   const int64_t row_stride = logits.stride(0);
   const float inv_temp = static_cast<float>(1.0 / temperature);
@@ -125,7 +136,10 @@ void for_each_row_state(const at::Tensor& logits, const at::Tensor& targets, int
         const scalar_t* base = logits.const_data_ptr<scalar_t>();
         at::parallel_for(0, t_rows, grain, [&](int64_t begin, int64_t end) {
           for (int64_t r = begin; r < end; ++r)
-            fn(r, row_state(base + r * row_stride, v, inv_temp, tgt[r] - offset));
+            fn(r, row_state(base + r * row_stride, v, inv_temp, tgt[r] - offset,
+                            [&](const float* x, int64_t j0, int64_t n) {
+                              on_block(r, x, j0, n);
+                            }));
         });
       });
 }
@@ -142,29 +156,135 @@ std::tuple<at::Tensor, at::Tensor> logprobs_cpu(const at::Tensor& logits,
   at::Tensor ent = at::empty({return_entropy ? t_rows : 0}, f32);
   float* lp_p = lp.data_ptr<float>();
   float* ent_p = return_entropy ? ent.data_ptr<float>() : nullptr;
-  for_each_row_state(logits, targets, 0, temperature, [&](int64_t r, const RowState& st) {
-    const auto [l, e] = finalize(st);
-    lp_p[r] = l;
-    if (ent_p != nullptr) ent_p[r] = e;
-  });
+  for_each_row_state(
+      logits, targets, 0, temperature,
+      [&](int64_t r, const RowState& st) {
+        const auto [l, e] = finalize(st);
+        lp_p[r] = l;
+        if (ent_p != nullptr) ent_p[r] = e;
+      },
+      kNoBlockFn);
   return {lp, ent};
 }
 
-at::Tensor logprob_partials_cpu(const at::Tensor& logits, const at::Tensor& targets,
-                                int64_t vocab_start, double temperature, bool validate) {
+// The partials [T, 4] of a shard; on_block as in for_each_row_state.
+template <typename BlockFn>
+at::Tensor shard_partials(const at::Tensor& logits, const at::Tensor& targets,
+                          int64_t vocab_start, double temperature, bool validate,
+                          BlockFn&& on_block) {
   check_logits_targets(logits, targets);
   check_temperature(temperature);
   check_vocab_start(vocab_start);
   if (validate) check_target_range(targets, 0, -1);
   at::Tensor out = at::empty({logits.size(0), 4}, logits.options().dtype(at::kFloat));
   float* o = out.data_ptr<float>();
-  for_each_row_state(logits, targets, vocab_start, temperature,
-                     [&](int64_t r, const RowState& st) {
-                       o[4 * r + 0] = st.m;
-                       o[4 * r + 1] = st.s;
-                       o[4 * r + 2] = st.w;
-                       o[4 * r + 3] = st.t;
-                     });
+  for_each_row_state(
+      logits, targets, vocab_start, temperature,
+      [&](int64_t r, const RowState& st) {
+        o[4 * r + 0] = st.m;
+        o[4 * r + 1] = st.s;
+        o[4 * r + 2] = st.w;
+        o[4 * r + 3] = st.t;
+      },
+      on_block);
+  return out;
+}
+
+at::Tensor logprob_partials_cpu(const at::Tensor& logits, const at::Tensor& targets,
+                                int64_t vocab_start, double temperature, bool validate) {
+  return shard_partials(logits, targets, vocab_start, temperature, validate, kNoBlockFn);
+}
+
+// Adds a block of x (columns j0 ..) to a row's k largest, kept descending in vals/ids with
+// n of k places filled; ties go to the lower column, as columns arrive in ascending
+// order and a later equal value never displaces an earlier one. Nan is never a candidate.
+void add_topk(const float* x, int64_t j0, int64_t count, int64_t k, float* vals, int64_t* ids,
+              int64_t& n) {
+  for (int64_t c = 0; c < count; ++c) {
+    const float xv = x[c];
+    if (xv != xv || (n == k && !(xv > vals[k - 1]))) continue;
+    int64_t i = n < k ? n++ : k - 1;
+    for (; i > 0 && vals[i - 1] < xv; --i) {
+      vals[i] = vals[i - 1];
+      ids[i] = ids[i - 1];
+    }
+    vals[i] = xv;
+    ids[i] = j0 + c;
+  }
+}
+
+// The partials and each row's k largest x from the same read of the row (add_topk on
+// every block row_state loads). Unfilled places keep (-inf, -1); ids become global.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> logprob_topk_partials_cpu(
+    const at::Tensor& logits, const at::Tensor& targets, int64_t vocab_start,
+    double temperature, int64_t k, bool validate) {
+  check_logits_targets(logits, targets);
+  check_topk(k);
+  const int64_t t_rows = logits.size(0);
+  at::Tensor vals = at::full({t_rows, k}, kNegInf, logits.options().dtype(at::kFloat));
+  at::Tensor ids = at::full({t_rows, k}, -1, logits.options().dtype(at::kLong));
+  std::vector<int64_t> filled(t_rows, 0);
+  float* vp = vals.data_ptr<float>();
+  int64_t* ip = ids.data_ptr<int64_t>();
+  at::Tensor parts = shard_partials(
+      logits, targets, vocab_start, temperature, validate,
+      [&](int64_t r, const float* x, int64_t j0, int64_t n) {
+        add_topk(x, j0, n, k, vp + r * k, ip + r * k, filled[r]);
+      });
+  return {parts, vals, at::where(ids >= 0, ids + vocab_start, ids)};
+}
+
+// Each x lands in the bin of the largest threshold <= x (thresholds sorted per row), and
+// the suffix sums of the bins give every threshold's mass at once. Sums in double.
+at::Tensor logprob_mass_above_cpu(const at::Tensor& logits, double temperature,
+                                  const at::Tensor& thresholds, const at::Tensor& ref_m) {
+  check_mass_above(logits, thresholds, ref_m);
+  check_temperature(temperature);
+  const int64_t t_rows = logits.size(0), v = logits.size(1), row_stride = logits.stride(0);
+  const int64_t n = thresholds.size(1);
+  const float inv_temp = static_cast<float>(1.0 / temperature);
+  const at::Tensor th = thresholds.contiguous(), rm = ref_m.contiguous();
+  at::Tensor out = at::zeros({t_rows, n, 2}, logits.options().dtype(at::kFloat));
+  const float* thp = th.const_data_ptr<float>();
+  const float* rmp = rm.const_data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, logits.scalar_type(), "tokenspeed_mass_above", [&] {
+        const scalar_t* base = logits.const_data_ptr<scalar_t>();
+        at::parallel_for(0, t_rows, 1, [&](int64_t b, int64_t e) {
+          std::vector<std::pair<float, int64_t>> sorted;
+          std::vector<double> bin_s, bin_w;
+          for (int64_t r = b; r < e; ++r) {
+            sorted.clear();
+            for (int64_t i = 0; i < n; ++i)  // a nan threshold keeps nothing: mass 0
+              if (thp[r * n + i] == thp[r * n + i]) sorted.emplace_back(thp[r * n + i], i);
+            std::sort(sorted.begin(), sorted.end());
+            bin_s.assign(sorted.size(), 0.0);
+            bin_w.assign(sorted.size(), 0.0);
+            const scalar_t* row = base + r * row_stride;
+            const double m = rmp[r];
+            for (int64_t j = 0; j < v; ++j) {
+              const float x = to_float(row[j]) * inv_temp;
+              if (x == kNegInf || x != x) continue;
+              const auto it = std::upper_bound(sorted.begin(), sorted.end(),
+                                               std::make_pair(x, INT64_MAX));
+              if (it == sorted.begin()) continue;
+              const auto bin = (it - sorted.begin()) - 1;
+              const double d = double(x) - m, p = std::exp(d);
+              bin_s[bin] += p;
+              bin_w[bin] += p * d;
+            }
+            double s = 0.0, w = 0.0;
+            for (int64_t i = int64_t(sorted.size()) - 1; i >= 0; --i) {
+              s += bin_s[i];
+              w += bin_w[i];
+              float* dst = o + (r * n + sorted[i].second) * 2;
+              dst[0] = static_cast<float>(s);
+              dst[1] = static_cast<float>(w);
+            }
+          }
+        });
+      });
   return out;
 }
 
@@ -214,4 +334,6 @@ TORCH_LIBRARY_IMPL(tokenspeed, CPU, m) {
   m.impl("logprobs", &tokenspeed::cpu::logprobs_cpu);
   m.impl("logprob_partials", &tokenspeed::cpu::logprob_partials_cpu);
   m.impl("combine_logprob_partials", &tokenspeed::cpu::combine_logprob_partials_cpu);
+  m.impl("logprob_topk_partials", &tokenspeed::cpu::logprob_topk_partials_cpu);
+  m.impl("logprob_mass_above", &tokenspeed::cpu::logprob_mass_above_cpu);
 }

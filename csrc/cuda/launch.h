@@ -22,10 +22,21 @@ int64_t logprob_num_chunks(int64_t V, DType dtype);
 // Per-chunk states [rows, C, 4] fp32 (m, s, w, t; m and t in logit units) of
 // logits [rows, V] (row stride ld elements, unit column stride). targets [rows] int32 or
 // int64 (element stride targets_stride), global ids; the shard starts at vocab_start.
+// topk > 0 (<= 64): also each chunk's topk largest x = logit * inv_temp, descending, ties
+// to the lower id, into cand_vals [rows, C, topk] fp32 and cand_ids [rows, C, topk] int64
+// (global ids; -inf and -1 past the row), from the same read of the logits.
 cudaError_t launch_logprob_chunks(const void* logits, DType dtype, int64_t rows, int64_t ld,
                                   int64_t V, const void* targets, bool targets_int64,
                                   int64_t targets_stride, int64_t vocab_start, float inv_temp,
-                                  float* state, cudaStream_t stream);
+                                  float* state, int topk, float* cand_vals, int64_t* cand_ids,
+                                  cudaStream_t stream);
+
+// out [rows, n, 2] fp32: over x = logit * inv_temp >= thresholds[r, i] (thresholds
+// [rows, n] fp32 contiguous, n <= 256), sum e^(x - ref_m[r]) and e^(x - ref_m[r]) (x -
+// ref_m[r]). logits [rows, V] with row stride ld.
+cudaError_t launch_mass_above(const void* logits, DType dtype, int64_t rows, int64_t ld,
+                              int64_t V, float inv_temp, const float* thresholds, int64_t n,
+                              const float* ref_m, float* out, cudaStream_t stream);
 
 // Ordered merge of n fp32 states per row (row r's item i at
 // states[(r * row_stride + i * item_stride) * 4]). Writes either merged [rows, 4] (scaled

@@ -2,6 +2,7 @@
 // the ops that call them live in logprobs_host.cpp.
 #include "cuda/launch.h"
 #include "cuda/logprobs.cuh"
+#include "cuda/logprobs_mass.cuh"
 
 namespace tokenspeed {
 namespace cuda {
@@ -22,14 +23,38 @@ int64_t logprob_num_chunks(int64_t V, DType dtype) {
 cudaError_t launch_logprob_chunks(const void* logits, DType dtype, int64_t rows, int64_t ld,
                                   int64_t V, const void* targets, bool targets_int64,
                                   int64_t targets_stride, int64_t vocab_start, float inv_temp,
-                                  float* state, cudaStream_t stream) {
+                                  float* state, int topk, float* cand_vals, int64_t* cand_ids,
+                                  cudaStream_t stream) {
   const int64_t chunks = logprob_num_chunks(V, dtype);
   const auto blocks = static_cast<unsigned>(rows * chunks);
   auto launch = [&](auto tag) {
     using T = decltype(tag);
-    logprob_chunk_kernel<T><<<blocks, kLpThreads, 0, stream>>>(
-        static_cast<const T*>(logits), ld, V, targets, targets_int64, targets_stride,
-        vocab_start, inv_temp, reinterpret_cast<float4*>(state), static_cast<int>(chunks));
+    auto* out = reinterpret_cast<float4*>(state);
+    if (topk > 0)
+      logprob_chunk_kernel<T, true><<<blocks, kLpThreads, 0, stream>>>(
+          static_cast<const T*>(logits), ld, V, targets, targets_int64, targets_stride,
+          vocab_start, inv_temp, out, static_cast<int>(chunks), topk, cand_vals, cand_ids);
+    else
+      logprob_chunk_kernel<T, false><<<blocks, kLpThreads, 0, stream>>>(
+          static_cast<const T*>(logits), ld, V, targets, targets_int64, targets_stride,
+          vocab_start, inv_temp, out, static_cast<int>(chunks), 0, nullptr, nullptr);
+  };
+  switch (dtype) {
+    case DType::kBFloat16: launch(__nv_bfloat16{}); break;
+    case DType::kFloat16: launch(__half{}); break;
+    case DType::kFloat32: launch(float{}); break;
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t launch_mass_above(const void* logits, DType dtype, int64_t rows, int64_t ld,
+                              int64_t V, float inv_temp, const float* thresholds, int64_t n,
+                              const float* ref_m, float* out, cudaStream_t stream) {
+  auto launch = [&](auto tag) {
+    using T = decltype(tag);
+    mass_above_kernel<T><<<static_cast<unsigned>(rows), kMassThreads, 0, stream>>>(
+        static_cast<const T*>(logits), ld, V, inv_temp, thresholds, static_cast<int>(n), ref_m,
+        out);
   };
   switch (dtype) {
     case DType::kBFloat16: launch(__nv_bfloat16{}); break;

@@ -23,6 +23,10 @@
  * reduction order are fixed in column space, so a row's result depends neither on T nor
  * on the other rows, nor on whether its row start happens to be 16-byte aligned (an
  * unaligned row loads the same elements into the same threads with scalar loads).
+ *
+ * The kTopK instantiation (logprob_topk_partials) computes the same state and then, from
+ * the registers already holding the chunk, the chunk's k largest x (logprobs_topk.cuh):
+ * still one read of the logits, [T, C, k] candidates written besides the state.
  */
 #pragma once
 
@@ -34,6 +38,7 @@
 
 #include "cuda/dtype.cuh"
 #include "cuda/fast_math.cuh"
+#include "cuda/logprobs_topk.cuh"
 
 namespace tokenspeed {
 namespace cuda {
@@ -104,13 +109,15 @@ __device__ __forceinline__ LpState merge_state(LpState a, LpState b, float inv_t
 
 // Block b: chunk b % num_chunks of row b / num_chunks. logits [T, V] (row stride ld
 // elements), targets [T] int32/int64 (stride tgt_stride), global ids of a shard starting
-// at vocab_start; state out [T, C, 4].
-template <typename T>
-__global__ void __launch_bounds__(kLpThreads, 3)
+// at vocab_start; state out [T, C, 4]. kTopK: also the chunk's k best x and their global
+// ids into cand_vals, cand_ids [T, C, k].
+template <typename T, bool kTopK>
+__global__ void __launch_bounds__(kLpThreads, kTopK ? 2 : 3)
     logprob_chunk_kernel(const T* __restrict__ logits, int64_t ld, int64_t V,
                          const void* __restrict__ targets, bool tgt64, int64_t tgt_stride,
                          int64_t vocab_start, float inv_temp, float4* __restrict__ state,
-                         int num_chunks) {
+                         int num_chunks, int k, float* __restrict__ cand_vals,
+                         int64_t* __restrict__ cand_ids) {
   constexpr int kVec = 16 / sizeof(T);
   constexpr int kCols = lp_chunk_cols<T>();
   const int64_t row = blockIdx.x / num_chunks;
@@ -146,7 +153,8 @@ __global__ void __launch_bounds__(kLpThreads, 3)
   __shared__ float warp_max[kLpThreads / 32];
   __shared__ float2 warp_sw[kLpThreads / 32];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  float m = raw_max<T>(raw);
+  const float thread_max = raw_max<T>(raw);
+  float m = thread_max;
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
   if (lane == 0) warp_max[warp] = m;
@@ -191,6 +199,11 @@ __global__ void __launch_bounds__(kLpThreads, 3)
       w += warp_sw[i].y;
     }
     state[blockIdx.x] = make_float4(m, s, w * 0.6931471805599453f, t);
+  }
+  if constexpr (kTopK) {
+    block_topk<T, kLpThreads>(raw, V - c0, inv_temp, k, thread_max, vocab_start + c0,
+                              cand_vals + int64_t(blockIdx.x) * k,
+                              cand_ids + int64_t(blockIdx.x) * k);
   }
 }
 

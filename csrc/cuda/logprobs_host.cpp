@@ -1,5 +1,5 @@
 // CUDA host side of the log-prob ops (logprobs, logprob_partials,
-// combine_logprob_partials): argument checks, device guard, output allocation and error
+// combine_logprob_partials, logprob_topk_partials, logprob_mass_above): argument checks, device guard, output allocation and error
 // reporting over the launch functions of launch.h (kernels in logprobs.cuh).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -20,20 +20,29 @@ namespace {
 
 float inv_temperature(double temperature) { return static_cast<float>(1.0 / temperature); }
 
-// Chunk states [T, C, 4] (m and t in logit units) of logits [T, V], targets global ids.
+// Chunk states [T, C, 4] (m and t in logit units) of logits [T, V], targets global ids;
+// with topk > 0 also each chunk's candidates into cand_vals, cand_ids [T, C, topk].
 at::Tensor chunk_states(const at::Tensor& logits, const at::Tensor& targets,
-                        int64_t vocab_start, double temperature, cudaStream_t stream) {
+                        int64_t vocab_start, double temperature, cudaStream_t stream,
+                        int64_t topk = 0, at::Tensor* cand_vals = nullptr,
+                        at::Tensor* cand_ids = nullptr) {
   const int64_t rows = logits.size(0), v = logits.size(1);
   const DType dtype = dtype_of(logits);
   const int64_t chunks = logprob_num_chunks(v, dtype);
   TS_CHECK(rows * chunks <= std::numeric_limits<int32_t>::max(), "logits has ", rows,
               " rows of ", v, " columns, more than one launch handles");
   at::Tensor state = at::empty({rows, chunks, 4}, logits.options().dtype(at::kFloat));
+  if (topk > 0) {
+    *cand_vals = at::empty({rows, chunks, topk}, logits.options().dtype(at::kFloat));
+    *cand_ids = at::empty({rows, chunks, topk}, logits.options().dtype(at::kLong));
+  }
   const int64_t ld = rows > 1 ? logits.stride(0) : v;
   C10_CUDA_CHECK(launch_logprob_chunks(
       logits.const_data_ptr(), dtype, rows, ld, v, targets.const_data_ptr(),
       targets.scalar_type() == at::kLong, targets.stride(0), vocab_start,
-      inv_temperature(temperature), state.data_ptr<float>(), stream));
+      inv_temperature(temperature), state.data_ptr<float>(), static_cast<int>(topk),
+      topk > 0 ? cand_vals->data_ptr<float>() : nullptr,
+      topk > 0 ? cand_ids->data_ptr<int64_t>() : nullptr, stream));
   return state;
 }
 
@@ -88,6 +97,66 @@ at::Tensor logprob_partials_cuda(const at::Tensor& logits, const at::Tensor& tar
   return out;
 }
 
+// The k best of a row's C chunk lists [T, C, k] (each descending): candidates [T, C * k]
+// sorted stably by id (the padding -1 last), then stably by value, descending, so equal
+// values keep ascending ids. Tiny next to the logits: C * k entries a row.
+std::tuple<at::Tensor, at::Tensor> merge_chunk_candidates(const at::Tensor& vals,
+                                                          const at::Tensor& ids, int64_t k) {
+  const int64_t rows = vals.size(0);
+  if (vals.size(1) == 1) return {vals.view({rows, k}), ids.view({rows, k})};
+  const at::Tensor v = vals.view({rows, -1}), i = ids.view({rows, -1});
+  const at::Tensor id_key = at::where(i < 0, std::numeric_limits<int64_t>::max(), i);
+  const at::Tensor by_id = std::get<1>(at::sort(id_key, /*stable=*/true, 1, false));
+  const at::Tensor by_value =
+      std::get<1>(at::sort(v.gather(1, by_id), /*stable=*/true, 1, /*descending=*/true));
+  const at::Tensor order = by_id.gather(1, by_value).narrow(1, 0, k);
+  return {v.gather(1, order), i.gather(1, order)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> logprob_topk_partials_cuda(
+    const at::Tensor& logits, const at::Tensor& targets, int64_t vocab_start,
+    double temperature, int64_t k, bool validate) {
+  check_logits_targets(logits, targets);
+  check_cuda(logits, "logits");
+  check_temperature(temperature);
+  check_vocab_start(vocab_start);
+  check_topk(k);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const int64_t rows = logits.size(0);
+  const auto f32 = logits.options().dtype(at::kFloat);
+  at::Tensor out = at::empty({rows, 4}, f32);
+  if (rows == 0)
+    return {out, at::empty({0, k}, f32), at::empty({0, k}, logits.options().dtype(at::kLong))};
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  at::Tensor vals, ids;
+  const at::Tensor state =
+      chunk_states(logits, targets, vocab_start, temperature, stream, k, &vals, &ids);
+  const int64_t chunks = state.size(1);
+  merge(state, chunks, 1, chunks, rows, inv_temperature(temperature), out.data_ptr<float>(),
+        nullptr, nullptr, stream);
+  auto [top_vals, top_ids] = merge_chunk_candidates(vals, ids, k);
+  if (validate) check_target_range(targets, 0, -1);
+  return {out, top_vals, top_ids};
+}
+
+at::Tensor logprob_mass_above_cuda(const at::Tensor& logits, double temperature,
+                                   const at::Tensor& thresholds, const at::Tensor& ref_m) {
+  check_mass_above(logits, thresholds, ref_m);
+  check_cuda(logits, "logits");
+  check_temperature(temperature);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const int64_t rows = logits.size(0), n = thresholds.size(1);
+  at::Tensor out = at::empty({rows, n, 2}, logits.options().dtype(at::kFloat));
+  if (rows == 0 || n == 0) return out;
+  const at::Tensor th = thresholds.contiguous(), rm = ref_m.contiguous();
+  const int64_t ld = rows > 1 ? logits.stride(0) : logits.size(1);
+  C10_CUDA_CHECK(launch_mass_above(logits.const_data_ptr(), dtype_of(logits), rows, ld,
+                                   logits.size(1), inv_temperature(temperature),
+                                   th.const_data_ptr<float>(), n, rm.const_data_ptr<float>(),
+                                   out.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()));
+  return out;
+}
+
 std::tuple<at::Tensor, at::Tensor> combine_logprob_partials_cuda(const at::Tensor& partials) {
   check_partials(partials);
   check_cuda(partials, "partials");
@@ -107,4 +176,6 @@ TORCH_LIBRARY_IMPL(tokenspeed, CUDA, m) {
   m.impl("logprobs", &tokenspeed::cuda::logprobs_cuda);
   m.impl("logprob_partials", &tokenspeed::cuda::logprob_partials_cuda);
   m.impl("combine_logprob_partials", &tokenspeed::cuda::combine_logprob_partials_cuda);
+  m.impl("logprob_topk_partials", &tokenspeed::cuda::logprob_topk_partials_cuda);
+  m.impl("logprob_mass_above", &tokenspeed::cuda::logprob_mass_above_cuda);
 }

@@ -7,6 +7,8 @@ the ranks' partials with the same op.
 """
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import tokenspeed_ext as tse
@@ -17,6 +19,8 @@ from torch import Tensor, nn
 from ..parallel.group import tp_group, vocab_range
 from .embedding import VocabEmbedding, vocab_loader
 from .gemm import batch_invariant, in_row_blocks, row_block
+from .sampler_filters import (RichRows, RowOptions, finish_rows, gather_token_logits,
+                              merge_candidates, merge_state)
 
 # logits held at once by the non-lean head: 256 MiB in fp32
 MAX_LOGITS_ELEMENTS = 1 << 26
@@ -41,6 +45,23 @@ def head_logits(hidden: Tensor, weight: Tensor, row_block: int | None = None) ->
         def product(rows: Tensor) -> Tensor:
             return F.linear(rows, weight)
     return product(hidden) if row_block is None else in_row_blocks(product, hidden, row_block)
+
+
+def _ordered_mass_above(logits: Tensor, temperature: float, thresholds: Tensor,
+                        ref_m: Tensor) -> Tensor:
+    """tse.logprob_mass_above in a fixed summation order (torch's row reductions), for
+    batch-invariant mode: a pass over [T, V] per threshold, on the rare rows whose kept
+    set the candidates do not settle."""
+    x = logits.float() * (1.0 / temperature)
+    finite = x > -math.inf
+    d = torch.where(finite, x - ref_m[:, None], 0.0)
+    p = torch.where(finite, d.exp(), 0.0)
+    out = thresholds.new_empty((*thresholds.shape, 2))
+    for i in range(thresholds.shape[1]):
+        keep = x >= thresholds[:, i:i + 1]
+        out[:, i, 0] = torch.where(keep, p, 0.0).sum(-1)
+        out[:, i, 1] = torch.where(keep, p * d, 0.0).sum(-1)
+    return out
 
 
 @dataclass(frozen=True)
@@ -126,6 +147,108 @@ class LogprobHead(nn.Module):
         step = min(step, row_block(hidden))
         return step, step
 
+    def forward_rich(self, hidden: Tensor, targets: Tensor, temperature: float,
+                     opts: RowOptions, validate: bool = False) -> RichRows:
+        """The sampler-filtered log-probs, entropy, top-k and requested-id log-probs of
+        every row (sampler_filters.py), from the same read of the logits that gives the
+        partials, in bounded row blocks; a second pass over a block's logits only for
+        the rows whose kept set the candidates do not settle."""
+        if validate:
+            self._check_targets(targets)
+        step, block = self._rows_at_once(self._block_width(), hidden)
+        blocks = [self._rich_block(hidden[r:r + step], targets[r:r + step], temperature,
+                                   opts.rows(r, r + step), block)
+                  for r in range(0, hidden.shape[0], step)]
+        return RichRows(*(None if parts[0] is None else torch.cat(parts)
+                          for parts in zip(*(vars(b).values() for b in blocks))))
+
+    def _block_width(self) -> int:
+        """Logits columns a row of a block holds at once. Under tensor parallelism it is
+        the widest shard's (rank 0's), so that every rank cuts the same blocks and runs
+        the same collectives."""
+        width = self.head_weight().shape[0]
+        if self.tp.size > 1:
+            start, end = vocab_range(self.vocab_size, 0, self.tp.size)
+            return (end - start) * (self.tp.size if self.options.gather_logits else 1)
+        chunk = self.options.vocab_chunk
+        if self.tp.size == 1 and chunk is not None and chunk < width:
+            return chunk
+        return width
+
+    def _logit_sources(self, hidden: Tensor, block: int | None
+                       ) -> list[tuple[Callable[[], Tensor], int]]:
+        """(logits of a vocabulary piece, its first id) that together cover what this rank
+        scores: its shard, the lean chunks, or the gathered full rows. Each call of a
+        piece computes its logits again (a lean chunk is never kept), except a whole-row
+        block, which is kept for a second pass."""
+        weight = self.head_weight()
+        if self.tp.size > 1 and self.options.gather_logits:
+            full = self._gather_block(hidden, block)
+            return [(lambda: full, 0)]
+        if self.tp.size > 1:
+            local = head_logits(hidden, weight, block)
+            return [(lambda: local, self.vocab_start)]
+        chunk = self.options.vocab_chunk
+        if chunk is None or chunk >= weight.shape[0]:
+            whole = head_logits(hidden, weight, block)
+            return [(lambda: whole, 0)]
+        return [((lambda s=start: head_logits(hidden, weight[s:s + chunk], block)), start)
+                for start in range(0, weight.shape[0], chunk)]
+
+    def _across_ranks(self, x: Tensor) -> Tensor:
+        """[C, ...] per-piece values of this rank -> [ranks * C, ...] in rank order (the
+        same on every rank); unchanged without a vocabulary split across ranks."""
+        if self.tp.size == 1 or self.options.gather_logits:
+            return x
+        return self.tp.all_gather(x).flatten(0, 1)
+
+    def _rich_block(self, hidden: Tensor, targets: Tensor, temperature: float,
+                    opts: RowOptions, block: int | None) -> RichRows:
+        sources = self._logit_sources(hidden, block)
+        parts, vals, ids, tok = [], [], [], []
+        for logits, start in sources:
+            x = logits()
+            if opts.needs_candidates:
+                p, v, i = tse.logprob_topk_partials(x, targets, start, temperature,
+                                                    opts.candidates, validate=False)
+            else:  # requested ids alone: the plain partials and an empty candidate list
+                p = tse.logprob_partials(x, targets, start, temperature, validate=False)
+                v = torch.full((x.shape[0], 1), -math.inf, device=x.device)
+                i = torch.full((x.shape[0], 1), -1, dtype=torch.int64, device=x.device)
+            parts.append(p)
+            vals.append(v)
+            ids.append(i)
+            if opts.token_ids is not None:
+                tok.append(gather_token_logits(x, start, opts.token_ids, temperature))
+        state = merge_state(self._across_ranks(torch.stack(parts)))
+        values, cand_ids = merge_candidates(self._across_ranks(torch.stack(vals)),
+                                            self._across_ranks(torch.stack(ids)),
+                                            opts.candidates)
+        token_x = self._across_ranks(torch.stack(tok)).max(0).values if tok else None
+
+        # the CUDA kernel adds with shared-memory atomics (last bits vary run to run)
+        mass = (_ordered_mass_above if self.invariant and hidden.is_cuda
+                else tse.logprob_mass_above)
+
+        def mass_above(thresholds: Tensor, ref_m: Tensor) -> Tensor:
+            sums = torch.stack([mass(logits(), temperature, thresholds, ref_m)
+                                for logits, _ in sources])
+            return self._across_ranks(sums).sum(0)
+
+        return finish_rows(state, values, cand_ids, token_x, opts, mass_above)
+
+    def _gather_block(self, hidden: Tensor, block: int | None) -> Tensor:
+        """Full-vocabulary logits [rows, V] of a row block, all-gathered from the ranks'
+        shards (padded to equal widths for the collective, the padding cut)."""
+        size = self.tp.size
+        bounds = [vocab_range(self.vocab_size, r, size) for r in range(size)]
+        width = max(end - start for start, end in bounds)
+        local = F.pad(head_logits(hidden, self.head_weight(), block),
+                      (0, width - self.head_weight().shape[0]))
+        shards = self.tp.all_gather(local)
+        return torch.cat([shards[i, :, :end - start] for i, (start, end) in enumerate(bounds)],
+                         dim=1)
+
     def _check_targets(self, targets: Tensor) -> None:
         outside = (targets < 0) | (targets >= self.vocab_size)
         if outside.any():
@@ -147,19 +270,13 @@ class LogprobHead(nn.Module):
                          ) -> tuple[Tensor, Tensor]:
         """All-gather each row block's logits and score full rows. Blocks are sized by
         the whole vocabulary, so every rank runs the same number of collectives."""
-        weight = self.head_weight()
         size = self.tp.size
         bounds = [vocab_range(self.vocab_size, r, size) for r in range(size)]
         width = max(end - start for start, end in bounds)
         step, block = self._rows_at_once(size * width, hidden)
         lps, ents = [], []
         for r in range(0, hidden.shape[0], step):
-            local = head_logits(hidden[r:r + step], weight, block)
-            # all_gather needs equal shapes: pad the shorter shards, then cut the padding
-            local = F.pad(local, (0, width - local.shape[1]))
-            shards = self.tp.all_gather(local)
-            logits = torch.cat([shards[i, :, :end - start]
-                                for i, (start, end) in enumerate(bounds)], dim=1)
+            logits = self._gather_block(hidden[r:r + step], block)
             lp, ent = tse.logprobs(logits, targets[r:r + step], temperature, True,
                                    validate=False)
             lps.append(lp)

@@ -1,0 +1,219 @@
+/*
+ * Block top-k of a logits chunk held in registers: the k (<= 64) largest
+ * x = logit * inv_temp of the chunk a block of the log-prob kernel has already loaded,
+ * descending, ties to the lower column. Reads no memory beyond those registers and writes
+ * only the k (value, id) pairs.
+ *
+ * Order: each element becomes a 48-bit composite (order-preserving key of x << 16 |
+ * 0xFFFF - chunk column), unique within the chunk, so "larger composite" is exactly the
+ * wanted order and the k-th largest composite separates the top k from the rest.
+ *  1. Every thread's largest value (the max the log-prob kernel already took, as the
+ *     smallest composite of that value); the k-th largest of those 256 (counting the
+ *     larger and equal ones in shared memory) bounds the k-th largest element from
+ *     below, since k distinct threads each hold an element at or above it.
+ *  2. The elements at or above that bound (usually about k: only the k best threads can
+ *     hold any) are appended to a 256-entry shared buffer.
+ *  3. If they fit, each buffered candidate's rank is counted against the others and the
+ *     k best are written at their ranks. Otherwise (many large or equal values in few
+ *     threads) a radix select over the registers (six rounds of 8 bits, shared-memory
+ *     histograms of counts) finds the k-th largest composite, exactly k elements are
+ *     buffered and ranked the same way. That path is a separate, out-of-line function:
+ *     inlined, its scans kept the main path's registers over the 128 the two-blocks-an-SM
+ *     bound allows and it spilled (ptxas -v, bf16: 920 bytes of spill stores); out of line
+ *     the main path spills nothing and a block that takes it copies its chunk registers
+ *     to the stack.
+ * Counts and ranks are exact integers, so the result is deterministic.
+ */
+#pragma once
+
+#include <cstdint>
+
+#include "cuda/dtype.cuh"
+
+namespace tokenspeed {
+namespace cuda {
+
+constexpr int kTopKBuffer = 256;
+
+// fp32 -> uint32 with the order of the floats (nan excluded by the callers)
+__device__ __forceinline__ uint32_t float_key(float x) {
+  const uint32_t u = __float_as_uint(x);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+__device__ __forceinline__ float key_float(uint32_t k) {
+  return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
+}
+
+// The composite of value x at chunk column col; -0 and +0 are one value (ties go by
+// column, as on the CPU).
+__device__ __forceinline__ uint64_t composite(float x, int col) {
+  return (uint64_t(float_key(x == 0.f ? 0.f : x)) << 16) | uint64_t(0xFFFF - col);
+}
+
+// f(composite) for each of this thread's columns inside the row with x >= min_x (so never
+// nan). Element q of vector j of thread i is chunk column (j * kThreads + i) * kVec + q, as
+// the loads place it. The float test comes first: most elements stop there.
+template <typename T, int kThreads, int kVecs, typename F>
+__device__ __forceinline__ void for_each_composite(const uint4 (&raw)[kVecs], int64_t cols_left,
+                                                   float inv_temp, float min_x, F&& f) {
+  constexpr int kVec = 16 / sizeof(T);
+#pragma unroll
+  for (int j = 0; j < kVecs; ++j) {
+    const T* e = reinterpret_cast<const T*>(&raw[j]);
+    const int base = (j * kThreads + int(threadIdx.x)) * kVec;
+#pragma unroll
+    for (int q = 0; q < kVec; ++q) {
+      const float x = to_float(e[q]) * inv_temp;
+      if (x >= min_x && base + q < cols_left) f(composite(x, base + q));
+    }
+  }
+}
+
+// The value of a composite, as the float test of for_each_composite wants it.
+__device__ __forceinline__ float composite_value(uint64_t c) {
+  return key_float(uint32_t(c >> 16));
+}
+
+// The registers of a chunk, passed by value to the out-of-line radix path so that only a
+// block that takes it copies them to the stack.
+template <int kVecs>
+struct ChunkRegs {
+  uint4 v[kVecs];
+};
+
+// Radix select of the k-th largest composite among the elements >= bound (six rounds of
+// 8 bits over shared-memory histograms of counts), then the exactly k elements at or
+// above it into buf; returns k. Out of line: it runs only when more than kTopKBuffer
+// elements pass the bound (many large or equal values in few threads), and inlined its
+// scans would hold the main path's registers.
+template <typename T, int kThreads, int kVecs>
+__device__ __noinline__ int radix_collect(ChunkRegs<kVecs> regs, int64_t cols_left,
+                                          float inv_temp, int k, uint64_t bound, float bound_x,
+                                          uint64_t* buf) {
+  __shared__ int s_hist[256];
+  __shared__ int s_count, s_digit, s_need;
+  const auto& raw = regs.v;
+  const int tid = threadIdx.x;
+  uint64_t prefix = 0;
+  int need = k;
+  for (int shift = 40; shift >= 0; shift -= 8) {
+    for (int i = tid; i < 256; i += kThreads) s_hist[i] = 0;
+    __syncthreads();
+    for_each_composite<T, kThreads>(raw, cols_left, inv_temp, bound_x, [&](uint64_t c) {
+      if (c >= bound && (c >> (shift + 8)) == (prefix >> (shift + 8)))
+        atomicAdd(&s_hist[(c >> shift) & 255], 1);
+    });
+    __syncthreads();
+    if (tid < 32) {
+      // lane l owns digits [8l, 8l + 8); find the digit where the count from the top
+      // reaches need
+      int total = 0;
+#pragma unroll
+      for (int b = 0; b < 8; ++b) total += s_hist[tid * 8 + b];
+      int suffix = total;  // digits of lanes >= this one
+#pragma unroll
+      for (int off = 1; off < 32; off <<= 1) {
+        const int other = __shfl_down_sync(0xffffffffu, suffix, off);
+        if (tid + off < 32) suffix += other;
+      }
+      int acc = suffix - total;
+      if (acc < need && suffix >= need) {
+        for (int b = 7; b >= 0; --b) {
+          const int h = s_hist[tid * 8 + b];
+          if (acc + h >= need) {
+            s_digit = tid * 8 + b;
+            s_need = need - acc;
+            break;
+          }
+          acc += h;
+        }
+      }
+    }
+    __syncthreads();
+    prefix |= uint64_t(s_digit) << shift;
+    need = s_need;
+    __syncthreads();
+  }
+  // prefix is the k-th largest composite: exactly k elements are at or above it
+  if (tid == 0) s_count = 0;
+  __syncthreads();
+  for_each_composite<T, kThreads>(raw, cols_left, inv_temp, composite_value(prefix),
+                                  [&](uint64_t c) {
+                                    if (c >= prefix) buf[atomicAdd(&s_count, 1)] = c;
+                                  });
+  __syncthreads();
+  return s_count;
+}
+
+// Writes the chunk's k best (value, global id) pairs to vals[0, k), ids[0, k); places
+// past the chunk's valid columns get (-inf, -1). cols_left: valid columns from the chunk
+// start (may exceed the chunk); id_base: the global id of chunk column 0; thread_max: the
+// max logit of this thread's loaded elements (-inf padding included). Every thread of the
+// block must call it.
+template <typename T, int kThreads, int kVecs>
+__device__ void block_topk(const uint4 (&raw)[kVecs], int64_t cols_left, float inv_temp, int k,
+                           float thread_max, int64_t id_base, float* __restrict__ vals,
+                           int64_t* __restrict__ ids) {
+  __shared__ uint64_t s_best[kThreads];
+  __shared__ uint64_t s_buf[kTopKBuffer];
+  __shared__ int s_count;
+  __shared__ uint64_t s_bound;
+  const int tid = threadIdx.x;
+
+  // 0: no valid column (or only nan); else the smallest composite of the thread's max,
+  // which a valid element reaches (the padding is -inf, never above a valid element)
+  constexpr int kVec = 16 / sizeof(T);
+  const float top = thread_max * inv_temp;
+  const uint64_t best =
+      tid * kVec < cols_left && top == top ? composite(top, 0xFFFF) : uint64_t(0);
+  s_best[tid] = best;
+  if (tid == 0) {
+    s_count = 0;
+    s_bound = 1;  // fewer than k threads with a valid column: every valid element
+  }
+  __syncthreads();
+  if (best != 0) {
+    // threads may share a max: the k-th place falls in [greater, greater + equal)
+    int greater = 0, equal = 0;
+    for (int i = 0; i < kThreads; ++i) {
+      greater += s_best[i] > best;
+      equal += s_best[i] == best;
+    }
+    if (greater <= k - 1 && k - 1 < greater + equal) s_bound = best;  // all write one value
+  }
+  __syncthreads();
+  const uint64_t bound = s_bound;
+  const float bound_x = bound == 1 ? -INFINITY : composite_value(bound);
+  for_each_composite<T, kThreads>(raw, cols_left, inv_temp, bound_x, [&](uint64_t c) {
+    if (c >= bound) {
+      const int slot = atomicAdd(&s_count, 1);
+      if (slot < kTopKBuffer) s_buf[slot] = c;
+    }
+  });
+  __syncthreads();
+  int count = s_count;
+  if (count > kTopKBuffer) {
+    ChunkRegs<kVecs> regs;
+#pragma unroll
+    for (int j = 0; j < kVecs; ++j) regs.v[j] = raw[j];
+    count = radix_collect<T, kThreads>(regs, cols_left, inv_temp, k, bound, bound_x, s_buf);
+  }
+  const int n = count < kTopKBuffer ? count : kTopKBuffer;
+  for (int i = tid; i < n; i += kThreads) {
+    const uint64_t c = s_buf[i];
+    int rank = 0;
+    for (int j = 0; j < n; ++j) rank += s_buf[j] > c;
+    if (rank < k) {
+      vals[rank] = composite_value(c);
+      ids[rank] = id_base + (0xFFFF - int64_t(c & 0xFFFF));
+    }
+  }
+  for (int i = n + tid; i < k; i += kThreads) {
+    vals[i] = -INFINITY;
+    ids[i] = -1;
+  }
+}
+
+}  // namespace cuda
+}  // namespace tokenspeed

@@ -1,0 +1,223 @@
+"""The sampler filters (top-k, top-p, min-p) and the rich outputs, from merged shard state.
+
+The ops give, per vocabulary shard, the (m, s, w, t) partials and the shard's k largest
+x = logits / temperature; merged, they describe a row well enough to finish it here on
+[rows, k] tensors. Every filter keeps an upper set of x (ties kept together), so the
+processed distribution is {x >= tau} renormalised, and everything reduces to finding tau
+and the kept mass: from the candidates when they provably hold it (the usual case:
+top_k < 64, or a row whose top-p nucleus fits in 64 tokens), else from a second pass over
+the logits (``mass_above``: a radix search over the fp32 order for top-p, then one pass
+for the kept mass). docs/design.md gives the semantics and the tie rules.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+# candidates the kernels can keep per row
+MAX_CANDIDATES = 64
+
+# thresholds [T, n] fp32, reference max [T] -> [T, n, 2] (mass, w) summed over the row
+MassAbove = Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclass
+class RowOptions:
+    """Per scored row: filters (top_k [S] int64, 0 = off; top_p, min_p [S] fp32) and the
+    rich outputs asked for (top_logprobs k; token_ids [S, n] int64, -1 = no id)."""
+    top_k: Tensor
+    top_p: Tensor
+    min_p: Tensor
+    top_logprobs: int
+    token_ids: Tensor | None
+    candidates: int  # k of the ops: enough for the filters and the top_logprobs
+    filtered: bool = True  # some row has a filter on (False: no candidates needed)
+
+    @property
+    def needs_candidates(self) -> bool:
+        return self.filtered or self.top_logprobs > 0
+
+    def rows(self, begin: int, end: int) -> RowOptions:
+        return RowOptions(self.top_k[begin:end], self.top_p[begin:end], self.min_p[begin:end],
+                          self.top_logprobs,
+                          None if self.token_ids is None else self.token_ids[begin:end],
+                          self.candidates, self.filtered)
+
+
+def candidate_count(top_logprobs: int, max_top_k: int, open_filter: bool) -> int:
+    """Candidates per row: one more than the largest top_k, so that a tie across the
+    k-th place shows (the next candidate is then below it); all 64 when a top-p or min-p
+    row has no top_k (the nucleus usually fits)."""
+    k = max(top_logprobs, max_top_k + 1 if max_top_k > 0 else 0)
+    if open_filter:
+        k = MAX_CANDIDATES
+    return max(1, min(k, MAX_CANDIDATES))
+
+
+def merge_state(partials: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Shard partials [S, T, 4] merged in shard order -> (M, S, W, t) [T] fp32 (W relative
+    to M), the formulas of docs/design.md."""
+    m, s, w, t = partials.unbind(-1)
+    big_m = m.max(0).values
+    safe_m = torch.where(torch.isfinite(big_m), big_m, torch.zeros_like(big_m))
+    empty = torch.isneginf(m)
+    shift = torch.where(empty, torch.zeros_like(m), m - safe_m)
+    scale = torch.where(empty, torch.zeros_like(m), shift.exp())
+    return big_m, (s * scale).sum(0), ((w + s * shift) * scale).sum(0), t.max(0).values
+
+
+def merge_candidates(values: Tensor, ids: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Shards' candidates [S, T, k'] -> the k largest [T, k], ties to the lower id and
+    the padding (id -1) after every real id: a stable sort by id, then a stable sort by
+    value."""
+    vals = values.permute(1, 0, 2).reshape(values.shape[1], -1)
+    idx = ids.permute(1, 0, 2).reshape(ids.shape[1], -1)
+    by_id = torch.sort(torch.where(idx < 0, torch.full_like(idx, 2**62), idx), dim=1,
+                       stable=True).indices
+    by_value = torch.sort(vals.gather(1, by_id), dim=1, descending=True, stable=True).indices
+    order = by_id.gather(1, by_value)[:, :k]
+    return vals.gather(1, order), idx.gather(1, order)
+
+
+def gather_token_logits(logits: Tensor, vocab_start: int, token_ids: Tensor,
+                        temperature: float) -> Tensor:
+    """x of the requested ids [T, n] that fall in this shard's columns, else -inf; x is
+    rounded as the kernels round it (fp32 logit times the fp32 1 / temperature)."""
+    local = token_ids - vocab_start
+    inside = (token_ids >= 0) & (local >= 0) & (local < logits.shape[1])
+    x = logits.gather(1, local.clamp(0, logits.shape[1] - 1)).float() * (1.0 / temperature)
+    return torch.where(inside, x, torch.full_like(x, -math.inf))
+
+
+def to_key(x: Tensor) -> Tensor:
+    """fp32 -> int64 in [0, 2^32) with the order of the floats (-0 just below +0)."""
+    bits = x.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    return torch.where(bits >= 2**31, bits ^ 0xFFFFFFFF, bits | 2**31)
+
+
+def from_key(key: Tensor) -> Tensor:
+    bits = torch.where(key >= 2**31, key ^ 2**31, key ^ 0xFFFFFFFF)
+    return torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32).view(torch.float32)
+
+
+@dataclass
+class RichRows:
+    """The outputs of a block of rows ([T] fp32, [T, k], [T, n])."""
+    log_probs: Tensor
+    entropy: Tensor
+    top_ids: Tensor | None
+    top_logprobs: Tensor | None
+    token_logprobs: Tensor | None
+
+
+def finish_rows(state: tuple[Tensor, Tensor, Tensor, Tensor], values: Tensor, ids: Tensor,
+                token_x: Tensor | None, opts: RowOptions, mass_above: MassAbove) -> RichRows:
+    """Filtered log-probs, entropy and rich outputs of merged rows.
+
+    state: merge_state's (M, S, W, t); values, ids [T, kc]: the row's kc largest x;
+    token_x [T, n]: x of the requested ids. ``mass_above`` runs a second pass over the
+    whole rows (every shard, summed in shard order); it is called only when some row's
+    kept set is not provably inside the candidates, and then identically on every rank.
+    """
+    big_m, big_s, big_w, t = state
+    neg = torch.full_like(big_m, -math.inf)
+    ref_m = torch.where(torch.isfinite(big_m), big_m, torch.zeros_like(big_m))
+    kc = values.shape[1]
+    d = values - ref_m[:, None]
+    e = torch.where(torch.isneginf(values), torch.zeros_like(d), d.exp())
+    ew = torch.where(e > 0, e * d, torch.zeros_like(d))
+    last = values[:, -1]
+    complete = ids[:, -1] < 0  # the candidates are every column of the row
+
+    def inside_list(tau: Tensor) -> Tensor:
+        """The whole set {x >= tau} is among the candidates."""
+        return complete | (last < tau)
+
+    def list_mass(tau: Tensor) -> tuple[Tensor, Tensor]:
+        keep = values >= tau[:, None]
+        return (e * keep).sum(1), (ew * keep).sum(1)
+
+    # top-k: the k-th largest x (kc > top_k unless top_k = 64)
+    has_k = opts.top_k > 0
+    kth = values.gather(1, (opts.top_k - 1).clamp(0, kc - 1)[:, None])[:, 0]
+    tau_k = torch.where(has_k, kth, neg)
+    s_k, w_k = list_mass(tau_k)
+    s_k = torch.where(has_k, s_k, big_s)
+    known_k = ~has_k | inside_list(tau_k)
+
+    # top-p over the top-k set: drop a token when the kept mass strictly above its value
+    # is >= p * S_k; ties share their group's first position
+    has_p = opts.top_p < 1.0
+    kept_k = values >= tau_k[:, None]
+    ek = e * kept_k
+    excl = ek.cumsum(1) - ek
+    pos = torch.arange(kc, device=values.device).expand_as(values)
+    starts = torch.ones_like(values, dtype=torch.bool)
+    starts[:, 1:] = values[:, 1:] != values[:, :-1]
+    group_first = torch.where(starts, pos, torch.zeros_like(pos)).cummax(1).values
+    above = excl.gather(1, group_first)
+    bound = (opts.top_p * s_k)[:, None]
+    kept_p = kept_k & (above < bound)
+    dropped = kept_k & (above >= bound)
+    tau_p = torch.where(kept_p, values, torch.full_like(values, math.inf)).min(1).values
+    known_p = known_k & (dropped.any(1) | inside_list(tau_k))
+    tau_p = torch.where(has_p, tau_p, neg)
+    search = has_p & ~known_p
+    if bool(search.any()):
+        tau_p = torch.where(search, _search_top_p(tau_k, opts.top_p, ref_m, mass_above), tau_p)
+
+    tau_m = torch.where(opts.min_p > 0, ref_m + torch.log(opts.min_p), neg)
+    tau = torch.maximum(torch.maximum(tau_k, tau_p), tau_m)
+    s_kept, w_kept = list_mass(tau)
+    open_set = torch.isneginf(tau)
+    s_kept = torch.where(open_set, big_s, s_kept)
+    w_kept = torch.where(open_set, big_w, w_kept)
+    need = ~open_set & ~inside_list(tau)
+    if bool(need.any()):
+        again = mass_above(tau[:, None].contiguous(), ref_m)[:, 0]
+        s_kept = torch.where(need, again[:, 0], s_kept)
+        w_kept = torch.where(need, again[:, 1], w_kept)
+
+    log_z = torch.log(s_kept)
+    nan = torch.isneginf(big_m)
+
+    def logprob(x: Tensor) -> Tensor:
+        lp = torch.where(x >= tau.view(-1, *[1] * (x.dim() - 1)),
+                         x - (ref_m + log_z).view(-1, *[1] * (x.dim() - 1)),
+                         torch.full_like(x, -math.inf))
+        return torch.where(nan.view(-1, *[1] * (x.dim() - 1)), torch.full_like(x, math.nan), lp)
+
+    lp = logprob(t)
+    ent = torch.where(nan, torch.full_like(big_m, math.nan), log_z - w_kept / s_kept)
+    n = opts.top_logprobs
+    return RichRows(lp, ent,
+                    ids[:, :n] if n else None, logprob(values[:, :n]) if n else None,
+                    None if token_x is None else logprob(token_x))
+
+
+def _search_top_p(tau_k: Tensor, top_p: Tensor, ref_m: Tensor, mass_above: MassAbove
+                  ) -> Tensor:
+    """The top-p threshold of every row by a radix search over the fp32 order: four
+    passes of 256 thresholds each fix 8 bits of the largest key K with
+    mass(x >= max(float(K), tau_k)) >= p * mass(x >= tau_k). The first threshold of the
+    first pass is tau_k itself, so the target comes from the same sums it is compared to."""
+    digits = torch.arange(256, device=tau_k.device, dtype=torch.int64)
+    prefix = torch.zeros_like(tau_k, dtype=torch.int64)
+    target = None
+    for shift in (24, 16, 8, 0):
+        keys = prefix[:, None] | (digits << shift)
+        thr = from_key(keys)
+        # keys below -inf's are nan patterns: as thresholds they mean "everything"
+        thr = torch.where(torch.isnan(thr) & (keys < 2**31), torch.full_like(thr, -math.inf),
+                          thr)
+        thr = torch.where(torch.isnan(thr), thr, torch.maximum(thr, tau_k[:, None]))
+        mass = mass_above(thr.contiguous(), ref_m)[:, :, 0]
+        if target is None:
+            target = top_p * mass[:, 0]
+        reach = (mass >= target[:, None]).sum(1) - 1  # monotone in the threshold
+        prefix = prefix | (reach.clamp_min(0) << shift)
+    return torch.maximum(from_key(prefix), tau_k)
