@@ -13,7 +13,8 @@ import importlib
 from . import reference
 
 OPS = ("BUILD", "combine_logprob_partials", "logprob_partials", "logprobs",
-       "paged_prefill_attention", "rms_norm", "rotary_embedding", "silu_and_mul", "store_kv")
+       "paged_prefill_attention", "rms_norm", "rotary_embedding", "silu_and_mul", "store_kv",
+       "moe_route", "moe_dispatch", "moe_combine")
 
 __all__ = [*OPS, "Scheduler", "reference", "scheduler_module"]
 
