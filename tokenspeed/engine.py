@@ -98,8 +98,8 @@ class Engine:
 
     @_serialised
     def compute_log_probs(self, sequences: Sequence[Mapping[str, Any]], temperature: float = 1.0,
-                          *, return_entropy: bool = False, return_tensors: bool = False
-                          ) -> dict[str, Any]:
+                          *, return_entropy: bool = False, return_tensors: bool = False,
+                          return_routed_experts: bool = False) -> dict[str, Any]:
         """log p(completion token | everything before it) for every completion token.
 
         ``sequences``: dicts with ``prompt_token_ids`` (at least one id) and
@@ -108,9 +108,17 @@ class Engine:
         lists of exactly len(completion) floats/ints per sequence, or with return_tensors
         padded [N, max_M] tensors (fp32 scores, int64 tokens) plus a bool "mask". A bad
         sequence raises ``InvalidSequenceError`` before anything runs.
+
+        MoE models: ``return_routed_experts`` adds "routed_experts", per sequence the
+        experts each of its len(prompt) + len(completion) - 1 first tokens used in every
+        MoE layer, [positions, MoE layers, top_k] in the router's order (nested lists, or
+        with return_tensors one int32 tensor padded with -1). A sequence may carry
+        "routed_experts" of that shape to force those experts (routing replay); the
+        prefix cache then shares K/V only with identically routed tokens.
         """
         return self._call("compute_log_probs", sequences, temperature,
-                          return_entropy=return_entropy, return_tensors=return_tensors)
+                          return_entropy=return_entropy, return_tensors=return_tensors,
+                          return_routed_experts=return_routed_experts)
 
     @_serialised
     def update_weights(self, weights: Mapping[str, Tensor] | Iterable[tuple[str, Tensor]], *,

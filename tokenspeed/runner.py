@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from .kv_cache import KVCache
 from .layers.attention import AttentionMetadata
+from .layers.moe import RoutingMetadata
 
 # the scheduler's int32 arrays of a Batch, in the order they are packed
 BATCH_ARRAYS = ("input_ids", "positions", "slot_mapping", "page_table", "cu_seqlens_q",
@@ -57,7 +58,9 @@ class ModelRunner:
         self.check_batches = check_batches
 
     @torch.inference_mode()
-    def run(self, batch, temperature: float, return_entropy: bool) -> BatchScores:
+    def run(self, batch, temperature: float, return_entropy: bool,
+            routing: RoutingMetadata | None = None) -> BatchScores:
+        """``routing``: forced experts and capture of an MoE model's batch (routing.py)."""
         t = upload(batch, self.device)
         meta = AttentionMetadata(
             slot_mapping=t["slot_mapping"],
@@ -66,8 +69,10 @@ class ModelRunner:
             kv_lens=t["kv_lens"],
             kv_cache=self.kv_cache,
             max_seqlen_q=max((e.end - e.begin for e in batch.entries), default=0),
-            validate=self.check_batches)
+            validate=self.check_batches, routing=routing)
         hidden = self.model(t["input_ids"], t["positions"], meta, t["score_rows"])
+        if routing is not None and routing.slot_buffer is not None:
+            routing.slot_buffer[t["slot_mapping"].long()] = routing.captured.to(torch.int16)
         if hidden.shape[0] == 0:
             empty = torch.empty(0, dtype=torch.float32, device=self.device)
             return BatchScores(empty, empty if return_entropy else None)

@@ -26,6 +26,7 @@ from .models import load_model
 from .models.loader import WeightMap
 from .parallel.group import (TPGroup, building_with, kv_head_range, sequences_fingerprint)
 from .parallel.launch import init_tp_group
+from .routing import CallRouting, RoutingTable, check_routed_experts
 from .runner import BatchScores, ModelRunner
 
 MAX_CPU_KV_TOKENS = 1 << 18
@@ -36,6 +37,16 @@ MAX_PENDING_ROWS = 1 << 22
 def _pad(rows: list[Tensor], dtype: torch.dtype) -> Tensor:
     width = max((len(r) for r in rows), default=0)
     out = torch.zeros(len(rows), width, dtype=dtype)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = r
+    return out
+
+
+def _pad_routing(rows: list[Tensor]) -> Tensor:
+    """[N, max positions, L, k] int32, -1 past each sequence's own positions."""
+    width = max((len(r) for r in rows), default=0)
+    shape = rows[0].shape[1:] if rows else (0, 0)
+    out = torch.full((len(rows), width, *shape), -1, dtype=torch.int32)
     for i, r in enumerate(rows):
         out[i, :len(r)] = r
     return out
@@ -83,7 +94,10 @@ class LocalShard:
         self.kv_cache = KVCache(mc.num_layers, num_pages, cfg.page_size, self.local_kv_heads,
                                 mc.head_dim, cfg.dtype, cfg.device)
         self.scheduler = tse.Scheduler(num_pages, cfg.page_size, cfg.max_batch_tokens,
-                                       cfg.max_batch_requests, cfg.enable_prefix_cache)
+                                       cfg.max_batch_requests, cfg.enable_prefix_cache,
+                                       route_keys=mc.moe is not None)
+        self.routing = None if mc.moe is None else RoutingTable(
+            mc.moe, num_pages * cfg.page_size, cfg.page_size, cfg.device)
         self.runner = ModelRunner(self.model, self.kv_cache, cfg.device,
                                   check_batches=cfg.check_batches)
 
@@ -136,8 +150,8 @@ class LocalShard:
         torch.cuda.empty_cache()
         return peak
 
-    def _validate(self, sequences: Any, temperature: Any
-                  ) -> tuple[list[tuple[list[int], list[int]]], float]:
+    def _validate(self, sequences: Any, temperature: Any, return_routed_experts: bool = False
+                  ) -> tuple[list[tuple[list[int], list[int]]], float, list[Tensor | None]]:
         if self._torn_weights:
             raise RuntimeError(
                 f"an earlier update_weights failed part-way, so {len(self._torn_weights)} "
@@ -148,18 +162,24 @@ class LocalShard:
         mc = self.model_config
         limits = Limits(mc.vocab_size, mc.max_position_embeddings, self.kv_cache.num_tokens,
                         self.config.page_size)
-        return validate_sequences(sequences, limits), temperature
+        seqs = validate_sequences(sequences, limits)
+        if return_routed_experts and mc.moe is None:
+            raise ValueError("return_routed_experts: the model has no mixture-of-experts layers")
+        routes = [check_routed_experts(i, item, len(p) + len(c), mc.moe)
+                  for i, (item, (p, c)) in enumerate(zip(sequences, seqs))]
+        return seqs, temperature, routes
 
     def validate(self, sequences: Sequence[Mapping[str, Any]], temperature: float = 1.0
                  ) -> None:
         self.tp.validated(lambda: self._validate(sequences, temperature))
 
     def compute_log_probs(self, sequences: Sequence[Mapping[str, Any]], temperature: float = 1.0,
-                          *, return_entropy: bool = False, return_tensors: bool = False
-                          ) -> dict[str, Any]:
-        seqs, temperature = self.tp.validated(
-            lambda: self._validate(sequences, temperature),
-            lambda v: sequences_fingerprint(v[0], v[1], return_entropy))
+                          *, return_entropy: bool = False, return_tensors: bool = False,
+                          return_routed_experts: bool = False) -> dict[str, Any]:
+        seqs, temperature, routes = self.tp.validated(
+            lambda: self._validate(sequences, temperature, return_routed_experts),
+            lambda v: sequences_fingerprint(v[0], v[1], return_entropy, return_routed_experts,
+                                            [r.tolist() for r in v[2] if r is not None]))
         lengths = [len(c) for _, c in seqs]
         offsets = [0]
         for n in lengths:
@@ -168,23 +188,38 @@ class LocalShard:
         flat_ent = torch.empty(offsets[-1], dtype=torch.float32) if return_entropy else None
         # request id -> (first output slot, logprob_start)
         requests: dict[int, tuple[int, int]] = {}
+        call = None
+        if self.routing is not None:
+            self.routing.prepare(return_routed_experts, self.scheduler)
+            call = CallRouting(self.routing, return_routed_experts)
         try:
             for i, (prompt, completion) in enumerate(seqs):
-                if completion:
+                # a capture reports the prompt's routing even with nothing to score
+                if completion or (return_routed_experts and len(prompt) > 1):
                     rid = self._next_request_id
                     self._next_request_id += 1
                     start = len(prompt) - 1
                     requests[rid] = (offsets[i], start)
-                    self.scheduler.add(rid, prompt + completion, start)
-            self._run(requests, temperature, flat_lp, flat_ent)
+                    tokens = prompt + completion
+                    route_ids = None
+                    if call is not None:
+                        call.add(rid, len(tokens), routes[i], i)
+                        route_ids = self.routing.route_ids(routes[i], len(tokens))
+                    self.scheduler.add(rid, tokens, start, route_ids)
+            self._run(requests, temperature, flat_lp, flat_ent, call)
         finally:
             for rid in requests:
                 self.scheduler.abort(rid)
         self.scored_tokens += offsets[-1]
-        return self._package(seqs, lengths, flat_lp, flat_ent, return_tensors)
+        out = self._package(seqs, lengths, flat_lp, flat_ent, return_tensors)
+        if return_routed_experts:
+            routed = call.result(len(seqs), [len(p) + len(c) for p, c in seqs])
+            out["routed_experts"] = (_pad_routing(routed) if return_tensors
+                                     else [r.tolist() for r in routed])
+        return out
 
     def _run(self, requests: dict[int, tuple[int, int]], temperature: float,
-             flat_lp: Tensor, flat_ent: Tensor | None) -> None:
+             flat_lp: Tensor, flat_ent: Tensor | None, call: CallRouting | None = None) -> None:
         """Drive the scheduler until every request finished; pops finished ids.
 
         A batch is completed as soon as its forward is enqueued: the device runs batches
@@ -201,7 +236,10 @@ class LocalShard:
                 raise RuntimeError("internal error: the scheduler has unfinished requests "
                                    "but made no batch; the call was aborted")
             try:
-                scores = self.runner.run(batch, temperature, flat_ent is not None)
+                routing = None if call is None else call.metadata(batch)
+                scores = self.runner.run(batch, temperature, flat_ent is not None, routing)
+                if call is not None and call.capture:
+                    call.after_batch(batch)
                 dst = self._destinations(batch, requests)
                 if dst.shape != scores.log_probs.shape:
                     raise RuntimeError(f"internal error: a batch scored "

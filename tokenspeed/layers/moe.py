@@ -30,9 +30,11 @@ GATE, UP, DOWN = "gate", "up", "down"
 class RoutingMetadata:
     """forced [N, L, k] int32: experts for each row and sparse layer, a row of -1 routes
     freely (None: every row does); captured [N, L, k] int32: filled with the experts each
-    row used (None: not recorded)."""
+    row used (None: not recorded); slot_buffer [num_slots, L, k] int16: where the runner
+    then stores captured by the rows' K/V slots."""
     forced: Tensor | None = None
     captured: Tensor | None = None
+    slot_buffer: Tensor | None = None
 
 
 def _grouped_mm_usable(x: Tensor) -> bool:
