@@ -14,7 +14,8 @@ import torch
 from conftest import DEVICES
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from op_testing import FLOATS, SETTINGS, assert_each_raises, assert_within_own_error, seeds
+from op_testing import (FLOATS, SETTINGS, assert_each_raises, assert_within_own_error,
+                        sanitized_dtypes, seeds)
 
 import tokenspeed_ext as tse
 import tokenspeed_ext.ops  # noqa: F401 - registers torch.ops.tokenspeed.*
@@ -147,6 +148,29 @@ def test_grouped_linear_matches_loop(dtype):
     own = torch.cat([x[a:b] @ w[e].t() for e, (a, b) in
                      enumerate(zip(offsets[:-1].tolist(), offsets[1:].tolist()))])
     assert_within_own_error(out, want, own, factor=4.0, floor=1e-5, what="grouped_linear")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", sanitized_dtypes(*FLOATS))
+def test_cuda_matches_cpu(dtype):
+    """The CUDA kernels give the CPU kernels' ids, rows and offsets exactly (a block per
+    expert, empty experts, a mixed replay batch), weights and sums within fp32 rounding."""
+    g = torch.Generator().manual_seed(3)
+    t, e, k, h = 37, 60, 6, 72
+    logits = _logits(g, t, e, dtype, "cpu")
+    forced = _forced(g, t, e, k, "cpu")
+    w, ids = tse.moe_route(logits, k, True, forced)
+    wc, idsc = tse.moe_route(logits.cuda(), k, True, forced.cuda())
+    assert torch.equal(idsc.cpu(), ids)
+    torch.testing.assert_close(wc.cpu(), w, rtol=2e-6, atol=1e-7)
+    for a, b in zip(tse.moe_dispatch(idsc, e), tse.moe_dispatch(ids, e)):
+        assert torch.equal(a.cpu(), b)
+    _, _, rows = tse.moe_dispatch(ids, e)
+    y = torch.randn(t * k, h, generator=g).to(dtype)
+    out = tse.moe_combine(y.cuda(), rows.cuda(), w.cuda())
+    exact = ref.moe_combine(y, rows, w)
+    assert_within_own_error(out, exact, tse.moe_combine(y, rows, w), factor=2.0,
+                            what="moe_combine cuda")
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -28,8 +28,9 @@ from .layers.moe import RoutingMetadata
 from .models.moe_config import MoEConfig
 
 FIELD = "routed_experts"
-# interned routings kept before the table (and with it the prefix cache) is reset
-MAX_INTERNED = 1 << 22
+# bytes of interned routings kept before the table (and with it the prefix cache) is
+# reset: a routing is L * k int16, 768 bytes at 48 layers x top-8
+MAX_INTERNED_BYTES = 256 << 20
 
 
 def check_routed_experts(index: int, item: Mapping[str, Any], length: int,
@@ -95,7 +96,7 @@ class RoutingTable:
             self.slots = torch.zeros(self.num_slots, *self.shape, dtype=torch.int16,
                                      device=self.device)
             scheduler.flush()
-        if len(self.interned) > MAX_INTERNED:
+        if len(self.interned) * self.shape[0] * self.shape[1] * 2 > MAX_INTERNED_BYTES:
             self.interned.clear()
             scheduler.flush()
 
@@ -104,7 +105,7 @@ class RoutingTable:
         position is always free, no routing is given for it); None when all are free."""
         if forced is None:
             return None
-        rows = forced.numpy()
+        rows = forced.to(torch.int16).numpy()  # expert ids < 2048
         ids = [self.interned.setdefault(row.tobytes(), len(self.interned) + 1) for row in rows]
         return ids + [0] * (length - len(ids))
 
