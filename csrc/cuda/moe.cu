@@ -51,9 +51,10 @@ cudaError_t launch_moe_dispatch(const int32_t* ids, int64_t pairs, int64_t k, in
                                 cudaStream_t stream) {
   cudaError_t err = cudaMemsetAsync(offsets, 0, (E + 1) * sizeof(int32_t), stream);
   if (err != cudaSuccess || pairs == 0) return err;
-  constexpr int kCountThreads = 256;
-  moe::count_kernel<<<blocks_for(pairs, kCountThreads), kCountThreads, 0, stream>>>(
-      ids, pairs, offsets);
+  const auto hist_bytes = static_cast<size_t>(E) * sizeof(int);
+  moe::count_kernel<<<blocks_for(pairs, moe::kCountThreads * moe::kCountRun),
+                      moe::kCountThreads, hist_bytes, stream>>>(ids, pairs,
+                                                                static_cast<int>(E), offsets);
   moe::scan_kernel<<<1, 1, 0, stream>>>(offsets, static_cast<int>(E));
   moe::place_kernel<<<static_cast<unsigned>(E), moe::kPlaceThreads, 0, stream>>>(
       ids, pairs, static_cast<int>(k), offsets, sorted_tokens, pair_rows);

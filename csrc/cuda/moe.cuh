@@ -10,10 +10,11 @@
  * (routing replay) skips the selection and reads its experts' probabilities.
  *
  * Dispatch is a stable counting sort of the T * k (token, slot) pairs by expert, in three
- * launches: count (one thread per pair, integer atomics, so the counts are exact), an
- * exclusive scan of the E counts (one thread; E <= 2048), and place (one block per
- * expert walking all pairs in order; a block-wide ballot scan gives each of its pairs its
- * rank), so rows never depend on thread timing. Nothing but the three outputs is written.
+ * launches: count (per-block shared histograms added with integer atomics, so the counts
+ * are exact), an exclusive scan of the E counts (one thread; E <= 2048), and place (one
+ * block per expert walking all pairs in order in runs of 16 per thread; a block-wide scan
+ * of the runs' match counts gives each pair its rank), so rows never depend on thread
+ * timing. Nothing but the three outputs is written.
  *
  * combine_kernel: one block per token, threads over H; the token's k expert rows are
  * read through pair_rows and summed in fp32 in slot order, then rounded once.
@@ -29,7 +30,10 @@ namespace cuda {
 namespace moe {
 
 constexpr int kRouteWarps = 4;    // tokens per router block
+constexpr int kCountThreads = 256;
+constexpr int kCountRun = 16;     // pairs per thread of the count kernel
 constexpr int kPlaceThreads = 256;
+constexpr int kPlaceRun = 16;     // consecutive pairs per thread and pass of place
 constexpr float kTaken = -0.5f;   // a probability already chosen this row
 
 __device__ __forceinline__ float warp_max(float v) {
@@ -106,11 +110,22 @@ __global__ void route_kernel(const T* __restrict__ logits, int64_t ld, int64_t r
     for (int s = 0; s < k; ++s) weights[row * k + s] /= total;
 }
 
-// counts [E + 1] zeroed; counts[e + 1] += pairs routed to e.
-__global__ void count_kernel(const int32_t* __restrict__ ids, int64_t pairs,
+// counts [E + 1] zeroed; counts[e + 1] += pairs routed to e. Each block counts its
+// kCountThreads * kCountRun pairs into a shared histogram (dynamic shared memory: E ints),
+// then adds its non-zero counts to global memory: few global atomics per expert.
+__global__ void count_kernel(const int32_t* __restrict__ ids, int64_t pairs, int E,
                              int32_t* __restrict__ counts) {
-  const int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (j < pairs) atomicAdd(&counts[ids[j] + 1], 1);
+  extern __shared__ int hist_smem[];
+  for (int e = threadIdx.x; e < E; e += blockDim.x) hist_smem[e] = 0;
+  __syncthreads();
+  const int64_t base = int64_t(blockIdx.x) * kCountThreads * kCountRun;
+  for (int r = 0; r < kCountRun; ++r) {
+    const int64_t j = base + int64_t(r) * kCountThreads + threadIdx.x;  // coalesced
+    if (j < pairs) atomicAdd(&hist_smem[ids[j]], 1);
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < E; e += blockDim.x)
+    if (hist_smem[e] != 0) atomicAdd(&counts[e + 1], hist_smem[e]);
 }
 
 // In place: offsets[e + 1] = sum of counts up to e (offsets[0] stays 0).
@@ -119,31 +134,47 @@ __global__ void scan_kernel(int32_t* __restrict__ offsets, int E) {
   for (int e = 0; e < E; ++e) offsets[e + 1] += offsets[e];
 }
 
-// Block e writes, in pair order, the grouped rows offsets[e] ... of its pairs.
+// Block e writes, in pair order, the grouped rows offsets[e] ... of its pairs. Per pass
+// of kPlaceThreads * kPlaceRun pairs, thread t owns the run [t * kPlaceRun, (t + 1) *
+// kPlaceRun): it counts its matches, an exclusive scan over the threads (in thread order,
+// hence pair order) gives its first row, and it writes its matches in order.
 __global__ void place_kernel(const int32_t* __restrict__ ids, int64_t pairs, int k,
                              const int32_t* __restrict__ offsets,
                              int32_t* __restrict__ sorted_tokens, int32_t* __restrict__ pair_rows) {
-  __shared__ int warp_counts[kPlaceThreads / 32];
+  __shared__ int warp_totals[kPlaceThreads / 32];
   const int expert = blockIdx.x, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  constexpr int64_t kPass = int64_t(kPlaceThreads) * kPlaceRun;
   int64_t next = offsets[expert];
-  for (int64_t base = 0; base < pairs; base += kPlaceThreads) {
-    const int64_t j = base + threadIdx.x;
-    const bool mine = j < pairs && ids[j] == expert;
-    const unsigned ballot = __ballot_sync(0xffffffffu, mine);
-    if (lane == 0) warp_counts[warp] = __popc(ballot);
+  for (int64_t base = 0; base < pairs; base += kPass) {
+    const int64_t first = base + int64_t(threadIdx.x) * kPlaceRun;
+    int count = 0;
+    for (int r = 0; r < kPlaceRun; ++r) {
+      const int64_t j = first + r;
+      count += (j < pairs && ids[j] == expert) ? 1 : 0;
+    }
+    int inclusive = count;  // scan over the warp's lanes
+    for (int off = 1; off < 32; off <<= 1) {
+      const int v = __shfl_up_sync(0xffffffffu, inclusive, off);
+      if (lane >= off) inclusive += v;
+    }
+    if (lane == 31) warp_totals[warp] = inclusive;
     __syncthreads();
-    int before = __popc(ballot & ((1u << lane) - 1u)), chunk = 0;
+    int before = inclusive - count, pass_total = 0;
     for (int w = 0; w < kPlaceThreads / 32; ++w) {
-      before += w < warp ? warp_counts[w] : 0;
-      chunk += warp_counts[w];
+      before += w < warp ? warp_totals[w] : 0;
+      pass_total += warp_totals[w];
     }
-    if (mine) {
-      const int64_t r = next + before;
-      sorted_tokens[r] = static_cast<int32_t>(j / k);
-      pair_rows[j] = static_cast<int32_t>(r);
+    int64_t row = next + before;
+    for (int r = 0; r < kPlaceRun; ++r) {
+      const int64_t j = first + r;
+      if (j < pairs && ids[j] == expert) {
+        sorted_tokens[row] = static_cast<int32_t>(j / k);
+        pair_rows[j] = static_cast<int32_t>(row);
+        ++row;
+      }
     }
-    next += chunk;
-    __syncthreads();  // warp_counts is rewritten by the next chunk
+    next += pass_total;
+    __syncthreads();  // warp_totals is rewritten by the next pass
   }
 }
 
