@@ -16,6 +16,7 @@ and the scheduler's radix cache compares these ids along with the tokens (route 
 """
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -70,6 +71,16 @@ def check_routed_experts(index: int, item: Mapping[str, Any], length: int,
         raise InvalidSequenceError(index, FIELD, f"{FIELD}[{p}][{layer}] names an expert "
                                                  f"twice: {routing[p, layer].tolist()}")
     return routing.to(torch.int32)
+
+
+def routing_digest(routes: list[Tensor | None]) -> str:
+    """A digest of a call's forced routings, for the ranks' agreement on their input."""
+    h = hashlib.blake2b(digest_size=8)
+    for i, r in enumerate(routes):
+        if r is not None:
+            h.update(i.to_bytes(8, "little"))
+            h.update(r.numpy().tobytes())
+    return h.hexdigest()
 
 
 @dataclass

@@ -26,7 +26,7 @@ from .models import load_model
 from .models.loader import WeightMap
 from .parallel.group import (TPGroup, building_with, kv_head_range, sequences_fingerprint)
 from .parallel.launch import init_tp_group
-from .routing import CallRouting, RoutingTable, check_routed_experts
+from .routing import CallRouting, RoutingTable, check_routed_experts, routing_digest
 from .runner import BatchScores, ModelRunner
 
 MAX_CPU_KV_TOKENS = 1 << 18
@@ -179,7 +179,7 @@ class LocalShard:
         seqs, temperature, routes = self.tp.validated(
             lambda: self._validate(sequences, temperature, return_routed_experts),
             lambda v: sequences_fingerprint(v[0], v[1], return_entropy, return_routed_experts,
-                                            [r.tolist() for r in v[2] if r is not None]))
+                                            routing_digest(v[2])))
         lengths = [len(c) for _, c in seqs]
         offsets = [0]
         for n in lengths:
