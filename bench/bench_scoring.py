@@ -3,13 +3,16 @@
 Workloads (seeded): GRPO-shaped, 64 prompts x 8 completions, prompt lengths uniform in
 [128, 2048], completion lengths log-normal with median 512 capped at 4096; uniform,
 16 x (512 prompt + 512 completion). Checkpoints: random bf16 weights with the real
-configs of Qwen2.5-1.5B / Qwen2.5-7B, built with transformers and saved once per run.
+configs of Qwen2.5-1.5B / Qwen2.5-7B, or the MoE Qwen3-30B-A3B with 12 of its 48 layers
+(qwen3-30b-a3b-12l; MFU then counts active parameters), built with transformers and
+saved once per run.
 
 The HF peer is what RL trainers do: sequences sorted by length, packed into right-padded
 micro-batches under a token budget (best of a small sweep), sdpa attention, bf16 forward,
 then an fp32 log_softmax gather over the completion tokens.
 
     python bench/bench_scoring.py --models qwen2.5-1.5b qwen2.5-7b --workloads grpo uniform
+    python bench/bench_scoring.py --models qwen3-30b-a3b-12l --workloads grpo
 """
 from __future__ import annotations
 
@@ -29,7 +32,12 @@ from shapes import MODELS  # noqa: E402
 MODELS = {**MODELS, "tiny": dict(params=1e6, hf_config=dict(
     model_type="qwen2", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
     num_key_value_heads=2, intermediate_size=128, vocab_size=1000,
-    max_position_embeddings=8192, tie_word_embeddings=True))}
+    max_position_embeddings=8192, tie_word_embeddings=True)),
+    "tiny-moe": dict(params=1e6, hf_config=dict(
+        model_type="qwen3_moe", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, intermediate_size=128, moe_intermediate_size=32,
+        num_experts=16, num_experts_per_tok=4, norm_topk_prob=True, vocab_size=1000,
+        max_position_embeddings=8192))}
 DEVICE = "cuda"
 
 PEAK_BF16_FLOPS = 989e12  # H100/H200 SXM dense bf16, for MFU
@@ -179,6 +187,7 @@ def run(model_name: str, workload: str, root: Path, budgets: list[int], ref_subs
             _, rich_secs, _ = timed(lambda: eng.compute_log_probs(seqs,
                                                                   top_logprobs=top_logprobs))
             rich_ratio = rich_secs / plain_secs
+        capture = capture_overhead(eng, warm, seqs) if eng.model_config.moe else {}
     ts_res = [torch.tensor(x) for x in out["log_probs"]]
     _empty_cache()
     # deterministic mode on the same workload, with its own warm-up
@@ -202,7 +211,7 @@ def run(model_name: str, workload: str, root: Path, budgets: list[int], ref_subs
         "ts_mfu": 2 * n_params * n_tokens / ts_secs / PEAK_BF16_FLOPS,
         "ts_computed_tokens": computed,
         "ts_mfu_computed": 2 * n_params * computed / ts_secs / PEAK_BF16_FLOPS,
-        "mean_abs_diff": mean_d, "max_abs_diff": max_d,
+        "mean_abs_diff": mean_d, "max_abs_diff": max_d, **capture,
         # time with top_logprobs=K over time without (target <= 1.10 on GRPO at K = 20)
         "top_logprobs_time_ratio": rich_ratio,
     }
@@ -212,6 +221,19 @@ def run(model_name: str, workload: str, root: Path, budgets: list[int], ref_subs
         row.update(reference_errors(path, [seqs[i] for i in pick], [ts_res[i] for i in pick],
                                     [hf_res[i] for i in pick], [det_res[i] for i in pick]))
     return row
+
+
+def capture_overhead(eng, warm: list[dict], seqs: list[dict]) -> dict:
+    """Scoring time with routing capture on over off, both from an empty prefix cache and
+    with tensor outputs (a nested list of every token's experts would time Python)."""
+    eng.compute_log_probs(warm, return_routed_experts=True)  # allocates the routing buffer
+    secs = {False: math.inf, True: math.inf}
+    for capture in (False, True, False, True):  # best of two each, interleaved
+        eng.shard.scheduler.flush()
+        _, t, _ = timed(lambda: eng.compute_log_probs(
+            seqs, return_tensors=True, return_routed_experts=capture))
+        secs[capture] = min(secs[capture], t)
+    return {"capture_overhead": secs[True] / secs[False] - 1}
 
 
 def reference_errors(path: Path, seqs, ts_res, hf_res, det_res) -> dict:

@@ -2,7 +2,7 @@
 // of their own files with TORCH_LIBRARY_IMPL(tokenspeed, CPU|CUDA, m), one file per op
 // family and backend: cpu/<family>.cpp and cuda/<family>_host.cpp (kernels in
 // cuda/<family>.cuh, launchers in cuda/<family>.cu) for the families logprobs, kv_cache,
-// attention and fused. Fake (meta) kernels for torch.compile live beside the Python
+// attention, fused and moe. Fake (meta) kernels for torch.compile live beside the Python
 // wrappers in tokenspeed_ext/ops.py.
 #include <torch/library.h>
 
@@ -67,4 +67,23 @@ TORCH_LIBRARY(tokenspeed, m) {
   // device-to-host round trip): only for positions already checked, e.g. by the engine.
   m.def("rotary_embedding(Tensor positions, Tensor(a!) q, Tensor(b!) k, "
         "Tensor cos_sin_cache, bool validate=True) -> ()");
+  // ---- moe: the routing, dispatch and combine steps of a mixture-of-experts layer ----
+  // Router: softmax over the E experts in fp32, the top_k largest (largest first, ties
+  // toward the lower expert id), weights divided by their sum when renormalize.
+  // logits [T, E] fp32/bf16/fp16 (unit stride along E); forced [T, top_k] int32 (optional):
+  // a row whose first id is >= 0 uses those experts, in that order, instead of the top k
+  // (routing replay), weighted by their probabilities. -> (weights [T, k] fp32, ids [T, k]
+  // int32). validate=False skips the forced ids' range check (a host round trip).
+  m.def("moe_route(Tensor logits, int top_k, bool renormalize, Tensor? forced=None, "
+        "bool validate=True) -> (Tensor, Tensor)");
+  // Groups the T * k (token, slot) pairs of ids [T, k] int32 by expert, stable in pair
+  // order t * k + s. -> (offsets [E + 1] int32, sorted_tokens [T * k] int32: the token of
+  // each grouped row, pair_rows [T * k] int32: the grouped row of each pair).
+  // validate=False skips the ids' range check (a host round trip).
+  m.def("moe_dispatch(Tensor ids, int num_experts, bool validate=True) "
+        "-> (Tensor, Tensor, Tensor)");
+  // out[t] = sum over s = 0..k-1, in that order, of weights[t, s] * expert_out[pair_rows[
+  // t * k + s]], accumulated in fp32 and rounded once to expert_out's dtype.
+  // expert_out [T * k, H] (unit stride along H), pair_rows [T * k] int32, weights [T, k] fp32.
+  m.def("moe_combine(Tensor expert_out, Tensor pair_rows, Tensor weights) -> Tensor");
 }

@@ -6,21 +6,38 @@ from pathlib import Path
 import torch
 
 ARCHS = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+MOE_ARCHS = ("Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM", "MixtralForCausalLM")
 
 
 def hf_config(arch: str, *, vocab: int = 131, hidden: int = 32, layers: int = 2, heads: int = 4,
               kv_heads: int = 2, tied: bool = False, rope: dict | None = None,
-              max_positions: int = 512):
+              max_positions: int = 512, moe: dict | None = None):
+    """``moe``: MoE fields for the MoE architectures (defaults: 8 experts, top-2)."""
     import transformers
     cls = {"LlamaForCausalLM": transformers.LlamaConfig,
            "Qwen2ForCausalLM": transformers.Qwen2Config,
-           "Qwen3ForCausalLM": transformers.Qwen3Config}[arch]
+           "Qwen3ForCausalLM": transformers.Qwen3Config,
+           "Qwen3MoeForCausalLM": transformers.Qwen3MoeConfig,
+           "Qwen2MoeForCausalLM": transformers.Qwen2MoeConfig,
+           "MixtralForCausalLM": transformers.MixtralConfig}[arch]
     kwargs = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden + 8,
                   num_hidden_layers=layers, num_attention_heads=heads,
                   num_key_value_heads=kv_heads, max_position_embeddings=max_positions,
                   tie_word_embeddings=tied, rms_norm_eps=1e-6, architectures=[arch])
-    if arch == "Qwen3ForCausalLM":
+    if arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"):
         kwargs["head_dim"] = 16  # Qwen3 decouples head_dim from hidden / heads
+    if arch in MOE_ARCHS:
+        fields = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=24)
+        fields.update(moe or {})
+        if arch == "MixtralForCausalLM":
+            fields["num_local_experts"] = fields.pop("num_experts")
+            fields["intermediate_size"] = fields.pop("moe_intermediate_size")
+            for key in ("norm_topk_prob", "mlp_only_layers", "shared_expert_intermediate_size",
+                        "decoder_sparse_step"):
+                fields.pop(key, None)
+        elif arch == "Qwen2MoeForCausalLM":
+            fields.setdefault("shared_expert_intermediate_size", 40)
+        kwargs.update(fields)
     if rope is not None:
         kwargs["rope_parameters"] = rope
     return cls(**kwargs)

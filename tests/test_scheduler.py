@@ -662,3 +662,46 @@ def test_package_exports_scheduler_without_building_the_ops():
     s = tokenspeed_ext.Scheduler(num_pages=4, page_size=2, max_batch_tokens=8)
     s.add(0, [1, 2, 3], 1)
     assert s.complete(s.schedule()) == [0]
+
+
+# ---- route keys: the prefix cache compares a second id per position (routing replay) ----
+
+def _cached_len(s, rid, tokens, route=None):
+    """Run one request alone; the tokens its first chunk found in the prefix cache."""
+    s.add(rid, tokens, len(tokens) - 1, route)
+    cached = None
+    while s.has_work():
+        batch = s.schedule()
+        for e in batch.entries:
+            if e.request_id == rid and cached is None:
+                cached = e.cached_len
+        s.complete(batch)
+    return cached
+
+
+def test_route_keys_share_only_identical_routing():
+    s = make(route_keys=True)
+    tokens = list(range(1, 14))  # 3 full pages of 4, then one token
+    route = [7 + (i % 3) for i in range(13)]
+    assert _cached_len(s, 0, tokens, route) == 0
+    assert _cached_len(s, 1, tokens, route) == 12  # identical: every full page
+    other = list(route)
+    other[5] = 99  # differs on the second page only
+    assert _cached_len(s, 2, tokens, other) == 4
+    assert _cached_len(s, 3, tokens) == 0  # all-0 ids (free routing) share nothing with 7s
+    assert _cached_len(s, 4, tokens, [0] * 13) == 12  # ... but share with each other
+    s.check_invariants()
+    # three chains: routing 7.. (3 pages), its fork at page 1 (2 pages), all-0 (3 pages)
+    assert sorted(map(tuple, filter(None, (s.cached_tokens(p) for p in range(64))))) == \
+        sorted([tuple(tokens[:4])] * 2 + [tuple(tokens[4:8])] * 3 + [tuple(tokens[8:12])] * 3)
+
+
+def test_route_ids_checked():
+    plain, keyed = make(), make(route_keys=True)
+    assert keyed.route_keys and not plain.route_keys
+    with pytest.raises(ValueError, match="no route_keys"):
+        plain.add(0, [1, 2, 3], 0, [0, 0, 0])
+    with pytest.raises(ValueError, match="route_ids"):
+        keyed.add(0, [1, 2, 3], 0, [0, 0])
+    with pytest.raises(ValueError, match=r"route_ids\[1\] is -2"):
+        keyed.add(0, [1, 2, 3], 0, [0, -2, 0])

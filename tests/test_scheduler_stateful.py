@@ -31,6 +31,7 @@ class Shadow:
     tokens: list[int]
     start: int
     next_scored: int
+    keys: tuple = ()  # (token, route id) per position: what K/V at a position depends on
     version: int | None = None  # weight version when admitted
     admit_batch: int | None = None
     cached_len: int = 0
@@ -40,16 +41,18 @@ class Shadow:
 class SchedulerMachine(RuleBasedStateMachine):
     @initialize(page_size=st.sampled_from([1, 2, 16]), pool=st.integers(2, 6),
                 max_batch_tokens=st.integers(1, 80), max_batch_requests=st.integers(1, 6),
-                enable_prefix_cache=st.booleans(),
+                enable_prefix_cache=st.booleans(), route_keys=st.booleans(),
                 prefixes=st.lists(st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=40),
                                   min_size=1, max_size=3))
     def setup(self, page_size, pool, max_batch_tokens, max_batch_requests,
-              enable_prefix_cache, prefixes):
+              enable_prefix_cache, route_keys, prefixes):
         self.page_size = page_size
         self.num_pages = pool * {1: 8, 2: 4, 16: 1}[page_size]
         self.max_batch_tokens, self.max_batch_requests = max_batch_tokens, max_batch_requests
         self.s = scheduler_module().Scheduler(self.num_pages, page_size, max_batch_tokens,
-                                              max_batch_requests, enable_prefix_cache)
+                                              max_batch_requests, enable_prefix_cache,
+                                              route_keys=route_keys)
+        self.route_keys = route_keys
         self.prefixes = prefixes
         # per slot: (token, prefix it ends, writer's weight version, batch, entry)
         self.kv = [None] * (self.num_pages * page_size)
@@ -64,31 +67,36 @@ class SchedulerMachine(RuleBasedStateMachine):
 
     @rule(rid=st.integers(0, MAX_ID), prefix=st.integers(-1, 2),
           tail=st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=40),
-          start=st.one_of(st.just(-1), st.integers(0, 200)))
-    def add(self, rid, prefix, tail, start):
+          start=st.one_of(st.just(-1), st.integers(0, 200)), route=st.integers(0, 2))
+    def add(self, rid, prefix, tail, start, route):
         tokens = (self.prefixes[prefix % len(self.prefixes)] if prefix >= 0 else []) + tail
-        self.add_request(rid, tokens, len(tokens) - 1 if start < 0 else start % len(tokens))
+        self.add_request(rid, tokens, len(tokens) - 1 if start < 0 else start % len(tokens),
+                         route)
 
     @rule(rid=st.integers(0, MAX_ID), prefix=st.integers(0, 2),
           tails=st.lists(st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=20),
-                         min_size=2, max_size=5))
-    def add_siblings(self, rid, prefix, tails):
+                         min_size=2, max_size=5), route=st.integers(0, 2))
+    def add_siblings(self, rid, prefix, tails, route):
         """A GRPO group: completions of one prompt, added together."""
         prompt = self.prefixes[prefix % len(self.prefixes)]
         for i, tail in enumerate(tails):
-            self.add_request((rid + i) % (MAX_ID + 1), prompt + tail, len(prompt) - 1)
+            self.add_request((rid + i) % (MAX_ID + 1), prompt + tail, len(prompt) - 1, route)
 
-    def add_request(self, rid, tokens, start):
+    def add_request(self, rid, tokens, start, route=0):
+        """route (with route_keys): 0 gives every position route id 0 (free), r > 0 gives
+        every third position id 0 and the others r (a replayed routing)."""
         fits = -(-len(tokens) // self.page_size) <= self.num_pages
         before = self.s.stats()
+        routes = [0 if not self.route_keys or pos % 3 == 0 else route
+                  for pos in range(len(tokens))]
         try:
-            self.s.add(rid, tokens, start)
+            self.s.add(rid, tokens, start, routes if self.route_keys and route else None)
         except ValueError as err:
             assert rid in self.shadows or not fits, err
             assert str(rid) in str(err) and self.s.stats() == before
             return
         assert rid not in self.shadows and fits
-        self.shadows[rid] = Shadow(tokens, start, start)
+        self.shadows[rid] = Shadow(tokens, start, start, keys=tuple(zip(tokens, routes)))
         self.arrivals.append(rid)
 
     @rule()
@@ -201,7 +209,7 @@ class SchedulerMachine(RuleBasedStateMachine):
                         and entry_of.get(rid, -1) > i), "writes a page another request holds"
                 old = self.kv[slot]
                 assert old is None or old[3] != seq, "slot written twice in one batch"
-                self.kv[slot] = (sh.tokens[pos], tuple(sh.tokens[:pos + 1]), sh.version, seq, i)
+                self.kv[slot] = (sh.tokens[pos], sh.keys[:pos + 1], sh.version, seq, i)
 
         # Attend: [0, end) of each entry through its page-table row.
         k = 0
@@ -210,7 +218,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             L = len(sh.tokens)
             for pos in range(e.end):
                 token, prefix, version, wrote_in, by = self.kv[e.pages[pos // ps] * ps + pos % ps]
-                assert prefix == tuple(sh.tokens[:pos + 1]), "attends to another prefix's K/V"
+                assert prefix == sh.keys[:pos + 1], "attends to another prefix's (or routing's) K/V"
                 assert version == sh.version, "attends to K/V of other weights"
                 assert (by <= i) if wrote_in == seq else (wrote_in in self.completed), \
                     "attends to K/V a later entry or an uncompleted batch writes"

@@ -5,7 +5,8 @@ completion_token_ids) or text (prompt and completion, when the model folder has 
 tokenizer). Prompt and completion text are tokenized separately: the prompt with the
 tokenizer's special tokens (such as BOS), the completion without them. No chat template
 is applied: format chat prompts yourself, or give token ids. Every other field passes
-through.
+through; a "routed_experts" field ([tokens - 1][MoE layers][top_k] expert ids, MoE
+models) forces those experts (routing replay).
 
 Every line is checked before anything is scored. Results go to stdout as they are scored,
 or to --output, which appears only when complete; progress goes to stderr. Set
@@ -67,6 +68,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="score under the sampler's min-p filter (0: off)")
     score.add_argument("--top-logprobs", type=int, default=0, metavar="K",
                        help="also output the K most likely tokens per position (at most 64)")
+    score.add_argument("--routed-experts", action="store_true",
+                       help="MoE models: also output the experts every token but the last "
+                            "was routed to, [tokens - 1][MoE layers][top_k]")
     score.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     score.add_argument("--dtype", help="bfloat16, float16 or float32 "
                                        "(default: bfloat16 on cuda, float32 on cpu)")
@@ -266,11 +270,15 @@ def _score_into(out: TextIO, engine: Engine, records: list[Record],
     with tqdm(total=len(records), unit="seq", file=sys.stderr, desc="scoring") as bar:
         for group in _groups(records, GROUP_SEQUENCES):
             result = engine.compute_log_probs([r for _, r in group], args.temperature,
-                                              return_entropy=args.entropy, **_rich_args(args))
+                                              return_entropy=args.entropy,
+                                              return_routed_experts=args.routed_experts,
+                                              **_rich_args(args))
             for i, (n, record) in enumerate(group):
                 scores = {key: result[key][i] for key in RICH_OUTPUTS if key in result}
                 if _filtered(args, record):
                     scores = _cut_to_null(scores)
+                if args.routed_experts:
+                    scores["routed_experts"] = result["routed_experts"][i]
                 out.write(_json_line(n, {**record, **scores}))
                 total_tokens += len(scores["log_probs"])
             bar.update(len(group))
@@ -282,6 +290,9 @@ def score(args: argparse.Namespace) -> int:
     model_dir = Path(args.model) if args.model else builtin_model_dir()
     records = _with_token_ids(_read_records(args.input), model_dir)
     with _output(args.output) as out, _load_engine(model_dir, args) as engine:
+        if args.routed_experts and engine.model_config.moe is None:
+            raise CLIError(f"--routed-experts: the model in {model_dir} has no "
+                           f"mixture-of-experts layers")
         _validate(engine, records, args)
         start = time.perf_counter()  # scoring only: not the first-use build and load
         total_tokens = _score_into(out, engine, records, args)

@@ -123,7 +123,8 @@ class Engine:
                           *, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
                           return_entropy: bool = False, top_logprobs: int = 0,
                           token_ids: Sequence[int] | None = None, return_tensors: bool = False,
-                          pad_to: int | None = None) -> dict[str, Any]:
+                          pad_to: int | None = None, return_routed_experts: bool = False
+                          ) -> dict[str, Any]:
         """log p(completion token | everything before it) for every completion token.
 
         ``sequences``: dicts with ``prompt_token_ids`` (at least one id) and
@@ -145,11 +146,19 @@ class Engine:
         scored position) adds "token_ids_logprobs": per sequence, per position, the
         log-probs of the ids asked. With return_tensors these are padded tensors
         (ids -1, scores nan where nothing was asked). docs/design.md has the rules.
+
+        MoE models: ``return_routed_experts`` adds "routed_experts", per sequence the
+        experts each of its len(prompt) + len(completion) - 1 first tokens used in every
+        MoE layer, [positions, MoE layers, top_k] in the router's order (nested lists, or
+        with return_tensors one int32 tensor padded with -1). A sequence may carry
+        "routed_experts" of that shape to force those experts (routing replay); the
+        prefix cache then shares K/V only with identically routed tokens.
         """
         return self._call("compute_log_probs", ids_to_host(sequences), temperature,
                           return_entropy=return_entropy, return_tensors=return_tensors,
                           pad_to=pad_to, top_k=top_k, top_p=top_p, min_p=min_p,
-                          top_logprobs=top_logprobs, token_ids=token_ids)
+                          top_logprobs=top_logprobs, token_ids=token_ids,
+                          return_routed_experts=return_routed_experts)
 
     @_serialised
     def score_padded(self, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor,

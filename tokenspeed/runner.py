@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from .kv_cache import KVCache
 from .layers.attention import AttentionMetadata
 from .layers.sampler_filters import RowOptions
+from .layers.moe import RoutingMetadata
 
 # the scheduler's int32 arrays of a Batch, in the order they are packed
 BATCH_ARRAYS = ("input_ids", "positions", "slot_mapping", "page_table", "cu_seqlens_q",
@@ -61,7 +62,10 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, batch, temperature: float, return_entropy: bool,
-            rich: RowOptions | None = None) -> BatchScores:
+            rich: RowOptions | None = None, routing: RoutingMetadata | None = None
+            ) -> BatchScores:
+        """``rich``: the rich outputs' per-row options (sampler_filters.py); ``routing``:
+        forced experts and capture of an MoE model's batch (routing.py)."""
         t = upload(batch, self.device)
         meta = AttentionMetadata(
             slot_mapping=t["slot_mapping"],
@@ -70,8 +74,10 @@ class ModelRunner:
             kv_lens=t["kv_lens"],
             kv_cache=self.kv_cache,
             max_seqlen_q=max((e.end - e.begin for e in batch.entries), default=0),
-            validate=self.check_batches)
+            validate=self.check_batches, routing=routing)
         hidden = self.model(t["input_ids"], t["positions"], meta, t["score_rows"])
+        if routing is not None and routing.slot_buffer is not None:
+            routing.slot_buffer[t["slot_mapping"].long()] = routing.captured.to(torch.int16)
         if hidden.shape[0] == 0:
             empty = torch.empty(0, dtype=torch.float32, device=self.device)
             return BatchScores(empty, empty if return_entropy else None)

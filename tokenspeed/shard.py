@@ -29,6 +29,7 @@ from .padded import check_pad_to, flat_index, pad_flat, padding_mask, to_device
 from .parallel.group import (TPGroup, building_with, kv_head_range, sequences_fingerprint)
 from .parallel.launch import init_tp_group
 from .rich import RichCall, plan
+from .routing import CallRouting, RoutingTable, check_routed_experts, routing_digest
 from .runner import BatchScores, ModelRunner
 from .weight_sync import (DEFAULT_BUCKET_BYTES, init_weight_sync_group, open_ipc_handles,
                           receive_weights)
@@ -36,6 +37,16 @@ from .weight_sync import (DEFAULT_BUCKET_BYTES, init_weight_sync_group, open_ipc
 MAX_CPU_KV_TOKENS = 1 << 18
 # scored rows held on the device before they are copied out mid-call (32 MiB with entropy)
 MAX_PENDING_ROWS = 1 << 22
+
+
+def _pad_routing(rows: list[Tensor]) -> Tensor:
+    """[N, max positions, L, k] int32, -1 past each sequence's own positions."""
+    width = max((len(r) for r in rows), default=0)
+    shape = rows[0].shape[1:] if rows else (0, 0)
+    out = torch.full((len(rows), width, *shape), -1, dtype=torch.int32)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = r
+    return out
 
 
 class LocalShard:
@@ -81,7 +92,10 @@ class LocalShard:
         self.kv_cache = KVCache(mc.num_layers, num_pages, cfg.page_size, self.local_kv_heads,
                                 mc.head_dim, cfg.dtype, cfg.device)
         self.scheduler = tse.Scheduler(num_pages, cfg.page_size, cfg.max_batch_tokens,
-                                       cfg.max_batch_requests, cfg.enable_prefix_cache)
+                                       cfg.max_batch_requests, cfg.enable_prefix_cache,
+                                       route_keys=mc.moe is not None)
+        self.routing = None if mc.moe is None else RoutingTable(
+            mc.moe, num_pages * cfg.page_size, cfg.page_size, cfg.device)
         self.runner = ModelRunner(self.model, self.kv_cache, cfg.device,
                                   check_batches=cfg.check_batches)
 
@@ -134,8 +148,8 @@ class LocalShard:
         torch.cuda.empty_cache()
         return peak
 
-    def _validate(self, sequences: Any, temperature: Any
-                  ) -> tuple[list[tuple[list[int], list[int]]], float]:
+    def _validate(self, sequences: Any, temperature: Any, return_routed_experts: bool = False
+                  ) -> tuple[list[tuple[list[int], list[int]]], float, list[Tensor | None]]:
         if self._torn_weights:
             raise RuntimeError(
                 f"an earlier update_weights failed part-way, so {len(self._torn_weights)} "
@@ -146,7 +160,12 @@ class LocalShard:
         mc = self.model_config
         limits = Limits(mc.vocab_size, mc.max_position_embeddings, self.kv_cache.num_tokens,
                         self.config.page_size)
-        return validate_sequences(sequences, limits), temperature
+        seqs = validate_sequences(sequences, limits)
+        if return_routed_experts and mc.moe is None:
+            raise ValueError("return_routed_experts: the model has no mixture-of-experts layers")
+        routes = [check_routed_experts(i, item, len(p) + len(c), mc.moe)
+                  for i, (item, (p, c)) in enumerate(zip(sequences, seqs))]
+        return seqs, temperature, routes
 
     def validate(self, sequences: Sequence[Mapping[str, Any]], temperature: float = 1.0,
                  **rich_options: Any) -> None:
@@ -154,12 +173,14 @@ class LocalShard:
 
     def compute_log_probs(self, sequences: Sequence[Mapping[str, Any]], temperature: float = 1.0,
                           *, return_entropy: bool = False, return_tensors: bool = False,
-                          pad_to: int | None = None, **rich_options: Any) -> dict[str, Any]:
+                          pad_to: int | None = None, return_routed_experts: bool = False,
+                          **rich_options: Any) -> dict[str, Any]:
         """``rich_options``: top_k, top_p, min_p, top_logprobs, token_ids (rich.py)."""
-        seqs, temperature, rich = self.tp.validated(
-            lambda: self._validate_rich(sequences, temperature, rich_options),
-            lambda v: sequences_fingerprint(v[0], v[1], return_entropy,
-                                            v[2] and v[2].fingerprint()))
+        seqs, temperature, rich, routes = self.tp.validated(
+            lambda: self._validate_rich(sequences, temperature, rich_options,
+                                        return_routed_experts),
+            lambda v: sequences_fingerprint(v[0], v[1], return_entropy, return_routed_experts,
+                                            v[2] and v[2].fingerprint(), routing_digest(v[3])))
         lengths = [len(c) for _, c in seqs]
         width = check_pad_to(pad_to, return_tensors, lengths)
         offsets = [0]
@@ -172,15 +193,25 @@ class LocalShard:
                     if return_entropy else None)
         # request id -> (first output slot, logprob_start)
         requests: dict[int, tuple[int, int]] = {}
+        call = None
+        if self.routing is not None:
+            self.routing.prepare(return_routed_experts, self.scheduler)
+            call = CallRouting(self.routing, return_routed_experts)
         try:
             for i, (prompt, completion) in enumerate(seqs):
-                if completion:
+                # a capture reports the prompt's routing even with nothing to score
+                if completion or (return_routed_experts and len(prompt) > 1):
                     rid = self._next_request_id
                     self._next_request_id += 1
                     start = len(prompt) - 1
                     requests[rid] = (offsets[i], start)
-                    self.scheduler.add(rid, prompt + completion, start)
-            self._run(requests, temperature, flat_lp, flat_ent, rich)
+                    tokens = prompt + completion
+                    route_ids = None
+                    if call is not None:
+                        call.add(rid, len(tokens), routes[i], i)
+                        route_ids = self.routing.route_ids(routes[i], len(tokens))
+                    self.scheduler.add(rid, tokens, start, route_ids)
+            self._run(requests, temperature, flat_lp, flat_ent, rich, call)
         finally:
             for rid in requests:
                 self.scheduler.abort(rid)
@@ -188,19 +219,27 @@ class LocalShard:
         out = self._package(seqs, lengths, flat_lp, flat_ent, return_tensors, width)
         if rich is not None:
             rich.package(out, lengths, return_tensors, width, where)
+        if return_routed_experts:
+            routed = call.result(len(seqs), [len(p) + len(c) for p, c in seqs])
+            out["routed_experts"] = (_pad_routing(routed).to(where) if return_tensors
+                                     else [r.tolist() for r in routed])
         out["weight_version"] = self.weight_version
         return out
 
-    def _validate_rich(self, sequences: Any, temperature: Any, options: dict[str, Any]
-                       ) -> tuple[list[tuple[list[int], list[int]]], float, RichCall | None]:
+    def _validate_rich(self, sequences: Any, temperature: Any, options: dict[str, Any],
+                       return_routed_experts: bool = False
+                       ) -> tuple[list[tuple[list[int], list[int]]], float, RichCall | None,
+                                  list[Tensor | None]]:
         unknown = set(options) - {"top_k", "top_p", "min_p", "top_logprobs", "token_ids"}
         if unknown:
             raise TypeError(f"compute_log_probs got unexpected options {sorted(unknown)}")
-        seqs, temperature = self._validate(sequences, temperature)
-        return seqs, temperature, plan(sequences, seqs, self.model_config.vocab_size, options)
+        seqs, temperature, routes = self._validate(sequences, temperature, return_routed_experts)
+        rich = plan(sequences, seqs, self.model_config.vocab_size, options)
+        return seqs, temperature, rich, routes
 
     def _run(self, requests: dict[int, tuple[int, int]], temperature: float,
-             flat_lp: Tensor, flat_ent: Tensor | None, rich: RichCall | None = None) -> None:
+             flat_lp: Tensor, flat_ent: Tensor | None, rich: RichCall | None = None,
+             call: CallRouting | None = None) -> None:
         """Drive the scheduler until every request finished; pops finished ids.
 
         A batch is completed as soon as its forward is enqueued: the device runs batches
@@ -218,9 +257,13 @@ class LocalShard:
                 raise RuntimeError("internal error: the scheduler has unfinished requests "
                                    "but made no batch; the call was aborted")
             try:
+                routing = None if call is None else call.metadata(batch)
                 dst = self._destinations(batch, requests)
                 scores = self.runner.run(batch, temperature, flat_ent is not None,
-                                         rich and rich.row_options(dst, self.config.device))
+                                         rich and rich.row_options(dst, self.config.device),
+                                         routing)
+                if call is not None and call.capture:
+                    call.after_batch(batch)
                 if dst.shape != scores.log_probs.shape:
                     raise RuntimeError(f"internal error: a batch scored "
                                        f"{tuple(scores.log_probs.shape)} rows for "

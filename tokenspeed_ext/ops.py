@@ -223,3 +223,57 @@ def _rotary_embedding_fake(positions, q, k, cos_sin_cache, validate=True):
     _same_device("rotary_embedding", q=q, k=k, positions=positions,
                  cos_sin_cache=cos_sin_cache)
     return None
+
+
+# ---- moe ----
+
+def moe_route(logits: Tensor, top_k: int, renormalize: bool, forced: Tensor | None = None,
+              validate: bool = True) -> tuple[Tensor, Tensor]:
+    """Router of an MoE layer: (weights [T, k] fp32, ids [T, k] int32) from logits [T, E].
+
+    softmax in fp32 over all E experts, the top_k largest (largest first; ties go to the
+    lower expert id), weights divided by their sum when ``renormalize``. A row of
+    ``forced`` [T, k] int32 whose first id is >= 0 uses those experts in that order
+    (routing replay) with their probabilities as weights; rows of -1 route freely.
+    ``validate=False`` skips the forced ids' range check (a host round trip).
+    """
+    return _ops.moe_route.default(logits, int(top_k), bool(renormalize), forced,
+                                  bool(validate))
+
+
+def moe_dispatch(ids: Tensor, num_experts: int, validate: bool = True
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+    """Group the (token, slot) pairs of ids [T, k] int32 by expert, stable in pair order:
+    (offsets [E + 1], sorted_tokens [T * k], pair_rows [T * k]), all int32; expert e's
+    rows are offsets[e]:offsets[e + 1] of the grouped order."""
+    return _ops.moe_dispatch.default(ids, int(num_experts), bool(validate))
+
+
+def moe_combine(expert_out: Tensor, pair_rows: Tensor, weights: Tensor) -> Tensor:
+    """out [T, H] = sum over s (in order) of weights[t, s] * expert_out[pair_rows[t*k+s]],
+    in fp32, rounded once to expert_out's dtype."""
+    return _ops.moe_combine.default(expert_out, pair_rows, weights)
+
+
+@torch.library.register_fake("tokenspeed::moe_route")
+def _moe_route_fake(logits, top_k, renormalize, forced=None, validate=True):
+    _same_device("moe_route", logits=logits, forced=forced)
+    torch._check(logits.dim() == 2, lambda: f"logits must be [T, E], got {logits.shape}")
+    shape = (logits.shape[0], top_k)
+    return (logits.new_empty(shape, dtype=torch.float32),
+            logits.new_empty(shape, dtype=torch.int32))
+
+
+@torch.library.register_fake("tokenspeed::moe_dispatch")
+def _moe_dispatch_fake(ids, num_experts, validate=True):
+    torch._check(ids.dim() == 2, lambda: f"ids must be [T, k], got {ids.shape}")
+    pairs = ids.shape[0] * ids.shape[1]
+    return (ids.new_empty((num_experts + 1,), dtype=torch.int32),
+            ids.new_empty((pairs,), dtype=torch.int32), ids.new_empty((pairs,), dtype=torch.int32))
+
+
+@torch.library.register_fake("tokenspeed::moe_combine")
+def _moe_combine_fake(expert_out, pair_rows, weights):
+    _same_device("moe_combine", expert_out=expert_out, pair_rows=pair_rows, weights=weights)
+    torch._check(weights.dim() == 2, lambda: f"weights must be [T, k], got {weights.shape}")
+    return expert_out.new_empty((weights.shape[0], expert_out.shape[1]))

@@ -263,3 +263,65 @@ def logprob_mass_above(logits: Tensor, temperature: float, thresholds: Tensor, r
     inside = x32.unsqueeze(1) >= thresholds.float().cpu().unsqueeze(-1)  # [T, n, V]
     return torch.stack([(inside * e.unsqueeze(1)).sum(-1), (inside * w.unsqueeze(1)).sum(-1)],
                        dim=-1)
+# ---- moe: routing, dispatch and combine of mixture-of-experts layers ----
+
+def moe_route(logits: Tensor, top_k: int, renormalize: bool, forced: Tensor | None = None,
+              dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
+    """(weights [T, k] in ``dtype``, ids [T, k] int32) of softmax(logits) over E experts.
+
+    Free rows pick the k largest probabilities, largest first, ties toward the lower
+    expert id (a stable sort on the negated probabilities). A row of ``forced`` [T, k]
+    whose first id is >= 0 takes those ids in that order instead; either way the weights
+    are the chosen probabilities, divided by their sum when ``renormalize``.
+    """
+    probs = torch.softmax(logits.to(dtype), dim=-1)
+    order = torch.sort(-probs, dim=-1, stable=True).indices[:, :top_k]
+    ids = order
+    if forced is not None:
+        free = forced[:, 0] < 0
+        ids = torch.where(free[:, None], order, forced.long())
+    weights = probs.gather(-1, ids)
+    if renormalize:
+        weights = weights / weights.sum(-1, keepdim=True)
+    return weights, ids.to(torch.int32)
+
+
+def moe_dispatch(ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Group the T * k (token, slot) pairs of ids [T, k] by expert, stable in pair order.
+
+    Returns offsets [E + 1] int32 (expert e's pairs are rows offsets[e]:offsets[e+1] of the
+    grouped order), sorted_tokens [T * k] int32 (the token of each grouped row) and
+    pair_rows [T * k] int32 (the grouped row of pair t * k + s).
+    """
+    flat = ids.reshape(-1).long()
+    order = torch.sort(flat, stable=True).indices
+    counts = torch.bincount(flat, minlength=num_experts)
+    offsets = torch.zeros(num_experts + 1, dtype=torch.int64, device=ids.device)
+    offsets[1:] = counts.cumsum(0)
+    pair_rows = torch.empty_like(order)
+    pair_rows[order] = torch.arange(len(order), device=ids.device)
+    top_k = ids.shape[1] if ids.dim() == 2 else 1
+    return (offsets.to(torch.int32), (order // max(top_k, 1)).to(torch.int32),
+            pair_rows.to(torch.int32))
+
+
+def moe_combine(expert_out: Tensor, pair_rows: Tensor, weights: Tensor,
+                dtype: torch.dtype = torch.float64) -> Tensor:
+    """out[t] = sum over s of weights[t, s] * expert_out[pair_rows[t * k + s]], in ``dtype``."""
+    t, k = weights.shape
+    rows = expert_out.to(dtype)[pair_rows.long()].view(t, k, expert_out.shape[1])
+    return (rows * weights.to(dtype)[:, :, None]).sum(1)
+
+
+def moe_experts(x: Tensor, w_gate_up: Tensor, w_down: Tensor, ids: Tensor, weights: Tensor,
+                dtype: torch.dtype = torch.float64) -> Tensor:
+    """The whole expert sum of one MoE layer, token by token: x [T, H], w_gate_up
+    [E, 2I, H] (gate rows first), w_down [E, H, I], ids/weights [T, k] -> [T, H]."""
+    out = torch.zeros(x.shape[0], w_down.shape[1], dtype=dtype, device=x.device)
+    xd = x.to(dtype)
+    for s in range(ids.shape[1]):
+        e = ids[:, s].long()
+        gate, up = torch.einsum("th,tnh->tn", xd, w_gate_up[e].to(dtype)).chunk(2, dim=-1)
+        y = torch.einsum("ti,thi->th", torch.nn.functional.silu(gate) * up, w_down[e].to(dtype))
+        out += weights[:, s].to(dtype)[:, None] * y
+    return out

@@ -32,49 +32,50 @@ Int32Array array_of(const std::shared_ptr<Batch>& batch, ArrayField field) {
   return Int32Array{batch, &((*batch).*field)};
 }
 
-int32_t checked_token(int64_t value, size_t index) {
+int32_t checked_token(int64_t value, size_t index, const std::string& name) {
   if (value < 0 || value > std::numeric_limits<int32_t>::max())
-    throw std::invalid_argument("token_ids[" + std::to_string(index) + "] is " +
-                                std::to_string(value) + ", token ids must be in [0, 2^31)");
+    throw std::invalid_argument(name + "[" + std::to_string(index) + "] is " +
+                                std::to_string(value) + ", ids must be in [0, 2^31)");
   return static_cast<int32_t>(value);
 }
 
 template <typename T>
-void read_strided(const py::buffer_info& info, std::vector<int32_t>& out) {
+void read_strided(const py::buffer_info& info, std::vector<int32_t>& out,
+                  const std::string& name) {
   const char* base = static_cast<const char*>(info.ptr);
   for (py::ssize_t i = 0; i < info.shape[0]; ++i) {
     T v;
     std::memcpy(&v, base + i * info.strides[0], sizeof(T));
-    out.push_back(checked_token(static_cast<int64_t>(v), size_t(i)));
+    out.push_back(checked_token(static_cast<int64_t>(v), size_t(i), name));
   }
 }
 
 // Token ids from a 1-D integer buffer (array.array, numpy), anything with tolist()
 // (torch.Tensor), or a sequence of Python ints.
-std::vector<int32_t> to_token_ids(const py::handle& obj) {
+std::vector<int32_t> to_token_ids(const py::handle& obj, const std::string& name = "token_ids") {
   std::vector<int32_t> out;
   if (PyObject_CheckBuffer(obj.ptr()) && !py::isinstance<py::bytes>(obj) &&
       !py::isinstance<py::bytearray>(obj)) {
     const py::buffer_info info = py::reinterpret_borrow<py::buffer>(obj).request();
     if (info.ndim != 1)
-      throw py::type_error("token_ids must be 1-D, got a buffer of " +
+      throw py::type_error(name + " must be 1-D, got a buffer of " +
                            std::to_string(info.ndim) + " dimensions");
     const char kind = info.format.empty() ? '?' : info.format.back();
     const bool is_signed = kind == 'b' || kind == 'h' || kind == 'i' || kind == 'l' || kind == 'q';
     const bool is_unsigned = kind == 'B' || kind == 'H' || kind == 'I' || kind == 'L' || kind == 'Q';
     if (!is_signed && !is_unsigned)
-      throw py::type_error("token_ids must hold integers, got buffer format '" + info.format + "'");
+      throw py::type_error(name + " must hold integers, got buffer format '" + info.format + "'");
     out.reserve(size_t(info.shape[0]));
     switch (info.itemsize * (is_signed ? 1 : -1)) {
-      case 1: read_strided<int8_t>(info, out); break;
-      case 2: read_strided<int16_t>(info, out); break;
-      case 4: read_strided<int32_t>(info, out); break;
-      case 8: read_strided<int64_t>(info, out); break;
-      case -1: read_strided<uint8_t>(info, out); break;
-      case -2: read_strided<uint16_t>(info, out); break;
-      case -4: read_strided<uint32_t>(info, out); break;
-      case -8: read_strided<int64_t>(info, out); break;  // values >= 2^63 read negative: refused
-      default: throw py::type_error("token_ids: unsupported item size " +
+      case 1: read_strided<int8_t>(info, out, name); break;
+      case 2: read_strided<int16_t>(info, out, name); break;
+      case 4: read_strided<int32_t>(info, out, name); break;
+      case 8: read_strided<int64_t>(info, out, name); break;
+      case -1: read_strided<uint8_t>(info, out, name); break;
+      case -2: read_strided<uint16_t>(info, out, name); break;
+      case -4: read_strided<uint32_t>(info, out, name); break;
+      case -8: read_strided<int64_t>(info, out, name); break;  // values >= 2^63 read negative: refused
+      default: throw py::type_error(name + ": unsupported item size " +
                                     std::to_string(info.itemsize));
     }
     return out;
@@ -82,7 +83,7 @@ std::vector<int32_t> to_token_ids(const py::handle& obj) {
   py::object seq = py::reinterpret_borrow<py::object>(obj);
   if (py::hasattr(seq, "tolist") && !py::isinstance<py::list>(seq)) seq = seq.attr("tolist")();
   if (!py::isinstance<py::sequence>(seq) || py::isinstance<py::str>(seq))
-    throw py::type_error("token_ids must be a 1-D sequence of ints, got " +
+    throw py::type_error(name + " must be a 1-D sequence of ints, got " +
                          std::string(py::str(py::type::of(obj).attr("__name__"))));
   const py::sequence items = py::reinterpret_borrow<py::sequence>(seq);
   out.reserve(items.size());
@@ -91,16 +92,16 @@ std::vector<int32_t> to_token_ids(const py::handle& obj) {
     PyObject* index = PyNumber_Index(item.ptr());  // ints and int-like (numpy, 0-d tensors)
     if (index == nullptr) {
       PyErr_Clear();
-      throw py::type_error("token_ids[" + std::to_string(i) + "] is not an int: " +
+      throw py::type_error(name + "[" + std::to_string(i) + "] is not an int: " +
                            std::string(py::repr(item)));
     }
     const py::object as_int = py::reinterpret_steal<py::object>(index);
     int overflow = 0;
     const long long v = PyLong_AsLongLongAndOverflow(as_int.ptr(), &overflow);
     if (overflow != 0)
-      throw std::invalid_argument("token_ids[" + std::to_string(i) + "] is " +
-                                  std::string(py::str(as_int)) + ", token ids must be in [0, 2^31)");
-    out.push_back(checked_token(v, i++));
+      throw std::invalid_argument(name + "[" + std::to_string(i) + "] is " +
+                                  std::string(py::str(as_int)) + ", ids must be in [0, 2^31)");
+    out.push_back(checked_token(v, i++, name));
   }
   return out;
 }
@@ -170,22 +171,30 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 
   py::class_<Scheduler>(m, "Scheduler")
       .def(py::init([](int64_t num_pages, int64_t page_size, int64_t max_batch_tokens,
-                       int64_t max_batch_requests, bool enable_prefix_cache) {
+                       int64_t max_batch_requests, bool enable_prefix_cache, bool route_keys) {
              SchedulerConfig c;
              c.num_pages = num_pages;
              c.page_size = page_size;
              c.max_batch_tokens = max_batch_tokens;
              c.max_batch_requests = max_batch_requests;
              c.enable_prefix_cache = enable_prefix_cache;
+             c.route_keys = route_keys;
              return std::make_unique<Scheduler>(c);
            }),
            py::arg("num_pages"), py::arg("page_size"), py::arg("max_batch_tokens"),
-           py::arg("max_batch_requests") = 256, py::arg("enable_prefix_cache") = true)
+           py::arg("max_batch_requests") = 256, py::arg("enable_prefix_cache") = true,
+           py::arg("route_keys") = false)
       .def("add",
            [](Scheduler& s, int64_t request_id, const py::object& token_ids,
-              int64_t logprob_start) { s.add(request_id, to_token_ids(token_ids), logprob_start); },
+              int64_t logprob_start, const py::object& route_ids) {
+             s.add(request_id, to_token_ids(token_ids), logprob_start,
+                   route_ids.is_none() ? std::vector<int32_t>{} : to_token_ids(route_ids, "route_ids"));
+           },
            py::arg("request_id"), py::arg("token_ids"), py::arg("logprob_start"),
-           "Queue a request; positions [logprob_start, len(token_ids) - 1) are scored.")
+           py::arg("route_ids") = py::none(),
+           "Queue a request; positions [logprob_start, len(token_ids) - 1) are scored. "
+           "route_ids (a scheduler built with route_keys): one id >= 0 per position that "
+           "the prefix cache compares along with the tokens (default all 0).")
       .def("schedule", &Scheduler::schedule,
            "The next batch, or None when nothing can run now. Run batches whole and in "
            "the order they were scheduled: an entry may read K/V an earlier entry of the "
@@ -219,6 +228,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                              [](const Scheduler& s) { return s.config().max_batch_tokens; })
       .def_property_readonly("max_batch_requests",
                              [](const Scheduler& s) { return s.config().max_batch_requests; })
+      .def_property_readonly("route_keys", [](const Scheduler& s) { return s.config().route_keys; })
       .def_property_readonly("enable_prefix_cache",
                              [](const Scheduler& s) { return s.config().enable_prefix_cache; })
       .def("page_states", [](const Scheduler& s) {

@@ -5,20 +5,21 @@
 
 namespace tokenspeed {
 
-RadixCache::RadixCache(PageAllocator& allocator, int32_t page_size)
+RadixCache::RadixCache(PageAllocator& allocator, int32_t page_size, int32_t key_width)
     : allocator_(allocator),
       page_size_(page_size),
+      block_len_(page_size * key_width),
       in_tree_(allocator.num_pages(), 0),
       parent_(allocator.num_pages(), kRoot),
       num_children_(allocator.num_pages(), 0),
       hash_(allocator.num_pages(), 0),
       last_use_(allocator.num_pages(), 0),
       writer_(allocator.num_pages(), 0),
-      tokens_(int64_t(allocator.num_pages()) * page_size, 0) {}
+      tokens_(int64_t(allocator.num_pages()) * page_size * key_width, 0) {}
 
 uint64_t RadixCache::hash_block(const int32_t* block) const {
   uint64_t h = 0xcbf29ce484222325ull;  // FNV-1a over 32-bit words, then a splitmix finish
-  for (int32_t i = 0; i < page_size_; ++i) {
+  for (int32_t i = 0; i < block_len_; ++i) {
     h ^= uint32_t(block[i]);
     h *= 0x100000001b3ull;
   }
@@ -30,7 +31,7 @@ uint64_t RadixCache::hash_block(const int32_t* block) const {
 }
 
 bool RadixCache::same_tokens(int32_t page, const int32_t* block) const {
-  return std::memcmp(page_tokens(page), block, sizeof(int32_t) * size_t(page_size_)) == 0;
+  return std::memcmp(page_tokens(page), block, sizeof(int32_t) * size_t(block_len_)) == 0;
 }
 
 bool RadixCache::is_evictable(int32_t page) const {
@@ -41,7 +42,7 @@ bool RadixCache::match(const int32_t* tokens, int32_t max_pages, uint64_t batch,
                        std::vector<int32_t>& out) const {
   int32_t node = kRoot;
   for (int32_t i = 0; i < max_pages; ++i) {
-    const int32_t* block = tokens + int64_t(i) * page_size_;
+    const int32_t* block = tokens + int64_t(i) * block_len_;
     const auto it = children_.find(ChildKey{node, hash_block(block)});
     if (it == children_.end() || !same_tokens(it->second, block)) return false;
     node = it->second;
@@ -76,7 +77,7 @@ void RadixCache::link(int32_t page, int32_t parent, uint64_t hash, const int32_t
   parent_[page] = parent;
   num_children_[page] = 0;
   hash_[page] = hash;
-  std::memcpy(&tokens_[int64_t(page) * page_size_], block, sizeof(int32_t) * size_t(page_size_));
+  std::memcpy(&tokens_[int64_t(page) * block_len_], block, sizeof(int32_t) * size_t(block_len_));
   children_.emplace(ChildKey{parent, hash}, page);
   ++num_nodes_;
   if (parent != kRoot) {
@@ -102,7 +103,7 @@ int32_t RadixCache::insert(const int32_t* tokens, const int32_t* pages, int32_t 
   int32_t node = kRoot;
   int32_t taken = 0;
   for (int32_t i = 0; i < n; ++i) {
-    const int32_t* block = tokens + int64_t(i) * page_size_;
+    const int32_t* block = tokens + int64_t(i) * block_len_;
     const uint64_t h = hash_block(block);
     const auto it = children_.find(ChildKey{node, h});
     if (it != children_.end()) {
@@ -125,7 +126,7 @@ int32_t RadixCache::extend(int32_t parent, const int32_t* tokens, const int32_t*
   assert(batch != 0 && (parent == kRoot || in_tree_[parent]));
   int32_t node = parent;
   for (int32_t i = 0; i < n; ++i) {
-    const int32_t* block = tokens + int64_t(i) * page_size_;
+    const int32_t* block = tokens + int64_t(i) * block_len_;
     const uint64_t h = hash_block(block);
     if (children_.count(ChildKey{node, h})) return i;
     link(pages[i], node, h, block, batch);

@@ -28,7 +28,11 @@ namespace tokenspeed {
 
 class RadixCache {
  public:
-  RadixCache(PageAllocator& allocator, int32_t page_size);
+  // A page's key is its page_size tokens, or with key_width 2 its tokens followed by
+  // one more id per position (the engine's routing ids, see Scheduler::add): two pages
+  // match only when every token and every such id agree. `tokens` arguments below then
+  // hold key_width * page_size ints per page.
+  RadixCache(PageAllocator& allocator, int32_t page_size, int32_t key_width = 1);
 
   // Appends the pages of the longest cached prefix of tokens (at most max_pages full
   // pages; tokens must hold max_pages * page_size ids) that a batch with uid `batch` may
@@ -70,7 +74,8 @@ class RadixCache {
 
   int32_t num_pages() const { return num_nodes_; }
   int32_t num_unreferenced() const { return num_unreferenced_; }
-  const int32_t* page_tokens(int32_t page) const { return &tokens_[int64_t(page) * page_size_]; }
+  // The key of a cached page (its tokens first).
+  const int32_t* page_tokens(int32_t page) const { return &tokens_[int64_t(page) * block_len_]; }
 
   // Empty when every structural invariant holds, else the first violation found.
   std::string find_violation() const;
@@ -98,6 +103,7 @@ class RadixCache {
 
   PageAllocator& allocator_;
   const int32_t page_size_;
+  const int32_t block_len_;  // ints per page key: page_size * key_width
   // Per page, meaningful while in_tree_:
   std::vector<uint8_t> in_tree_;
   std::vector<int32_t> parent_;

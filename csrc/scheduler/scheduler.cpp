@@ -46,15 +46,21 @@ Scheduler::Scheduler(const SchedulerConfig& config)
       page_size_(static_cast<int32_t>(config.page_size)),
       uid_(next_scheduler_uid()),
       allocator_(static_cast<int32_t>(config.num_pages)),
-      cache_(allocator_, static_cast<int32_t>(config.page_size)) {}
+      cache_(allocator_, static_cast<int32_t>(config.page_size), config.route_keys ? 2 : 1) {}
 
 Scheduler::~Scheduler() { assert(find_violation().empty()); }
+
+const int32_t* Scheduler::page_keys(const Request& r, int32_t first) const {
+  if (!config_.route_keys) return r.tokens.data() + int64_t(first) * page_size_;
+  return r.keys.data() + int64_t(first) * 2 * page_size_;
+}
 
 int32_t Scheduler::pages_for(int64_t tokens) const {
   return static_cast<int32_t>((tokens + page_size_ - 1) / page_size_);
 }
 
-void Scheduler::add(int64_t request_id, std::vector<int32_t> token_ids, int64_t logprob_start) {
+void Scheduler::add(int64_t request_id, std::vector<int32_t> token_ids, int64_t logprob_start,
+                    const std::vector<int32_t>& route_ids) {
   const std::string who = "request " + std::to_string(request_id) + ": ";
   if (requests_.count(request_id))
     throw std::invalid_argument(who + "id is already waiting or running");
@@ -75,7 +81,28 @@ void Scheduler::add(int64_t request_id, std::vector<int32_t> token_ids, int64_t 
                                 std::to_string(pages_for(length)) + " pages of " +
                                 std::to_string(page_size_) + ", the pool has only " +
                                 named("num_pages", config_.num_pages));
+  if (!route_ids.empty()) {
+    if (!config_.route_keys)
+      throw std::invalid_argument(who + "route_ids given, but the scheduler has no route_keys");
+    if (int64_t(route_ids.size()) != length)
+      throw std::invalid_argument(who + named("route_ids", int64_t(route_ids.size())) +
+                                  " ids for " + std::to_string(length) + " tokens");
+    for (int64_t i = 0; i < length; ++i)
+      if (route_ids[i] < 0)
+        throw std::invalid_argument(who + "route_ids[" + std::to_string(i) + "] is " +
+                                    std::to_string(route_ids[i]) + ", must be >= 0");
+  }
   auto r = std::make_unique<Request>();
+  if (config_.route_keys) {
+    const int64_t full = length / page_size_;
+    r->keys.assign(size_t(full * 2 * page_size_), 0);
+    for (int64_t p = 0; p < full; ++p) {
+      int32_t* block = r->keys.data() + p * 2 * page_size_;
+      std::copy_n(token_ids.begin() + p * page_size_, page_size_, block);
+      if (!route_ids.empty())
+        std::copy_n(route_ids.begin() + p * page_size_, page_size_, block + page_size_);
+    }
+  }
   r->id = request_id;
   r->uid = next_request_uid_++;
   r->tokens = std::move(token_ids);
@@ -99,7 +126,7 @@ Scheduler::Admission Scheduler::try_admit(Request& r, uint64_t batch) {
   // is being built. It never deadlocks: the pages it waits for belong to a batch that is
   // already scheduled, and completing it makes them matchable.
   if (config_.enable_prefix_cache &&
-      cache_.match(r.tokens.data(), r.logprob_start / page_size_, batch, matched))
+      cache_.match(page_keys(r, 0), r.logprob_start / page_size_, batch, matched))
     return Admission::kPrefixInFlight;
   const int32_t need = total - static_cast<int32_t>(matched.size());
   // Matched pages nobody references are counted as evictable, but this request is
@@ -167,7 +194,7 @@ void Scheduler::append_entry(Batch& batch, Request& r, int32_t num_tokens, uint6
       r.linked < full) {
     const int32_t parent = r.linked == 0 ? RadixCache::kNoParent : r.pages[r.linked - 1];
     const int32_t n = full - r.linked;
-    const int32_t linked = cache_.extend(parent, r.tokens.data() + int64_t(r.linked) * page_size_,
+    const int32_t linked = cache_.extend(parent, page_keys(r, r.linked),
                                          r.pages.data() + r.linked, n, batch_uid);
     building_pages_.insert(building_pages_.end(), r.pages.begin() + r.linked,
                            r.pages.begin() + r.linked + linked);
@@ -272,7 +299,7 @@ std::vector<int64_t> Scheduler::complete(const Batch& batch) {
     // Its chain was linked as it was scheduled, up to a page the cache held another copy
     // of; the pages past that one are all written now and go in below the cached copy.
     if (config_.enable_prefix_cache && r.cache_epoch == cache_epoch_ && r.diverged)
-      inserted_pages_ += cache_.insert(r.tokens.data(), r.pages.data(), r.length() / page_size_);
+      inserted_pages_ += cache_.insert(page_keys(r, 0), r.pages.data(), r.length() / page_size_);
     release_pages(r);
     r.finished = true;
     finished.push_back(r.id);

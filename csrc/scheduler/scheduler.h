@@ -39,6 +39,9 @@ struct SchedulerConfig {
   int64_t max_batch_tokens = 0;
   int64_t max_batch_requests = 256;
   bool enable_prefix_cache = true;
+  // Requests carry one more id per position (route_ids of add) that the prefix cache
+  // compares along with the tokens: K/V is shared only where both agree.
+  bool route_keys = false;
 };
 
 // One request's chunk [begin, end) in a batch.
@@ -87,7 +90,10 @@ class Scheduler {
 
   // Throws std::invalid_argument (naming the value) for a duplicate id, no tokens, a
   // negative token, logprob_start outside [0, L - 1], or more pages than the pool has.
-  void add(int64_t request_id, std::vector<int32_t> token_ids, int64_t logprob_start);
+  // route_ids (route_keys only; empty means all 0): one id >= 0 per position, part of the
+  // prefix cache's key.
+  void add(int64_t request_id, std::vector<int32_t> token_ids, int64_t logprob_start,
+           const std::vector<int32_t>& route_ids = {});
   // Null when nothing can run now. Requests in an uncompleted batch are not scheduled
   // again until it is completed. Batches must run in the order they were scheduled and
   // whole: an entry may read K/V that an earlier entry of the same batch writes.
@@ -118,6 +124,8 @@ class Scheduler {
     int64_t id = 0;
     uint64_t uid = 0;
     std::vector<int32_t> tokens;
+    // with route_keys: the cache key of each full page, its tokens then its route ids
+    std::vector<int32_t> keys;
     int32_t logprob_start = 0;
     std::vector<int32_t> pages;  // set at admission
     int32_t cached_len = 0;
@@ -135,6 +143,8 @@ class Scheduler {
 
   enum class Admission { kAdmitted, kNoPages, kPrefixInFlight };
   int32_t pages_for(int64_t tokens) const;
+  // The cache keys of r's full pages [first, ...) (its tokens, or its keys).
+  const int32_t* page_keys(const Request& r, int32_t first) const;
   Admission try_admit(Request& r, uint64_t batch);
   void release_pages(Request& r);
   void append_entry(Batch& batch, Request& r, int32_t num_tokens, uint64_t batch_uid);

@@ -8,6 +8,7 @@ import tokenspeed_ext as tse
 from torch import Tensor, nn
 
 from ..kv_cache import KVCache
+from .moe import RoutingMetadata
 
 
 @dataclass
@@ -19,6 +20,8 @@ class AttentionMetadata:
     including this step's tokens; max_seqlen_q: the most new tokens of any request.
     validate: layer 0 checks these values against the pool (host round trips); the
     scheduler's metadata needs no check, so the engine turns it on only for debugging.
+    routing: forced and captured experts of the MoE layers (None: route freely, record
+    nothing).
     """
     slot_mapping: Tensor
     page_table: Tensor
@@ -27,6 +30,7 @@ class AttentionMetadata:
     kv_cache: KVCache
     max_seqlen_q: int
     validate: bool = False
+    routing: RoutingMetadata | None = None
 
 
 class PagedAttention(nn.Module):

@@ -13,10 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .moe_config import MOE_ARCHITECTURES, MoEConfig, moe_config, moe_sliding_window
+
 
 # the registry (models/__init__.py) maps these to classes; checked first, so that a
 # foreign config (GPT-2's n_head) fails on its architecture, not on a missing field
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                           *MOE_ARCHITECTURES)
 # HF's defaults when a field is left out (Qwen2Config / Qwen3Config)
 SLIDING_WINDOW = 4096
 MAX_WINDOW_LAYERS = 28
@@ -82,8 +85,8 @@ def _reject_unimplemented(f: _Fields, arch: str) -> None:
     if f.hf.get("quantization_config") is not None:
         raise ValueError("field 'quantization_config' is set: quantized checkpoints are not "
                          "supported; give a float (fp32/bf16/fp16) checkpoint")
-    if arch == "Qwen2ForCausalLM":
-        return  # Qwen2's modeling fixes its biases and reads neither field
+    if arch in ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM"):
+        return  # Qwen2's modeling fixes its biases (Qwen2-MoE: qkv_bias) and reads neither
     if f.flag("attention_bias", False):
         raise ValueError("field 'attention_bias' is true: HF then adds a bias to o_proj too, "
                          "which is not supported")
@@ -160,6 +163,8 @@ class ModelConfig:
     tie_word_embeddings: bool
     attention_bias: bool
     rope: dict[str, Any] = field(default_factory=dict)
+    # the experts of the sparse layers; None for a dense model
+    moe: MoEConfig | None = None
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -179,7 +184,13 @@ class ModelConfig:
         hidden, heads = f.integer("hidden_size"), f.integer("num_attention_heads")
         num_layers = f.integer("num_hidden_layers")
         max_positions = f.integer("max_position_embeddings", 2048)
-        if arch != "LlamaForCausalLM":
+        if arch in MOE_ARCHITECTURES:
+            window = moe_sliding_window(f, arch)
+            if window is not None and window < max_positions:
+                raise ValueError(f"field 'sliding_window' is {window}, fewer than "
+                                 f"max_position_embeddings {max_positions}; sliding-window "
+                                 f"attention is not supported")
+        elif arch != "LlamaForCausalLM":
             _check_sliding_window(f, num_layers, max_positions)
         rope = rope_parameters(hf)
         if "partial_rotary_factor" in hf:
@@ -199,8 +210,10 @@ class ModelConfig:
             tie_word_embeddings=f.flag("tie_word_embeddings", False),
             # Qwen2's q/k/v always have a bias (its config does not say so); the others
             # have none, as _reject_unimplemented made sure
-            attention_bias=arch == "Qwen2ForCausalLM",
+            attention_bias=(arch == "Qwen2ForCausalLM" or (
+                arch == "Qwen2MoeForCausalLM" and f.flag("qkv_bias", True))),
             rope=rope,
+            moe=moe_config(f, arch, num_layers) if arch in MOE_ARCHITECTURES else None,
         )
 
     @classmethod

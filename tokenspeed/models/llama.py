@@ -42,9 +42,9 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, intermediate_size: int | None = None):
         super().__init__()
-        size = config.intermediate_size
+        size = intermediate_size or config.intermediate_size
         self.gate_up_proj = ColumnParallelLinear(config.hidden_size, {0: size, 1: size})
         self.down_proj = RowParallelLinear(size, config.hidden_size)
 
@@ -58,9 +58,12 @@ class LlamaDecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer_id: int, rotary: RotaryEmbedding):
         super().__init__()
         self.self_attn = self.attention_cls(config, layer_id, rotary)
-        self.mlp = LlamaMLP(config)
+        self.mlp = self.make_mlp(config, layer_id)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def make_mlp(self, config: ModelConfig, layer_id: int) -> nn.Module:
+        return LlamaMLP(config)
 
     def forward(self, hidden: Tensor, residual: Tensor | None, positions: Tensor,
                 meta: AttentionMetadata) -> tuple[Tensor, Tensor]:
@@ -72,7 +75,10 @@ class LlamaDecoderLayer(nn.Module):
             x, residual = self.input_layernorm(hidden, residual)
         hidden = self.self_attn(x, positions, meta)
         x, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(x), residual
+        return self.feed_forward(x, meta), residual
+
+    def feed_forward(self, x: Tensor, meta: AttentionMetadata) -> Tensor:
+        return self.mlp(x)
 
 
 class LlamaModel(nn.Module):

@@ -11,6 +11,9 @@ checkpoint on disk.
 
 HF names map onto this package's fused parameters (q/k/v -> qkv_proj, gate/up ->
 gate_up_proj); each parameter's own ``weight_loader`` places and shards the tensor.
+MoE experts load from either layout that exists: per-expert tensors
+(``mlp.experts.{e}.gate_proj.weight``, Mixtral's ``block_sparse_moe.experts.{e}.w1.weight``)
+or the stacked ones transformers 5 holds in memory (``mlp.experts.gate_up_proj``).
 """
 from __future__ import annotations
 
@@ -37,6 +40,14 @@ STACKED = (
     ("gate_up_proj", "gate_proj", 0),
     ("gate_up_proj", "up_proj", 1),
 )
+
+
+# per-expert HF tensors -> (stacked parameter, shard kind); Mixtral names w1/w3/w2
+EXPERT_NAME = re.compile(r"(.+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\."
+                         r"(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight")
+EXPERT_KIND = {"gate_proj": ("gate_up_proj", "gate"), "w1": ("gate_up_proj", "gate"),
+               "up_proj": ("gate_up_proj", "up"), "w3": ("gate_up_proj", "up"),
+               "down_proj": ("down_proj", "down"), "w2": ("down_proj", "down")}
 
 
 def _read_index(index: Path) -> dict[str, Path]:
@@ -169,6 +180,13 @@ class WeightMap:
             if not self.write_tied_head:
                 return None
             name = "model.embed_tokens.weight"
+        expert = EXPERT_NAME.fullmatch(name)
+        if expert:
+            param_name, kind = EXPERT_KIND[expert.group(3)]
+            target = f"{expert.group(1)}.mlp.experts.{param_name}"
+            if target in self.params:
+                return target, self.params[target], (kind, int(expert.group(2)))
+        name = name.replace(".block_sparse_moe.", ".mlp.")  # Mixtral's router
         for fused, hf, shard in STACKED:
             if f".{hf}." in name:
                 target = name.replace(f".{hf}.", f".{fused}.")
@@ -237,7 +255,11 @@ def load_checkpoint(model: nn.Module, model_dir: str | Path | InMemoryCheckpoint
             weights.load(name, tensor)
             loaded.setdefault(resolved[0], set()).add(resolved[2])
     missing = []
-    for target in weights.params:
+    for target, param in weights.params.items():
+        if hasattr(param, "missing_shards"):  # stacked experts: fused, or one per expert
+            missing += [f"{target.rsplit('.', 1)[0]}.{part}"
+                        for part in param.missing_shards(param, loaded.get(target, set()))]
+            continue
         # a fused parameter is whole only once every one of its HF tensors has loaded
         parts = {shard: target.replace(f".{fused}.", f".{hf}.")
                  for fused, hf, shard in STACKED if f".{fused}." in target} or {None: target}

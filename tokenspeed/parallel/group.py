@@ -132,6 +132,11 @@ def check_shardable(config: Any, size: int) -> None:
     if config.intermediate_size % size:
         raise ValueError(f"tp_size {size} does not divide intermediate_size "
                          f"{config.intermediate_size}")
+    moe = getattr(config, "moe", None)
+    for name in ("intermediate_size", "shared_expert_intermediate_size"):
+        value = getattr(moe, name, 0) if moe is not None else 0
+        if value % size:  # every rank holds each expert's slice of it
+            raise ValueError(f"tp_size {size} does not divide the experts' {name} {value}")
     if config.vocab_size < size:
         raise ValueError(f"tp_size {size} exceeds the vocabulary of {config.vocab_size}")
 
