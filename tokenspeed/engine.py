@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence, Set
 from functools import wraps
 from typing import Any
 
@@ -98,8 +98,8 @@ class Engine:
 
     @_serialised
     def compute_log_probs(self, sequences: Sequence[Mapping[str, Any]], temperature: float = 1.0,
-                          *, return_entropy: bool = False, return_tensors: bool = False
-                          ) -> dict[str, Any]:
+                          *, return_entropy: bool = False, return_tensors: bool = False,
+                          cancelled: Set[int] | None = None) -> dict[str, Any]:
         """log p(completion token | everything before it) for every completion token.
 
         ``sequences``: dicts with ``prompt_token_ids`` (at least one id) and
@@ -108,9 +108,20 @@ class Engine:
         lists of exactly len(completion) floats/ints per sequence, or with return_tensors
         padded [N, max_M] tensors (fp32 scores, int64 tokens) plus a bool "mask". A bad
         sequence raises ``InvalidSequenceError`` before anything runs.
+
+        ``cancelled``: a set of sequence indices that another thread may add to while the
+        call runs (a server whose clients went away). Between batches, their remaining
+        work is dropped and their pages freed; their scores come back NaN, every other
+        sequence's as without it. Needs the model in this process at tp_size 1.
         """
-        return self._call("compute_log_probs", sequences, temperature,
-                          return_entropy=return_entropy, return_tensors=return_tensors)
+        kwargs: dict[str, Any] = dict(return_entropy=return_entropy,
+                                      return_tensors=return_tensors)
+        if cancelled is not None:
+            if isinstance(self._backend, WorkerPool):
+                raise ValueError("cancelled needs tp_size 1 (a live set cannot reach "
+                                 "worker processes)")
+            kwargs["cancelled"] = cancelled
+        return self._call("compute_log_probs", sequences, temperature, **kwargs)
 
     @_serialised
     def update_weights(self, weights: Mapping[str, Tensor] | Iterable[tuple[str, Tensor]], *,
@@ -128,6 +139,11 @@ class Engine:
         if isinstance(self._backend, WorkerPool) and not isinstance(weights, Mapping):
             weights = list(weights)  # a generator cannot travel to the workers
         return self._call("update_weights", weights, check_finite=check_finite)
+
+    @_serialised
+    def flush_cache(self) -> None:
+        """Empty the prefix cache (pages held by no request return to the pool)."""
+        return self._call("flush_cache")
 
     @_serialised
     def stats(self) -> dict[str, Any]:

@@ -10,7 +10,7 @@ until the end of the call, which brings them to the host in one copy.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from typing import Any
 
 import tokenspeed_ext as tse
@@ -155,8 +155,11 @@ class LocalShard:
         self.tp.validated(lambda: self._validate(sequences, temperature))
 
     def compute_log_probs(self, sequences: Sequence[Mapping[str, Any]], temperature: float = 1.0,
-                          *, return_entropy: bool = False, return_tensors: bool = False
-                          ) -> dict[str, Any]:
+                          *, return_entropy: bool = False, return_tensors: bool = False,
+                          cancelled: Set[int] | None = None) -> dict[str, Any]:
+        if cancelled is not None and self.tp.size > 1:
+            # ranks would see the set change at different batches and leave lockstep
+            raise ValueError("cancelled needs tp_size 1")
         seqs, temperature = self.tp.validated(
             lambda: self._validate(sequences, temperature),
             lambda v: sequences_fingerprint(v[0], v[1], return_entropy))
@@ -168,24 +171,34 @@ class LocalShard:
         flat_ent = torch.empty(offsets[-1], dtype=torch.float32) if return_entropy else None
         # request id -> (first output slot, logprob_start)
         requests: dict[int, tuple[int, int]] = {}
+        rid_of: dict[int, int] = {}  # sequence index -> request id
         try:
             for i, (prompt, completion) in enumerate(seqs):
                 if completion:
-                    rid = self._next_request_id
+                    rid = rid_of[i] = self._next_request_id
                     self._next_request_id += 1
                     start = len(prompt) - 1
                     requests[rid] = (offsets[i], start)
                     self.scheduler.add(rid, prompt + completion, start)
-            self._run(requests, temperature, flat_lp, flat_ent)
+            self._run(requests, temperature, flat_lp, flat_ent,
+                      lambda: self._drop(cancelled, rid_of, requests) if cancelled else None)
         finally:
             for rid in requests:
                 self.scheduler.abort(rid)
-        self.scored_tokens += offsets[-1]
+        dropped = sorted(cancelled.copy()) if cancelled else []
+        for i in dropped:
+            # a dropped sequence's rows are partly scored, partly never written
+            flat_lp[offsets[i]:offsets[i + 1]] = float("nan")
+            if flat_ent is not None:
+                flat_ent[offsets[i]:offsets[i + 1]] = float("nan")
+        self.scored_tokens += offsets[-1] - sum(lengths[i] for i in dropped)
         return self._package(seqs, lengths, flat_lp, flat_ent, return_tensors)
 
     def _run(self, requests: dict[int, tuple[int, int]], temperature: float,
-             flat_lp: Tensor, flat_ent: Tensor | None) -> None:
+             flat_lp: Tensor, flat_ent: Tensor | None,
+             between_batches: Callable[[], None]) -> None:
         """Drive the scheduler until every request finished; pops finished ids.
+        ``between_batches`` runs after each batch is completed and may pop requests.
 
         A batch is completed as soon as its forward is enqueued: the device runs batches
         in stream order, so its K/V is written before any later batch reads it, which is
@@ -215,6 +228,7 @@ class LocalShard:
                 rows += len(dst)
             for rid in self.scheduler.complete(batch):
                 requests.pop(rid)
+            between_batches()
             if pending and (rows >= MAX_PENDING_ROWS or not requests):
                 try:
                     self._copy_scores(pending, flat_lp, flat_ent)
@@ -222,6 +236,17 @@ class LocalShard:
                     self._discard(None, requests)
                     raise
                 pending, rows = [], 0
+
+    def _drop(self, cancelled: Set[int], rid_of: dict[int, int],
+              requests: dict[int, tuple[int, int]]) -> None:
+        """Abort the requests of cancelled sequences: their pages return to the pool (full
+        ones they wrote stay cached) and no later batch holds them. Every batch so far was
+        completed, so no page they own is still being written."""
+        for i in cancelled.copy():  # another thread may add to the set meanwhile
+            rid = rid_of.get(i)
+            if rid in requests:
+                self.scheduler.abort(rid)
+                del requests[rid]
 
     @staticmethod
     def _destinations(batch, requests: dict[int, tuple[int, int]]) -> Tensor:
@@ -314,6 +339,9 @@ class LocalShard:
                 raise TypeError(f"weights must map HF names to tensors, got entry {entry!r:.80}")
         WeightMap(self.model, write_tied_head=True).check_all(items, check_finite=check_finite)
         return items
+
+    def flush_cache(self) -> None:
+        self.scheduler.flush()
 
     def stats(self) -> dict[str, Any]:
         out = dict(self.scheduler.stats())
