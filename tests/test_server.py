@@ -387,3 +387,27 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(cache, tmp_path):
     with Engine(Path(cache) / "builtin-v1", device="cpu",
                 max_batch_tokens=MAX_BATCH_TOKENS) as engine:
         assert out["r"]["log_probs"] == engine.compute_log_probs(seqs)["log_probs"]
+
+
+def test_text_sequences_with_a_tokenizer(cache, tmp_path):
+    pytest.importorskip("transformers")
+    from model_factory import make_checkpoint
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    words = ["<unk>", "the", "cat", "sat", "on", "mat", "a", "dog"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    model = make_checkpoint(tmp_path / "model", "LlamaForCausalLM", vocab=len(words))
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(model)
+    srv = Server(cache, str(model))
+    try:
+        with ScoringClient(srv.url) as c:
+            text = c.score([{"prompt": "the cat sat", "completion": "on a mat"}])
+            ids = c.score([{"prompt_token_ids": [1, 2, 3], "completion_token_ids": [4, 6, 5]}])
+            assert text == ids and text["tokens"] == [[4, 6, 5]]
+            with pytest.raises(InvalidSequenceError, match="completion must be a string") as e:
+                c.score([{"prompt": "the", "completion": "cat"},
+                         {"prompt": "the", "completion": [2]}])
+            assert (e.value.index, e.value.field) == (1, "completion")
+    finally:
+        assert srv.stop() == 0, srv.stderr
