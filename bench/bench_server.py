@@ -159,7 +159,8 @@ def through_server(url: str, clients: int, work: list[list[dict]]) -> tuple[floa
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="builtin",
-                   help="builtin, or a config name of bench/shapes.py (random bf16 weights)")
+                   help="builtin, or a config of bench_scoring.py (shapes.py's and 'tiny'; "
+                        "random bf16 weights)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--clients", type=int, nargs="+", default=[1, 8, 64])
     p.add_argument("--requests", type=int, default=32)
@@ -177,10 +178,9 @@ def main() -> None:
                 CONFIG["max_position_embeddings"]
         else:
             import bench_scoring
-            from shapes import MODELS
             bench_scoring.DEVICE = args.device
             model_dir = bench_scoring.build_checkpoint(args.model, Path(tmp))
-            cfg = MODELS[args.model]["hf_config"]
+            cfg = bench_scoring.MODELS[args.model]["hf_config"]
             vocab, max_len = cfg["vocab_size"], cfg.get("max_position_embeddings", 32768)
         work = make_workload(args.requests, args.group, vocab, tuple(args.prompt_len),
                              args.completion_median, max_len)
