@@ -713,3 +713,51 @@ def test_every_stats_key_is_documented(ckpt):
     undocumented = [k for k in keys if f"``{k}``" not in Engine.stats.__doc__]
     assert not undocumented
     assert Engine.close.__doc__ and Engine.validate.__doc__
+
+
+
+class RecordingScheduler:
+    """The engine's scheduler, recording the request ids of each completed batch and
+    calling ``on_complete(batch count)`` before each completion."""
+
+    def __init__(self, real, on_complete):
+        self.real, self.on_complete, self.batches = real, on_complete, []
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+    def complete(self, batch):
+        self.batches.append({e.request_id for e in batch.entries})
+        self.on_complete(len(self.batches))
+        return self.real.complete(batch)
+
+
+@pytest.mark.parametrize("after_batch", [1, 3, 6])
+def test_cancelled_sequences_drop_between_batches(ckpt, after_batch):
+    """Sequences cancelled mid-call (as a server does for a client that went away) are
+    scheduled no more, score NaN and free their pages; the others score as alone."""
+    path, hf = ckpt
+    seqs = grpo_workload(70, groups=3, group_size=4)
+    ref_lp, _ = hf_scores(hf, seqs)
+    gone = {5, 6, 7, len(seqs) - 6}
+    # a fresh engine numbers the requests of sequences with a completion 0, 1, ...
+    scored = [i for i, s in enumerate(seqs) if s["completion_token_ids"]]
+    gone_ids = {scored.index(i) for i in gone}
+    cancelled: set[int] = set()
+    with Engine(path, page_size=4, max_batch_tokens=16, kv_cache_tokens=512) as engine:
+        real = engine.shard.scheduler
+        engine.shard.scheduler = recorder = RecordingScheduler(
+            real, lambda n: cancelled.update(gone) if n == after_batch else None)
+        out = engine.compute_log_probs(seqs, return_entropy=True, cancelled=cancelled)
+        engine.shard.scheduler = real
+        assert len(recorder.batches) > after_batch + 1
+        for i, (lp, ent) in enumerate(zip(out["log_probs"], out["entropy"])):
+            if i in gone:
+                assert len(lp) == len(seqs[i]["completion_token_ids"])
+                assert all(math.isnan(x) for x in lp + ent)
+            else:
+                assert max_abs_diff([lp], [ref_lp[i]]) <= TOL
+        assert not any(ids & gone_ids for ids in recorder.batches[after_batch:])
+        assert engine.stats()["running"] == engine.stats()["waiting"] == 0
+        no_leaks(engine)
+        assert_recovered(engine, seqs, ref_lp)

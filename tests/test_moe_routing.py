@@ -61,6 +61,9 @@ def test_capture_is_hf_topk(tmp_path, arch, device):
         hits = e.stats()["prefix_hit_tokens"]
         again = e.compute_log_probs(seqs, return_routed_experts=True, return_tensors=True)
         assert e.stats()["prefix_hit_tokens"] > hits  # the second call read cached pages
+    # tensors come back on the engine's device
+    assert again["routed_experts"].device.type == device
+    again = {"routed_experts": again["routed_experts"].cpu()}
     for i, w in enumerate(want):
         assert torch.equal(torch.tensor(first["routed_experts"][i], dtype=torch.int32)
                            .view(w.shape), w), i

@@ -103,7 +103,7 @@ def test_topk_partials_match_reference(device, seed, t, v, k, dtype, temperature
     torch.testing.assert_close(vals.double().cpu(), want_v, rtol=1e-6, atol=1e-6)
     # the partials are exactly logprob_partials'
     assert torch.equal(parts, tse.logprob_partials(logits, targets, start, temperature))
-    torch.testing.assert_close(parts.double().cpu(), want_p, rtol=2e-5, atol=1e-5)
+    torch.testing.assert_close(parts.double().cpu(), want_p.double().cpu(), rtol=2e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -8,6 +8,8 @@ is applied: format chat prompts yourself, or give token ids. Every other field p
 through; a "routed_experts" field ([tokens - 1][MoE layers][top_k] expert ids, MoE
 models) forces those experts (routing replay).
 
+`tokenspeed serve [MODEL_DIR]` serves the same scoring over HTTP (docs/server.md).
+
 Every line is checked before anything is scored. Results go to stdout as they are scored,
 or to --output, which appears only when complete; progress goes to stderr. Set
 TOKENSPEED_DEBUG=1 to see the traceback behind an error.
@@ -32,15 +34,13 @@ from tqdm import tqdm
 from . import Engine, __version__
 from .builtin import builtin_model_dir
 from .inputs import InvalidSequenceError
+from .text import TOKENIZER_FILES, encode, has_tokenizer, load_tokenizer
 
 # sequences handed to the engine per call: large enough to fill its batches, small enough
 # for the progress bar to move
 GROUP_SEQUENCES = 256
 ID_FIELDS = ("prompt_token_ids", "completion_token_ids")
 TEXT_FIELDS = ("prompt", "completion")
-# files that announce an HF tokenizer; without one, transformers fails with advice about
-# sentencepiece that does not apply
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 Record = tuple[int, dict[str, Any]]  # (input line number, the line's object)
 
@@ -53,8 +53,14 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenspeed", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    engine_flags = argparse.ArgumentParser(add_help=False)
+    engine_flags.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    engine_flags.add_argument("--dtype", help="bfloat16, float16 or float32 "
+                                              "(default: bfloat16 on cuda, float32 on cpu)")
+    engine_flags.add_argument("--max-batch-tokens", type=int, default=8192)
     score = sub.add_parser("score", help="score completions of a JSONL file", description=__doc__,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+                           formatter_class=argparse.RawDescriptionHelpFormatter,
+                           parents=[engine_flags])
     score.add_argument("input", help="JSONL input file ('-' for stdin)")
     score.add_argument("--model", help="HF checkpoint directory (default: the built-in model)")
     score.add_argument("--output", "-o", help="JSONL output file (default: stdout)")
@@ -71,10 +77,6 @@ def _parser() -> argparse.ArgumentParser:
     score.add_argument("--routed-experts", action="store_true",
                        help="MoE models: also output the experts every token but the last "
                             "was routed to, [tokens - 1][MoE layers][top_k]")
-    score.add_argument("--device", help="cpu or cuda (default: cuda if available)")
-    score.add_argument("--dtype", help="bfloat16, float16 or float32 "
-                                       "(default: bfloat16 on cuda, float32 on cpu)")
-    score.add_argument("--max-batch-tokens", type=int, default=8192)
     compare = sub.add_parser(
         "compare", help="agreement of two scored files' log_probs",
         description="Agreement of the log_probs of two scored JSONL files, line by line "
@@ -83,6 +85,16 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("reference", help="scored JSONL file A ('log_probs' on every line)")
     compare.add_argument("candidate", help="scored JSONL file B, the same sequences in order")
     compare.add_argument("--worst", type=int, default=5, help="lines to list (default 5)")
+    serve = sub.add_parser("serve", help="score over HTTP (POST /v1/score)",
+                           parents=[engine_flags])
+    serve.add_argument("model", nargs="?", metavar="MODEL_DIR",
+                       help="HF checkpoint directory (default: the built-in model)")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to bind (default: localhost only)")
+    serve.add_argument("--port", type=int, default=30010)
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every request")
+    serve.add_argument("--max-request-bytes", type=int, default=64 << 20,
+                       help="larger request bodies get 413 (default: 64 MiB)")
     return parser
 
 
@@ -148,13 +160,12 @@ class _Tokenizer:
         self._tok = None
 
     def _load(self, line: int) -> Any:
-        if not any((self.model_dir / name).is_file() for name in TOKENIZER_FILES):
+        if not has_tokenizer(self.model_dir):
             raise CLIError(f"line {line}: prompt and completion are text, but the model folder "
                            f"{self.model_dir} has no tokenizer ({', '.join(TOKENIZER_FILES)}); "
                            f"give prompt_token_ids and completion_token_ids instead")
         try:
-            from transformers import AutoTokenizer
-            return AutoTokenizer.from_pretrained(str(self.model_dir))
+            return load_tokenizer(self.model_dir)
         except Exception as e:  # noqa: BLE001 - any failure means: no usable tokenizer
             raise CLIError(f"line {line}: cannot load the tokenizer in {self.model_dir}: "
                            f"{e}") from e
@@ -162,10 +173,7 @@ class _Tokenizer:
     def __call__(self, line: int, record: dict[str, Any]) -> dict[str, Any]:
         if self._tok is None:
             self._tok = self._load(line)
-        # two calls, not one on the joined text: the completion's ids must be exactly its
-        # own, never a token merged across the boundary
-        prompt = self._tok(record["prompt"])["input_ids"]
-        completion = self._tok(record["completion"], add_special_tokens=False)["input_ids"]
+        prompt, completion = encode(self._tok, record["prompt"], record["completion"])
         return {**record, "prompt_token_ids": prompt, "completion_token_ids": completion}
 
 
@@ -353,10 +361,23 @@ def compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def serve(args: argparse.Namespace) -> int:
+    try:
+        from .server import run_server
+    except ImportError as e:
+        raise CLIError(f"tokenspeed serve needs the server extra ({e.name} is missing): "
+                       f"pip install 'tokenspeed[server]'") from None
+    model_dir = Path(args.model) if args.model else builtin_model_dir()
+    return run_server(lambda: _load_engine(model_dir, args), model_dir, host=args.host,
+                      port=args.port, api_key=args.api_key,
+                      max_request_bytes=args.max_request_bytes)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return compare(args) if args.command == "compare" else score(args)
+        commands = {"compare": compare, "serve": serve, "score": score}
+        return commands[args.command](args)
     except BrokenPipeError:
         # the reader went away (`tokenspeed score x.jsonl | head`): stop quietly, as Unix
         # tools do; point stdout at devnull so the interpreter's final flush cannot raise

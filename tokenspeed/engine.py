@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence, Set
 from functools import wraps
 from typing import Any
 
@@ -123,8 +123,8 @@ class Engine:
                           *, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
                           return_entropy: bool = False, top_logprobs: int = 0,
                           token_ids: Sequence[int] | None = None, return_tensors: bool = False,
-                          pad_to: int | None = None, return_routed_experts: bool = False
-                          ) -> dict[str, Any]:
+                          pad_to: int | None = None, return_routed_experts: bool = False,
+                          cancelled: Set[int] | None = None) -> dict[str, Any]:
         """log p(completion token | everything before it) for every completion token.
 
         ``sequences``: dicts with ``prompt_token_ids`` (at least one id) and
@@ -153,12 +153,22 @@ class Engine:
         with return_tensors one int32 tensor padded with -1). A sequence may carry
         "routed_experts" of that shape to force those experts (routing replay); the
         prefix cache then shares K/V only with identically routed tokens.
+
+        ``cancelled``: a set of sequence indices that another thread may add to while the
+        call runs (a server whose clients went away). Between batches, their remaining
+        work is dropped and their pages freed; their scores come back NaN, every other
+        sequence's as without it. Needs the model in this process at tp_size 1.
         """
-        return self._call("compute_log_probs", ids_to_host(sequences), temperature,
-                          return_entropy=return_entropy, return_tensors=return_tensors,
-                          pad_to=pad_to, top_k=top_k, top_p=top_p, min_p=min_p,
-                          top_logprobs=top_logprobs, token_ids=token_ids,
-                          return_routed_experts=return_routed_experts)
+        kwargs: dict[str, Any] = dict(
+            return_entropy=return_entropy, return_tensors=return_tensors, pad_to=pad_to,
+            top_k=top_k, top_p=top_p, min_p=min_p, top_logprobs=top_logprobs,
+            token_ids=token_ids, return_routed_experts=return_routed_experts)
+        if cancelled is not None:
+            if isinstance(self._backend, WorkerPool):
+                raise ValueError("cancelled needs tp_size 1 (a live set cannot reach "
+                                 "worker processes)")
+            kwargs["cancelled"] = cancelled
+        return self._call("compute_log_probs", ids_to_host(sequences), temperature, **kwargs)
 
     @_serialised
     def score_padded(self, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor,
@@ -260,6 +270,9 @@ class Engine:
         trainer's memory, no copy through the host). The trainer keeps the tensors alive
         and unchanged until this returns. Same checks and atomicity as update_weights."""
         return self._call("update_weights_from_ipc", handles, check_finite=check_finite)
+    def flush_cache(self) -> None:
+        """Empty the prefix cache (pages held by no request return to the pool)."""
+        return self._call("flush_cache")
 
     @_serialised
     def stats(self) -> dict[str, Any]:

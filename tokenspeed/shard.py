@@ -10,7 +10,7 @@ until the end of the call, which brings them to the host in one copy.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from typing import Any
 
 import tokenspeed_ext as tse
@@ -174,8 +174,13 @@ class LocalShard:
     def compute_log_probs(self, sequences: Sequence[Mapping[str, Any]], temperature: float = 1.0,
                           *, return_entropy: bool = False, return_tensors: bool = False,
                           pad_to: int | None = None, return_routed_experts: bool = False,
-                          **rich_options: Any) -> dict[str, Any]:
-        """``rich_options``: top_k, top_p, min_p, top_logprobs, token_ids (rich.py)."""
+                          cancelled: Set[int] | None = None, **rich_options: Any
+                          ) -> dict[str, Any]:
+        """``rich_options``: top_k, top_p, min_p, top_logprobs, token_ids (rich.py).
+        ``cancelled``: sequence indices whose remaining work is dropped between batches."""
+        if cancelled is not None and self.tp.size > 1:
+            # ranks would see the set change at different batches and leave lockstep
+            raise ValueError("cancelled needs tp_size 1")
         seqs, temperature, rich, routes = self.tp.validated(
             lambda: self._validate_rich(sequences, temperature, rich_options,
                                         return_routed_experts),
@@ -197,11 +202,12 @@ class LocalShard:
         if self.routing is not None:
             self.routing.prepare(return_routed_experts, self.scheduler)
             call = CallRouting(self.routing, return_routed_experts)
+        rid_of: dict[int, int] = {}  # sequence index -> request id
         try:
             for i, (prompt, completion) in enumerate(seqs):
                 # a capture reports the prompt's routing even with nothing to score
                 if completion or (return_routed_experts and len(prompt) > 1):
-                    rid = self._next_request_id
+                    rid = rid_of[i] = self._next_request_id
                     self._next_request_id += 1
                     start = len(prompt) - 1
                     requests[rid] = (offsets[i], start)
@@ -211,11 +217,18 @@ class LocalShard:
                         call.add(rid, len(tokens), routes[i], i)
                         route_ids = self.routing.route_ids(routes[i], len(tokens))
                     self.scheduler.add(rid, tokens, start, route_ids)
-            self._run(requests, temperature, flat_lp, flat_ent, rich, call)
+            self._run(requests, temperature, flat_lp, flat_ent, rich, call,
+                      lambda: self._drop(cancelled, rid_of, requests) if cancelled else None)
         finally:
             for rid in requests:
                 self.scheduler.abort(rid)
-        self.scored_tokens += offsets[-1]
+        dropped = sorted(cancelled.copy()) if cancelled else []
+        for i in dropped:
+            # a dropped sequence's rows are partly scored, partly never written
+            flat_lp[offsets[i]:offsets[i + 1]] = float("nan")
+            if flat_ent is not None:
+                flat_ent[offsets[i]:offsets[i + 1]] = float("nan")
+        self.scored_tokens += offsets[-1] - sum(lengths[i] for i in dropped)
         out = self._package(seqs, lengths, flat_lp, flat_ent, return_tensors, width)
         if rich is not None:
             rich.package(out, lengths, return_tensors, width, where)
@@ -239,8 +252,10 @@ class LocalShard:
 
     def _run(self, requests: dict[int, tuple[int, int]], temperature: float,
              flat_lp: Tensor, flat_ent: Tensor | None, rich: RichCall | None = None,
-             call: CallRouting | None = None) -> None:
+             call: CallRouting | None = None,
+             between_batches: Callable[[], None] | None = None) -> None:
         """Drive the scheduler until every request finished; pops finished ids.
+        ``between_batches`` runs after each batch is completed and may pop requests.
 
         A batch is completed as soon as its forward is enqueued: the device runs batches
         in stream order, so its K/V is written before any later batch reads it, which is
@@ -276,6 +291,8 @@ class LocalShard:
                 rows += len(dst)
             for rid in self.scheduler.complete(batch):
                 requests.pop(rid)
+            if between_batches is not None:
+                between_batches()
             if pending and (rows >= max_rows or not requests):
                 try:
                     self._copy_scores(pending, flat_lp, flat_ent, rich)
@@ -283,6 +300,17 @@ class LocalShard:
                     self._discard(None, requests)
                     raise
                 pending, rows = [], 0
+
+    def _drop(self, cancelled: Set[int], rid_of: dict[int, int],
+              requests: dict[int, tuple[int, int]]) -> None:
+        """Abort the requests of cancelled sequences: their pages return to the pool (full
+        ones they wrote stay cached) and no later batch holds them. Every batch so far was
+        completed, so no page they own is still being written."""
+        for i in cancelled.copy():  # another thread may add to the set meanwhile
+            rid = rid_of.get(i)
+            if rid in requests:
+                self.scheduler.abort(rid)
+                del requests[rid]
 
     @staticmethod
     def _destinations(batch, requests: dict[int, tuple[int, int]]) -> Tensor:
@@ -421,6 +449,9 @@ class LocalShard:
                 raise TypeError(f"weights must map HF names to tensors, got entry {entry!r:.80}")
         WeightMap(self.model, write_tied_head=True).check_all(items, check_finite=check_finite)
         return items
+
+    def flush_cache(self) -> None:
+        self.scheduler.flush()
 
     def stats(self) -> dict[str, Any]:
         out = dict(self.scheduler.stats())
