@@ -150,3 +150,14 @@ def test_bf16_error_within_hf_bf16_error(tmp_path, arch):
         flat = [abs(x - y) for ra, rb in zip(a, ref) for x, y in zip(ra, rb)]
         return sum(flat) / len(flat)
     assert mean_err(out) <= 2 * mean_err(hf_lp) + 1e-4
+
+
+def test_deterministic_mode_refuses_moe_models(tmp_path):
+    """Expert GEMMs take each expert's token count as their shape: deterministic=True
+    would promise what it cannot keep, so it is refused with the reason."""
+    path = moe_checkpoint(tmp_path, "Qwen3MoeForCausalLM", seed=4)
+    with pytest.raises(ValueError, match="deterministic=True does not cover mixture-of-experts"):
+        Engine(path, deterministic=True, kv_cache_tokens=256)
+    with Engine(path, kv_cache_tokens=256) as engine:  # the default mode loads it
+        assert engine.compute_log_probs([{"prompt_token_ids": [1, 2],
+                                          "completion_token_ids": [3]}])["log_probs"][0]
