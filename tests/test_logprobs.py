@@ -123,11 +123,15 @@ def test_partials_over_vocabulary_splits(device, case, t, v, cuts, data):
     shards = list(zip(bounds[:-1], bounds[1:]))
     parts = torch.stack([tse.logprob_partials(logits[:, a:b], targets, a, temp)
                          for a, b in shards])
+    # x = logits / T is rounded to fp32 before exp(x - m): each term's relative error is
+    # up to |x| * 2^-24, the bound of any fp32 evaluation (large logits make it matter)
+    finite = logits.float().abs()[logits.float().isfinite()]
+    rtol = max(2e-5, 8 * 2**-24 * (finite.max().item() / temp if finite.numel() else 0.0))
     for (a, b), p in zip(shards, parts):
         exact = ref.logprob_partials(logits[:, a:b], targets, a, temp)
         outside = ((targets < a) | (targets >= b)).cpu()
         assert (p[:, 3].cpu()[outside] == -math.inf).all()
-        torch.testing.assert_close(p.double().cpu(), exact.cpu(), rtol=2e-5, atol=1e-5,
+        torch.testing.assert_close(p.double().cpu(), exact.cpu(), rtol=rtol, atol=1e-5,
                                    equal_nan=True)
     lp, ent = tse.combine_logprob_partials(parts)
     # merging is in a fixed order, so it is deterministic
