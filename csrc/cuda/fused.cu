@@ -6,22 +6,13 @@
 #include <algorithm>
 #include <type_traits>
 
+#include "cuda/dispatch.cuh"
 #include "cuda/fused.cuh"
 #include "cuda/launch.h"
 
 namespace tokenspeed {
 namespace cuda {
 namespace {
-
-// Calls f(T{}) with the device type of dtype.
-template <typename F>
-void with_dtype(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::kBFloat16: f(__nv_bfloat16{}); break;
-    case DType::kFloat16: f(__half{}); break;
-    default: f(float{}); break;
-  }
-}
 
 // Threads for a row of `units` vectors: whole warps, at most 1024.
 unsigned threads_for(int64_t units) {

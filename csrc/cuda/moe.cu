@@ -5,21 +5,13 @@
 
 #include <algorithm>
 
+#include "cuda/dispatch.cuh"
 #include "cuda/moe.cuh"
 #include "cuda/moe_launch.h"
 
 namespace tokenspeed {
 namespace cuda {
 namespace {
-
-template <typename F>
-void with_dtype(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::kBFloat16: f(__nv_bfloat16{}); break;
-    case DType::kFloat16: f(__half{}); break;
-    default: f(float{}); break;
-  }
-}
 
 unsigned blocks_for(int64_t n, int64_t per_block) {
   return static_cast<unsigned>((n + per_block - 1) / per_block);
