@@ -85,6 +85,26 @@ def hf_scores(model, sequences: list[dict], temperature: float = 1.0
     return lps, ents
 
 
+@torch.no_grad()
+def hf_bf16_scores(path: Path, sequences: list[dict]) -> list[list[float]]:
+    """HF's own bf16 log-probs (on CUDA): the error bar a bf16 engine is held to."""
+    import transformers
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.bfloat16, attn_implementation="eager").cuda().eval()
+    out = []
+    for s in sequences:
+        ids = torch.tensor([s["prompt_token_ids"] + s["completion_token_ids"]], device="cuda")
+        logp = torch.log_softmax(model(ids).logits[0].float(), -1)
+        p = len(s["prompt_token_ids"])
+        out.append(logp[p - 1:-1].gather(-1, ids[0, p:, None])[:, 0].tolist())
+    return out
+
+
+def mean_abs_diff(a: list[list[float]], b: list[list[float]]) -> float:
+    flat = [abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra, rb)]
+    return sum(flat) / len(flat)
+
+
 def max_abs_diff(a: list[list[float]], b: list[list[float]]) -> float:
     assert [len(x) for x in a] == [len(x) for x in b]
     return max((abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra, rb)), default=0.0)

@@ -6,7 +6,8 @@ import json
 import pytest
 import torch
 from conftest import DEVICES
-from model_factory import ARCHS, hf_scores, load_hf, make_checkpoint, max_abs_diff, random_sequences
+from model_factory import (ARCHS, hf_bf16_scores, hf_scores, load_hf, make_checkpoint, max_abs_diff,
+                           mean_abs_diff, random_sequences)
 
 from tokenspeed import Engine
 
@@ -106,29 +107,15 @@ def test_missing_weight(tmp_path, arch, name):
 def test_bf16_error_within_hf_bf16_error(tmp_path, arch):
     """bf16 has no fixed tolerance: the engine's error against HF fp32 must stay within a
     small multiple of HF-bf16's own error on the same inputs."""
-    import transformers
     path = make_checkpoint(tmp_path, arch, vocab=257, hidden=64, seed=5)
     seqs = random_sequences(torch.Generator().manual_seed(8), 257, 8, max_prompt=48,
                             max_completion=24)
     ref, _ = hf_scores(load_hf(path), seqs)
-    hf_bf16 = transformers.AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch.bfloat16, attn_implementation="eager").cuda().eval()
-    with torch.no_grad():
-        hf_lp = []
-        for s in seqs:
-            ids = torch.tensor([s["prompt_token_ids"] + s["completion_token_ids"]], device="cuda")
-            logp = torch.log_softmax(hf_bf16(ids).logits[0].float(), -1)
-            p = len(s["prompt_token_ids"])
-            hf_lp.append(logp[p - 1:-1].gather(
-                -1, ids[0, p:, None])[:, 0].tolist())
+    hf_lp = hf_bf16_scores(path, seqs)
     with Engine(path, device="cuda", page_size=16, kv_cache_tokens=4096) as engine:
         assert engine.config.dtype == torch.bfloat16
         out = engine.compute_log_probs(seqs)["log_probs"]
-
-    def mean_err(a):
-        flat = [abs(x - y) for ra, rb in zip(a, ref) for x, y in zip(ra, rb)]
-        return sum(flat) / len(flat)
-    assert mean_err(out) <= 2 * mean_err(hf_lp) + 1e-4
+    assert mean_abs_diff(out, ref) <= 2 * mean_abs_diff(hf_lp, ref) + 1e-4
     assert max_abs_diff(out, ref) <= 4 * max_abs_diff(hf_lp, ref) + 1e-3
 
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import DEVICES
-from model_factory import MOE_ARCHS, hf_scores, load_hf, make_checkpoint, max_abs_diff, random_sequences
+from model_factory import (MOE_ARCHS, hf_bf16_scores, hf_scores, load_hf, make_checkpoint,
+                           max_abs_diff, mean_abs_diff, random_sequences)
 
 from tokenspeed import Engine
 
@@ -128,28 +129,15 @@ def test_dense_layers_follow_config(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.parametrize("arch", MOE_ARCHS)
 def test_bf16_error_within_hf_bf16_error(tmp_path, arch):
-    import transformers
     path = make_checkpoint(tmp_path, arch, vocab=257, hidden=64, layers=3, seed=5,
                            moe=dict(MOE[arch], moe_intermediate_size=64))
     seqs = random_sequences(torch.Generator().manual_seed(8), 257, 8, max_prompt=48,
                             max_completion=24)
     ref, _ = hf_scores(load_hf(path), seqs)
-    hf_bf16 = transformers.AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch.bfloat16, attn_implementation="eager").cuda().eval()
-    with torch.no_grad():
-        hf_lp = []
-        for s in seqs:
-            ids = torch.tensor([s["prompt_token_ids"] + s["completion_token_ids"]], device="cuda")
-            logp = torch.log_softmax(hf_bf16(ids).logits[0].float(), -1)
-            p = len(s["prompt_token_ids"])
-            hf_lp.append(logp[p - 1:-1].gather(-1, ids[0, p:, None])[:, 0].tolist())
+    hf_lp = hf_bf16_scores(path, seqs)
     with Engine(path, device="cuda", page_size=16, kv_cache_tokens=4096) as engine:
         out = engine.compute_log_probs(seqs)["log_probs"]
-
-    def mean_err(a):
-        flat = [abs(x - y) for ra, rb in zip(a, ref) for x, y in zip(ra, rb)]
-        return sum(flat) / len(flat)
-    assert mean_err(out) <= 2 * mean_err(hf_lp) + 1e-4
+    assert mean_abs_diff(out, ref) <= 2 * mean_abs_diff(hf_lp, ref) + 1e-4
 
 
 def test_deterministic_mode_refuses_moe_models(tmp_path):

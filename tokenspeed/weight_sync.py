@@ -228,6 +228,26 @@ def send_weights(weights: nn.Module | Mapping[str, Tensor] | Iterable[tuple[str,
         _check_bucket_bytes(bucket_bytes)
     except (TypeError, ValueError) as e:
         error = e
+
+    def fill(bucket: list[tuple[int, int]], views: list[tuple[str, Tensor]]) -> None:
+        for (i, _), (_, view) in zip(bucket, views):
+            view.copy_(items[i][1])
+
+    if _transfer(group, meta, bucket_bytes, error, group.rank, fill=fill):
+        raise ValueError("an engine rank rejected the update (its error names the weight); "
+                         "the engine kept its old weights")
+
+
+def _transfer(group: SyncGroup, meta: Any, bucket_bytes: int, error: Exception | None,
+              src: int, fill: Callable[[list[tuple[int, int]], list[tuple[str, Tensor]]], None]
+              | None = None, arrived: Callable[[list[tuple[str, Tensor]]], Exception | None]
+              | None = None) -> bool:
+    """The protocol both ends run: every rank agrees on (its error, the update's digest);
+    if all are ready, each bucket is broadcast from ``src`` (``fill`` writes the sender's
+    views, ``arrived`` takes the receiver's and returns an error to raise after the last
+    bucket, so the ranks stay in step); then every rank agrees again. Raises this rank's
+    error, or a peer's rejection or mismatch before anything was sent; returns whether a
+    rank rejected the update at the end."""
     digest = _digest(meta, bucket_bytes) if error is None else 0
     rejected = False
     with group.transfer():
@@ -236,17 +256,19 @@ def send_weights(weights: nn.Module | Mapping[str, Tensor] | Iterable[tuple[str,
             for bucket in plan_buckets(meta, bucket_bytes):
                 buffer = torch.empty(_bucket_size(meta, bucket), dtype=torch.uint8,
                                      device=group.device)
-                for i, offset in bucket:
-                    _, dtype, shape = meta[i]
-                    _view(buffer, offset, dtype, shape).copy_(items[i][1])
-                group.broadcast(buffer, group.rank)
-            rejected, _ = group.agree(False, digest)
+                views = [(meta[i][0], _view(buffer, offset, *meta[i][1:]))
+                         for i, offset in bucket]
+                if fill is not None:
+                    fill(bucket, views)
+                group.broadcast(buffer, src)
+                if arrived is not None:
+                    late = arrived(views)
+                    error = error or late
+            rejected, _ = group.agree(error is not None, digest)
     if error is not None:
         raise error
     _raise_if_rejected(failed, same)
-    if rejected:
-        raise ValueError("an engine rank rejected the update (its error names the weight); "
-                         "the engine kept its old weights")
+    return rejected
 
 
 def _raise_if_rejected(failed: bool, same: bool) -> None:
@@ -279,29 +301,18 @@ def receive_weights(group: SyncGroup, names: Sequence[str], dtypes: Sequence[Any
                for name, dtype, shape in meta], False)
     except (TypeError, ValueError) as e:
         error = e
-    digest = _digest(meta, bucket_bytes) if error is None else 0
     staged: list[tuple[str, Tensor]] = []
-    rejected = False
-    with group.transfer():
-        failed, same = group.agree(error is not None, digest)
-        if error is None and not failed and same:
-            for bucket in plan_buckets(meta, bucket_bytes):
-                buffer = torch.empty(_bucket_size(meta, bucket), dtype=torch.uint8,
-                                     device=group.device)
-                group.broadcast(buffer, src)
-                arrived = [(meta[i][0], _view(buffer, offset, *meta[i][1:]))
-                           for i, offset in bucket]
-                if error is None and check_finite:
-                    try:
-                        check(arrived, True)
-                    except (TypeError, ValueError) as e:
-                        error = e  # raised after the last bucket: the ranks stay in step
-                staged += arrived
-            rejected, _ = group.agree(error is not None, digest)
-    if error is not None:
-        raise error
-    _raise_if_rejected(failed, same)
-    if rejected:
+
+    def arrived(views: list[tuple[str, Tensor]]) -> Exception | None:
+        staged.extend(views)
+        if check_finite:
+            try:
+                check(views, True)
+            except (TypeError, ValueError) as e:
+                return e
+        return None
+
+    if _transfer(group, meta, bucket_bytes, error, src, arrived=arrived):
         raise ValueError("another rank of the weight-sync group rejected this update; the "
                          "old weights were kept")
     return staged
