@@ -10,7 +10,6 @@ from ..layers.logprob_head import HeadOptions
 from .config import ModelConfig
 from .llama import LlamaForCausalLM, Qwen2ForCausalLM
 from .loader import InMemoryCheckpoint, load_checkpoint
-from .loader import load_checkpoint
 from .moe import MixtralForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM
 from .qwen3 import Qwen3ForCausalLM
 
