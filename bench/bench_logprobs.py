@@ -9,6 +9,7 @@ rather than L2.
     python bench/bench_logprobs.py [--t 1024 4096 16384] [--v 151936 32000]
     python bench/bench_logprobs.py --rich [--t 16384] [--v 151936]   # also on CPU:
     python bench/bench_logprobs.py --rich --device cpu --t 64 --v 4096
+    python bench/bench_logprobs.py --rich --profile --t 16384 --reps 5   # where time goes
 """
 from __future__ import annotations
 
@@ -82,6 +83,22 @@ def torch_token_ids(x, t, ids):
     return logp.gather(-1, t[:, None]).squeeze(-1), logp.gather(-1, ids)
 
 
+def profile(name: str, fn, dev: str, reps: int = 5) -> None:
+    """Where a case's time goes: torch.profiler's table of device kernels and host ops."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+    fn(0)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        for i in range(reps):
+            fn(i)
+        if dev == "cuda":
+            torch.cuda.synchronize()
+    key = "self_cuda_time_total" if dev == "cuda" else "self_cpu_time_total"
+    print(f"--- profile {name} ({reps} calls)")
+    print(prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=60))
+
+
 def rich(args) -> None:
     """Each case: ours, the plain kernel and torch.compile of the torch code, as ratios."""
     dev = args.device
@@ -120,6 +137,8 @@ def rich(args) -> None:
             plain = timed_ms(lambda i: tse.logprobs(xs[i % sets], ts[i % sets], validate=False),
                              dev, args.reps)
             for name, (ours, peer, call) in cases.items():
+                if args.profile:
+                    profile(name, ours, dev)
                 o = timed_ms(ours, dev, args.reps)
                 c = timed_ms(lambda i: call(i, peer), dev, args.reps)
                 line = (f"{t:>6} {v:>7} {name:<14} | {o:8.3f} {plain:8.3f} {o / plain:7.2f} | "
@@ -138,6 +157,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--rich", action="store_true", help="the rich-output cases instead")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--profile", action="store_true",
+                    help="with --rich: print each case's torch.profiler table first")
     args = ap.parse_args()
     if args.rich:
         return rich(args)

@@ -44,16 +44,19 @@ def row_block(x: Tensor) -> int:
     return ROW_BLOCK[x.device.type]
 
 
-def in_row_blocks(fn: Callable[[Tensor], Tensor], x: Tensor, block: int) -> Tensor:
-    """fn over x's rows in blocks of exactly ``block`` rows (the last zero-padded), its
-    outputs' rows concatenated: fn never sees another row count."""
+def in_row_blocks(product: Callable[[Tensor, Tensor], Tensor], x: Tensor, block: int,
+                  out: Tensor) -> Tensor:
+    """product(rows, dest) over x's rows in blocks of exactly ``block`` rows (the last
+    zero-padded), each block's result written by the product into its rows of ``out``
+    (no concatenation pass): the product never sees another row count."""
     n = x.shape[0]
     full = n - n % block
-    outs = [fn(x[i:i + block]) for i in range(0, full, block)]
+    for i in range(0, full, block):
+        product(x[i:i + block], out[i:i + block])
     if full < n:
         tail = x.new_zeros((block, *x.shape[1:]))
         tail[:n - full] = x[full:]
-        outs.append(fn(tail)[:n - full])
-    if not outs:
-        return fn(x)
-    return outs[0] if len(outs) == 1 else torch.cat(outs)
+        padded = out.new_empty((block, *out.shape[1:]))
+        product(tail, padded)
+        out[full:] = padded[:n - full]
+    return out

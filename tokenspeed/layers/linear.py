@@ -22,7 +22,14 @@ def _param(*shape: int) -> nn.Parameter:
 def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, invariant: bool) -> Tensor:
     if not invariant:
         return F.linear(x, weight, bias)
-    return in_row_blocks(lambda rows: F.linear(rows, weight, bias), x, row_block(x))
+    rows = x.reshape(-1, x.shape[-1])
+    out = x.new_empty(rows.shape[0], weight.shape[0])
+    if bias is None:
+        in_row_blocks(lambda r, dest: torch.mm(r, weight.t(), out=dest), rows, row_block(x), out)
+    else:
+        in_row_blocks(lambda r, dest: torch.addmm(bias, r, weight.t(), out=dest), rows,
+                      row_block(x), out)
+    return out.view(*x.shape[:-1], weight.shape[0])
 
 
 class ColumnParallelLinear(nn.Module):

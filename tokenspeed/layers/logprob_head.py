@@ -37,14 +37,24 @@ def head_logits(hidden: Tensor, weight: Tensor, row_block: int | None = None) ->
     scorer; writing the GEMM's fp32 accumulator instead costs one extra pass over the
     (bounded) logits block. Other devices and dtypes fall back to F.linear.
     """
-    if (_MM_OUT_DTYPE and hidden.is_cuda and hidden.dtype in (torch.bfloat16, torch.float16)
-            and weight.dtype == hidden.dtype):
-        def product(rows: Tensor) -> Tensor:
-            return torch.mm(rows, weight.t(), out_dtype=torch.float32)
+    fp32_out = (_MM_OUT_DTYPE and hidden.is_cuda and weight.dtype == hidden.dtype
+                and hidden.dtype in (torch.bfloat16, torch.float16))
+    if row_block is None:
+        if fp32_out:
+            return torch.mm(hidden, weight.t(), out_dtype=torch.float32)
+        return F.linear(hidden, weight)
+    out = hidden.new_empty(hidden.shape[0], weight.shape[0],
+                           dtype=torch.float32 if fp32_out else hidden.dtype)
+    if fp32_out and hasattr(torch.ops.aten.mm, "dtype_out"):
+        def product(rows: Tensor, dest: Tensor) -> Tensor:
+            return torch.mm(rows, weight.t(), out_dtype=torch.float32, out=dest)
+    elif fp32_out:
+        def product(rows: Tensor, dest: Tensor) -> Tensor:
+            return dest.copy_(torch.mm(rows, weight.t(), out_dtype=torch.float32))
     else:
-        def product(rows: Tensor) -> Tensor:
-            return F.linear(rows, weight)
-    return product(hidden) if row_block is None else in_row_blocks(product, hidden, row_block)
+        def product(rows: Tensor, dest: Tensor) -> Tensor:
+            return torch.mm(rows, weight.t(), out=dest)
+    return in_row_blocks(product, hidden, row_block, out)
 
 
 def _ordered_mass_above(logits: Tensor, temperature: float, thresholds: Tensor,

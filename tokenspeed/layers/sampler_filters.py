@@ -124,63 +124,11 @@ def finish_rows(state: tuple[Tensor, Tensor, Tensor, Tensor], values: Tensor, id
     kept set is not provably inside the candidates, and then identically on every rank.
     """
     big_m, big_s, big_w, t = state
-    neg = torch.full_like(big_m, -math.inf)
     ref_m = torch.where(torch.isfinite(big_m), big_m, torch.zeros_like(big_m))
-    kc = values.shape[1]
-    d = values - ref_m[:, None]
-    e = torch.where(torch.isneginf(values), torch.zeros_like(d), d.exp())
-    ew = torch.where(e > 0, e * d, torch.zeros_like(d))
-    last = values[:, -1]
-    complete = ids[:, -1] < 0  # the candidates are every column of the row
-
-    def inside_list(tau: Tensor) -> Tensor:
-        """The whole set {x >= tau} is among the candidates."""
-        return complete | (last < tau)
-
-    def list_mass(tau: Tensor) -> tuple[Tensor, Tensor]:
-        keep = values >= tau[:, None]
-        return (e * keep).sum(1), (ew * keep).sum(1)
-
-    # top-k: the k-th largest x (kc > top_k unless top_k = 64)
-    has_k = opts.top_k > 0
-    kth = values.gather(1, (opts.top_k - 1).clamp(0, kc - 1)[:, None])[:, 0]
-    tau_k = torch.where(has_k, kth, neg)
-    s_k, w_k = list_mass(tau_k)
-    s_k = torch.where(has_k, s_k, big_s)
-    known_k = ~has_k | inside_list(tau_k)
-
-    # top-p over the top-k set: drop a token when the kept mass strictly above its value
-    # is >= p * S_k; ties share their group's first position
-    has_p = opts.top_p < 1.0
-    kept_k = values >= tau_k[:, None]
-    ek = e * kept_k
-    excl = ek.cumsum(1) - ek
-    pos = torch.arange(kc, device=values.device).expand_as(values)
-    starts = torch.ones_like(values, dtype=torch.bool)
-    starts[:, 1:] = values[:, 1:] != values[:, :-1]
-    group_first = torch.where(starts, pos, torch.zeros_like(pos)).cummax(1).values
-    above = excl.gather(1, group_first)
-    bound = (opts.top_p * s_k)[:, None]
-    kept_p = kept_k & (above < bound)
-    dropped = kept_k & (above >= bound)
-    tau_p = torch.where(kept_p, values, torch.full_like(values, math.inf)).min(1).values
-    known_p = known_k & (dropped.any(1) | inside_list(tau_k))
-    tau_p = torch.where(has_p, tau_p, neg)
-    search = has_p & ~known_p
-    if bool(search.any()):
-        tau_p = torch.where(search, _search_top_p(tau_k, opts.top_p, ref_m, mass_above), tau_p)
-
-    tau_m = torch.where(opts.min_p > 0, ref_m + torch.log(opts.min_p), neg)
-    tau = torch.maximum(torch.maximum(tau_k, tau_p), tau_m)
-    s_kept, w_kept = list_mass(tau)
-    open_set = torch.isneginf(tau)
-    s_kept = torch.where(open_set, big_s, s_kept)
-    w_kept = torch.where(open_set, big_w, w_kept)
-    need = ~open_set & ~inside_list(tau)
-    if bool(need.any()):
-        again = mass_above(tau[:, None].contiguous(), ref_m)[:, 0]
-        s_kept = torch.where(need, again[:, 0], s_kept)
-        w_kept = torch.where(need, again[:, 1], w_kept)
+    if opts.filtered:
+        tau, s_kept, w_kept = _kept_set(big_s, big_w, ref_m, values, ids, opts, mass_above)
+    else:  # the raw distribution: no threshold, the row's whole mass, no device wait
+        tau, s_kept, w_kept = torch.full_like(big_m, -math.inf), big_s, big_w
 
     log_z = torch.log(s_kept)
     nan = torch.isneginf(big_m)
@@ -197,6 +145,87 @@ def finish_rows(state: tuple[Tensor, Tensor, Tensor, Tensor], values: Tensor, id
     return RichRows(lp, ent,
                     ids[:, :n] if n else None, logprob(values[:, :n]) if n else None,
                     None if token_x is None else logprob(token_x))
+
+
+def _kept_set(big_s: Tensor, big_w: Tensor, ref_m: Tensor, values: Tensor, ids: Tensor,
+              opts: RowOptions, mass_above: MassAbove) -> tuple[Tensor, Tensor, Tensor]:
+    """The filters' threshold tau [T] (the kept set is {x >= tau}) and the kept mass
+    (sum e^(x - ref_m), sum e^(x - ref_m) (x - ref_m)) of every row.
+
+    Every x above the last candidate is a candidate, so a group of equal values is
+    missing members only when it is the last one. The top-k set is therefore settled
+    from the candidates but for its mass when a tie at the k-th place runs past them
+    (one pass, ``mass_above`` at tau_k); with that mass every kept/dropped decision of
+    top-p inside the candidates is exact, and only a top-p row without top-k whose
+    nucleus holds every candidate needs the radix search.
+    """
+    neg = torch.full_like(big_s, -math.inf)
+    kc = values.shape[1]
+    d = values - ref_m[:, None]
+    e = torch.where(torch.isneginf(values), torch.zeros_like(d), d.exp())
+    ew = torch.where(e > 0, e * d, torch.zeros_like(d))
+    last = values[:, -1]
+    complete = ids[:, -1] < 0  # the candidates are every column of the row
+
+    def inside_list(tau: Tensor) -> Tensor:
+        """The whole set {x >= tau} is among the candidates."""
+        return complete | (last < tau)
+
+    def list_mass(tau: Tensor) -> tuple[Tensor, Tensor]:
+        keep = values >= tau[:, None]
+        return (e * keep).sum(1), (ew * keep).sum(1)
+
+    # top-k: the k-th largest x (kc > top_k unless top_k = 64); a tie across the last
+    # candidate takes one pass for the set's mass
+    has_k = opts.top_k > 0
+    kth = values.gather(1, (opts.top_k - 1).clamp(0, kc - 1)[:, None])[:, 0]
+    tau_k = torch.where(has_k, kth, neg)
+    s_k, w_k = list_mass(tau_k)
+    s_k = torch.where(has_k, s_k, big_s)
+    w_k = torch.where(has_k, w_k, big_w)
+    short_k = has_k & ~inside_list(tau_k)
+    if bool(short_k.any()):
+        again = mass_above(tau_k[:, None].contiguous(), ref_m)[:, 0]
+        s_k = torch.where(short_k, again[:, 0], s_k)
+        w_k = torch.where(short_k, again[:, 1], w_k)
+
+    # top-p over the top-k set: drop a token when the kept mass strictly above its value
+    # is >= p * S_k; ties share their group's first position
+    has_p = opts.top_p < 1.0
+    kept_k = values >= tau_k[:, None]
+    ek = e * kept_k
+    excl = ek.cumsum(1) - ek
+    pos = torch.arange(kc, device=values.device).expand_as(values)
+    starts = torch.ones_like(values, dtype=torch.bool)
+    starts[:, 1:] = values[:, 1:] != values[:, :-1]
+    group_first = torch.where(starts, pos, torch.zeros_like(pos)).cummax(1).values
+    above = excl.gather(1, group_first)
+    bound = (opts.top_p * s_k)[:, None]
+    kept_p = kept_k & (above < bound)
+    dropped = kept_k & (above >= bound)
+    tau_p = torch.where(kept_p, values, torch.full_like(values, math.inf)).min(1).values
+    known_p = has_k | dropped.any(1) | complete
+    tau_p = torch.where(has_p, tau_p, neg)
+    search = has_p & ~known_p
+    if bool(search.any()):
+        tau_p = torch.where(search, _search_top_p(tau_k, opts.top_p, ref_m, mass_above), tau_p)
+
+    tau_m = torch.where(opts.min_p > 0, ref_m + torch.log(opts.min_p), neg)
+    tau = torch.maximum(torch.maximum(tau_k, tau_p), tau_m)
+    s_kept, w_kept = list_mass(tau)
+    open_set = torch.isneginf(tau)
+    s_kept = torch.where(open_set, big_s, s_kept)
+    w_kept = torch.where(open_set, big_w, w_kept)
+    # the top-k set itself, its mass already summed
+    at_k = has_k & (tau == tau_k) & ~open_set
+    s_kept = torch.where(at_k, s_k, s_kept)
+    w_kept = torch.where(at_k, w_k, w_kept)
+    need = ~open_set & ~at_k & ~inside_list(tau)
+    if bool(need.any()):
+        again = mass_above(tau[:, None].contiguous(), ref_m)[:, 0]
+        s_kept = torch.where(need, again[:, 0], s_kept)
+        w_kept = torch.where(need, again[:, 1], w_kept)
+    return tau, s_kept, w_kept
 
 
 def _search_top_p(tau_k: Tensor, top_p: Tensor, ref_m: Tensor, mass_above: MassAbove
