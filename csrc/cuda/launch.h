@@ -38,6 +38,12 @@ cudaError_t launch_mass_above(const void* logits, DType dtype, int64_t rows, int
                               int64_t V, float inv_temp, const float* thresholds, int64_t n,
                               const float* ref_m, float* out, cudaStream_t stream);
 
+// The k best of each row's C chunk candidate lists [rows, C, k] (each descending, ties to
+// the lower id, padded with (-inf, -1)) -> [rows, k] in the same order.
+cudaError_t launch_merge_candidates(const float* vals, const int64_t* ids, int64_t rows,
+                                    int64_t chunks, int64_t k, float* out_vals,
+                                    int64_t* out_ids, cudaStream_t stream);
+
 // Ordered merge of n fp32 states per row (row r's item i at
 // states[(r * row_stride + i * item_stride) * 4]). Writes either merged [rows, 4] (scaled
 // by inv_temp) or lp [rows] and, when ent != nullptr, ent [rows].

@@ -64,6 +64,14 @@ cudaError_t launch_mass_above(const void* logits, DType dtype, int64_t rows, int
   return cudaGetLastError();
 }
 
+cudaError_t launch_merge_candidates(const float* vals, const int64_t* ids, int64_t rows,
+                                    int64_t chunks, int64_t k, float* out_vals,
+                                    int64_t* out_ids, cudaStream_t stream) {
+  merge_candidates_kernel<<<static_cast<unsigned>(rows), 128, 0, stream>>>(
+      vals, ids, static_cast<int>(chunks), static_cast<int>(k), out_vals, out_ids);
+  return cudaGetLastError();
+}
+
 cudaError_t launch_merge_states(const float* states, int64_t row_stride, int64_t item_stride,
                                 int64_t n, int64_t rows, float inv_temp, float* merged,
                                 float* lp, float* ent, cudaStream_t stream) {

@@ -97,20 +97,20 @@ at::Tensor logprob_partials_cuda(const at::Tensor& logits, const at::Tensor& tar
   return out;
 }
 
-// The k best of a row's C chunk lists [T, C, k] (each descending): candidates [T, C * k]
-// sorted stably by id (the padding -1 last), then stably by value, descending, so equal
-// values keep ascending ids. Tiny next to the logits: C * k entries a row.
+// The k best of a row's C chunk lists [T, C, k] (each descending), ties to the lower id.
+// Tiny next to the logits: C * k entries a row.
 std::tuple<at::Tensor, at::Tensor> merge_chunk_candidates(const at::Tensor& vals,
-                                                          const at::Tensor& ids, int64_t k) {
-  const int64_t rows = vals.size(0);
-  if (vals.size(1) == 1) return {vals.view({rows, k}), ids.view({rows, k})};
-  const at::Tensor v = vals.view({rows, -1}), i = ids.view({rows, -1});
-  const at::Tensor id_key = at::where(i < 0, std::numeric_limits<int64_t>::max(), i);
-  const at::Tensor by_id = std::get<1>(at::sort(id_key, /*stable=*/true, 1, false));
-  const at::Tensor by_value =
-      std::get<1>(at::sort(v.gather(1, by_id), /*stable=*/true, 1, /*descending=*/true));
-  const at::Tensor order = by_id.gather(1, by_value).narrow(1, 0, k);
-  return {v.gather(1, order), i.gather(1, order)};
+                                                          const at::Tensor& ids, int64_t k,
+                                                          cudaStream_t stream) {
+  const int64_t rows = vals.size(0), chunks = vals.size(1);
+  if (chunks == 1) return {vals.view({rows, k}), ids.view({rows, k})};
+  at::Tensor out_vals = at::empty({rows, k}, vals.options());
+  at::Tensor out_ids = at::empty({rows, k}, ids.options());
+  C10_CUDA_CHECK(launch_merge_candidates(vals.const_data_ptr<float>(),
+                                         ids.const_data_ptr<int64_t>(), rows, chunks, k,
+                                         out_vals.data_ptr<float>(),
+                                         out_ids.data_ptr<int64_t>(), stream));
+  return {out_vals, out_ids};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> logprob_topk_partials_cuda(
@@ -134,7 +134,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprob_topk_partials_cuda(
   const int64_t chunks = state.size(1);
   merge(state, chunks, 1, chunks, rows, inv_temperature(temperature), out.data_ptr<float>(),
         nullptr, nullptr, stream);
-  auto [top_vals, top_ids] = merge_chunk_candidates(vals, ids, k);
+  auto [top_vals, top_ids] = merge_chunk_candidates(vals, ids, k, stream);
   if (validate) check_target_range(targets, 0, -1);
   return {out, top_vals, top_ids};
 }

@@ -7,12 +7,14 @@
  * Order: each element becomes a 48-bit composite (order-preserving key of x << 16 |
  * 0xFFFF - chunk column), unique within the chunk, so "larger composite" is exactly the
  * wanted order and the k-th largest composite separates the top k from the rest.
- *  1. Every thread's largest value (the max the log-prob kernel already took, as the
- *     smallest composite of that value); the k-th largest of those 256 (counting the
- *     larger and equal ones in shared memory) bounds the k-th largest element from
- *     below, since k distinct threads each hold an element at or above it.
- *  2. The elements at or above that bound (usually about k: only the k best threads can
- *     hold any) are appended to a 256-entry shared buffer.
+ *  1. A lower bound L of the chunk's k-th largest x from the threads' maxima (the max the
+ *     log-prob kernel already took): each warp sorts its 32 maxima (a shuffle bitonic
+ *     network) and takes its ceil(k / 8)-th largest; L is the least of the 8 warps'.
+ *     Then 8 * ceil(k / 8) >= k distinct threads each hold an element >= L. A warp-local
+ *     sort of registers costs ~100 instructions a thread; counting every thread's max
+ *     against all 256 others in shared memory cost ~20x that and dominated the kernel.
+ *  2. The elements at or above L (usually 1-3 k: only threads whose max reaches L hold
+ *     any) are appended to a kTopKBuffer-entry shared buffer.
  *  3. If they fit, each buffered candidate's rank is counted against the others and the
  *     k best are written at their ranks. Otherwise (many large or equal values in few
  *     threads) a radix select over the registers (six rounds of 8 bits, shared-memory
@@ -33,7 +35,7 @@
 namespace tokenspeed {
 namespace cuda {
 
-constexpr int kTopKBuffer = 256;
+constexpr int kTopKBuffer = 512;
 
 // fp32 -> uint32 with the order of the floats (nan excluded by the callers)
 __device__ __forceinline__ uint32_t float_key(float x) {
@@ -155,36 +157,35 @@ template <typename T, int kThreads, int kVecs>
 __device__ void block_topk(const uint4 (&raw)[kVecs], int64_t cols_left, float inv_temp, int k,
                            float thread_max, int64_t id_base, float* __restrict__ vals,
                            int64_t* __restrict__ ids) {
-  __shared__ uint64_t s_best[kThreads];
+  __shared__ float s_warp_bound[kThreads / 32];
   __shared__ uint64_t s_buf[kTopKBuffer];
   __shared__ int s_count;
-  __shared__ uint64_t s_bound;
-  const int tid = threadIdx.x;
+  const int tid = threadIdx.x, lane = tid % 32;
 
-  // 0: no valid column (or only nan); else the smallest composite of the thread's max,
-  // which a valid element reaches (the padding is -inf, never above a valid element)
+  // 1: this warp's ceil(k / 8)-th largest thread max (x units; a thread without a valid
+  // column, or with only nan, counts as -inf), by a descending bitonic sort over lanes
   constexpr int kVec = 16 / sizeof(T);
+  static_assert(kThreads == 256, "the bound takes ceil(k / 8) threads from each of 8 warps");
   const float top = thread_max * inv_temp;
-  const uint64_t best =
-      tid * kVec < cols_left && top == top ? composite(top, 0xFFFF) : uint64_t(0);
-  s_best[tid] = best;
-  if (tid == 0) {
-    s_count = 0;
-    s_bound = 1;  // fewer than k threads with a valid column: every valid element
-  }
-  __syncthreads();
-  if (best != 0) {
-    // threads may share a max: the k-th place falls in [greater, greater + equal)
-    int greater = 0, equal = 0;
-    for (int i = 0; i < kThreads; ++i) {
-      greater += s_best[i] > best;
-      equal += s_best[i] == best;
+  float v = tid * kVec < cols_left && top == top ? top : -INFINITY;
+#pragma unroll
+  for (int size = 2; size <= 32; size <<= 1) {
+#pragma unroll
+    for (int stride = size / 2; stride > 0; stride >>= 1) {
+      const float o = __shfl_xor_sync(0xffffffffu, v, stride);
+      const bool keep_max = ((lane & stride) == 0) == ((lane & size) == 0 || size == 32);
+      v = keep_max ? fmaxf(v, o) : fminf(v, o);
     }
-    if (greater <= k - 1 && k - 1 < greater + equal) s_bound = best;  // all write one value
   }
+  const float warp_bound = __shfl_sync(0xffffffffu, v, (k + 7) / 8 - 1);
+  if (lane == 0) s_warp_bound[tid / 32] = warp_bound;
+  if (tid == 0) s_count = 0;
   __syncthreads();
-  const uint64_t bound = s_bound;
-  const float bound_x = bound == 1 ? -INFINITY : composite_value(bound);
+  float bound_x = s_warp_bound[0];
+#pragma unroll
+  for (int w = 1; w < kThreads / 32; ++w) bound_x = fminf(bound_x, s_warp_bound[w]);
+  // the smallest composite of value bound_x: every element >= bound_x passes
+  const uint64_t bound = composite(bound_x, 0xFFFF);
   for_each_composite<T, kThreads>(raw, cols_left, inv_temp, bound_x, [&](uint64_t c) {
     if (c >= bound) {
       const int slot = atomicAdd(&s_count, 1);
@@ -212,6 +213,48 @@ __device__ void block_topk(const uint4 (&raw)[kVecs], int64_t cols_left, float i
   for (int i = n + tid; i < k; i += kThreads) {
     vals[i] = -INFINITY;
     ids[i] = -1;
+  }
+}
+
+// One block per row: the k best of the row's C chunk lists (vals, ids [rows, C, k], each
+// descending with ties to the lower id and padded with (-inf, -1)) into out [rows, k].
+// Each real candidate's place is its place in its own list plus, from every other list,
+// the number of entries that come before it (value larger, or equal with a lower id): a
+// prefix of that list, found by binary search. Places are distinct (ids are), so every
+// candidate is written by one thread, without sorting and in any thread order.
+__global__ void merge_candidates_kernel(const float* __restrict__ vals,
+                                        const int64_t* __restrict__ ids, int chunks, int k,
+                                        float* __restrict__ out_vals,
+                                        int64_t* __restrict__ out_ids) {
+  const int64_t row = blockIdx.x;
+  const float* v = vals + row * chunks * k;
+  const int64_t* id = ids + row * chunks * k;
+  for (int i = threadIdx.x; i < k; i += blockDim.x) {
+    out_vals[row * k + i] = -INFINITY;
+    out_ids[row * k + i] = -1;
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < chunks * k; e += blockDim.x) {
+    const int64_t my_id = id[e];
+    if (my_id < 0) continue;
+    const float x = v[e];
+    const int own = e / k;
+    int place = e - own * k;
+    for (int c = 0; c < chunks && place < k; ++c) {
+      if (c == own) continue;
+      int lo = 0, hi = k;  // entries [0, lo) of list c come before (x, my_id)
+      while (lo < hi) {
+        const int mid = (lo + hi) / 2;
+        const int64_t other = id[c * k + mid];
+        const float y = v[c * k + mid];
+        if (other >= 0 && (y > x || (y == x && other < my_id))) lo = mid + 1; else hi = mid;
+      }
+      place += lo;
+    }
+    if (place < k) {
+      out_vals[row * k + place] = x;
+      out_ids[row * k + place] = my_id;
+    }
   }
 }
 
