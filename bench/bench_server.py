@@ -12,7 +12,10 @@ every timed run, so no run reuses another's K/V.
 
     python bench/bench_server.py                       # CPU: the built-in model, small
     python bench/bench_server.py --model qwen2.5-1.5b --device cuda --requests 64 \\
-        --prompt-len 128 2048 --completion-median 512
+        --prompt-len 128 2048 --completion-median 512 [--deterministic]
+
+--deterministic runs the direct engine and the server in batch-invariant mode (every
+server response then equals a direct call on its request alone, bit for bit).
 """
 from __future__ import annotations
 
@@ -70,7 +73,8 @@ def direct(model_dir: Path, args: argparse.Namespace, work: list[list[dict]]) ->
         if args.device == "cuda":
             torch.cuda.synchronize()
 
-    with Engine(model_dir, device=args.device, max_batch_tokens=args.max_batch_tokens) as engine:
+    with Engine(model_dir, device=args.device, max_batch_tokens=args.max_batch_tokens,
+                deterministic=args.deterministic) as engine:
         engine.compute_log_probs(work[0])  # warm-up
         times = {}
         for name, calls in (("whole", [sum(work, [])]), ("per_request", work)):
@@ -102,22 +106,23 @@ def start_server(model_dir: Path, args: argparse.Namespace) -> tuple[subprocess.
                                                         os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen([sys.executable, "-m", "tokenspeed", "serve", str(model_dir),
                              "--port", str(port), "--device", args.device,
-                             "--max-batch-tokens", str(args.max_batch_tokens)], env=env)
+                             "--max-batch-tokens", str(args.max_batch_tokens),
+                             *(["--deterministic"] if args.deterministic else [])], env=env)
     url = f"http://127.0.0.1:{port}"
-    client = ScoringClient(url)
     deadline = time.monotonic() + 900
-    while True:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited with {proc.returncode}")
-        try:
-            if client.healthy():
-                return proc, url
-        except Exception:  # noqa: BLE001 - not listening yet
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise SystemExit("the server did not become ready")
-        time.sleep(0.2)
+    with ScoringClient(url) as client:
+        while True:
+            if proc.poll() is not None:
+                raise SystemExit(f"the server exited with {proc.returncode}")
+            try:
+                if client.healthy():
+                    return proc, url
+            except Exception:  # noqa: BLE001 - not listening yet
+                pass
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise SystemExit("the server did not become ready")
+            time.sleep(0.2)
 
 
 def through_server(url: str, clients: int, work: list[list[dict]]) -> tuple[float, list[float]]:
@@ -169,6 +174,8 @@ def main() -> None:
     p.add_argument("--completion-median", type=int, default=64)
     p.add_argument("--max-batch-tokens", type=int, default=8192)
     p.add_argument("--reps", type=int, default=2, help="direct runs per peer (best kept)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="batch-invariant mode in the direct engine and the server alike")
     args = p.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -188,7 +195,8 @@ def main() -> None:
         print(f"model {args.model} on {args.device}; {args.requests} requests x {args.group} "
               f"completions, {tokens} completion tokens, "
               f"{sum(len(s['prompt_token_ids']) + len(s['completion_token_ids']) for r in work for s in r)} "
-              f"tokens in all; max_batch_tokens {args.max_batch_tokens}", flush=True)
+              f"tokens in all; max_batch_tokens {args.max_batch_tokens}"
+              f"{', deterministic' if args.deterministic else ''}", flush=True)
         times = direct(model_dir, args, work)
         base = tokens / times["whole"]
         print(f"{'peer':<26}{'tok/s':>12}{'ratio':>8}{'p50 ms':>10}{'p99 ms':>10}")

@@ -5,8 +5,12 @@ The engine holds a model of Qwen2.5-7B widths (--layers of its 28; the rate per 
 not depend on the count); a separate trainer process holds random bf16 tensors of the same
 names and shapes and sends them each repetition:
 
-- ipc: the trainer's CUDA tensors shared by CUDA IPC on the same GPU; the engine checks
-  every value (NaN/inf) and copies each into its parameters (also without the check);
+- ipc: the trainer's CUDA tensors shared by CUDA IPC on the same GPU, with fresh handles
+  for each update (made untimed); the engine checks every value (NaN/inf) and copies
+  each into its parameters (also without the check). The trainer's memory outlives every
+  use: after the last update the engine has dropped everything it opened and
+  synchronised, says "done", and only then does the trainer free its tensors, answer
+  "bye" and exit;
 - broadcast: send_weights -> update_weights_from_distributed in buckets; NCCL when there
   are two GPUs (trainer on GPU 1), else gloo through host memory (NCCL refuses two ranks
   on one GPU), which is what one GPU allows;
@@ -22,6 +26,7 @@ second) and its ratio to the peer.
 from __future__ import annotations
 
 import argparse
+import gc
 import multiprocessing
 import statistics
 import sys
@@ -63,38 +68,128 @@ def random_weights(shapes: list[tuple[str, list[int]]], device: str
              .to(torch.bfloat16)) for name, shape in shapes]
 
 
-def _trainer(kind: str, shapes, device: str, port: int, bucket_bytes: int, conn) -> None:
-    """Holds the update; per message, shares it (ipc) or broadcasts it (broadcast)."""
+def _ipc_trainer(shapes, device: str, conn) -> None:
+    """Shares its tensors afresh for each update the engine asks for ("share"). On "done"
+    (the engine has dropped every opened tensor and synchronised) it frees them and
+    answers "bye": its memory and its process outlive every use the engine makes of them."""
+    weights = random_weights(shapes, device)
+    while (msg := conn.recv()) == "share":
+        conn.send(ipc_handles(weights))
+    assert msg == "done", msg
+    del weights
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.ipc_collect()
+    conn.send("bye")
+
+
+def _broadcast_trainer(kind: str, shapes, device: str, port: int, bucket_bytes: int,
+                       conn) -> None:
+    """Joins the group as rank 0 and broadcasts the update per "send"; "done" ends it."""
     if kind == "broadcast-nccl":
         torch.cuda.set_device(1)
         device = "cuda:1"
     weights = random_weights(shapes, device)
-    if kind == "ipc":
-        conn.send(ipc_handles(weights))
-        conn.recv()
-        return
     backend = "nccl" if kind == "broadcast-nccl" else "gloo"
     if backend == "gloo":
         weights = [(n, t.cpu()) for n, t in weights]
     group = init_weight_sync_group("127.0.0.1", port, 0, 2, backend=backend)
     conn.send(metadata_of(weights))
-    while conn.recv() is not None:
+    while (msg := conn.recv()) == "send":
         send_weights(weights, group, bucket_bytes=bucket_bytes)
+    assert msg == "done", msg
+    conn.send("bye")
 
 
-def timed(fn, reps: int, device: str) -> float:
-    """Median seconds of fn() over reps after one warm-up, the device synchronised."""
+def start_trainer(target, *args):
+    """A spawned trainer process and this end of its pipe."""
+    ctx = multiprocessing.get_context("spawn")
+    conn, child = ctx.Pipe()
+    proc = ctx.Process(target=target, args=(*args, child), daemon=True)
+    proc.start()
+    child.close()  # so a trainer that dies reads as EOF here instead of a hang
+    return proc, conn
+
+
+def receive(conn, timeout_s: float = 600.0):
+    if not conn.poll(timeout_s):
+        raise RuntimeError(f"the trainer process did not answer within {timeout_s:.0f} s")
+    return conn.recv()
+
+
+def finish(proc, conn) -> None:
+    """The final handshake: "done", then the trainer's "bye" and a clean exit."""
+    reply = None
+    try:
+        conn.send("done")
+        reply = receive(conn)
+    except (EOFError, OSError):
+        pass  # the trainer is gone: its exit code says why
+    proc.join(120)
+    if reply != "bye" or proc.exitcode != 0:
+        raise RuntimeError(f"the trainer process ended badly (answer {reply!r}, exit code "
+                           f"{proc.exitcode})")
+
+
+def timed(fn, reps: int, device: str, prepare=None) -> float:
+    """Median seconds of fn() (of fn(prepare()), prepare untimed) over reps after one
+    warm-up, the device synchronised."""
     times = []
     for i in range(reps + 1):
+        args = () if prepare is None else (prepare(),)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         start = time.perf_counter()
-        fn()
+        fn(*args)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         if i:
             times.append(time.perf_counter() - start)
+        del args
     return statistics.median(times)
+
+
+def ipc_rows(engine: Engine, shapes, device: str, reps: int) -> list[tuple[str, float]]:
+    """update_weights_from_ipc from a trainer process, with and without the value check.
+    Every update gets fresh handles, made untimed (a trainer makes them per update)."""
+    proc, conn = start_trainer(_ipc_trainer, shapes, device)
+
+    def handles():
+        conn.send("share")
+        return receive(conn)
+    rows = []
+    try:
+        for name, check in (("ipc, values checked", True), ("ipc, unchecked", False)):
+            rows.append((name, timed(lambda h, check=check: engine.update_weights_from_ipc(
+                h, check_finite=check), reps, device, prepare=handles)))
+    finally:
+        # the engine keeps no opened tensor past its call and nothing here holds one
+        # (a reference cycle would, until collected): only then may the trainer free
+        gc.collect()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+            torch.cuda.ipc_collect()
+        finish(proc, conn)
+    return rows
+
+
+def broadcast_row(engine: Engine, shapes, device: str, reps: int, bucket_mb: int
+                  ) -> tuple[str, float]:
+    kind = ("broadcast-nccl" if device.startswith("cuda") and torch.cuda.device_count() > 1
+            else "broadcast-gloo")
+    port = free_port()
+    proc, conn = start_trainer(_broadcast_trainer, kind, shapes, device, port, bucket_mb << 20)
+    try:
+        engine.init_weight_sync_group("127.0.0.1", port, 1, 2, backend=kind.split("-")[1],
+                                      timeout_s=600)
+        meta = receive(conn)
+
+        def broadcast() -> None:
+            conn.send("send")
+            engine.update_weights_from_distributed(*meta, bucket_bytes=bucket_mb << 20)
+        return f"{kind}, {bucket_mb} MiB buckets", timed(broadcast, reps, device)
+    finally:
+        finish(proc, conn)
 
 
 def main() -> None:
@@ -106,7 +201,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--bucket-mb", type=int, default=1024)
     args = parser.parse_args()
-    device, bucket_bytes = args.device, args.bucket_mb << 20
+    device = args.device
     engine = build_engine(args.model, args.layers, device)
     # HF names and shapes, as a trainer sends them
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -129,35 +224,8 @@ def main() -> None:
         print(f"D2D copy rate {copy_bandwidth() / 1e12:.2f} TB/s (read + write)")
     del local
 
-    ctx = multiprocessing.get_context("spawn")
-    conn, child = ctx.Pipe()
-    proc = ctx.Process(target=_trainer, args=("ipc", shapes, device, 0, bucket_bytes, child),
-                       daemon=True)
-    proc.start()
-    handles = conn.recv()
-    rows.append(("ipc, values checked", timed(lambda: engine.update_weights_from_ipc(handles),
-                                              args.reps, device)))
-    rows.append(("ipc, unchecked", timed(
-        lambda: engine.update_weights_from_ipc(handles, check_finite=False), args.reps, device)))
-    conn.send(None)
-    proc.join(60)
-
-    kind = ("broadcast-nccl" if device.startswith("cuda") and torch.cuda.device_count() > 1
-            else "broadcast-gloo")
-    port = free_port()
-    conn, child = ctx.Pipe()
-    proc = ctx.Process(target=_trainer, args=(kind, shapes, device, port, bucket_bytes, child),
-                       daemon=True)
-    proc.start()
-    engine.init_weight_sync_group("127.0.0.1", port, 1, 2, backend=kind.split("-")[1])
-    meta = conn.recv()
-
-    def broadcast() -> None:
-        conn.send(True)
-        engine.update_weights_from_distributed(*meta, bucket_bytes=bucket_bytes)
-    rows.append((f"{kind}, {args.bucket_mb} MiB buckets", timed(broadcast, args.reps, device)))
-    conn.send(None)
-    proc.join(60)
+    rows += ipc_rows(engine, shapes, device, args.reps)
+    rows.append(broadcast_row(engine, shapes, device, args.reps, args.bucket_mb))
     engine.close()
 
     peer = rows[0][1]

@@ -3,11 +3,13 @@ GPUs) and CUDA IPC. After an update the engine scores exactly as a fresh engine 
 the new weights; a rejected update raises on both ends and leaves the old weights."""
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 import signal
 import threading
 import traceback
+import weakref
 from pathlib import Path
 
 import pytest
@@ -230,6 +232,40 @@ def test_ipc_handles_update_in_process(ckpts, seqs):
             engine.update_weights_from_ipc({"lm_head.weight": (print, ("x",))})
 
 
+def test_ipc_update_keeps_no_reference_to_the_trainers_tensors(ckpts, seqs, monkeypatch):
+    """Once update_weights_from_ipc returns, accepted or rejected, no tensor it opened is
+    alive, even while the caller keeps the error (its traceback's frames held them): the
+    trainer may then free its memory or exit."""
+    import tokenspeed.shard
+    old, new = ckpts
+    weights = load_file(str(new / "model.safetensors"))
+    opened: list[weakref.ref] = []
+    real_open = tokenspeed.shard.open_ipc_handles
+
+    def recording_open(handles):
+        tensors = real_open(handles)
+        opened.extend(weakref.ref(t) for t in tensors.values())
+        return tensors
+    monkeypatch.setattr(tokenspeed.shard, "open_ipc_handles", recording_open)
+    with Engine(old, device="cpu", dtype="float32", kv_cache_tokens=1024) as engine:
+        bad = dict(weights)
+        name = next(iter(bad))
+        bad[name] = bad[name].clone()
+        bad[name].view(-1)[0] = float("nan")
+        with pytest.raises(ValueError, match="holds NaN") as kept:
+            engine.update_weights_from_ipc(ipc_handles(bad))
+        gc.collect()
+        assert len(opened) == len(bad) and all(ref() is None for ref in opened)
+        assert kept.value.__traceback__ is not None
+        assert engine.stats()["weight_version"] == 0
+
+        opened.clear()
+        engine.update_weights_from_ipc(ipc_handles(weights))
+        gc.collect()
+        assert len(opened) == len(weights) and all(ref() is None for ref in opened)
+        assert engine.compute_log_probs(seqs)["log_probs"] == fresh_scores(new, seqs)
+
+
 @pytest.mark.slow
 def test_tp2_engine_ranks_each_keep_their_shard(ckpts, seqs):
     """tp_size 2 from a plain process: both workers join the group (ranks 1 and 2) and each
@@ -262,29 +298,52 @@ def test_tp2_engine_ranks_each_keep_their_shard(ckpts, seqs):
 
 
 def _ipc_trainer(path: str, conn) -> None:
+    """Fresh handles per "share"; on "done" (the engine dropped and synchronised everything
+    it opened) frees its tensors and answers "bye": its memory outlives every use."""
     weights = {k: v.cuda() for k, v in load_file(path).items()}
-    conn.send(ipc_handles(weights))
-    conn.recv()  # keep the tensors alive until the engine is done
+    while (msg := conn.recv()) == "share":
+        conn.send(ipc_handles(weights))
+    assert msg == "done", msg
+    del weights
+    torch.cuda.synchronize()
+    torch.cuda.ipc_collect()
+    conn.send("bye")
 
 
 @pytest.mark.gpu
 def test_ipc_from_another_process_equals_fresh_engine(ckpts, seqs):
+    """Two updates from a trainer process, each with fresh handles, then the final
+    handshake: the trainer frees its tensors only after the engine let go of them, and
+    both ends shut down cleanly."""
     old, new = ckpts
     ctx = multiprocessing.get_context("spawn")
     conn, child = ctx.Pipe()
     proc = ctx.Process(target=_ipc_trainer, args=(str(new / "model.safetensors"), child),
                        daemon=True)
     proc.start()
+    child.close()  # a trainer that dies reads as EOF, not a hang
+
+    def reply():
+        assert conn.poll(120), "the trainer process did not answer"
+        return conn.recv()
     kw = dict(device="cuda", dtype="float32", kv_cache_tokens=1024)
     try:
         with Engine(old, **kw) as engine:
-            engine.update_weights_from_ipc(conn.recv())
-            got = engine.compute_log_probs(seqs)["log_probs"]
+            for _ in range(2):
+                conn.send("share")
+                engine.update_weights_from_ipc(reply())
+            got = engine.compute_log_probs(seqs)
     finally:
-        conn.send(None)
+        gc.collect()
+        torch.cuda.synchronize()
+        torch.cuda.ipc_collect()
+        conn.send("done")
+        bye = reply()
         proc.join(60)
+    assert bye == "bye" and proc.exitcode == 0
+    assert got["weight_version"] == 2
     with Engine(new, **kw) as fresh:
-        assert max_abs_diff(got, fresh.compute_log_probs(seqs)["log_probs"]) == 0.0
+        assert max_abs_diff(got["log_probs"], fresh.compute_log_probs(seqs)["log_probs"]) == 0.0
 
 
 def _nccl_trainer(port: int, path: str, conn) -> None:

@@ -58,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     engine_flags.add_argument("--dtype", help="bfloat16, float16 or float32 "
                                               "(default: bfloat16 on cuda, float32 on cpu)")
     engine_flags.add_argument("--max-batch-tokens", type=int, default=8192)
+    engine_flags.add_argument("--deterministic", action="store_true",
+                              help="batch-invariant mode: every score bitwise the same "
+                                   "whatever else is scored with it (docs/design.md)")
     score = sub.add_parser("score", help="score completions of a JSONL file", description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter,
                            parents=[engine_flags])
@@ -215,7 +218,7 @@ def _output(path: str | None) -> Iterator[TextIO]:
 def _load_engine(model_dir: Path, args: argparse.Namespace) -> Engine:
     try:
         return Engine(model_dir, device=args.device, dtype=args.dtype,
-                      max_batch_tokens=args.max_batch_tokens)
+                      max_batch_tokens=args.max_batch_tokens, deterministic=args.deterministic)
     except (ValueError, TypeError, OSError):
         raise  # worded for the user by the engine
     except Exception as e:

@@ -266,9 +266,12 @@ class Engine:
     def update_weights_from_ipc(self, handles: Mapping[str, Any], *, check_finite: bool = True
                                 ) -> None:
         """``update_weights`` from a trainer on the same GPU(s): ``handles`` maps HF names
-        to ``weight_sync.ipc_handles(...)`` entries (CUDA IPC: the engine reads the
-        trainer's memory, no copy through the host). The trainer keeps the tensors alive
-        and unchanged until this returns. Same checks and atomicity as update_weights."""
+        to ``weight_sync.ipc_handles(...)`` entries, made afresh for each update (CUDA
+        IPC: the engine reads the trainer's memory, no copy through the host). The
+        trainer keeps the tensors alive and unchanged, and its process running, until
+        this returns; by then the engine has waited for its copies out of them and holds
+        no reference to them, whether the update landed or was rejected (the error's
+        traceback keeps no frame locals). Same checks and atomicity as update_weights."""
         return self._call("update_weights_from_ipc", handles, check_finite=check_finite)
     def flush_cache(self) -> None:
         """Empty the prefix cache (pages held by no request return to the pool)."""

@@ -10,6 +10,7 @@ until the end of the call, which brings them to the host in one copy.
 from __future__ import annotations
 
 import os
+import traceback
 from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from typing import Any
 
@@ -442,9 +443,26 @@ class LocalShard:
 
     def update_weights_from_ipc(self, handles: Mapping[str, Any], *,
                                 check_finite: bool = True) -> None:
-        # opened inside the agreement: a rank that cannot open them fails every rank
-        self._write_weights(self.tp.validated(
-            lambda: self._check_weights(open_ipc_handles(handles), check_finite)))
+        """The opened tensors map the trainer's memory, which it may free (or exit) once
+        this returns: the copies out of it are waited for, and no reference to it
+        outlives the call, whether the update lands or is rejected."""
+        opened: dict[str, Tensor] = {}
+
+        def check() -> list[tuple[str, Tensor]]:
+            opened.update(open_ipc_handles(handles))
+            return self._check_weights(opened, check_finite)
+        try:
+            # opened inside the agreement: a rank that cannot open them fails every rank
+            self._write_weights(self.tp.validated(check))
+            if self.config.device.type == "cuda":
+                torch.cuda.synchronize(self.config.device)
+        except BaseException as e:
+            # the frames of the error's traceback hold the tensors, and a caller may keep
+            # the error: their locals go, the message stays
+            traceback.clear_frames(e.__traceback__)
+            raise
+        finally:
+            opened.clear()
 
     def _check_weights(self, weights: Mapping[str, Tensor] | Iterable[tuple[str, Tensor]],
                        check_finite: bool) -> list[tuple[str, Tensor]]:

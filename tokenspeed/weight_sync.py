@@ -321,8 +321,16 @@ def receive_weights(group: SyncGroup, names: Sequence[str], dtypes: Sequence[Any
 def ipc_handles(weights: nn.Module | Mapping[str, Tensor] | Iterable[tuple[str, Tensor]]
                 ) -> dict[str, Any]:
     """The trainer's end of ``update_weights_from_ipc``: HF name -> a picklable handle of
-    the tensor's memory (CUDA IPC for CUDA tensors). Keep the tensors alive, unchanged,
-    until the engine's call returns."""
+    the tensor's memory (CUDA IPC for CUDA tensors).
+
+    Make fresh handles for each update: making them records an event on the current
+    stream, after the trainer's writes so far, which the engine waits for before reading,
+    and torch counts one release per handle made. Keep the tensors alive and unchanged,
+    and this process running, until the engine's call returns: the engine has then
+    finished reading them and holds no reference to them, so the trainer may change or
+    free them, or exit. (An owner that frees or exits while another process still maps
+    its CUDA memory is what torch warns of as "Producer process has been terminated
+    before all shared CUDA tensors released".)"""
     from torch.multiprocessing.reductions import reduce_tensor
     return {name: reduce_tensor(t.detach()) for name, t in _named_tensors(weights)}
 
