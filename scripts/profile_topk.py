@@ -1,0 +1,15 @@
+"""One launch of the top-k log-prob kernel on the benchmark's shape, for ncu:
+    ncu -k regex:chunk_kernel -c 1 --launch-skip 1 python3 scripts/profile_topk.py [k]"""
+import sys
+
+import torch
+
+import tokenspeed_ext as tse
+
+k = int(sys.argv[1]) if len(sys.argv) > 1 else 20
+gen = torch.Generator("cuda").manual_seed(0)
+x = torch.randn(16384, 151936, device="cuda", generator=gen).mul_(3).to(torch.bfloat16)
+t = torch.randint(0, 151936, (16384,), device="cuda", generator=gen)
+for _ in range(2):
+    tse.logprob_topk_partials(x, t, 0, 1.0, k, validate=False)
+torch.cuda.synchronize()
