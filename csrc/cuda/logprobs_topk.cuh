@@ -68,25 +68,37 @@ __device__ __forceinline__ float vector_max(const uint4& v) {
   }
 }
 
-// f(composite) for each of this thread's columns inside the row with x >= min_x (so never
-// nan). Element q of vector j of thread i is chunk column (j * kThreads + i) * kVec + q, as
-// the loads place it. A vector whose max is below min_x is skipped whole (x rounds
-// monotonically, so no element of it can pass): a few packed instructions for 8 elements
-// instead of a conversion, a multiply and a test each, and almost every vector stops there.
+// f(composite) for the elements of one 16-byte vector (chunk columns base + q) inside the
+// row with x >= min_x (so never nan). Out of line: the vector loop below is unrolled (the
+// registers are indexed by constants), and this body inlined at its 16 sites made the
+// kernel outgrow the instruction cache (ncu: 70% of the stalls were instruction fetch);
+// it runs only for the few vectors whose max reaches min_x.
+template <typename T, typename F>
+__device__ __noinline__ void visit_vector(uint4 v, int base, int64_t cols_left, float inv_temp,
+                                          float min_x, F f) {
+  constexpr int kVec = 16 / sizeof(T);
+  const T* e = reinterpret_cast<const T*>(&v);
+#pragma unroll
+  for (int q = 0; q < kVec; ++q) {
+    const float x = to_float(e[q]) * inv_temp;
+    if (x >= min_x && base + q < cols_left) f(composite(x, base + q));
+  }
+}
+
+// f(composite) for each of this thread's columns inside the row with x >= min_x. Element
+// q of vector j of thread i is chunk column (j * kThreads + i) * kVec + q, as the loads
+// place it. A vector whose max is below min_x is skipped whole (x rounds monotonically,
+// so no element of it can pass): a few packed instructions for 8 elements, and almost
+// every vector stops there. f is copied (captures by value; shared arrays are static).
 template <typename T, int kThreads, int kVecs, typename F>
 __device__ __forceinline__ void for_each_composite(const uint4 (&raw)[kVecs], int64_t cols_left,
-                                                   float inv_temp, float min_x, F&& f) {
+                                                   float inv_temp, float min_x, F f) {
   constexpr int kVec = 16 / sizeof(T);
 #pragma unroll
   for (int j = 0; j < kVecs; ++j) {
-    if (!(vector_max<T>(raw[j]) * inv_temp >= min_x)) continue;
-    const T* e = reinterpret_cast<const T*>(&raw[j]);
-    const int base = (j * kThreads + int(threadIdx.x)) * kVec;
-#pragma unroll
-    for (int q = 0; q < kVec; ++q) {
-      const float x = to_float(e[q]) * inv_temp;
-      if (x >= min_x && base + q < cols_left) f(composite(x, base + q));
-    }
+    if (vector_max<T>(raw[j]) * inv_temp >= min_x)
+      visit_vector<T>(raw[j], (j * kThreads + int(threadIdx.x)) * kVec, cols_left, inv_temp,
+                      min_x, f);
   }
 }
 
@@ -120,7 +132,7 @@ __device__ __noinline__ int radix_collect(ChunkRegs<kVecs> regs, int64_t cols_le
   for (int shift = 40; shift >= 0; shift -= 8) {
     for (int i = tid; i < 256; i += kThreads) s_hist[i] = 0;
     __syncthreads();
-    for_each_composite<T, kThreads>(raw, cols_left, inv_temp, bound_x, [&](uint64_t c) {
+    for_each_composite<T, kThreads>(raw, cols_left, inv_temp, bound_x, [=](uint64_t c) {
       if (c >= bound && (c >> (shift + 8)) == (prefix >> (shift + 8)))
         atomicAdd(&s_hist[(c >> shift) & 255], 1);
     });
@@ -159,7 +171,7 @@ __device__ __noinline__ int radix_collect(ChunkRegs<kVecs> regs, int64_t cols_le
   if (tid == 0) s_count = 0;
   __syncthreads();
   for_each_composite<T, kThreads>(raw, cols_left, inv_temp, composite_value(prefix),
-                                  [&](uint64_t c) {
+                                  [=](uint64_t c) {
                                     if (c >= prefix) buf[atomicAdd(&s_count, 1)] = c;
                                   });
   __syncthreads();
@@ -204,7 +216,7 @@ __device__ void block_topk(const uint4 (&raw)[kVecs], int64_t cols_left, float i
   for (int w = 1; w < kThreads / 32; ++w) bound_x = fminf(bound_x, s_warp_bound[w]);
   // the smallest composite of value bound_x: every element >= bound_x passes
   const uint64_t bound = composite(bound_x, 0xFFFF);
-  for_each_composite<T, kThreads>(raw, cols_left, inv_temp, bound_x, [&](uint64_t c) {
+  for_each_composite<T, kThreads>(raw, cols_left, inv_temp, bound_x, [=](uint64_t c) {
     if (c >= bound) {
       const int slot = atomicAdd(&s_count, 1);
       if (slot < kTopKBuffer) s_buf[slot] = c;
