@@ -118,11 +118,7 @@ __global__ void __launch_bounds__(kMmaThreads)
     }
   };
 
-  float acc[4][4][4];  // [m16 tile][n8 tile][mma accumulator]
-#pragma unroll
-  for (int mi = 0; mi < 4; ++mi)
-#pragma unroll
-    for (int ni = 0; ni < 4; ++ni) acc[mi][ni][0] = acc[mi][ni][1] = acc[mi][ni][2] = acc[mi][ni][3] = 0.f;
+  float acc[4][4][4] = {};  // [m16 tile][n8 tile][mma accumulator]
 
   const int steps = (K + kMmaK - 1) / kMmaK;
   if (steps > 0) load(0, 0);

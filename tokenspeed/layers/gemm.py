@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 # Rows per block, by device type: on a GPU large enough to keep a Hopper's tensor cores
@@ -57,3 +58,10 @@ def in_row_blocks(fn: Callable[[Tensor], Tensor], x: Tensor, block: int) -> Tens
     if not outs:
         return fn(x)
     return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None, invariant: bool) -> Tensor:
+    """x W^T (+ bias), on fixed row blocks when ``invariant``."""
+    if not invariant:
+        return F.linear(x, weight, bias)
+    return in_row_blocks(lambda rows: F.linear(rows, weight, bias), x, row_block(x))

@@ -7,22 +7,15 @@ in its slice of the fused weight. The model files only name shards, never ranks.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..parallel.group import kv_head_range, tp_group
-from .gemm import batch_invariant, in_row_blocks, row_block
+from .gemm import batch_invariant, linear
 from .weights import default_loader
 
 
 def _param(*shape: int) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape), requires_grad=False)
-
-
-def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, invariant: bool) -> Tensor:
-    if not invariant:
-        return F.linear(x, weight, bias)
-    return in_row_blocks(lambda rows: F.linear(rows, weight, bias), x, row_block(x))
 
 
 class ColumnParallelLinear(nn.Module):
@@ -70,7 +63,7 @@ class ColumnParallelLinear(nn.Module):
         param.data.narrow(0, start, local).copy_(loaded.narrow(0, src, local))
 
     def forward(self, x: Tensor) -> Tensor:
-        return _linear(x, self.weight, self.bias, self.invariant)
+        return linear(x, self.weight, self.bias, self.invariant)
 
 
 class RowParallelLinear(nn.Module):
@@ -99,8 +92,8 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.tp_size == 1:
-            return _linear(x, self.weight, self.bias, self.invariant)
-        y = self.tp.all_reduce(_linear(x, self.weight, None, self.invariant),
+            return linear(x, self.weight, self.bias, self.invariant)
+        y = self.tp.all_reduce(linear(x, self.weight, None, self.invariant),
                                ordered=self.invariant)
         return y if self.bias is None else y + self.bias
 
