@@ -96,7 +96,7 @@ def test_scores_are_bitwise_independent_of_the_call(checkpoints, device, model, 
 # draw still gives the experts other row counts
 @pytest.mark.parametrize("device, model", MOE_CASES)
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@settings(max_examples=6, **HYPOTHESIS)
+@settings(max_examples=10, **HYPOTHESIS)
 @given(**{**DRAWS, "max_batch_tokens": st.sampled_from([3, 8, 17, 64, 512])})
 def test_moe_scores_are_bitwise_independent_of_the_call(checkpoints, device, model, dtype,
                                                         **draws):
