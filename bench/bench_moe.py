@@ -2,8 +2,9 @@
 (moe_route, moe_dispatch, torch._grouped_mm expert GEMMs, moe_combine) vs a plain
 torch._grouped_mm implementation (sort, bincount, grouped GEMMs, weighted index_add) vs HF
 transformers' Qwen3MoeSparseMoeBlock with its default (grouped_mm) experts implementation, in one
-process. Also tokenspeed's phases alone, and its error against an fp32 reference next to
-HF-bf16's. Random inputs (never zeros), rotated over several sets.
+process. Also tokenspeed's phases alone, the expert GEMMs of deterministic mode
+(grouped_gemm) next to the default ones (det, x gemms = its time / theirs), and its error
+against an fp32 reference next to HF-bf16's. Random inputs (never zeros), rotated over several sets.
 
     python bench/bench_moe.py [--tokens 1024 4096 16384]
 """
@@ -77,7 +78,7 @@ def main() -> None:
           f"experts, top-{k}, moe_intermediate {inter}")
     header = (f"{'T':>6} | {'ours ms':>8} {'TFLOP/s':>7} | {'grouped_mm':>10} {'x ours':>6} | "
               f"{'HF':>8} {'x ours':>6} | {'route':>6} {'dispatch':>8} {'gemms':>6} "
-              f"{'combine':>7} | {'err ours':>8} {'err HF':>8}")
+              f"{'combine':>7} | {'det':>6} {'x gemms':>7} | {'err ours':>8} {'err HF':>8}")
     rows = [header]
     print(header, flush=True)
     for t in args.tokens:
@@ -98,6 +99,9 @@ def main() -> None:
             xsrt = x.index_select(0, tok)
             gemms = median_ms(lambda i: grouped_linear(
                 silu_and_mul(grouped_linear(xsrt, w_gu, offs)), w_d, offs), args.reps)
+            det = median_ms(lambda i: grouped_linear(
+                silu_and_mul(grouped_linear(xsrt, w_gu, offs, True)), w_d, offs, True),
+                args.reps)
             y = grouped_linear(silu_and_mul(grouped_linear(xsrt, w_gu, offs)), w_d, offs)
             comb = median_ms(lambda i: tse.moe_combine(y, rows_, wts), args.reps)
             # error against the same layer in fp32 (bf16 weights, fp32 math)
@@ -106,7 +110,8 @@ def main() -> None:
             err_hf = (hf(x[None])[0].float() - ref).abs().mean().item()
         line = (f"{t:>6} | {ours:8.3f} {flops / ours / 1e9:7.0f} | {peer:10.3f} "
                 f"{peer / ours:6.2f} | {theirs:8.3f} {theirs / ours:6.2f} | {route:6.3f} "
-                f"{disp:8.3f} {gemms:6.3f} {comb:7.3f} | {err_ours:8.2e} {err_hf:8.2e}")
+                f"{disp:8.3f} {gemms:6.3f} {comb:7.3f} | {det:6.3f} {det / gemms:7.2f} | "
+                f"{err_ours:8.2e} {err_hf:8.2e}")
         rows.append(line)
         print(line, flush=True)
         del xs

@@ -69,4 +69,29 @@ void check_moe_combine(const at::Tensor& expert_out, const at::Tensor& pair_rows
   check_same_device(expert_out, "expert_out", weights, "weights");
 }
 
+void check_grouped_gemm(const at::Tensor& x, const at::Tensor& weight,
+                        const at::Tensor& offsets, bool validate) {
+  check_float_input(x, "x");
+  TS_CHECK(x.dim() == 2, "x must be 2-D [M, K], got shape ", x.sizes());
+  TS_CHECK(weight.scalar_type() == x.scalar_type(), "weight must have x's dtype ",
+           x.scalar_type(), ", got ", weight.scalar_type());
+  TS_CHECK(weight.dim() == 3 && weight.size(2) == x.size(1), "weight must be [E, N, K] with K = ",
+           x.size(1), " (x's columns), got shape ", weight.sizes());
+  check_index_input(offsets, "offsets");
+  const int64_t experts = weight.size(0);
+  TS_CHECK(offsets.dim() == 1 && offsets.size(0) == experts + 1, "offsets must be [E + 1] = [",
+           experts + 1, "], got shape ", offsets.sizes());
+  check_same_device(x, "x", weight, "weight");
+  check_same_device(x, "x", offsets, "offsets");
+  if (!validate) return;
+  const at::Tensor host = offsets.cpu().to(at::kLong).contiguous();
+  const int64_t* o = host.const_data_ptr<int64_t>();
+  TS_CHECK(o[0] == 0, "offsets[0] must be 0, got ", o[0]);
+  for (int64_t e = 0; e < experts; ++e)
+    TS_CHECK(o[e + 1] >= o[e], "offsets must be non-decreasing, got offsets[", e + 1, "] = ",
+             o[e + 1], " < offsets[", e, "] = ", o[e]);
+  TS_CHECK(o[experts] == x.size(0), "offsets[E] must equal x's rows M = ", x.size(0), ", got ",
+           o[experts]);
+}
+
 }  // namespace tokenspeed

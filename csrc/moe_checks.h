@@ -28,4 +28,9 @@ void check_moe_dispatch(const at::Tensor& ids, int64_t num_experts, bool validat
 void check_moe_combine(const at::Tensor& expert_out, const at::Tensor& pair_rows,
                        const at::Tensor& weights);
 
+// x float [M, K]; weight [E, N, K] in x's dtype; offsets int32/int64 [E + 1]; all on one
+// device. validate: offsets[0] == 0, non-decreasing, offsets[E] == M (one host copy).
+void check_grouped_gemm(const at::Tensor& x, const at::Tensor& weight,
+                        const at::Tensor& offsets, bool validate);
+
 }  // namespace tokenspeed

@@ -86,4 +86,13 @@ TORCH_LIBRARY(tokenspeed, m) {
   // t * k + s]], accumulated in fp32 and rounded once to expert_out's dtype.
   // expert_out [T * k, H] (unit stride along H), pair_rows [T * k] int32, weights [T, k] fp32.
   m.def("moe_combine(Tensor expert_out, Tensor pair_rows, Tensor weights) -> Tensor");
+  // The experts' matrix products, batch-invariant by construction: rows offsets[e]:
+  // offsets[e + 1] of x [M, K] times weight[e]^T, weight [E, N, K] in x's dtype (fp32/bf16/
+  // fp16) -> [M, N] in x's dtype. offsets [E + 1] int32/int64: offsets[0] = 0,
+  // non-decreasing, offsets[E] = M. Each output element is one dot product over K
+  // accumulated in fp32 in an order fixed by K alone (no split-K): it never depends on M,
+  // on the row's place, on the experts' row counts or on other rows' values.
+  // validate=False skips the offsets' value checks (a host round trip on CUDA); bad
+  // offsets then give wrong rows but no access outside x and the output.
+  m.def("grouped_gemm(Tensor x, Tensor weight, Tensor offsets, bool validate=True) -> Tensor");
 }

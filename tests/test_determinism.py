@@ -4,6 +4,8 @@ The property draws the company (other sequences, GRPO siblings sharing its promp
 order, max_batch_tokens (down to chunks far shorter than the sequence), the page size,
 prefix-cache hits (a warm second pass) and a KV pool small enough to evict, and compares
 the targets' scores with those of a fresh engine that scored them alone: exact equality.
+Dense models and a mixture-of-experts one (Qwen2-MoE: router, grouped expert GEMMs,
+shared expert and its gate), whose experts' row counts change with every draw.
 """
 from __future__ import annotations
 
@@ -25,9 +27,18 @@ VOCAB = 101
 # head dim 128 runs the tensor-core ones (wgmma on an H200) in bf16
 MODELS = {"qwen3": dict(arch="Qwen3ForCausalLM"),
           "llama-d128": dict(arch="LlamaForCausalLM", hidden=256, heads=2, kv_heads=1)}
+# Qwen2-MoE, tiny (hidden 32: one K step of the tensor-core GEMM) and wider (hidden 256,
+# head dim 128: several K steps, experts spanning several 128-row tiles on CUDA)
+MOE_MODELS = {"qwen2-moe": dict(arch="Qwen2MoeForCausalLM"),
+              "qwen2-moe-d128": dict(arch="Qwen2MoeForCausalLM", hidden=256, heads=2,
+                                     kv_heads=1, moe=dict(moe_intermediate_size=160))}
+MODELS.update(MOE_MODELS)
 CASES = [pytest.param("cpu", "qwen3", id="cpu"),
          pytest.param("cuda", "qwen3", marks=pytest.mark.gpu, id="cuda"),
          pytest.param("cuda", "llama-d128", marks=pytest.mark.gpu, id="cuda-d128")]
+MOE_CASES = [pytest.param("cpu", "qwen2-moe", id="cpu"),
+             pytest.param("cuda", "qwen2-moe", marks=pytest.mark.gpu, id="cuda"),
+             pytest.param("cuda", "qwen2-moe-d128", marks=pytest.mark.gpu, id="cuda-d128")]
 
 
 @pytest.fixture(scope="module")
@@ -63,19 +74,37 @@ def alone(path, device: str, dtype: str, rich: bool) -> list[dict]:
     return out
 
 
+DRAWS = dict(company_seed=st.integers(0, 2**16), n_company=st.integers(0, 6),
+             max_batch_tokens=st.sampled_from([1, 3, 8, 17, 64, 512]),
+             max_batch_requests=st.sampled_from([1, 2, 256]),
+             page_size=st.sampled_from([1, 4, 16]), prefix=st.booleans(),
+             small_pool=st.booleans(), rich=st.booleans(), data=st.data())
+HYPOTHESIS = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                        HealthCheck.too_slow])
+
+
 @pytest.mark.parametrize("device, model", CASES)
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@settings(max_examples=20, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(company_seed=st.integers(0, 2**16), n_company=st.integers(0, 6),
-       max_batch_tokens=st.sampled_from([1, 3, 8, 17, 64, 512]),
-       max_batch_requests=st.sampled_from([1, 2, 256]), page_size=st.sampled_from([1, 4, 16]),
-       prefix=st.booleans(), small_pool=st.booleans(), rich=st.booleans(), data=st.data())
-def test_scores_are_bitwise_independent_of_the_call(checkpoints, device, model, dtype,
-                                                    company_seed, n_company, max_batch_tokens,
-                                                    max_batch_requests, page_size, prefix,
-                                                    small_pool, rich, data):
-    ckpt = checkpoints[model]
+@settings(max_examples=20, **HYPOTHESIS)
+@given(**DRAWS)
+def test_scores_are_bitwise_independent_of_the_call(checkpoints, device, model, dtype, **draws):
+    check_bitwise(checkpoints[model], device, dtype, **draws)
+
+
+# fewer draws, and chunks of at least 3 tokens, to keep the CPU run short: a one-token
+# chunk exercises the attention and GEMM paths that the dense property covers, and every
+# draw still gives the experts other row counts
+@pytest.mark.parametrize("device, model", MOE_CASES)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@settings(max_examples=10, **HYPOTHESIS)
+@given(**{**DRAWS, "max_batch_tokens": st.sampled_from([3, 8, 17, 64, 512])})
+def test_moe_scores_are_bitwise_independent_of_the_call(checkpoints, device, model, dtype,
+                                                        **draws):
+    check_bitwise(checkpoints[model], device, dtype, **draws)
+
+
+def check_bitwise(ckpt, device, dtype, company_seed, n_company, max_batch_tokens,
+                  max_batch_requests, page_size, prefix, small_pool, rich, data):
     want = alone(ckpt, device, dtype, rich)
     gen = torch.Generator().manual_seed(company_seed)
     company = random_sequences(gen, VOCAB, n_company, max_prompt=40, max_completion=30)

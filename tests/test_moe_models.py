@@ -140,12 +140,14 @@ def test_bf16_error_within_hf_bf16_error(tmp_path, arch):
     assert mean_abs_diff(out, ref) <= 2 * mean_abs_diff(hf_lp, ref) + 1e-4
 
 
-def test_deterministic_mode_refuses_moe_models(tmp_path):
-    """Expert GEMMs take each expert's token count as their shape: deterministic=True
-    would promise what it cannot keep, so it is refused with the reason."""
-    path = moe_checkpoint(tmp_path, "Qwen3MoeForCausalLM", seed=4)
-    with pytest.raises(ValueError, match="deterministic=True does not cover mixture-of-experts"):
-        Engine(path, deterministic=True, kv_cache_tokens=256)
-    with Engine(path, kv_cache_tokens=256) as engine:  # the default mode loads it
-        assert engine.compute_log_probs([{"prompt_token_ids": [1, 2],
-                                          "completion_token_ids": [3]}])["log_probs"][0]
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_deterministic_mode_matches_hf_fp32(tmp_path, arch, device):
+    """deterministic=True (grouped_gemm experts, row-blocked router and shared-expert
+    gates) keeps fp32 accuracy; its bitwise invariance is tests/test_determinism.py's."""
+    path = moe_checkpoint(tmp_path, arch, seed=3)
+    seqs = random_sequences(torch.Generator().manual_seed(2), 257, 6, max_prompt=24)
+    ref_lp, _ = hf_scores(load_hf(path), seqs)
+    with Engine(path, device=device, dtype="float32", deterministic=True, max_batch_tokens=17,
+                kv_cache_tokens=1024) as engine:
+        assert max_abs_diff(engine.compute_log_probs(seqs)["log_probs"], ref_lp) <= TOL

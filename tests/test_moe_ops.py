@@ -1,11 +1,13 @@
-"""The moe ops (moe_route, moe_dispatch, moe_combine) and the expert path of the MoE layer
-against tokenspeed_ext.reference on fresh random inputs (hypothesis: token counts from 0
-to many per expert, empty experts, k = 1..8, E up to 256), plus opcheck, torch.compile
-fullgraph and argument checks. Runs on CPU, and on CUDA when present.
+"""The moe ops (moe_route, moe_dispatch, moe_combine, grouped_gemm) and the expert path of
+the MoE layer against tokenspeed_ext.reference on fresh random inputs (hypothesis: token
+counts from 0 to many per expert, empty experts, k = 1..8, E up to 256), plus opcheck,
+torch.compile fullgraph and argument checks. Runs on CPU, and on CUDA when present.
 
 Bounds: routing ids are exact on tie-free inputs (random fp32 logits); weights within a
 few fp32 ulps of the float64 reference; dispatch is exact (a permutation); the fp32
-combine within a small multiple of PyTorch's own error at the input dtype.
+combine and the grouped GEMM within a small multiple of PyTorch's own error at the input
+dtype. The grouped GEMM is also batch-invariant: a row's output is bitwise the same
+alone and among any other rows.
 """
 from __future__ import annotations
 
@@ -14,11 +16,12 @@ import torch
 from conftest import DEVICES
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from op_testing import (FLOATS, SETTINGS, assert_each_raises, assert_within_own_error,
+from op_testing import (DEV, FLOATS, SETTINGS, assert_each_raises, assert_within_own_error,
                         sanitized_dtypes, seeds)
 
 import tokenspeed_ext as tse
 import tokenspeed_ext.ops  # noqa: F401 - registers torch.ops.tokenspeed.*
+from tokenspeed.layers.gemm import building_batch_invariant
 from tokenspeed.layers.moe import FusedExperts, grouped_linear
 from tokenspeed_ext import reference as ref
 
@@ -113,13 +116,15 @@ def test_combine_matches_reference(device, t, h, k, dtype, seed):
 @pytest.mark.parametrize("device", DEVICES)
 @settings(max_examples=15, **SETTINGS)
 @given(t=st.integers(0, 50), e=st.sampled_from([4, 16, 64]), k=st.integers(1, 4),
-       dtype=st.sampled_from(FLOATS), seed=seeds)
-def test_experts_match_reference(device, t, e, k, dtype, seed):
-    """dispatch + grouped GEMMs + SiLU-and-mul + combine, as the layer runs them."""
+       dtype=st.sampled_from(FLOATS), invariant=st.booleans(), seed=seeds)
+def test_experts_match_reference(device, t, e, k, dtype, invariant, seed):
+    """dispatch + grouped GEMMs + SiLU-and-mul + combine, as the layer runs them (built
+    batch-invariant: through grouped_gemm)."""
     k = min(k, e)
     h, inter = 64, 32
     g = torch.Generator().manual_seed(seed)
-    layer = FusedExperts(e, h, inter).to(device)
+    with building_batch_invariant(invariant):
+        layer = FusedExperts(e, h, inter).to(device)
     with torch.no_grad():
         layer.gate_up_proj.copy_(torch.randn(e, 2 * inter, h, generator=g) * 0.2)
         layer.down_proj.copy_(torch.randn(e, h, inter, generator=g) * 0.2)
@@ -130,6 +135,92 @@ def test_experts_match_reference(device, t, e, k, dtype, seed):
     exact = ref.moe_experts(x, layer.gate_up_proj, layer.down_proj, ids, w)
     own = ref.moe_experts(x, layer.gate_up_proj, layer.down_proj, ids, w, dtype=dtype)
     assert_within_own_error(out, exact, own, factor=8.0, floor=1e-5, what="experts")
+
+
+def _grouped_inputs(g, counts, n, k, dtype, device, offsets_dtype=torch.int64):
+    """x [sum(counts), k], weight [E, n, k] (scaled so products stay O(1)), offsets."""
+    offsets = torch.zeros(len(counts) + 1, dtype=torch.int64)
+    offsets[1:] = torch.tensor(counts, dtype=torch.int64).cumsum(0)
+    x = torch.randn(int(offsets[-1]), k, generator=g).to(dtype).to(device)
+    w = (torch.randn(len(counts), n, k, generator=g) / max(k, 1) ** 0.5).to(dtype).to(device)
+    return x, w, offsets.to(offsets_dtype).to(device)
+
+
+def _random_counts(g, e, most):
+    """Rows per expert: about a third of the experts empty, the others 1..most."""
+    counts = torch.randint(1, most + 1, (e,), generator=g)
+    return (counts * (torch.rand(e, generator=g) > 0.33)).tolist()
+
+
+def _per_expert_mm(x, w, offsets):
+    """PyTorch's own product at the input dtype, expert by expert."""
+    b = offsets.tolist()
+    return torch.cat([x[b[e]:b[e + 1]] @ w[e].t() for e in range(w.shape[0])]) \
+        if x.shape[0] else x.new_empty(0, w.shape[1])
+
+
+# K values: below one mma step, whole and partial 32-column steps, and K % 8 != 0 (which
+# takes the FMA path on CUDA for 16-bit inputs too)
+GEMM_K = [1, 8, 20, 32, 72, 136]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@settings(max_examples=30, **SETTINGS)
+@given(e=st.sampled_from([1, 2, 5, 16]), most=st.sampled_from([1, 9, 70, 300]),
+       n=st.sampled_from([1, 7, 64, 130]), k=st.sampled_from(GEMM_K),
+       dtype=st.sampled_from(FLOATS), offsets_dtype=st.sampled_from([torch.int32, torch.int64]),
+       seed=seeds)
+def test_grouped_gemm_matches_reference(device, e, most, n, k, dtype, offsets_dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    x, w, offsets = _grouped_inputs(g, _random_counts(g, e, most), n, k, dtype, device,
+                                    offsets_dtype)
+    out = tse.grouped_gemm(x, w, offsets)
+    assert out.dtype == dtype and out.shape == (x.shape[0], n) and out.device == x.device
+    exact = ref.grouped_gemm(x, w, offsets)
+    assert_within_own_error(out, exact, _per_expert_mm(x, w, offsets), factor=4.0, floor=1e-6,
+                            what="grouped_gemm")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@settings(max_examples=30, **SETTINGS)
+@given(e=st.sampled_from([1, 3, 8]), most=st.sampled_from([4, 40, 300]),
+       n=st.sampled_from([5, 64, 136]), k=st.sampled_from(GEMM_K[1:]),
+       dtype=st.sampled_from(FLOATS), seed=seeds, data=st.data())
+def test_grouped_gemm_is_batch_invariant(device, e, most, n, k, dtype, seed, data):
+    """A row's output is bitwise the same computed alone and among other rows of its
+    expert and of the others, at any place in its expert's rows (on CUDA: at any place in
+    a tile, in any of several tiles)."""
+    g = torch.Generator().manual_seed(seed)
+    counts = _random_counts(g, e, most)
+    expert = data.draw(st.integers(0, e - 1))
+    counts[expert] = max(counts[expert], 1)
+    x, w, offsets = _grouped_inputs(g, counts, n, k, dtype, device)
+    start = int(offsets[expert])
+    row = start + data.draw(st.integers(0, counts[expert] - 1))
+    alone_offsets = torch.zeros(e + 1, dtype=torch.int64, device=device)
+    alone_offsets[expert + 1:] = 1
+    alone = tse.grouped_gemm(x[row:row + 1], w, alone_offsets)
+    assert torch.equal(tse.grouped_gemm(x, w, offsets)[row], alone[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", sanitized_dtypes(*FLOATS))
+def test_grouped_gemm_cuda(dtype):
+    """Both CUDA paths (tensor cores at K = 72, FMA at K = 20 for 16-bit inputs) on tiles
+    that end inside an expert, a K step and N; offsets int32 and int64; unchecked offsets
+    out of order or past M write only inside the output."""
+    g = torch.Generator().manual_seed(4)
+    counts = [0, 130, 3, 0, 200]
+    for k in (72, 20):
+        for offsets_dtype in (torch.int32, torch.int64):
+            x, w, offsets = _grouped_inputs(g, counts, 136, k, dtype, DEV, offsets_dtype)
+            out = tse.grouped_gemm(x, w, offsets)
+            assert_within_own_error(out, ref.grouped_gemm(x, w, offsets),
+                                    _per_expert_mm(x, w, offsets), factor=4.0, floor=1e-6,
+                                    what=f"grouped_gemm cuda K={k}")
+        bad = torch.tensor([-5, 200, 100, 400, 300, 1000], device=DEV)
+        tse.grouped_gemm(x, w, bad, validate=False)
+    torch.cuda.synchronize()
 
 
 @pytest.mark.gpu
@@ -187,21 +278,25 @@ def test_opcheck(device):
                      (torch.ops.tokenspeed.moe_dispatch, (ids, 16, True)),
                      (torch.ops.tokenspeed.moe_combine, (y, rows, w))]:
         torch.library.opcheck(op, args)
+    x, weight, offsets = _grouped_inputs(g, [3, 0, 7], 10, 16, torch.float32, device)
+    for args in [(x, weight, offsets, True), (x, weight, offsets.int(), False)]:
+        torch.library.opcheck(torch.ops.tokenspeed.grouped_gemm, args)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_compiles_fullgraph(device):
-    def step(logits, forced, y_scale):
+    def step(logits, forced, weight):
         w, ids = tse.moe_route(logits, 2, True, forced, validate=False)
-        _, tokens, rows = tse.moe_dispatch(ids, logits.shape[1], validate=False)
-        y = logits.index_select(0, tokens) * y_scale
+        offsets, tokens, rows = tse.moe_dispatch(ids, logits.shape[1], validate=False)
+        y = tse.grouped_gemm(logits.index_select(0, tokens), weight, offsets, validate=False)
         return tse.moe_combine(y, rows, w)
 
     g = torch.Generator().manual_seed(2)
     logits = _logits(g, 11, 8, torch.float32, device)
     forced = _forced(g, 11, 8, 2, device)
+    weight = torch.randn(8, 5, 8, generator=g).to(device)
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    torch.testing.assert_close(compiled(logits, forced, 0.5), step(logits, forced, 0.5))
+    torch.testing.assert_close(compiled(logits, forced, weight), step(logits, forced, weight))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -230,4 +325,23 @@ def test_bad_arguments(device):
          "weights must be float32"),
         (lambda: tse.moe_combine(torch.randn(8, 3, device=device), meta.view(-1),
                                  torch.rand(4, 2, device=device)), "is on"),
+    ])
+    x = torch.randn(5, 6, device=device)
+    weight = torch.randn(3, 4, 6, device=device)
+    offsets = torch.tensor([0, 2, 2, 5], device=device)
+
+    def gemm(x=x, weight=weight, offsets=offsets):
+        return tse.grouped_gemm(x, weight, offsets)
+    assert_each_raises([
+        (lambda: gemm(x=x.long()), "x must be float32"),
+        (lambda: gemm(x=x[0]), r"x must be 2-D \[M, K\]"),
+        (lambda: gemm(weight=weight.half()), "weight must have x's dtype"),
+        (lambda: gemm(weight=weight[:, :, :5]), r"weight must be \[E, N, K\] with K = 6"),
+        (lambda: gemm(offsets=offsets.float()), "offsets must be int32 or int64"),
+        (lambda: gemm(offsets=offsets[:3]), r"offsets must be \[E \+ 1\] = \[4\]"),
+        (lambda: gemm(offsets=offsets + 1), r"offsets\[0\] must be 0, got 1"),
+        (lambda: gemm(offsets=torch.tensor([0, 3, 1, 5], device=device)),
+         r"non-decreasing, got offsets\[2\] = 1 < offsets\[1\] = 3"),
+        (lambda: gemm(offsets=offsets.clamp(max=4)), r"offsets\[E\] must equal x's rows M = 5"),
+        (lambda: gemm(weight=weight.to("meta")), "is on"),
     ])

@@ -77,7 +77,8 @@ class EngineConfig:
     deterministic: every score is bitwise the same whatever else the call holds, its
     order, max_batch_tokens, max_batch_requests, page size, prefix-cache hits, evictions
     and earlier calls (for given weights, dtype, device type and tp_size): every matrix
-    product runs on fixed row blocks (layers/gemm.py) and tensor-parallel sums add the
+    product runs on fixed row blocks (layers/gemm.py), MoE experts on a grouped GEMM whose
+    sums run in an order fixed by K (layers/moe.py), and tensor-parallel sums add the
     ranks in order. The default mode keeps most of these invariances by how its kernels
     are built, but not across GEMM shapes (docs/design.md, "Determinism").
 

@@ -85,11 +85,6 @@ class LocalShard:
             self.model, self.model_config = load_model(cfg.model_path, cfg.device, cfg.dtype,
                                                        head)
         mc = self.model_config
-        if cfg.deterministic and mc.moe is not None:
-            # each expert's GEMMs take its token count as their shape, so a token's result
-            # could still depend on the batch: refuse rather than promise it
-            raise ValueError("deterministic=True does not cover mixture-of-experts models yet "
-                             f"({mc.architecture}): their expert GEMMs are not batch-invariant")
         first, end = kv_head_range(mc.num_kv_heads, self.tp.rank, self.tp.size)
         self.local_kv_heads = end - first
 

@@ -255,6 +255,19 @@ def moe_combine(expert_out: Tensor, pair_rows: Tensor, weights: Tensor) -> Tenso
     return _ops.moe_combine.default(expert_out, pair_rows, weights)
 
 
+def grouped_gemm(x: Tensor, weight: Tensor, offsets: Tensor, validate: bool = True) -> Tensor:
+    """Rows offsets[e]:offsets[e + 1] of x [M, K] times weight[e]^T (weight [E, N, K], x's
+    dtype) -> [M, N] in x's dtype; offsets [E + 1] int32/int64 from 0 to M, non-decreasing.
+
+    Batch-invariant by construction: each output element is one dot product over K in fp32
+    in an order fixed by K alone, so a row's result never depends on M, its place, the
+    experts' row counts or the other rows (deterministic mode's expert GEMMs; slower than
+    ``torch._grouped_mm``). ``validate=False`` skips the offsets' value checks (a host
+    round trip on CUDA) for offsets that come from ``moe_dispatch``.
+    """
+    return _ops.grouped_gemm.default(x, weight, offsets, bool(validate))
+
+
 @torch.library.register_fake("tokenspeed::moe_route")
 def _moe_route_fake(logits, top_k, renormalize, forced=None, validate=True):
     _same_device("moe_route", logits=logits, forced=forced)
@@ -277,3 +290,11 @@ def _moe_combine_fake(expert_out, pair_rows, weights):
     _same_device("moe_combine", expert_out=expert_out, pair_rows=pair_rows, weights=weights)
     torch._check(weights.dim() == 2, lambda: f"weights must be [T, k], got {weights.shape}")
     return expert_out.new_empty((weights.shape[0], expert_out.shape[1]))
+
+
+@torch.library.register_fake("tokenspeed::grouped_gemm")
+def _grouped_gemm_fake(x, weight, offsets, validate=True):
+    _same_device("grouped_gemm", x=x, weight=weight, offsets=offsets)
+    torch._check(x.dim() == 2, lambda: f"x must be [M, K], got {x.shape}")
+    torch._check(weight.dim() == 3, lambda: f"weight must be [E, N, K], got {weight.shape}")
+    return x.new_empty((x.shape[0], weight.shape[1]))

@@ -313,6 +313,18 @@ def moe_combine(expert_out: Tensor, pair_rows: Tensor, weights: Tensor,
     return (rows * weights.to(dtype)[:, :, None]).sum(1)
 
 
+def grouped_gemm(x: Tensor, weight: Tensor, offsets: Tensor,
+                 dtype: torch.dtype = torch.float64) -> Tensor:
+    """Rows offsets[e]:offsets[e + 1] of x [M, K] times weight[e]^T ([E, N, K]) -> [M, N]
+    in ``dtype``."""
+    out = torch.zeros(x.shape[0], weight.shape[1], dtype=dtype, device=x.device)
+    bounds = offsets.tolist()
+    for e in range(weight.shape[0]):
+        a, b = bounds[e], bounds[e + 1]
+        out[a:b] = x[a:b].to(dtype) @ weight[e].to(dtype).t()
+    return out
+
+
 def moe_experts(x: Tensor, w_gate_up: Tensor, w_down: Tensor, ids: Tensor, weights: Tensor,
                 dtype: torch.dtype = torch.float64) -> Tensor:
     """The whole expert sum of one MoE layer, token by token: x [T, H], w_gate_up

@@ -1,15 +1,18 @@
 // CPU moe ops: the router (softmax in fp32 + top-k + renormalisation, or forced experts),
-// the stable dispatch of (token, slot) pairs by expert, and the fp32 combine of each
-// token's k expert outputs. The expert GEMMs run between dispatch and combine as plain
-// matmuls over each expert's contiguous rows (tokenspeed/layers/moe.py).
+// the stable dispatch of (token, slot) pairs by expert, the fp32 combine of each token's
+// k expert outputs, and the batch-invariant grouped GEMM of deterministic mode. By default
+// the expert GEMMs run between dispatch and combine as plain matmuls over each expert's
+// contiguous rows (tokenspeed/layers/moe.py).
 //
 // Numerics: the router's softmax is exp(x - max) / sum in fp32 (the sum in expert
 // order); top-k picks the largest probability first and breaks ties toward the lower
-// expert id. The combine accumulates in fp32 over s = 0..k-1 and rounds once.
+// expert id. The combine accumulates in fp32 over s = 0..k-1 and rounds once. The grouped
+// GEMM sums each output element's K products in fp32 in ascending k, rounding once.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -121,6 +124,55 @@ at::Tensor moe_combine_cpu(const at::Tensor& expert_out, const at::Tensor& pair_
   return out;
 }
 
+// Columns summed side by side per row: independent fp32 sums that keep the core busy,
+// each still in its own ascending-k order.
+constexpr int64_t kGemmCols = 8;
+
+// Rows offsets[e]:offsets[e + 1] of x [M, K] times weight[e]^T ([E, N, K]) -> [M, N].
+// out[i, n] = sum over k = 0..K-1, in that order, of x[i, k] * weight[e, n, k] in fp32,
+// rounded once: the same whatever M, the row's place and the other rows (batch-invariant).
+at::Tensor grouped_gemm_cpu(const at::Tensor& x, const at::Tensor& weight,
+                            const at::Tensor& offsets, bool validate) {
+  check_grouped_gemm(x, weight, offsets, validate);
+  const int64_t m = x.size(0), k = x.size(1), experts = weight.size(0), n = weight.size(1);
+  at::Tensor out = at::empty({m, n}, x.options());
+  if (m == 0 || n == 0) return out;
+  // Each expert's rows [bounds[e], bounds[e + 1]) clamped into [0, M] and made
+  // non-decreasing, so unchecked offsets never reach outside x or out.
+  const at::Tensor off = offsets.to(at::kLong).contiguous();
+  const int64_t* o = off.const_data_ptr<int64_t>();
+  std::vector<int64_t> bounds(experts + 1);
+  for (int64_t e = 0; e <= experts; ++e)
+    bounds[e] = std::clamp<int64_t>(o[e], e == 0 ? 0 : bounds[e - 1], m);
+  const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "grouped_gemm",
+                                  [&] {
+    const scalar_t* xp = xc.const_data_ptr<scalar_t>();
+    const scalar_t* wp = wc.const_data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, m, 4, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        // the expert whose rows hold i (none: a row outside every range stays unwritten)
+        const int64_t e = std::upper_bound(bounds.begin(), bounds.end(), i) - bounds.begin() - 1;
+        if (e < 0 || e >= experts) continue;
+        const scalar_t* xr = xp + i * k;
+        const scalar_t* we = wp + e * n * k;
+        for (int64_t n0 = 0; n0 < n; n0 += kGemmCols) {
+          const int64_t cols = std::min(kGemmCols, n - n0);
+          float acc[kGemmCols] = {};
+          for (int64_t kk = 0; kk < k; ++kk) {
+            const float xv = static_cast<float>(xr[kk]);
+            for (int64_t j = 0; j < cols; ++j)
+              acc[j] += xv * static_cast<float>(we[(n0 + j) * k + kk]);
+          }
+          for (int64_t j = 0; j < cols; ++j) op[i * n + n0 + j] = static_cast<scalar_t>(acc[j]);
+        }
+      }
+    });
+  });
+  return out;
+}
+
 }  // namespace
 }  // namespace tokenspeed::cpu
 
@@ -128,4 +180,5 @@ TORCH_LIBRARY_IMPL(tokenspeed, CPU, m) {
   m.impl("moe_route", &tokenspeed::cpu::moe_route_cpu);
   m.impl("moe_dispatch", &tokenspeed::cpu::moe_dispatch_cpu);
   m.impl("moe_combine", &tokenspeed::cpu::moe_combine_cpu);
+  m.impl("grouped_gemm", &tokenspeed::cpu::grouped_gemm_cpu);
 }

@@ -1,11 +1,14 @@
-// Launchers of the moe kernels (moe.cuh) behind moe_launch.h: dtype dispatch and grids.
+// Launchers of the moe kernels (moe.cuh, grouped_gemm.cuh) behind moe_launch.h: dtype
+// dispatch, grids and the grouped GEMM's choice of path.
 // Never throws; returns the launch's error.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "cuda/dispatch.cuh"
+#include "cuda/grouped_gemm.cuh"
 #include "cuda/moe.cuh"
 #include "cuda/moe_launch.h"
 
@@ -63,6 +66,47 @@ cudaError_t launch_moe_combine(const void* y, DType dtype, int64_t ld_y,
     moe::combine_kernel<T><<<static_cast<unsigned>(tokens), threads, 0, stream>>>(
         static_cast<const T*>(y), ld_y, pair_rows, weights, static_cast<int>(k), H,
         static_cast<T*>(out));
+  });
+  return cudaGetLastError();
+}
+
+int64_t grouped_gemm_workspace(int64_t E) { return 2 * (E + 1); }
+
+cudaError_t launch_grouped_gemm(const void* x, const void* weight, DType dtype,
+                                const void* offsets, bool offsets_int64, int64_t M, int64_t N,
+                                int64_t K, int64_t E, int32_t* workspace, void* out,
+                                cudaStream_t stream) {
+  if (M == 0 || N == 0) return cudaSuccess;
+  // tensor cores where every 16-byte chunk of a row is whole; the path depends on the
+  // dtype and K alone, so a row's reduction order never changes with the batch
+  const bool mma = dtype != DType::kFloat32 && K % 8 == 0;
+  const int tile_m = mma ? gg::kMmaM : gg::kFmaM, tile_n = mma ? gg::kMmaN : gg::kFmaN;
+  int32_t* bounds = workspace;
+  int32_t* tile_starts = workspace + E + 1;
+  if (offsets_int64) {
+    gg::tiles_kernel<<<1, 1, 0, stream>>>(static_cast<const int64_t*>(offsets),
+                                          static_cast<int>(E), M, tile_m, bounds, tile_starts);
+  } else {
+    gg::tiles_kernel<<<1, 1, 0, stream>>>(static_cast<const int32_t*>(offsets),
+                                          static_cast<int>(E), M, tile_m, bounds, tile_starts);
+  }
+  // at most ceil(M / tile_m) + E row tiles: each expert wastes less than one
+  const dim3 grid(blocks_for(M, tile_m) + static_cast<unsigned>(E), blocks_for(N, tile_n));
+  with_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const auto* xt = static_cast<const T*>(x);
+    const auto* wt = static_cast<const T*>(weight);
+    auto* ot = static_cast<T*>(out);
+    const int e = static_cast<int>(E), n = static_cast<int>(N), k = static_cast<int>(K);
+    if constexpr (!std::is_same_v<T, float>) {
+      if (mma) {
+        gg::mma_kernel<T><<<grid, gg::kMmaThreads, 0, stream>>>(xt, wt, bounds, tile_starts, e,
+                                                                 n, k, ot);
+        return;
+      }
+    }
+    gg::fma_kernel<T><<<grid, gg::kFmaThreads, 0, stream>>>(xt, wt, bounds, tile_starts, e, n,
+                                                             k, ot);
   });
   return cudaGetLastError();
 }

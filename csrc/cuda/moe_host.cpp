@@ -1,5 +1,6 @@
 // CUDA host side of the moe ops: argument checks (moe_checks.h), device guard, outputs,
-// the router's shared-memory opt-in, and errors, over the launchers of moe_launch.h.
+// the router's shared-memory bound, the grouped GEMM's dense inputs and tile table, and
+// errors, over the launchers of moe_launch.h.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -7,6 +8,7 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <limits>
 
 #include "cuda/host_utils.h"
 #include "cuda/moe_launch.h"
@@ -71,6 +73,36 @@ at::Tensor moe_combine_cuda(const at::Tensor& expert_out, const at::Tensor& pair
   return out;
 }
 
+// t contiguous from a 16-byte boundary (a copy only for a view that starts off one), as
+// the grouped GEMM's 16-byte loads need; the values, hence the results, are unchanged.
+at::Tensor dense_aligned(const at::Tensor& t) {
+  at::Tensor c = t.contiguous();
+  return aligned16(c) ? c : c.clone();
+}
+
+at::Tensor grouped_gemm_cuda(const at::Tensor& x, const at::Tensor& weight,
+                             const at::Tensor& offsets, bool validate) {
+  check_grouped_gemm(x, weight, offsets, validate);
+  check_cuda(x, "x");
+  const int64_t m = x.size(0), k = x.size(1), experts = weight.size(0), n = weight.size(1);
+  // the kernels index rows and tiles in int32, and one grid row of blocks per column tile
+  constexpr int64_t kMax = std::numeric_limits<int32_t>::max() / 2, kMaxN = 65535 * 64;
+  TS_CHECK(m <= kMax && k <= kMax && experts <= kMax && n <= kMaxN, "grouped_gemm takes M, K, "
+           "E up to ", kMax, " and N up to ", kMaxN, ", got x ", x.sizes(), " and weight ",
+           weight.sizes());
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor out = at::empty({m, n}, x.options());
+  if (m == 0 || n == 0) return out;
+  const at::Tensor xc = dense_aligned(x), wc = dense_aligned(weight);
+  const at::Tensor off = offsets.contiguous();
+  at::Tensor workspace = at::empty({grouped_gemm_workspace(experts)}, x.options().dtype(at::kInt));
+  C10_CUDA_CHECK(launch_grouped_gemm(xc.const_data_ptr(), wc.const_data_ptr(), dtype_of(x),
+                                     off.const_data_ptr(), off.scalar_type() == at::kLong, m, n,
+                                     k, experts, workspace.data_ptr<int32_t>(), out.data_ptr(),
+                                     c10::cuda::getCurrentCUDAStream()));
+  return out;
+}
+
 }  // namespace
 }  // namespace tokenspeed::cuda
 
@@ -78,4 +110,5 @@ TORCH_LIBRARY_IMPL(tokenspeed, CUDA, m) {
   m.impl("moe_route", &tokenspeed::cuda::moe_route_cuda);
   m.impl("moe_dispatch", &tokenspeed::cuda::moe_dispatch_cuda);
   m.impl("moe_combine", &tokenspeed::cuda::moe_combine_cuda);
+  m.impl("grouped_gemm", &tokenspeed::cuda::grouped_gemm_cuda);
 }

@@ -31,5 +31,16 @@ cudaError_t launch_moe_combine(const void* y, DType dtype, int64_t ld_y,
                                const int32_t* pair_rows, const float* weights, int64_t tokens,
                                int64_t k, int64_t H, void* out, cudaStream_t stream);
 
+// The grouped GEMM's tile table: int32 elements of the workspace it needs for E experts.
+int64_t grouped_gemm_workspace(int64_t E);
+
+// Rows offsets[e]:offsets[e + 1] of x [M, K] times weight[e]^T (weight [E, N, K]) -> out
+// [M, N], all of dtype, contiguous, x and weight 16-byte aligned; offsets [E + 1] int32 or
+// int64 (offsets_int64); workspace of grouped_gemm_workspace(E) int32 elements.
+cudaError_t launch_grouped_gemm(const void* x, const void* weight, DType dtype,
+                                const void* offsets, bool offsets_int64, int64_t M, int64_t N,
+                                int64_t K, int64_t E, int32_t* workspace, void* out,
+                                cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace tokenspeed

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 # Rows per block, by device type: on a GPU large enough to keep a Hopper's tensor cores
@@ -60,3 +61,17 @@ def in_row_blocks(product: Callable[[Tensor, Tensor], Tensor], x: Tensor, block:
         product(tail, padded)
         out[full:] = padded[:n - full]
     return out
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None, invariant: bool) -> Tensor:
+    """x W^T (+ bias), on fixed row blocks when ``invariant``."""
+    if not invariant:
+        return F.linear(x, weight, bias)
+    rows = x.reshape(-1, x.shape[-1])
+    out = x.new_empty(rows.shape[0], weight.shape[0])
+    if bias is None:
+        in_row_blocks(lambda r, dest: torch.mm(r, weight.t(), out=dest), rows, row_block(x), out)
+    else:
+        in_row_blocks(lambda r, dest: torch.addmm(bias, r, weight.t(), out=dest), rows,
+                      row_block(x), out)
+    return out.view(*x.shape[:-1], weight.shape[0])

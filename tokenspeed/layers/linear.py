@@ -7,29 +7,15 @@ in its slice of the fused weight. The model files only name shards, never ranks.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..parallel.group import kv_head_range, tp_group
-from .gemm import batch_invariant, in_row_blocks, row_block
+from .gemm import batch_invariant, linear
 from .weights import default_loader
 
 
 def _param(*shape: int) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape), requires_grad=False)
-
-
-def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, invariant: bool) -> Tensor:
-    if not invariant:
-        return F.linear(x, weight, bias)
-    rows = x.reshape(-1, x.shape[-1])
-    out = x.new_empty(rows.shape[0], weight.shape[0])
-    if bias is None:
-        in_row_blocks(lambda r, dest: torch.mm(r, weight.t(), out=dest), rows, row_block(x), out)
-    else:
-        in_row_blocks(lambda r, dest: torch.addmm(bias, r, weight.t(), out=dest), rows,
-                      row_block(x), out)
-    return out.view(*x.shape[:-1], weight.shape[0])
 
 
 class ColumnParallelLinear(nn.Module):
@@ -77,7 +63,7 @@ class ColumnParallelLinear(nn.Module):
         param.data.narrow(0, start, local).copy_(loaded.narrow(0, src, local))
 
     def forward(self, x: Tensor) -> Tensor:
-        return _linear(x, self.weight, self.bias, self.invariant)
+        return linear(x, self.weight, self.bias, self.invariant)
 
 
 class RowParallelLinear(nn.Module):
@@ -106,8 +92,8 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.tp_size == 1:
-            return _linear(x, self.weight, self.bias, self.invariant)
-        y = self.tp.all_reduce(_linear(x, self.weight, None, self.invariant),
+            return linear(x, self.weight, self.bias, self.invariant)
+        y = self.tp.all_reduce(linear(x, self.weight, None, self.invariant),
                                ordered=self.invariant)
         return y if self.bias is None else y + self.bias
 

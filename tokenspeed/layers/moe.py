@@ -8,6 +8,13 @@ a row-parallel layer's.
 Per forward, ``RoutingMetadata`` (built by the runner) may force experts for some rows
 (routing replay) and may ask for the chosen experts of every row (routing capture); each
 sparse layer reads and writes its own column ``moe_index`` of those [N, L, k] tensors.
+
+Built in batch-invariant mode (gemm.py), every product of the layer is batch-invariant:
+the router and shared-expert gates (with the latter's sigmoid) on fixed row blocks, the
+experts through the grouped GEMM op whose sums run in an order fixed by K, the
+tensor-parallel sum in rank order. The rest depends on a row's own values only: routing,
+SiLU-and-mul, and the combine (fixed slot order); the dispatch moves a row, which changes
+nothing in its sums.
 """
 from __future__ import annotations
 
@@ -20,6 +27,7 @@ from torch import Tensor, nn
 
 from ..parallel.group import tp_group
 from .activation import silu_and_mul
+from .gemm import batch_invariant, in_row_blocks, linear, row_block
 from .weights import default_loader
 
 # per-expert HF tensors load as (kind, expert) shards; a fused tensor loads whole (None)
@@ -43,8 +51,15 @@ def _grouped_mm_usable(x: Tensor) -> bool:
             and torch.cuda.get_device_capability(x.device)[0] >= 9)
 
 
-def grouped_linear(x: Tensor, weight: Tensor, offsets: Tensor) -> Tensor:
-    """Rows offsets[e]:offsets[e+1] of x [M, K] times weight[e]^T ([E, N, K]) -> [M, N]."""
+def grouped_linear(x: Tensor, weight: Tensor, offsets: Tensor, invariant: bool = False
+                   ) -> Tensor:
+    """Rows offsets[e]:offsets[e+1] of x [M, K] times weight[e]^T ([E, N, K]) -> [M, N].
+
+    ``invariant``: tokenspeed's grouped GEMM, whose sums run in an order fixed by K alone,
+    where a library's shape (and so its tiles) follows each expert's row count.
+    """
+    if invariant:  # offsets come from moe_dispatch
+        return tse.grouped_gemm(x, weight, offsets, validate=False)
     if _grouped_mm_usable(x) and x.shape[1] % 8 == 0 and weight.shape[1] % 8 == 0:
         return torch._grouped_mm(x, weight.transpose(1, 2), offs=offsets[1:])
     out = x.new_empty(x.shape[0], weight.shape[1])
@@ -63,6 +78,7 @@ class FusedExperts(nn.Module):
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
         super().__init__()
         self.tp = tp_group()
+        self.invariant = batch_invariant()
         assert intermediate_size % self.tp.size == 0, (intermediate_size, self.tp.size)
         self.num_experts, self.size = num_experts, intermediate_size
         self.local = intermediate_size // self.tp.size
@@ -111,8 +127,9 @@ class FusedExperts(nn.Module):
         offsets, sorted_tokens, pair_rows = tse.moe_dispatch(ids, self.num_experts,
                                                              validate=False)
         xs = x.index_select(0, sorted_tokens)
-        h = silu_and_mul(grouped_linear(xs, self.gate_up_proj, offsets))
-        return tse.moe_combine(grouped_linear(h, self.down_proj, offsets), pair_rows, weights)
+        h = silu_and_mul(grouped_linear(xs, self.gate_up_proj, offsets, self.invariant))
+        return tse.moe_combine(grouped_linear(h, self.down_proj, offsets, self.invariant),
+                               pair_rows, weights)
 
 
 def _is_gate_up(param: Tensor, gate_up: Tensor) -> bool:
@@ -134,6 +151,7 @@ class SparseMoE(nn.Module):
                  renormalize: bool, moe_index: int, shared: nn.Module | None = None):
         super().__init__()
         self.tp = tp_group()
+        self.invariant = batch_invariant()
         self.top_k, self.renormalize, self.moe_index = top_k, renormalize, moe_index
         self.gate = nn.Linear(hidden_size, num_experts, bias=False)
         self.gate.weight.requires_grad_(False)
@@ -150,14 +168,27 @@ class SparseMoE(nn.Module):
         if routing is not None:
             forced = None if routing.forced is None else routing.forced[:, self.moe_index]
             captured = routing.captured
-        weights, ids = tse.moe_route(self.gate(x), self.top_k, self.renormalize, forced,
+        logits = linear(x, self.gate.weight, None, self.invariant)
+        weights, ids = tse.moe_route(logits, self.top_k, self.renormalize, forced,
                                      validate=False)
         if captured is not None:
             captured[:, self.moe_index].copy_(ids)
         out = self.experts(x, ids, weights)
         if self.tp.size > 1:
-            out = self.tp.all_reduce(out)
+            out = self.tp.all_reduce(out, ordered=self.invariant)
         if self.shared_expert is not None:
-            out = out + torch.sigmoid(F.linear(x, self.shared_expert_gate.weight)) * \
-                self.shared_expert(x)
+            out = out + self._shared_gate(x) * self.shared_expert(x)
         return out
+
+    def _shared_gate(self, x: Tensor) -> Tensor:
+        """sigmoid(shared_expert_gate(x)) [T, 1]. Batch-invariant on whole row blocks:
+        torch's CPU sigmoid rounds differently in its vector body and its scalar tail, so
+        in a [T, 1] tensor a token's gate would depend on its place; a block whose size is
+        a multiple of every vector width keeps every token in the body."""
+        weight = self.shared_expert_gate.weight
+        if not self.invariant:
+            return torch.sigmoid(F.linear(x, weight))
+
+        def gate(rows: Tensor, dest: Tensor) -> Tensor:
+            return torch.sigmoid(F.linear(rows, weight), out=dest)
+        return in_row_blocks(gate, x, row_block(x), x.new_empty(x.shape[0], weight.shape[0]))
