@@ -2,6 +2,8 @@
 # One device call: build (CPU + CUDA ops), GPU tests, compute-sanitizer on the small kernel
 # tests, then the kernel benchmarks. Logs go under $OUT (or ./gpu_logs).
 #   scripts/run_gpu.sh [build] [test] [sanitize] [bench_logprobs] [bench_attention] [ncu] [sass]
+#                      [bench_rich] [bench_moe] [bench_server] [bench_weight_sync]
+# bench_server needs the server extra (fastapi, uvicorn) importable.
 # PYTEST_ARGS adds pytest options to the test stage (e.g. --deselect ID).
 source "$(dirname "$0")/gpu_common.sh"
 stages=${*:-build test bench_logprobs bench_attention sanitize}
@@ -27,6 +29,22 @@ for s in $stages; do
     bench_attention)
       step bench_attention
       timeout 240 python3 bench/bench_attention.py 2>&1 | tee "$OUT/bench_attention.log" | tail -12 ;;
+    bench_rich)
+      step bench_rich
+      timeout 200 python3 bench/bench_logprobs.py --rich --t 16384 --reps 10 2>&1 \
+        | tee "$OUT/bench_rich.log" | tail -8 ;;
+    bench_moe)
+      step bench_moe
+      timeout 200 python3 bench/bench_moe.py 2>&1 | tee "$OUT/bench_moe.log" | tail -12 ;;
+    bench_server)
+      step bench_server
+      timeout 240 python3 bench/bench_server.py --model qwen2.5-1.5b --device cuda --requests 64 \
+        --prompt-len 128 2048 --completion-median 512 --clients 1 8 64 2>&1 \
+        | tee "$OUT/bench_server.log" | tail -8 ;;
+    bench_weight_sync)
+      step bench_weight_sync
+      timeout 240 python3 bench/bench_weight_sync.py --layers 4 --reps 3 2>&1 \
+        | tee "$OUT/bench_weight_sync.log" | tail -8 ;;
     sass)
       # the wgmma attention kernel's machine code, and where it touches local memory
       step sass
