@@ -16,7 +16,7 @@ import torch
 from conftest import DEVICES
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-from op_testing import FLOATS, SETTINGS, assert_each_raises, seeds
+from op_testing import FLOATS, SETTINGS, assert_each_raises, sanitized_dtypes, seeds
 
 import tokenspeed_ext as tse
 import tokenspeed_ext.ops  # noqa: F401 - registers torch.ops.tokenspeed.*
@@ -174,6 +174,31 @@ def test_mass_above_cuda_real_vocabulary(dtype):
     got = tse.logprob_mass_above(logits, 0.9, thr.contiguous(), ref_m)
     want = ref.logprob_mass_above(logits, 0.9, thr, ref_m)
     torch.testing.assert_close(got.double().cpu(), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", sanitized_dtypes(*FLOATS))
+def test_rich_kernels_small(dtype):
+    """Every rich-output kernel path on rows small enough for compute-sanitizer: block
+    top-k (bounded buffer and radix select), two chunks merged by rank, the one-threshold
+    and the binned mass pass, aligned and unaligned rows."""
+    gen = torch.Generator().manual_seed(2)
+    v = 40000  # two chunks in 16-bit types, three in fp32
+    for pattern in ("random", "ascending", "quantised"):
+        wide = pattern_logits(pattern, 2, v + 1, dtype, gen).cuda()
+        for logits in (wide[:, :v], wide[:, 1:]):  # aligned and unaligned rows
+            targets = torch.randint(0, v, (2,), generator=gen).cuda()
+            for k in (3, 64):
+                _, vals, ids = tse.logprob_topk_partials(logits, targets, 0, 0.7, k)
+                _, want_v, want_i = ref.logprob_topk_partials(logits, targets, 0, 0.7, k)
+                assert torch.equal(ids.cpu(), want_i), (pattern, k)
+                torch.testing.assert_close(vals.double().cpu(), want_v, rtol=1e-6, atol=1e-6)
+            ref_m = (logits.float() * (1 / 0.7)).max(1).values
+            for n in (1, 3):
+                thr = vals[:, :n].flip(1).contiguous()
+                got = tse.logprob_mass_above(logits, 0.7, thr, ref_m)
+                want = ref.logprob_mass_above(logits, 0.7, thr, ref_m)
+                torch.testing.assert_close(got.double().cpu(), want, rtol=1e-4, atol=1e-4)
 
 
 # ---- the filters over vocabulary splits, against the float64 spec ----
