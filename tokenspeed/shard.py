@@ -40,11 +40,11 @@ MAX_CPU_KV_TOKENS = 1 << 18
 MAX_PENDING_ROWS = 1 << 22
 
 
-def _pad_routing(rows: list[Tensor]) -> Tensor:
-    """[N, max positions, L, k] int32, -1 past each sequence's own positions."""
+def _pad_routing(rows: list[Tensor], shape: tuple[int, int], device: torch.device) -> Tensor:
+    """[N, max positions, L, k] int32 on ``device`` (where the rows are), -1 past each
+    sequence's own positions."""
     width = max((len(r) for r in rows), default=0)
-    shape = rows[0].shape[1:] if rows else (0, 0)
-    out = torch.full((len(rows), width, *shape), -1, dtype=torch.int32)
+    out = torch.full((len(rows), width, *shape), -1, dtype=torch.int32, device=device)
     for i, r in enumerate(rows):
         out[i, :len(r)] = r
     return out
@@ -234,9 +234,9 @@ class LocalShard:
         if rich is not None:
             rich.package(out, lengths, return_tensors, width, where)
         if return_routed_experts:
-            routed = call.result(len(seqs), [len(p) + len(c) for p, c in seqs])
-            out["routed_experts"] = (_pad_routing(routed).to(where) if return_tensors
-                                     else [r.tolist() for r in routed])
+            routed = call.result(len(seqs), [len(p) + len(c) for p, c in seqs], where)
+            out["routed_experts"] = (_pad_routing(routed, self.routing.shape, where)
+                                     if return_tensors else [r.tolist() for r in routed])
         out["weight_version"] = self.weight_version
         return out
 
