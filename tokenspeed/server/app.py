@@ -61,6 +61,30 @@ async def _json_body(request: Request, limit: int) -> dict[str, Any]:
     return obj
 
 
+def _has_nan(value: Any) -> bool:
+    if isinstance(value, float):
+        return value != value
+    if isinstance(value, dict):
+        return any(_has_nan(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_nan(v) for v in value)
+    return False
+
+
+def _encode_scores(result: dict[str, Any]) -> str:
+    """A score result as JSON. -inf is a score (a token the sampler filters drop, a top
+    log-prob slot past the vocabulary) and goes out as -Infinity, the extension of JSON
+    that Python's json (and so ScoringClient) and many other parsers read; NaN means the
+    model gave no distribution for a row (NaN or all -inf logits) and fails the request."""
+    try:
+        return json.dumps(result, allow_nan=False)  # the usual case, one pass
+    except ValueError:
+        pass
+    if _has_nan(result):
+        raise HTTPError(500, "the model gave a NaN score (NaN or all -inf logits in a row)")
+    return json.dumps(result)
+
+
 def _read_checkpoint(path: str) -> dict[str, Any]:
     try:
         return {name: t for _, name, t in iterate_checkpoint(path)}
@@ -183,11 +207,7 @@ def create_app(service: ScoringService, metrics: Metrics, *, api_key: str | None
             service.cancel(job)
             return Response(status_code=CLIENT_GONE)
         result = await settle(job)
-        try:
-            content = json.dumps(result, allow_nan=False)
-        except ValueError:
-            raise HTTPError(500, "the model gave a score that is not finite (NaN or "
-                                 "infinity), which JSON cannot hold") from None
+        content = _encode_scores(result)
         metrics.latency.observe(time.perf_counter() - start)
         return Response(content, media_type="application/json")
 
