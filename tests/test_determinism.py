@@ -123,3 +123,29 @@ def check_bitwise(ckpt, device, dtype, company_seed, n_company, max_batch_tokens
                 row = order.index(t)
                 for key in OUTPUTS[:4 if rich else 2]:
                     assert out[key][row] == expected[key][0], (key, t, row)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_tp2_scores_are_bitwise_independent_of_the_call(checkpoints, dtype):
+    """Under tensor parallelism (two CPU ranks on gloo, launched by the engine): every
+    rank's part of a row is computed on fixed blocks and the ranks' sums (row-parallel
+    layers, the experts, the head's partials) are added in rank order, so the targets
+    score the same alone and inside a reversed, chunked, cached call. The MoE model
+    covers the dense layers too (attention, shared expert)."""
+    ckpt = checkpoints["qwen2-moe"]
+    gen = torch.Generator().manual_seed(5)
+    company = random_sequences(gen, VOCAB, 5, max_prompt=40, max_completion=30)
+    want = []
+    with Engine(ckpt, device="cpu", dtype=dtype, deterministic=True, tp_size=2) as engine:
+        for seq in targets():
+            engine.flush_cache()
+            want.append(engine.compute_log_probs([seq], 0.8, return_entropy=True, **RICH))
+    mixed = list(reversed(targets() + company))
+    with Engine(ckpt, device="cpu", dtype=dtype, deterministic=True, tp_size=2,
+                max_batch_tokens=17, page_size=4) as engine:
+        for _ in range(2):  # the second pass hits the prefix cache
+            out = engine.compute_log_probs(mixed, 0.8, return_entropy=True, **RICH)
+            for t, expected in enumerate(want):
+                row = len(mixed) - 1 - t
+                for key in OUTPUTS:
+                    assert out[key][row] == expected[key][0], (key, t)
