@@ -5,7 +5,8 @@ order, max_batch_tokens (down to chunks far shorter than the sequence), the page
 prefix-cache hits (a warm second pass) and a KV pool small enough to evict, and compares
 the targets' scores with those of a fresh engine that scored them alone: exact equality.
 Dense models and a mixture-of-experts one (Qwen2-MoE: router, grouped expert GEMMs,
-shared expert and its gate), whose experts' row counts change with every draw.
+shared expert and its gate), whose experts' row counts change with every draw, and whose
+captured routing (the experts of every token, cached ones included) is compared too.
 """
 from __future__ import annotations
 
@@ -63,14 +64,19 @@ RICH = dict(top_logprobs=3, top_p=0.9, min_p=0.02, token_ids=[0, 7, 50])
 OUTPUTS = ("log_probs", "entropy", "top_logprobs", "token_ids_logprobs")
 
 
+def options(rich: bool, moe: bool) -> dict:
+    """The call's options: the rich outputs when drawn, the routing capture on MoE models."""
+    return {**(RICH if rich else {}), **({"return_routed_experts": True} if moe else {})}
+
+
 @functools.cache
-def alone(path, device: str, dtype: str, rich: bool) -> list[dict]:
+def alone(path, device: str, dtype: str, rich: bool, moe: bool) -> list[dict]:
     """Each target scored alone, by a fresh engine with the default settings."""
     out = []
     for seq in targets():
         with Engine(path, device=device, dtype=dtype, deterministic=True) as engine:
             out.append(engine.compute_log_probs([seq], 0.8, return_entropy=True,
-                                                **(RICH if rich else {})))
+                                                **options(rich, moe)))
     return out
 
 
@@ -88,7 +94,7 @@ HYPOTHESIS = dict(deadline=None, suppress_health_check=[HealthCheck.function_sco
 @settings(max_examples=20, **HYPOTHESIS)
 @given(**DRAWS)
 def test_scores_are_bitwise_independent_of_the_call(checkpoints, device, model, dtype, **draws):
-    check_bitwise(checkpoints[model], device, dtype, **draws)
+    check_bitwise(checkpoints[model], device, dtype, moe=False, **draws)
 
 
 # fewer draws, and chunks of at least 3 tokens, to keep the CPU run short: a one-token
@@ -100,12 +106,12 @@ def test_scores_are_bitwise_independent_of_the_call(checkpoints, device, model, 
 @given(**{**DRAWS, "max_batch_tokens": st.sampled_from([3, 8, 17, 64, 512])})
 def test_moe_scores_are_bitwise_independent_of_the_call(checkpoints, device, model, dtype,
                                                         **draws):
-    check_bitwise(checkpoints[model], device, dtype, **draws)
+    check_bitwise(checkpoints[model], device, dtype, moe=True, **draws)
 
 
-def check_bitwise(ckpt, device, dtype, company_seed, n_company, max_batch_tokens,
+def check_bitwise(ckpt, device, dtype, moe, company_seed, n_company, max_batch_tokens,
                   max_batch_requests, page_size, prefix, small_pool, rich, data):
-    want = alone(ckpt, device, dtype, rich)
+    want = alone(ckpt, device, dtype, rich, moe)
     gen = torch.Generator().manual_seed(company_seed)
     company = random_sequences(gen, VOCAB, n_company, max_prompt=40, max_completion=30)
     mixed = targets() + company
@@ -118,10 +124,11 @@ def check_bitwise(ckpt, device, dtype, company_seed, n_company, max_batch_tokens
                 enable_prefix_cache=prefix, kv_cache_tokens=pool) as engine:
         for _ in range(2):  # the second pass hits the prefix cache when it is on
             out = engine.compute_log_probs(batch, 0.8, return_entropy=True,
-                                           **(RICH if rich else {}))
+                                           **options(rich, moe))
+            keys = [*OUTPUTS[:4 if rich else 2], *(["routed_experts"] if moe else [])]
             for t, expected in enumerate(want):
                 row = order.index(t)
-                for key in OUTPUTS[:4 if rich else 2]:
+                for key in keys:
                     assert out[key][row] == expected[key][0], (key, t, row)
 
 
@@ -139,13 +146,15 @@ def test_tp2_scores_are_bitwise_independent_of_the_call(checkpoints, dtype):
     with Engine(ckpt, device="cpu", dtype=dtype, deterministic=True, tp_size=2) as engine:
         for seq in targets():
             engine.flush_cache()
-            want.append(engine.compute_log_probs([seq], 0.8, return_entropy=True, **RICH))
+            want.append(engine.compute_log_probs([seq], 0.8, return_entropy=True,
+                                                 **options(True, True)))
     mixed = list(reversed(targets() + company))
     with Engine(ckpt, device="cpu", dtype=dtype, deterministic=True, tp_size=2,
                 max_batch_tokens=17, page_size=4) as engine:
         for _ in range(2):  # the second pass hits the prefix cache
-            out = engine.compute_log_probs(mixed, 0.8, return_entropy=True, **RICH)
+            out = engine.compute_log_probs(mixed, 0.8, return_entropy=True,
+                                           **options(True, True))
             for t, expected in enumerate(want):
                 row = len(mixed) - 1 - t
-                for key in OUTPUTS:
+                for key in (*OUTPUTS, "routed_experts"):
                     assert out[key][row] == expected[key][0], (key, t)
