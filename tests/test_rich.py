@@ -271,10 +271,12 @@ def test_filters_off_equal_the_plain_op(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("top_p", [1.0, 0.3, 0.97])
-def test_tie_past_the_candidates_takes_one_pass(device, top_p):
+@pytest.mark.parametrize("top_p, min_p, passes", [(1.0, 0.0, 1), (0.3, 0.0, 1), (0.97, 0.0, 1),
+                                                  (1.0, 0.5, 0), (0.5, 0.5, 1)])
+def test_tie_past_the_candidates_takes_one_pass(device, top_p, min_p, passes):
     """A tie at the k-th place that runs past the candidates costs one pass over the
-    logits (the top-k set's mass), never the top-p radix search, and scores exactly."""
+    logits (the top-k set's mass), never the top-p radix search, and scores exactly; none
+    when min-p cuts above the tie and no top-p needs the set's mass."""
     g = torch.Generator().manual_seed(11)
     v, k = 500, 50
     x = torch.randn(3, v, generator=g, dtype=torch.float64)
@@ -284,19 +286,19 @@ def test_tie_past_the_candidates_takes_one_pass(device, top_p):
     targets = torch.tensor([90, 5, 300]).to(device)
     ks = torch.full((3,), k)
     ps = torch.full((3,), top_p)
+    mins = torch.full((3,), min_p)
     opts = RowOptions(ks.to(device), ps.to(torch.float32).to(device),
-                      torch.zeros(3, device=device), 4, None, candidate_count(4, k, False))
+                      mins.to(torch.float32).to(device), 4, None, candidate_count(4, k, False))
     parts, values, ids = tse.logprob_topk_partials(logits, targets, 0, 1.0, opts.candidates)
-    passes = []
+    seen = []
 
     def mass_above(thresholds, ref_m):
-        passes.append(thresholds.shape[1])
+        seen.append(thresholds.shape[1])
         return tse.logprob_mass_above(logits, 1.0, thresholds, ref_m)
 
     got = finish_rows(merge_state(parts[None]), values, ids, None, opts, mass_above)
-    assert passes == [1], f"passes over the logits: {passes}"
-    want = ref.sampler_logprobs(logits, targets.cpu(), 1.0, ks, ps.double(),
-                                torch.zeros(3, dtype=torch.float64), 4)
+    assert seen == [1] * passes, f"passes over the logits: {seen}"
+    want = ref.sampler_logprobs(logits, targets.cpu(), 1.0, ks, ps.double(), mins.double(), 4)
     assert_scores(got.log_probs, want["log_probs"], "log_probs")
     assert_scores(got.entropy, want["entropy"], "entropy")
     assert_scores(got.top_logprobs, want["top_logprobs"], "top_logprobs")

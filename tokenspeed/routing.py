@@ -174,9 +174,10 @@ class CallRouting:
         """Per sequence, its routing [length - 1, L, k] int32 on ``device``, moved there in
         one copy (a copy per sequence waited for the device once per sequence)."""
         rows = [self.gathered.get(i) for i in range(num_sequences)]
-        # nothing ran for a one-token prompt without a completion: no positions
+        # nothing gathered: a one-token prompt without a completion (no positions), or a
+        # sequence cancelled mid-call (its positions report no experts, -1)
         rows = [r if r is not None else
-                self.table.slots.new_empty((max(lengths[i] - 1, 0), *self.table.shape))
+                self.table.slots.new_full((max(lengths[i] - 1, 0), *self.table.shape), -1)
                 for i, r in enumerate(rows)]
         if not rows:
             return []

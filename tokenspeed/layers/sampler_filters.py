@@ -178,12 +178,16 @@ def _kept_set(big_s: Tensor, big_w: Tensor, ref_m: Tensor, values: Tensor, ids: 
     # top-k: the k-th largest x (kc > top_k unless top_k = 64); a tie across the last
     # candidate takes one pass for the set's mass
     has_k = opts.top_k > 0
+    has_p = opts.top_p < 1.0
+    tau_m = torch.where(opts.min_p > 0, ref_m + torch.log(opts.min_p), neg)
     kth = values.gather(1, (opts.top_k - 1).clamp(0, kc - 1)[:, None])[:, 0]
     tau_k = torch.where(has_k, kth, neg)
     s_k, w_k = list_mass(tau_k)
     s_k = torch.where(has_k, s_k, big_s)
     w_k = torch.where(has_k, w_k, big_w)
-    short_k = has_k & ~inside_list(tau_k)
+    # the set's mass is wanted by top-p, or when tau_k is the threshold (a min-p cut
+    # above it lies inside the list)
+    short_k = has_k & ~inside_list(tau_k) & (has_p | (tau_m <= tau_k))
     if bool(short_k.any()):
         again = mass_above(tau_k[:, None].contiguous(), ref_m)[:, 0]
         s_k = torch.where(short_k, again[:, 0], s_k)
@@ -191,7 +195,6 @@ def _kept_set(big_s: Tensor, big_w: Tensor, ref_m: Tensor, values: Tensor, ids: 
 
     # top-p over the top-k set: drop a token when the kept mass strictly above its value
     # is >= p * S_k; ties share their group's first position
-    has_p = opts.top_p < 1.0
     kept_k = values >= tau_k[:, None]
     ek = e * kept_k
     excl = ek.cumsum(1) - ek
@@ -210,7 +213,6 @@ def _kept_set(big_s: Tensor, big_w: Tensor, ref_m: Tensor, values: Tensor, ids: 
     if bool(search.any()):
         tau_p = torch.where(search, _search_top_p(tau_k, opts.top_p, ref_m, mass_above), tau_p)
 
-    tau_m = torch.where(opts.min_p > 0, ref_m + torch.log(opts.min_p), neg)
     tau = torch.maximum(torch.maximum(tau_k, tau_p), tau_m)
     s_kept, w_kept = list_mass(tau)
     open_set = torch.isneginf(tau)

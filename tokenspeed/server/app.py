@@ -66,7 +66,7 @@ def _has_nan(value: Any) -> bool:
         return value != value
     if isinstance(value, dict):
         return any(_has_nan(v) for v in value.values())
-    if isinstance(value, list):
+    if isinstance(value, (list, tuple)):
         return any(_has_nan(v) for v in value)
     return False
 
