@@ -18,8 +18,8 @@ from tokenspeed import Engine
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
-from tokenspeed.server.app import create_app  # noqa: E402
-from tokenspeed.server.metrics import Metrics  # noqa: E402
+from server_testing import serving  # noqa: E402
+
 from tokenspeed.server.scoring import ScoringService  # noqa: E402
 
 VOCAB = 97
@@ -61,23 +61,14 @@ def test_merged_requests_equal_direct_calls_bitwise_when_deterministic(tmp_path)
     # GEMMs see other shapes and prefills split elsewhere
     engine = Engine(path, device="cpu", dtype="float32", max_batch_tokens=256,
                     deterministic=True)
-    service: ScoringService
-    metrics = Metrics(lambda: service.stats)
-    service = ScoringService(lambda: engine, metrics)
-    app = create_app(service, metrics, api_key=None, max_request_bytes=1 << 20,
-                     model_dir=path, to_token_ids=lambda sequences: sequences)
     rng = random.Random(7)
     requests = [(random_request(rng), OPTIONS[i % 2]) for i in range(12)]
-    service.start()
-    try:
-        deadline = time.monotonic() + 120
-        while not service.ready:
-            assert service.load_error is None and time.monotonic() < deadline
-            time.sleep(0.01)
+    with serving(engine, path) as (service, app):  # stopping closes the engine
         bodies = asyncio.run(_score_merged(service, app, requests))
         # one engine call per option group, holding all of its requests
-        assert metrics.registry.get_sample_value("tokenspeed_batch_requests_count") == 2
-        assert metrics.registry.get_sample_value("tokenspeed_batch_requests_sum") == 12
+        registry = service.metrics.registry
+        assert registry.get_sample_value("tokenspeed_batch_requests_count") == 2
+        assert registry.get_sample_value("tokenspeed_batch_requests_sum") == 12
         for (seqs, opts), body in zip(requests, bodies):
             engine.flush_cache()  # alone: nothing of the merged call is reused
             direct = engine.compute_log_probs(seqs, **opts)
@@ -85,8 +76,6 @@ def test_merged_requests_equal_direct_calls_bitwise_when_deterministic(tmp_path)
             # (-0.0 included), so equal text is bitwise equality
             assert json.dumps(json.loads(body), sort_keys=True) == \
                 json.dumps(direct, sort_keys=True)
-    finally:
-        service.stop()  # closes the engine
 
 
 def test_deterministic_flag_reaches_the_engine_of_serve_and_score(tmp_path):

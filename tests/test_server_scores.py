@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import time
 
 import pytest
 from model_factory import make_checkpoint
@@ -16,9 +15,7 @@ from tokenspeed import Engine
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
-from tokenspeed.server.app import create_app  # noqa: E402
-from tokenspeed.server.metrics import Metrics  # noqa: E402
-from tokenspeed.server.scoring import ScoringService  # noqa: E402
+from server_testing import serving  # noqa: E402
 
 VOCAB = 97
 
@@ -35,20 +32,8 @@ def _post(app, body: dict) -> httpx.Response:
 def served(tmp_path):
     path = make_checkpoint(tmp_path / "ckpt", "Qwen3ForCausalLM", vocab=VOCAB, seed=5)
     engine = Engine(path, device="cpu", dtype="float32")
-    service: ScoringService
-    metrics = Metrics(lambda: service.stats)
-    service = ScoringService(lambda: engine, metrics)
-    app = create_app(service, metrics, api_key=None, max_request_bytes=1 << 20,
-                     model_dir=path, to_token_ids=lambda sequences: sequences)
-    service.start()
-    deadline = time.monotonic() + 120
-    while not service.ready:
-        assert service.load_error is None and time.monotonic() < deadline
-        time.sleep(0.01)
-    try:
+    with serving(engine, path) as (service, app):
         yield engine, service, app
-    finally:
-        service.stop()
 
 
 def test_filtered_scores_come_back_as_minus_infinity(served):

@@ -67,11 +67,11 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None, invariant: bool) -> T
     """x W^T (+ bias), on fixed row blocks when ``invariant``."""
     if not invariant:
         return F.linear(x, weight, bias)
+    def product(rows: Tensor, dest: Tensor) -> Tensor:
+        if bias is None:
+            return torch.mm(rows, weight.t(), out=dest)
+        return torch.addmm(bias, rows, weight.t(), out=dest)
+
     rows = x.reshape(-1, x.shape[-1])
-    out = x.new_empty(rows.shape[0], weight.shape[0])
-    if bias is None:
-        in_row_blocks(lambda r, dest: torch.mm(r, weight.t(), out=dest), rows, row_block(x), out)
-    else:
-        in_row_blocks(lambda r, dest: torch.addmm(bias, r, weight.t(), out=dest), rows,
-                      row_block(x), out)
+    out = in_row_blocks(product, rows, row_block(x), x.new_empty(rows.shape[0], weight.shape[0]))
     return out.view(*x.shape[:-1], weight.shape[0])
