@@ -27,24 +27,35 @@ cudaError_t launch_logprob_chunks(const void* logits, DType dtype, int64_t rows,
                                   cudaStream_t stream) {
   const int64_t chunks = logprob_num_chunks(V, dtype);
   const auto blocks = static_cast<unsigned>(rows * chunks);
+  cudaError_t err = cudaSuccess;
   auto launch = [&](auto tag) {
     using T = decltype(tag);
     auto* out = reinterpret_cast<float4*>(state);
-    if (topk > 0)
-      logprob_chunk_kernel<T, true><<<blocks, kLpThreads, 0, stream>>>(
+    if (topk > 0) {
+      // over the 48 KB default (set on every call: the setting is per device); the
+      // carveout lets 3 blocks an SM hold their copies
+      auto* kernel = logprob_chunk_kernel<T, true>;
+      err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 kTopKChunkBytes);
+      if (err == cudaSuccess)
+        err = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                   cudaSharedmemCarveoutMaxShared);
+      if (err != cudaSuccess) return;
+      kernel<<<blocks, kLpThreads, kTopKChunkBytes, stream>>>(
           static_cast<const T*>(logits), ld, V, targets, targets_int64, targets_stride,
           vocab_start, inv_temp, out, static_cast<int>(chunks), topk, cand_vals, cand_ids);
-    else
+    } else {
       logprob_chunk_kernel<T, false><<<blocks, kLpThreads, 0, stream>>>(
           static_cast<const T*>(logits), ld, V, targets, targets_int64, targets_stride,
           vocab_start, inv_temp, out, static_cast<int>(chunks), 0, nullptr, nullptr);
+    }
   };
   switch (dtype) {
     case DType::kBFloat16: launch(__nv_bfloat16{}); break;
     case DType::kFloat16: launch(__half{}); break;
     case DType::kFloat32: launch(float{}); break;
   }
-  return cudaGetLastError();
+  return err != cudaSuccess ? err : cudaGetLastError();
 }
 
 cudaError_t launch_mass_above(const void* logits, DType dtype, int64_t rows, int64_t ld,

@@ -25,8 +25,9 @@
  * unaligned row loads the same elements into the same threads with scalar loads).
  *
  * The kTopK instantiation (logprob_topk_partials) computes the same state and then, from
- * the registers already holding the chunk, the chunk's k largest x (logprobs_topk.cuh):
- * still one read of the logits, [T, C, k] candidates written besides the state.
+ * a shared-memory copy of the registers holding the chunk, the chunk's k largest x
+ * (logprobs_topk.cuh): still one read of the logits, [T, C, k] candidates written besides
+ * the state.
  */
 #pragma once
 
@@ -45,6 +46,8 @@ namespace cuda {
 
 constexpr int kLpThreads = 256;
 constexpr int kLpVecs = 16;  // 16-byte vectors per thread per chunk
+// the top-k instantiation's copy of its chunk in shared memory (logprobs_topk.cuh)
+constexpr int kTopKChunkBytes = kLpThreads * kLpVecs * 16;
 
 template <typename T>
 constexpr int lp_chunk_cols() {
@@ -112,7 +115,7 @@ __device__ __forceinline__ LpState merge_state(LpState a, LpState b, float inv_t
 // at vocab_start; state out [T, C, 4]. kTopK: also the chunk's k best x and their global
 // ids into cand_vals, cand_ids [T, C, k].
 template <typename T, bool kTopK>
-__global__ void __launch_bounds__(kLpThreads, kTopK ? 2 : 3)
+__global__ void __launch_bounds__(kLpThreads, 3)
     logprob_chunk_kernel(const T* __restrict__ logits, int64_t ld, int64_t V,
                          const void* __restrict__ targets, bool tgt64, int64_t tgt_stride,
                          int64_t vocab_start, float inv_temp, float4* __restrict__ state,
@@ -201,7 +204,11 @@ __global__ void __launch_bounds__(kLpThreads, kTopK ? 2 : 3)
     state[blockIdx.x] = make_float4(m, s, w * 0.6931471805599453f, t);
   }
   if constexpr (kTopK) {
-    block_topk<T, kLpThreads>(raw, V - c0, inv_temp, k, thread_max, vocab_start + c0,
+    // dynamic shared memory of kTopKChunkBytes: this thread's vectors, read back by it alone
+    extern __shared__ uint4 s_chunk[];
+#pragma unroll
+    for (int j = 0; j < kLpVecs; ++j) s_chunk[j * kLpThreads + threadIdx.x] = raw[j];
+    block_topk<T, kLpThreads, kLpVecs>(s_chunk, V - c0, inv_temp, k, thread_max, vocab_start + c0,
                               cand_vals + int64_t(blockIdx.x) * k,
                               cand_ids + int64_t(blockIdx.x) * k);
   }

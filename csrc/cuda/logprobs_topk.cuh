@@ -1,8 +1,13 @@
 /*
- * Block top-k of a logits chunk held in registers: the k (<= 64) largest
- * x = logit * inv_temp of the chunk a block of the log-prob kernel has already loaded,
- * descending, ties to the lower column. Reads no memory beyond those registers and writes
- * only the k (value, id) pairs.
+ * Block top-k of a logits chunk the log-prob kernel has already loaded: the k (<= 64)
+ * largest x = logit * inv_temp of the chunk, descending, ties to the lower column. Reads
+ * no global memory and writes only the k (value, id) pairs.
+ *
+ * Where the chunk lives: the kernel's registers hold it for the (m, s, w, t) sums; it then
+ * copies them to shared memory (each thread its own 16 vectors, 64 KB a block) and the
+ * top-k reads them from there. Kept in registers through the top-k, the chunk held the
+ * kernel at 128 registers and 2 blocks an SM, and only a few threads' vectors are ever
+ * read again: in shared memory the kernel keeps the plain kernel's 3 blocks an SM.
  *
  * Order: each element becomes a 48-bit composite (order-preserving key of x << 16 |
  * 0xFFFF - chunk column), unique within the chunk, so "larger composite" is exactly the
@@ -14,16 +19,13 @@
  *     sort of registers costs ~100 instructions a thread; counting every thread's max
  *     against all 256 others in shared memory cost ~20x that and dominated the kernel.
  *  2. The elements at or above L (usually 1-3 k: only threads whose max reaches L hold
- *     any) are appended to a kTopKBuffer-entry shared buffer.
+ *     any, and only their vectors whose max does) are appended to a kTopKBuffer-entry
+ *     shared buffer.
  *  3. If they fit, each buffered candidate's rank is counted against the others and the
  *     k best are written at their ranks. Otherwise (many large or equal values in few
- *     threads) a radix select over the registers (six rounds of 8 bits, shared-memory
+ *     threads) a radix select over the chunk (six rounds of 8 bits, shared-memory
  *     histograms of counts) finds the k-th largest composite, exactly k elements are
- *     buffered and ranked the same way. That path is a separate, out-of-line function:
- *     inlined, its scans kept the main path's registers over the 128 the two-blocks-an-SM
- *     bound allows and it spilled (ptxas -v, bf16: 920 bytes of spill stores); out of line
- *     the main path spills nothing and a block that takes it copies its chunk registers
- *     to the stack.
+ *     buffered and ranked the same way; it is out of line, as it runs rarely.
  * Counts and ranks are exact integers, so the result is deterministic.
  */
 #pragma once
@@ -68,37 +70,32 @@ __device__ __forceinline__ float vector_max(const uint4& v) {
   }
 }
 
-// f(composite) for the elements of one 16-byte vector (chunk columns base + q) inside the
-// row with x >= min_x (so never nan). Out of line: the vector loop below is unrolled (the
-// registers are indexed by constants), and this body inlined at its 16 sites made the
-// kernel outgrow the instruction cache (ncu: 70% of the stalls were instruction fetch);
-// it runs only for the few vectors whose max reaches min_x.
-template <typename T, typename F>
-__device__ __noinline__ void visit_vector(uint4 v, int base, int64_t cols_left, float inv_temp,
-                                          float min_x, F f) {
-  constexpr int kVec = 16 / sizeof(T);
-  const T* e = reinterpret_cast<const T*>(&v);
-#pragma unroll
-  for (int q = 0; q < kVec; ++q) {
-    const float x = to_float(e[q]) * inv_temp;
-    if (x >= min_x && base + q < cols_left) f(composite(x, base + q));
-  }
-}
-
-// f(composite) for each of this thread's columns inside the row with x >= min_x. Element
-// q of vector j of thread i is chunk column (j * kThreads + i) * kVec + q, as the loads
-// place it. A vector whose max is below min_x is skipped whole (x rounds monotonically,
-// so no element of it can pass): a few packed instructions for 8 elements, and almost
-// every vector stops there. f is copied (captures by value; shared arrays are static).
+// f(composite) for each of this thread's columns inside the row with x >= min_x.
+// chunk: the block's chunk in shared memory, this thread's vector j at chunk[j * kThreads
+// + threadIdx.x] (element q of it at chunk column (j * kThreads + i) * kVec + q, as the
+// loads placed it); each thread reads only its own vectors. A thread whose max is below
+// min_x (most of them) reads nothing, and a vector whose max is below min_x is skipped
+// whole: x rounds monotonically, so no element of it can pass. The vector loop is not
+// unrolled: one copy of the candidate code keeps the kernel small (unrolled at 16 sites
+// it outgrew the instruction cache: ncu showed 70% of the stalls on instruction fetch).
+// f is copied (captures by value; shared arrays are static).
 template <typename T, int kThreads, int kVecs, typename F>
-__device__ __forceinline__ void for_each_composite(const uint4 (&raw)[kVecs], int64_t cols_left,
-                                                   float inv_temp, float min_x, F f) {
+__device__ __forceinline__ void for_each_composite(const uint4* chunk, float thread_max_x,
+                                                   int64_t cols_left, float inv_temp,
+                                                   float min_x, F f) {
   constexpr int kVec = 16 / sizeof(T);
-#pragma unroll
+  if (!(thread_max_x >= min_x)) return;
+#pragma unroll 1
   for (int j = 0; j < kVecs; ++j) {
-    if (vector_max<T>(raw[j]) * inv_temp >= min_x)
-      visit_vector<T>(raw[j], (j * kThreads + int(threadIdx.x)) * kVec, cols_left, inv_temp,
-                      min_x, f);
+    const uint4 v = chunk[j * kThreads + threadIdx.x];
+    if (!(vector_max<T>(v) * inv_temp >= min_x)) continue;
+    const int base = (j * kThreads + int(threadIdx.x)) * kVec;
+    const T* e = reinterpret_cast<const T*>(&v);
+#pragma unroll
+    for (int q = 0; q < kVec; ++q) {
+      const float x = to_float(e[q]) * inv_temp;
+      if (x >= min_x && base + q < cols_left) f(composite(x, base + q));
+    }
   }
 }
 
@@ -107,32 +104,25 @@ __device__ __forceinline__ float composite_value(uint64_t c) {
   return key_float(uint32_t(c >> 16));
 }
 
-// The registers of a chunk, passed by value to the out-of-line radix path so that only a
-// block that takes it copies them to the stack.
-template <int kVecs>
-struct ChunkRegs {
-  uint4 v[kVecs];
-};
-
 // Radix select of the k-th largest composite among the elements >= bound (six rounds of
 // 8 bits over shared-memory histograms of counts), then the exactly k elements at or
 // above it into buf; returns k. Out of line: it runs only when more than kTopKBuffer
 // elements pass the bound (many large or equal values in few threads), and inlined its
 // scans would hold the main path's registers.
 template <typename T, int kThreads, int kVecs>
-__device__ __noinline__ int radix_collect(ChunkRegs<kVecs> regs, int64_t cols_left,
-                                          float inv_temp, int k, uint64_t bound, float bound_x,
-                                          uint64_t* buf) {
+__device__ __noinline__ int radix_collect(const uint4* chunk, float thread_max_x,
+                                          int64_t cols_left, float inv_temp, int k,
+                                          uint64_t bound, float bound_x, uint64_t* buf) {
   __shared__ int s_hist[256];
   __shared__ int s_count, s_digit, s_need;
-  const auto& raw = regs.v;
   const int tid = threadIdx.x;
   uint64_t prefix = 0;
   int need = k;
   for (int shift = 40; shift >= 0; shift -= 8) {
     for (int i = tid; i < 256; i += kThreads) s_hist[i] = 0;
     __syncthreads();
-    for_each_composite<T, kThreads>(raw, cols_left, inv_temp, bound_x, [=](uint64_t c) {
+    for_each_composite<T, kThreads, kVecs>(chunk, thread_max_x, cols_left, inv_temp, bound_x,
+                                           [=](uint64_t c) {
       if (c >= bound && (c >> (shift + 8)) == (prefix >> (shift + 8)))
         atomicAdd(&s_hist[(c >> shift) & 255], 1);
     });
@@ -170,8 +160,8 @@ __device__ __noinline__ int radix_collect(ChunkRegs<kVecs> regs, int64_t cols_le
   // prefix is the k-th largest composite: exactly k elements are at or above it
   if (tid == 0) s_count = 0;
   __syncthreads();
-  for_each_composite<T, kThreads>(raw, cols_left, inv_temp, composite_value(prefix),
-                                  [=](uint64_t c) {
+  for_each_composite<T, kThreads, kVecs>(chunk, thread_max_x, cols_left, inv_temp,
+                                         composite_value(prefix), [=](uint64_t c) {
                                     if (c >= prefix) buf[atomicAdd(&s_count, 1)] = c;
                                   });
   __syncthreads();
@@ -179,12 +169,13 @@ __device__ __noinline__ int radix_collect(ChunkRegs<kVecs> regs, int64_t cols_le
 }
 
 // Writes the chunk's k best (value, global id) pairs to vals[0, k), ids[0, k); places
-// past the chunk's valid columns get (-inf, -1). cols_left: valid columns from the chunk
-// start (may exceed the chunk); id_base: the global id of chunk column 0; thread_max: the
-// max logit of this thread's loaded elements (-inf padding included). Every thread of the
-// block must call it.
+// past the chunk's valid columns get (-inf, -1). chunk: the chunk in shared memory, laid
+// out as for_each_composite reads it; cols_left: valid columns from the chunk start (may
+// exceed the chunk); id_base: the global id of chunk column 0; thread_max: the max logit
+// of this thread's loaded elements (-inf padding included). Every thread of the block
+// must call it.
 template <typename T, int kThreads, int kVecs>
-__device__ void block_topk(const uint4 (&raw)[kVecs], int64_t cols_left, float inv_temp, int k,
+__device__ void block_topk(const uint4* chunk, int64_t cols_left, float inv_temp, int k,
                            float thread_max, int64_t id_base, float* __restrict__ vals,
                            int64_t* __restrict__ ids) {
   __shared__ float s_warp_bound[kThreads / 32];
@@ -197,7 +188,8 @@ __device__ void block_topk(const uint4 (&raw)[kVecs], int64_t cols_left, float i
   constexpr int kVec = 16 / sizeof(T);
   static_assert(kThreads == 256, "the bound takes ceil(k / 8) threads from each of 8 warps");
   const float top = thread_max * inv_temp;
-  float v = tid * kVec < cols_left && top == top ? top : -INFINITY;
+  const float own = tid * kVec < cols_left && top == top ? top : -INFINITY;
+  float v = own;
 #pragma unroll
   for (int size = 2; size <= 32; size <<= 1) {
 #pragma unroll
@@ -216,7 +208,8 @@ __device__ void block_topk(const uint4 (&raw)[kVecs], int64_t cols_left, float i
   for (int w = 1; w < kThreads / 32; ++w) bound_x = fminf(bound_x, s_warp_bound[w]);
   // the smallest composite of value bound_x: every element >= bound_x passes
   const uint64_t bound = composite(bound_x, 0xFFFF);
-  for_each_composite<T, kThreads>(raw, cols_left, inv_temp, bound_x, [=](uint64_t c) {
+  for_each_composite<T, kThreads, kVecs>(chunk, own, cols_left, inv_temp, bound_x,
+                                         [=](uint64_t c) {
     if (c >= bound) {
       const int slot = atomicAdd(&s_count, 1);
       if (slot < kTopKBuffer) s_buf[slot] = c;
@@ -224,12 +217,9 @@ __device__ void block_topk(const uint4 (&raw)[kVecs], int64_t cols_left, float i
   });
   __syncthreads();
   int count = s_count;
-  if (count > kTopKBuffer) {
-    ChunkRegs<kVecs> regs;
-#pragma unroll
-    for (int j = 0; j < kVecs; ++j) regs.v[j] = raw[j];
-    count = radix_collect<T, kThreads>(regs, cols_left, inv_temp, k, bound, bound_x, s_buf);
-  }
+  if (count > kTopKBuffer)
+    count = radix_collect<T, kThreads, kVecs>(chunk, own, cols_left, inv_temp, k, bound,
+                                              bound_x, s_buf);
   const int n = count < kTopKBuffer ? count : kTopKBuffer;
   for (int i = tid; i < n; i += kThreads) {
     const uint64_t c = s_buf[i];

@@ -62,6 +62,8 @@ def merge_state(partials: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Shard partials [S, T, 4] merged in shard order -> (M, S, W, t) [T] fp32 (W relative
     to M), the formulas of docs/design.md."""
     m, s, w, t = partials.unbind(-1)
+    if partials.shape[0] == 1:  # one shard: the formulas reduce to it (scale 1, shift 0)
+        return m[0], s[0], w[0], t[0]
     big_m = m.max(0).values
     safe_m = torch.where(torch.isfinite(big_m), big_m, torch.zeros_like(big_m))
     empty = torch.isneginf(m)
@@ -134,9 +136,10 @@ def finish_rows(state: tuple[Tensor, Tensor, Tensor, Tensor], values: Tensor, id
     nan = torch.isneginf(big_m)
 
     def logprob(x: Tensor) -> Tensor:
-        lp = torch.where(x >= tau.view(-1, *[1] * (x.dim() - 1)),
-                         x - (ref_m + log_z).view(-1, *[1] * (x.dim() - 1)),
-                         torch.full_like(x, -math.inf))
+        lp = x - (ref_m + log_z).view(-1, *[1] * (x.dim() - 1))
+        if opts.filtered:  # unfiltered, tau is -inf and keeps every x (-inf gives -inf)
+            lp = torch.where(x >= tau.view(-1, *[1] * (x.dim() - 1)), lp,
+                             torch.full_like(x, -math.inf))
         return torch.where(nan.view(-1, *[1] * (x.dim() - 1)), torch.full_like(x, math.nan), lp)
 
     lp = logprob(t)
