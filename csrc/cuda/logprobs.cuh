@@ -25,9 +25,8 @@
  * unaligned row loads the same elements into the same threads with scalar loads).
  *
  * The kTopK instantiation (logprob_topk_partials) computes the same state and then, from
- * a shared-memory copy of the registers holding the chunk, the chunk's k largest x
- * (logprobs_topk.cuh): still one read of the logits, [T, C, k] candidates written besides
- * the state.
+ * the registers holding the chunk, the chunk's k largest x (logprobs_topk.cuh): still one
+ * read of the logits, [T, C, k] candidates written besides the state.
  */
 #pragma once
 
@@ -204,13 +203,12 @@ __global__ void __launch_bounds__(kLpThreads, 3)
     state[blockIdx.x] = make_float4(m, s, w * 0.6931471805599453f, t);
   }
   if constexpr (kTopK) {
-    // dynamic shared memory of kTopKChunkBytes: this thread's vectors, read back by it alone
+    // dynamic shared memory of kTopKChunkBytes: the vectors that can hold a candidate,
+    // each read back by the thread that loaded it
     extern __shared__ uint4 s_chunk[];
-#pragma unroll
-    for (int j = 0; j < kLpVecs; ++j) s_chunk[j * kLpThreads + threadIdx.x] = raw[j];
-    block_topk<T, kLpThreads, kLpVecs>(s_chunk, V - c0, inv_temp, k, thread_max, vocab_start + c0,
-                              cand_vals + int64_t(blockIdx.x) * k,
-                              cand_ids + int64_t(blockIdx.x) * k);
+    block_topk<T, kLpThreads, kLpVecs>(raw, s_chunk, V - c0, inv_temp, k, thread_max,
+                                       vocab_start + c0, cand_vals + int64_t(blockIdx.x) * k,
+                                       cand_ids + int64_t(blockIdx.x) * k);
   }
 }
 

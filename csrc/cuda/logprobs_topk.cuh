@@ -3,11 +3,12 @@
  * largest x = logit * inv_temp of the chunk, descending, ties to the lower column. Reads
  * no global memory and writes only the k (value, id) pairs.
  *
- * Where the chunk lives: the kernel's registers hold it for the (m, s, w, t) sums; it then
- * copies them to shared memory (each thread its own 16 vectors, 64 KB a block) and the
- * top-k reads them from there. Kept in registers through the top-k, the chunk held the
- * kernel at 128 registers and 2 blocks an SM, and only a few threads' vectors are ever
- * read again: in shared memory the kernel keeps the plain kernel's 3 blocks an SM.
+ * Where the chunk lives: the kernel's registers hold it for the (m, s, w, t) sums and the
+ * bound below; then each thread copies the few of its vectors that can hold a candidate
+ * to shared memory (a 64 KB area a block, each thread its own slots) and the candidate
+ * code reads them from there, in a loop. Kept in registers through the candidate code,
+ * the chunk held the kernel at 128 registers and 2 blocks an SM (or, unrolled, past the
+ * instruction cache); this way it keeps the plain kernel's 80 registers and 3 blocks.
  *
  * Order: each element becomes a 48-bit composite (order-preserving key of x << 16 |
  * 0xFFFF - chunk column), unique within the chunk, so "larger composite" is exactly the
@@ -21,8 +22,9 @@
  *  2. The elements at or above L (usually 1-3 k: only threads whose max reaches L hold
  *     any, and only their vectors whose max does) are appended to a kTopKBuffer-entry
  *     shared buffer.
- *  3. If they fit, each buffered candidate's rank is counted against the others and the
- *     k best are written at their ranks. Otherwise (many large or equal values in few
+ *  3. If they fit, each buffered candidate's rank is counted against the others (8 lanes
+ *     a candidate, each over an eighth of the buffer) and the k best are written at their
+ *     ranks. Otherwise (many large or equal values in few
  *     threads) a radix select over the chunk (six rounds of 8 bits, shared-memory
  *     histograms of counts) finds the k-th largest composite, exactly k elements are
  *     buffered and ranked the same way; it is out of line, as it runs rarely.
@@ -70,23 +72,22 @@ __device__ __forceinline__ float vector_max(const uint4& v) {
   }
 }
 
-// f(composite) for each of this thread's columns inside the row with x >= min_x.
-// chunk: the block's chunk in shared memory, this thread's vector j at chunk[j * kThreads
-// + threadIdx.x] (element q of it at chunk column (j * kThreads + i) * kVec + q, as the
-// loads placed it); each thread reads only its own vectors. A thread whose max is below
-// min_x (most of them) reads nothing, and a vector whose max is below min_x is skipped
-// whole: x rounds monotonically, so no element of it can pass. The vector loop is not
-// unrolled: one copy of the candidate code keeps the kernel small (unrolled at 16 sites
-// it outgrew the instruction cache: ncu showed 70% of the stalls on instruction fetch).
+// f(composite) for each of this thread's columns inside the row with x >= min_x, among
+// the vectors whose bits are set in `stored` (bit j: vector j, kept at chunk[j * kThreads +
+// threadIdx.x]; element q of it is chunk column (j * kThreads + i) * kVec + q, as the
+// loads placed it). Each thread reads only its own vectors. A vector whose max is below
+// min_x is skipped whole: x rounds monotonically, so no element of it can pass. One copy
+// of the candidate code, in a loop over the set bits: unrolled over all 16 vectors it
+// outgrew the instruction cache (ncu: 70% of the stalls on instruction fetch).
 // f is copied (captures by value; shared arrays are static).
-template <typename T, int kThreads, int kVecs, typename F>
-__device__ __forceinline__ void for_each_composite(const uint4* chunk, float thread_max_x,
+template <typename T, int kThreads, typename F>
+__device__ __forceinline__ void for_each_composite(const uint4* chunk, unsigned stored,
                                                    int64_t cols_left, float inv_temp,
                                                    float min_x, F f) {
   constexpr int kVec = 16 / sizeof(T);
-  if (!(thread_max_x >= min_x)) return;
-#pragma unroll 1
-  for (int j = 0; j < kVecs; ++j) {
+  while (stored != 0) {
+    const int j = __ffs(stored) - 1;
+    stored &= stored - 1;
     const uint4 v = chunk[j * kThreads + threadIdx.x];
     if (!(vector_max<T>(v) * inv_temp >= min_x)) continue;
     const int base = (j * kThreads + int(threadIdx.x)) * kVec;
@@ -109,8 +110,8 @@ __device__ __forceinline__ float composite_value(uint64_t c) {
 // above it into buf; returns k. Out of line: it runs only when more than kTopKBuffer
 // elements pass the bound (many large or equal values in few threads), and inlined its
 // scans would hold the main path's registers.
-template <typename T, int kThreads, int kVecs>
-__device__ __noinline__ int radix_collect(const uint4* chunk, float thread_max_x,
+template <typename T, int kThreads>
+__device__ __noinline__ int radix_collect(const uint4* chunk, unsigned stored,
                                           int64_t cols_left, float inv_temp, int k,
                                           uint64_t bound, float bound_x, uint64_t* buf) {
   __shared__ int s_hist[256];
@@ -121,8 +122,8 @@ __device__ __noinline__ int radix_collect(const uint4* chunk, float thread_max_x
   for (int shift = 40; shift >= 0; shift -= 8) {
     for (int i = tid; i < 256; i += kThreads) s_hist[i] = 0;
     __syncthreads();
-    for_each_composite<T, kThreads, kVecs>(chunk, thread_max_x, cols_left, inv_temp, bound_x,
-                                           [=](uint64_t c) {
+    for_each_composite<T, kThreads>(chunk, stored, cols_left, inv_temp, bound_x,
+                                    [=](uint64_t c) {
       if (c >= bound && (c >> (shift + 8)) == (prefix >> (shift + 8)))
         atomicAdd(&s_hist[(c >> shift) & 255], 1);
     });
@@ -160,8 +161,8 @@ __device__ __noinline__ int radix_collect(const uint4* chunk, float thread_max_x
   // prefix is the k-th largest composite: exactly k elements are at or above it
   if (tid == 0) s_count = 0;
   __syncthreads();
-  for_each_composite<T, kThreads, kVecs>(chunk, thread_max_x, cols_left, inv_temp,
-                                         composite_value(prefix), [=](uint64_t c) {
+  for_each_composite<T, kThreads>(chunk, stored, cols_left, inv_temp,
+                                  composite_value(prefix), [=](uint64_t c) {
                                     if (c >= prefix) buf[atomicAdd(&s_count, 1)] = c;
                                   });
   __syncthreads();
@@ -169,15 +170,16 @@ __device__ __noinline__ int radix_collect(const uint4* chunk, float thread_max_x
 }
 
 // Writes the chunk's k best (value, global id) pairs to vals[0, k), ids[0, k); places
-// past the chunk's valid columns get (-inf, -1). chunk: the chunk in shared memory, laid
-// out as for_each_composite reads it; cols_left: valid columns from the chunk start (may
+// past the chunk's valid columns get (-inf, -1). raw: this thread's vectors of the chunk
+// (registers); chunk: kThreads * kVecs vectors of shared memory where the vectors that
+// can hold a candidate are copied; cols_left: valid columns from the chunk start (may
 // exceed the chunk); id_base: the global id of chunk column 0; thread_max: the max logit
 // of this thread's loaded elements (-inf padding included). Every thread of the block
 // must call it.
 template <typename T, int kThreads, int kVecs>
-__device__ void block_topk(const uint4* chunk, int64_t cols_left, float inv_temp, int k,
-                           float thread_max, int64_t id_base, float* __restrict__ vals,
-                           int64_t* __restrict__ ids) {
+__device__ void block_topk(const uint4 (&raw)[kVecs], uint4* chunk, int64_t cols_left,
+                           float inv_temp, int k, float thread_max, int64_t id_base,
+                           float* __restrict__ vals, int64_t* __restrict__ ids) {
   __shared__ float s_warp_bound[kThreads / 32];
   __shared__ uint64_t s_buf[kTopKBuffer];
   __shared__ int s_count;
@@ -187,6 +189,7 @@ __device__ void block_topk(const uint4* chunk, int64_t cols_left, float inv_temp
   // column, or with only nan, counts as -inf), by a descending bitonic sort over lanes
   constexpr int kVec = 16 / sizeof(T);
   static_assert(kThreads == 256, "the bound takes ceil(k / 8) threads from each of 8 warps");
+  static_assert(kVecs <= 32, "a bit per vector");
   const float top = thread_max * inv_temp;
   const float own = tid * kVec < cols_left && top == top ? top : -INFINITY;
   float v = own;
@@ -206,10 +209,23 @@ __device__ void block_topk(const uint4* chunk, int64_t cols_left, float inv_temp
   float bound_x = s_warp_bound[0];
 #pragma unroll
   for (int w = 1; w < kThreads / 32; ++w) bound_x = fminf(bound_x, s_warp_bound[w]);
+
+  // 2: the vectors whose max reaches the bound (from the registers: a few packed
+  // instructions a vector) go to shared memory, the others are done with
+  unsigned stored = 0;
+  if (own >= bound_x) {
+#pragma unroll
+    for (int j = 0; j < kVecs; ++j) {
+      if (vector_max<T>(raw[j]) * inv_temp >= bound_x) {
+        stored |= 1u << j;
+        chunk[j * kThreads + tid] = raw[j];
+      }
+    }
+  }
   // the smallest composite of value bound_x: every element >= bound_x passes
   const uint64_t bound = composite(bound_x, 0xFFFF);
-  for_each_composite<T, kThreads, kVecs>(chunk, own, cols_left, inv_temp, bound_x,
-                                         [=](uint64_t c) {
+  for_each_composite<T, kThreads>(chunk, stored, cols_left, inv_temp, bound_x,
+                                  [=](uint64_t c) {
     if (c >= bound) {
       const int slot = atomicAdd(&s_count, 1);
       if (slot < kTopKBuffer) s_buf[slot] = c;
@@ -218,14 +234,23 @@ __device__ void block_topk(const uint4* chunk, int64_t cols_left, float inv_temp
   __syncthreads();
   int count = s_count;
   if (count > kTopKBuffer)
-    count = radix_collect<T, kThreads, kVecs>(chunk, own, cols_left, inv_temp, k, bound,
-                                              bound_x, s_buf);
+    count = radix_collect<T, kThreads>(chunk, stored, cols_left, inv_temp, k, bound, bound_x,
+                                       s_buf);
   const int n = count < kTopKBuffer ? count : kTopKBuffer;
-  for (int i = tid; i < n; i += kThreads) {
-    const uint64_t c = s_buf[i];
+  // 3: each candidate's rank = the candidates above it, counted by kRankLanes neighbouring
+  // lanes over interleaved parts of the buffer and added with shuffles; the loop over
+  // candidates is uniform across each warp so that every lane takes the shuffles
+  constexpr int kRankLanes = 8, kPerPass = kThreads / kRankLanes;
+  const int part = tid % kRankLanes;
+  for (int first = 0; first < n; first += kPerPass) {
+    const int i = first + tid / kRankLanes;
+    const uint64_t c = i < n ? s_buf[i] : 0;
     int rank = 0;
-    for (int j = 0; j < n; ++j) rank += s_buf[j] > c;
-    if (rank < k) {
+    if (i < n)
+      for (int j = part; j < n; j += kRankLanes) rank += s_buf[j] > c;
+#pragma unroll
+    for (int off = 1; off < kRankLanes; off <<= 1) rank += __shfl_xor_sync(0xffffffffu, rank, off);
+    if (i < n && part == 0 && rank < k) {
       vals[rank] = composite_value(c);
       ids[rank] = id_base + (0xFFFF - int64_t(c & 0xFFFF));
     }
