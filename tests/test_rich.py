@@ -22,8 +22,8 @@ import tokenspeed_ext as tse
 import tokenspeed_ext.ops  # noqa: F401 - registers torch.ops.tokenspeed.*
 from tokenspeed.inputs import InvalidSequenceError
 from tokenspeed.layers.sampler_filters import (RowOptions, candidate_count, finish_rows,
-                                               from_key, gather_token_logits, merge_candidates,
-                                               merge_state)
+                                               from_key, gather_token_logits, in_order_sum,
+                                               merge_candidates, merge_state)
 from tokenspeed_ext import reference as ref
 
 TOL = 2e-5  # fp32 log-probs of O(10) logits against float64
@@ -69,8 +69,9 @@ def score_split(logits, targets, temperature, opts, bounds):
                                                    temperature) for a, b in pieces]).max(0).values
 
     def mass_above(thresholds, ref_m):
-        return torch.stack([tse.logprob_mass_above(logits[:, a:b], temperature, thresholds,
-                                                   ref_m) for a, b in pieces]).sum(0)
+        return in_order_sum(torch.stack([tse.logprob_mass_above(logits[:, a:b], temperature,
+                                                                thresholds, ref_m)
+                                         for a, b in pieces]))
 
     return finish_rows(state, values, ids, token_x, opts, mass_above)
 
