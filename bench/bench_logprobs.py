@@ -1,6 +1,7 @@
 """Fused log-prob gather vs eager PyTorch, a torch.compile'd logsumexp-gather and the floor;
-with --rich, the rich outputs (top_logprobs=20; top-k 50 + top-p 0.95; 8 requested ids a
-position) vs the plain kernel and torch.compile of the straightforward torch code.
+with --rich, the rich outputs (top_logprobs=20; top-k 50 + top-p 0.95; top-p 0.95 alone; 8
+requested ids a position) vs the plain kernel and torch.compile of the straightforward torch
+code.
 
 Floor: the bf16 logits read once at the device-to-device copy rate measured in this run.
 Columns: ours (a call on an idle device, with the targets' range check: a host round
@@ -132,6 +133,12 @@ def rich(args) -> None:
                                                       opts(50, 0.95, 0, True, 51)),
                                   torch.compile(torch_top_k_top_p, dynamic=True),
                                   lambda i, f: f(xs[i % sets], ts[i % sets], 50, 0.95)),
+                # top-p alone, a nucleus beyond the 64 candidates: the radix search's four
+                # 256-threshold passes (the binned mass kernel) and one more pass
+                "topp95": (lambda i: ours_rich(xs[i % sets], ts[i % sets],
+                                               opts(0, 0.95, 0, True, 64)),
+                           torch.compile(torch_top_k_top_p, dynamic=True),
+                           lambda i, f: f(xs[i % sets], ts[i % sets], v, 0.95)),
                 "ids8": (lambda i: ours_rich(xs[i % sets], ts[i % sets],
                                              opts(0, 1.0, 0, False, 1), ids),
                          torch.compile(torch_token_ids, dynamic=True),

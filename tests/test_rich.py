@@ -22,8 +22,8 @@ import tokenspeed_ext as tse
 import tokenspeed_ext.ops  # noqa: F401 - registers torch.ops.tokenspeed.*
 from tokenspeed.inputs import InvalidSequenceError
 from tokenspeed.layers.sampler_filters import (RowOptions, candidate_count, finish_rows,
-                                               gather_token_logits, merge_candidates,
-                                               merge_state)
+                                               from_key, gather_token_logits, in_order_sum,
+                                               merge_candidates, merge_state)
 from tokenspeed_ext import reference as ref
 
 TOL = 2e-5  # fp32 log-probs of O(10) logits against float64
@@ -69,8 +69,9 @@ def score_split(logits, targets, temperature, opts, bounds):
                                                    temperature) for a, b in pieces]).max(0).values
 
     def mass_above(thresholds, ref_m):
-        return torch.stack([tse.logprob_mass_above(logits[:, a:b], temperature, thresholds,
-                                                   ref_m) for a, b in pieces]).sum(0)
+        return in_order_sum(torch.stack([tse.logprob_mass_above(logits[:, a:b], temperature,
+                                                                thresholds, ref_m)
+                                         for a, b in pieces]))
 
     return finish_rows(state, values, ids, token_x, opts, mass_above)
 
@@ -199,6 +200,109 @@ def test_rich_kernels_small(dtype):
                 got = tse.logprob_mass_above(logits, 0.7, thr, ref_m)
                 want = ref.logprob_mass_above(logits, 0.7, thr, ref_m)
                 torch.testing.assert_close(got.double().cpu(), want, rtol=1e-4, atol=1e-4)
+
+
+# ---- the mass pass: the same bits wherever a row sits ----
+
+def mass_thresholds(x: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
+    """[R, n] fp32 thresholds for x [R, V]: values of the row (equal x count), with -inf
+    and nan among them when n > 1; n = 256 as the top-p search's first pass makes them
+    (keys spread over the whole fp32 order, so most x fall into a few bins; the lowest
+    raised to a value of the row, so many are equal) plus one nan."""
+    rows, v = x.shape
+    picked = x.gather(1, torch.randint(0, v, (rows, n), generator=gen).to(x.device))
+    if n == 256:
+        keys = (torch.arange(256, dtype=torch.int64) << 24).expand(rows, 256).to(x.device)
+        thr = from_key(keys)
+        thr = torch.where(torch.isnan(thr), -math.inf, thr)  # key 0: a nan pattern
+        picked = torch.maximum(thr, picked[:, :1])
+        picked[:, 100] = math.nan
+    elif n > 1:
+        picked[:, 1] = -math.inf
+        picked[:, -1] = math.nan
+    return picked.contiguous()
+
+
+def assert_mass_wherever_the_row_sits(logits, temperature, thr, ref_m, gen):
+    """Each row's mass_above [n, 2] is bitwise the same as in the batch [R, V] when the
+    row is alone, reversed among other rows of a larger batch, and in rows of stride V + 1
+    with and without a one-column offset (16-byte aligned row starts and unaligned ones,
+    varying by row); it never grows with the threshold, and equal thresholds give equal
+    sums (the top-p search relies on both)."""
+    rows, v = logits.shape
+    want = tse.logprob_mass_above(logits, temperature, thr, ref_m)
+    for r in range(rows):
+        alone = tse.logprob_mass_above(logits[r:r + 1], temperature, thr[r:r + 1],
+                                       ref_m[r:r + 1])
+        assert torch.equal(alone[0], want[r]), f"row {r} alone"
+    other = draw_logits(gen, 3, v, logits.dtype, logits.device, False)
+    batch = torch.cat([other[:2], logits.flip(0), other[2:]])
+    got = tse.logprob_mass_above(batch, temperature,
+                                 torch.cat([thr[:1], thr[:1], thr.flip(0), thr[:1]]),
+                                 torch.cat([ref_m[:1], ref_m[:1], ref_m.flip(0), ref_m[:1]]))
+    assert torch.equal(got[2:2 + rows].flip(0), want), f"rows among {rows + 3}"
+    for offset in (0, 1):
+        wide = torch.empty(rows, v + 1, dtype=logits.dtype, device=logits.device)
+        wide[:, offset:offset + v] = logits
+        got = tse.logprob_mass_above(wide[:, offset:offset + v], temperature, thr, ref_m)
+        assert torch.equal(got, want), f"row stride {v + 1}, offset {offset}"
+    for r in range(rows):
+        valid = ~torch.isnan(thr[r])
+        t, order = thr[r, valid].sort()
+        mass = want[r, valid][order, 0]
+        assert (mass[1:] <= mass[:-1]).all(), f"row {r}: mass grows with the threshold"
+        same = t[1:] == t[:-1]
+        assert torch.equal(mass[1:][same], mass[:-1][same]), f"row {r}: equal thresholds"
+
+
+def check_mass_placement(device, dtype, v, seed):
+    gen = torch.Generator().manual_seed(seed)
+    logits = draw_logits(gen, 3, v, dtype, device, True)
+    logits[1, ::5] = -math.inf
+    x = logits.float() * (1 / 0.7)
+    ref_m = x.max(1).values
+    for n in (1, 5, 256):
+        thr = mass_thresholds(x, n, gen)
+        assert_mass_wherever_the_row_sits(logits, 0.7, thr, ref_m, gen)
+        if 3 * n * v <= 2e7:  # the float64 reference holds [R, n, V]
+            got = tse.logprob_mass_above(logits, 0.7, thr, ref_m)
+            want = ref.logprob_mass_above(logits, 0.7, thr, ref_m)
+            torch.testing.assert_close(got.double().cpu(), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("v", [7, 100, 1003, 20000, 151936])
+def test_mass_above_same_bits_wherever_the_row_sits(device, dtype, v):
+    """V below the vector width, below the block, not a multiple of the vector width, a
+    few column segments with a partial last one, and a real vocabulary."""
+    check_mass_placement(device, dtype, v, v)
+
+
+@pytest.mark.gpu
+@pytest.mark.sanitize
+def test_mass_above_placement_small():
+    """Both mass kernels on small rows (one and three column segments in bf16, aligned
+    and unaligned starts), cheap enough for compute-sanitizer."""
+    for v in (1003, 20000):
+        check_mass_placement("cuda", torch.bfloat16, v, v + 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_mass_above_cuda_same_bits_every_call(dtype):
+    """The binned pass (n > 1) gives the same bits call after call: with the search's
+    thresholds most x of a row fall into a few bins, where additions in an order that
+    depends on the timing of the warps would show in the last bits."""
+    gen = torch.Generator().manual_seed(9)
+    logits = draw_logits(gen, 64, 151936, dtype, "cuda", True)
+    x = logits.float() * (1 / 0.8)
+    ref_m = x.max(1).values
+    for n in (3, 256):
+        thr = mass_thresholds(x, n, gen)
+        first = tse.logprob_mass_above(logits, 0.8, thr, ref_m)
+        for _ in range(10):
+            assert torch.equal(tse.logprob_mass_above(logits, 0.8, thr, ref_m), first), n
 
 
 # ---- the filters over vocabulary splits, against the float64 spec ----

@@ -63,9 +63,14 @@ cudaError_t launch_mass_above(const void* logits, DType dtype, int64_t rows, int
                               const float* ref_m, float* out, cudaStream_t stream) {
   auto launch = [&](auto tag) {
     using T = decltype(tag);
-    mass_above_kernel<T><<<static_cast<unsigned>(rows), kMassThreads, 0, stream>>>(
-        static_cast<const T*>(logits), ld, V, inv_temp, thresholds, static_cast<int>(n), ref_m,
-        out);
+    const auto blocks = static_cast<unsigned>(rows);
+    if (n == 1)
+      mass_above_one_kernel<T><<<blocks, kMassThreads, 0, stream>>>(
+          static_cast<const T*>(logits), ld, V, inv_temp, thresholds, ref_m, out);
+    else
+      mass_above_bins_kernel<T><<<blocks, kMassThreads, 0, stream>>>(
+          static_cast<const T*>(logits), ld, V, inv_temp, thresholds, static_cast<int>(n), ref_m,
+          out);
   };
   switch (dtype) {
     case DType::kBFloat16: launch(__nv_bfloat16{}); break;

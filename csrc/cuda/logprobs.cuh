@@ -65,6 +65,28 @@ __device__ __forceinline__ uint4 ld_stream16(const void* p) {
   return r;
 }
 
+// The kVecs 16-byte vectors of thread threadIdx.x (of kThreads) in the column segment that
+// starts at c0 of a row: element e of vector j holds column c0 + (j * kThreads +
+// threadIdx.x) * kVec + e, -inf past V. 16-byte loads where the row starts 16-byte
+// aligned, else scalar loads of the same elements into the same places, so the registers,
+// and every summation order built on them, never depend on where the row sits in memory.
+template <typename T, int kThreads, int kVecs>
+__device__ __forceinline__ void load_columns(const T* __restrict__ rowp, int64_t V, int64_t c0,
+                                             bool aligned, uint4 (&raw)[kVecs]) {
+  constexpr int kVec = 16 / sizeof(T);
+#pragma unroll
+  for (int j = 0; j < kVecs; ++j) {
+    const int64_t col = c0 + (int64_t(j) * kThreads + threadIdx.x) * kVec;
+    if (aligned && col + kVec <= V) {
+      raw[j] = ld_stream16(rowp + col);
+    } else {
+      T* e = reinterpret_cast<T*>(&raw[j]);
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) e[k] = col + k < V ? rowp[col + k] : T(-INFINITY);
+    }
+  }
+}
+
 // Max over all kLpVecs raw vectors: packed pairs for 16-bit types (NaN-ignoring like fmaxf).
 template <typename T>
 __device__ __forceinline__ float raw_max(const uint4 (&raw)[kLpVecs]) {
@@ -135,18 +157,7 @@ __global__ void __launch_bounds__(kLpThreads, 3)
           vocab_start;
 
   uint4 raw[kLpVecs];
-  // element e of vector j of thread i sits at column c0 + (j * 256 + i) * kVec + e
-#pragma unroll
-  for (int j = 0; j < kLpVecs; ++j) {
-    const int64_t col = c0 + (int64_t(j) * kLpThreads + threadIdx.x) * kVec;
-    if (aligned && col + kVec <= V) {
-      raw[j] = ld_stream16(rowp + col);
-    } else {
-      T* e = reinterpret_cast<T*>(&raw[j]);
-#pragma unroll
-      for (int k = 0; k < kVec; ++k) e[k] = col + k < V ? rowp[col + k] : T(-INFINITY);
-    }
-  }
+  load_columns<T, kLpThreads, kLpVecs>(rowp, V, c0, aligned, raw);
   float t = -INFINITY;
   if (threadIdx.x == 0 && tgt >= c0 && tgt < c0 + kCols && tgt < V) t = to_float(rowp[tgt]);
 

@@ -20,7 +20,7 @@ from ..parallel.group import tp_group, vocab_range
 from .embedding import VocabEmbedding, vocab_loader
 from .gemm import batch_invariant, in_row_blocks, row_block
 from .sampler_filters import (RichRows, RowOptions, finish_rows, gather_token_logits,
-                              merge_candidates, merge_state)
+                              in_order_sum, merge_candidates, merge_state)
 
 # logits held at once by the non-lean head: 256 MiB in fp32
 MAX_LOGITS_ELEMENTS = 1 << 26
@@ -55,23 +55,6 @@ def head_logits(hidden: Tensor, weight: Tensor, row_block: int | None = None) ->
         def product(rows: Tensor, dest: Tensor) -> Tensor:
             return torch.mm(rows, weight.t(), out=dest)
     return in_row_blocks(product, hidden, row_block, out)
-
-
-def _ordered_mass_above(logits: Tensor, temperature: float, thresholds: Tensor,
-                        ref_m: Tensor) -> Tensor:
-    """tse.logprob_mass_above in a fixed summation order (torch's row reductions), for
-    batch-invariant mode: a pass over [T, V] per threshold, on the rare rows whose kept
-    set the candidates do not settle."""
-    x = logits.float() * (1.0 / temperature)
-    finite = x > -math.inf
-    d = torch.where(finite, x - ref_m[:, None], 0.0)
-    p = torch.where(finite, d.exp(), 0.0)
-    out = thresholds.new_empty((*thresholds.shape, 2))
-    for i in range(thresholds.shape[1]):
-        keep = x >= thresholds[:, i:i + 1]
-        out[:, i, 0] = torch.where(keep, p, 0.0).sum(-1)
-        out[:, i, 1] = torch.where(keep, p * d, 0.0).sum(-1)
-    return out
 
 
 @dataclass(frozen=True)
@@ -236,14 +219,11 @@ class LogprobHead(nn.Module):
                                             opts.candidates)
         token_x = self._across_ranks(torch.stack(tok)).max(0).values if tok else None
 
-        # the CUDA kernel adds with shared-memory atomics (last bits vary run to run)
-        mass = (_ordered_mass_above if self.invariant and hidden.is_cuda
-                else tse.logprob_mass_above)
-
         def mass_above(thresholds: Tensor, ref_m: Tensor) -> Tensor:
-            sums = torch.stack([mass(logits(), temperature, thresholds, ref_m)
+            sums = torch.stack([tse.logprob_mass_above(logits(), temperature, thresholds,
+                                                       ref_m)
                                 for logits, _ in sources])
-            return self._across_ranks(sums).sum(0)
+            return in_order_sum(self._across_ranks(sums))
 
         return finish_rows(state, values, cand_ids, token_x, opts, mass_above)
 

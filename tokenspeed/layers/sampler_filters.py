@@ -58,6 +58,16 @@ def candidate_count(top_logprobs: int, max_top_k: int, open_filter: bool) -> int
     return max(1, min(k, MAX_CANDIDATES))
 
 
+def in_order_sum(parts: Tensor) -> Tensor:
+    """parts [S, ...] -> (parts[0] + parts[1]) + parts[2] ...: each element's sum in piece
+    order whatever the other sizes, where torch's sum over dim 0 picks its split among
+    threads from the number of outputs (on CUDA: from T)."""
+    total = parts[0]
+    for part in parts[1:]:
+        total = total + part
+    return total
+
+
 def merge_state(partials: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Shard partials [S, T, 4] merged in shard order -> (M, S, W, t) [T] fp32 (W relative
     to M), the formulas of docs/design.md."""
@@ -69,7 +79,8 @@ def merge_state(partials: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     empty = torch.isneginf(m)
     shift = torch.where(empty, torch.zeros_like(m), m - safe_m)
     scale = torch.where(empty, torch.zeros_like(m), shift.exp())
-    return big_m, (s * scale).sum(0), ((w + s * shift) * scale).sum(0), t.max(0).values
+    return (big_m, in_order_sum(s * scale), in_order_sum((w + s * shift) * scale),
+            t.max(0).values)
 
 
 def merge_candidates(values: Tensor, ids: Tensor, k: int) -> tuple[Tensor, Tensor]:
