@@ -71,10 +71,13 @@ def options(rich: bool, moe: bool) -> dict:
 
 @functools.cache
 def alone(path, device: str, dtype: str, rich: bool, moe: bool) -> list[dict]:
-    """Each target scored alone, by a fresh engine with the default settings."""
+    """Each target scored alone, by a fresh engine with the default settings but for a
+    bounded pool (by default a CUDA engine takes most of the free memory, which parallel
+    test processes do not have; the pool's size is one of the things varied anyway)."""
     out = []
     for seq in targets():
-        with Engine(path, device=device, dtype=dtype, deterministic=True) as engine:
+        with Engine(path, device=device, dtype=dtype, deterministic=True,
+                    kv_cache_tokens=1 << 16) as engine:
             out.append(engine.compute_log_probs([seq], 0.8, return_entropy=True,
                                                 **options(rich, moe)))
     return out
