@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from shapes import back_to_back_ms, copy_bandwidth, median_ms, timed_ms  # noqa: E402
 
 import tokenspeed_ext as tse  # noqa: E402
-from tokenspeed.layers.sampler_filters import (RowOptions, finish_rows,  # noqa: E402
+from tokenspeed.layers.sampler_filters import (RowOptions, candidate_count, finish_rows,  # noqa: E402,E501
                                                gather_token_logits, merge_state)
 
 
@@ -121,26 +121,28 @@ def rich(args) -> None:
             zeros = torch.zeros(t, dtype=torch.int64, device=dev)
             ones = torch.ones(t, device=dev)
 
-            def opts(k, p, top, filtered, cands):
+            def opts(k, p, top, filtered):
+                # the candidates the engine's head asks for with these settings
+                cands = candidate_count(top, k, filtered and k == 0)
                 return RowOptions(zeros + k, ones * p, ones * 0, top, None, cands, filtered)
 
             cases = {
                 "top_logprobs20": (lambda i: ours_rich(xs[i % sets], ts[i % sets],
-                                                       opts(0, 1.0, 20, False, 20)),
+                                                       opts(0, 1.0, 20, False)),
                                    torch.compile(torch_top_logprobs, dynamic=True),
                                    lambda i, f: f(xs[i % sets], ts[i % sets], 20)),
                 "topk50_topp95": (lambda i: ours_rich(xs[i % sets], ts[i % sets],
-                                                      opts(50, 0.95, 0, True, 51)),
+                                                      opts(50, 0.95, 0, True)),
                                   torch.compile(torch_top_k_top_p, dynamic=True),
                                   lambda i, f: f(xs[i % sets], ts[i % sets], 50, 0.95)),
                 # top-p alone, a nucleus beyond the 64 candidates: the radix search's four
                 # 256-threshold passes (the binned mass kernel) and one more pass
                 "topp95": (lambda i: ours_rich(xs[i % sets], ts[i % sets],
-                                               opts(0, 0.95, 0, True, 64)),
+                                               opts(0, 0.95, 0, True)),
                            torch.compile(torch_top_k_top_p, dynamic=True),
                            lambda i, f: f(xs[i % sets], ts[i % sets], v, 0.95)),
                 "ids8": (lambda i: ours_rich(xs[i % sets], ts[i % sets],
-                                             opts(0, 1.0, 0, False, 1), ids),
+                                             opts(0, 1.0, 0, False), ids),
                          torch.compile(torch_token_ids, dynamic=True),
                          lambda i, f: f(xs[i % sets], ts[i % sets], ids)),
             }

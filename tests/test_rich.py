@@ -408,6 +408,36 @@ def test_tie_past_the_candidates_takes_one_pass(device, top_p, min_p, passes):
     assert_scores(got.top_logprobs, want["top_logprobs"], "top_logprobs")
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_tie_ending_inside_the_candidates_takes_no_pass(device):
+    """A group of equal values across the k-th place that ends before the last candidate
+    (the usual bf16 tie: the candidates run TIE_SLACK past top_k) is settled from the
+    list: no pass over the logits, and the scores are exact."""
+    g = torch.Generator().manual_seed(12)
+    v, k = 500, 50
+    x = torch.randn(4, v, generator=g, dtype=torch.float64)
+    x[:, :45] += 10.0  # 45 values above the group
+    x[:, 200:210] = 9.0  # places 45-54: across the 50th, ending inside the list
+    logits = x.to(torch.float32).to(device)
+    targets = torch.tensor([203, 5, 300, 209]).to(device)
+    ks = torch.full((4,), k)
+    ps = torch.tensor([1.0, 0.9, 0.5, 1.0])
+    mins = torch.tensor([0.0, 0.0, 0.0, 1e-4])
+    count = candidate_count(0, k, False)
+    assert count >= 55, count
+    opts = RowOptions(ks.to(device), ps.to(torch.float32).to(device),
+                      mins.to(torch.float32).to(device), 0, None, count)
+    parts, values, ids = tse.logprob_topk_partials(logits, targets, 0, 1.0, count)
+
+    def mass_above(thresholds, ref_m):
+        raise AssertionError("a pass over the logits for a tie inside the candidates")
+
+    got = finish_rows(merge_state(parts[None]), values, ids, None, opts, mass_above)
+    want = ref.sampler_logprobs(logits, targets.cpu(), 1.0, ks, ps.double(), mins.double(), 0)
+    assert_scores(got.log_probs, want["log_probs"], "log_probs")
+    assert_scores(got.entropy, want["entropy"], "entropy")
+
+
 # ---- compile, opcheck, bad arguments ----
 
 @pytest.mark.parametrize("device", DEVICES)

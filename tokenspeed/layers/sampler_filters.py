@@ -48,11 +48,18 @@ class RowOptions:
                           self.candidates, self.filtered)
 
 
+# candidates past the largest top_k: a group of equal values across the k-th place (bf16
+# logits tie often: a few values share each representable step near the top) is settled
+# from the list when it ends inside it; one that runs past the list costs a pass over the
+# logits for the top-k set's mass
+TIE_SLACK = 16
+
+
 def candidate_count(top_logprobs: int, max_top_k: int, open_filter: bool) -> int:
-    """Candidates per row: one more than the largest top_k, so that a tie across the
-    k-th place shows (the next candidate is then below it); all 64 when a top-p or min-p
-    row has no top_k (the nucleus usually fits)."""
-    k = max(top_logprobs, max_top_k + 1 if max_top_k > 0 else 0)
+    """Candidates per row: TIE_SLACK more than the largest top_k (at least one more shows
+    whether a tie crosses the k-th place: the next candidate is then below it); all 64
+    when a top-p or min-p row has no top_k (the nucleus usually fits)."""
+    k = max(top_logprobs, max_top_k + TIE_SLACK if max_top_k > 0 else 0)
     if open_filter:
         k = MAX_CANDIDATES
     return max(1, min(k, MAX_CANDIDATES))
