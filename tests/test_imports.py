@@ -8,7 +8,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "tokenspeed"
 # what model code (layers/, models/) and the TP group must never reach, even indirectly
 ABOVE_THE_MODEL = {"tokenspeed.engine", "tokenspeed.cli", "tokenspeed.parallel.workers",
-                   "tokenspeed.parallel.dp", "tokenspeed.shard"}
+                   "tokenspeed.parallel.dp", "tokenspeed.shard", "tokenspeed.session"}
 
 
 def module_name(path: Path) -> str:

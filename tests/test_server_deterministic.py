@@ -1,7 +1,7 @@
-"""The server's merged engine calls in deterministic mode, in process (CPU): requests that
-share one compute_log_probs call get back, bit for bit, what a direct call of the same
-engine on each request alone returns. (In the default mode batch company moves the last
-bits, tests/test_server.py allows COMPANY_TOL for it.)"""
+"""The server's shared engine sessions in deterministic mode, in process (CPU): requests
+scored in one session, sharing its batches, get back, bit for bit, what a direct call of
+the same engine on each request alone returns. (In the default mode batch company moves
+the last bits, tests/test_server.py allows COMPANY_TOL for it.)"""
 from __future__ import annotations
 
 import asyncio
@@ -35,7 +35,7 @@ def random_request(rng: random.Random) -> list[dict]:
 async def _score_merged(service: ScoringService, app, requests: list[tuple[list, dict]]
                         ) -> list[str]:
     """Every request queued behind a blocked engine thread, so each group of equal options
-    becomes one engine call; returns the response bodies."""
+    becomes one engine session; returns the response bodies."""
     gate = threading.Event()
     blocker = service.submit_op(lambda engine: gate.wait(60))
     transport = httpx.ASGITransport(app=app)
@@ -57,7 +57,7 @@ async def _score_merged(service: ScoringService, app, requests: list[tuple[list,
 
 def test_merged_requests_equal_direct_calls_bitwise_when_deterministic(tmp_path):
     path = make_checkpoint(tmp_path / "ckpt", "Qwen3ForCausalLM", vocab=VOCAB, seed=5)
-    # small batches: the merged call spans several, each request alone fewer, so the
+    # small batches: a session spans several, each request alone fewer, so the
     # GEMMs see other shapes and prefills split elsewhere
     engine = Engine(path, device="cpu", dtype="float32", max_batch_tokens=256,
                     deterministic=True)
@@ -65,12 +65,12 @@ def test_merged_requests_equal_direct_calls_bitwise_when_deterministic(tmp_path)
     requests = [(random_request(rng), OPTIONS[i % 2]) for i in range(12)]
     with serving(engine, path) as (service, app):  # stopping closes the engine
         bodies = asyncio.run(_score_merged(service, app, requests))
-        # one engine call per option group, holding all of its requests
+        # one engine session per option group, holding all of its requests
         registry = service.metrics.registry
         assert registry.get_sample_value("tokenspeed_batch_requests_count") == 2
         assert registry.get_sample_value("tokenspeed_batch_requests_sum") == 12
         for (seqs, opts), body in zip(requests, bodies):
-            engine.flush_cache()  # alone: nothing of the merged call is reused
+            engine.flush_cache()  # alone: nothing of the session is reused
             direct = engine.compute_log_probs(seqs, **opts)
             # JSON writes each float's shortest repr, which reads back to the same bits
             # (-0.0 included), so equal text is bitwise equality

@@ -17,6 +17,8 @@ httpx = pytest.importorskip("httpx")
 
 from server_testing import serving  # noqa: E402
 
+from tokenspeed.session import Part  # noqa: E402
+
 VOCAB = 97
 
 
@@ -52,13 +54,13 @@ def test_filtered_scores_come_back_as_minus_infinity(served):
 def test_nan_score_fails_the_request(served, monkeypatch):
     engine, service, app = served
     seqs = [{"prompt_token_ids": [3, 14], "completion_token_ids": [15, 92]}]
-    real = engine.compute_log_probs
+    real = Part.result
 
-    def nan_scores(*args, **kwargs):
-        out = real(*args, **kwargs)
+    def nan_scores(part):
+        out = real(part)
         out["log_probs"][0][1] = math.nan
         return out
-    monkeypatch.setattr(engine, "compute_log_probs", nan_scores)
+    monkeypatch.setattr(Part, "result", nan_scores)
     response = _post(app, {"sequences": seqs})
     assert response.status_code == 500
     assert "NaN" in response.json()["error"]

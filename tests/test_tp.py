@@ -276,6 +276,16 @@ def test_single_process_update_weights_and_bad_batches(ckpts, reference, device)
         engine.update_weights(iter(new.items()))
         assert engine.stats()["weight_version"] == 1
         assert_close(engine.compute_log_probs(seqs, 0.7, return_entropy=True), reference["new"])
+        # a session over the workers: one merged call per step, a bad part rejected alone
+        with engine.session(0.7, return_entropy=True) as session:
+            first, second = session.add(seqs[:2]), session.add(seqs[2:])
+            with pytest.raises(ValueError, match="completion_token_ids.0. is 10000"):
+                session.add(BAD)
+            assert session.step() == [first, second]
+            out = {key: first.result()[key] + second.result()[key]
+                   for key in ("log_probs", "entropy", "tokens")}
+        assert second.result()["weight_version"] == 1
+        assert_close(out, reference["new"])
     with pytest.raises(RuntimeError, match="closed"):
         engine.stats()
 

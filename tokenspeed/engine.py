@@ -22,6 +22,7 @@ from .padded import ids_to_host, padded_sequences, scatter_scores
 from .parallel.group import check_shardable
 from .parallel.launch import launched_spmd
 from .parallel.workers import WorkerPool
+from .session import MergedPart, MergedSession, Part, ScoringSession
 from .shard import LocalShard
 from .weight_sync import DEFAULT_BUCKET_BYTES
 
@@ -171,6 +172,40 @@ class Engine:
         return self._call("compute_log_probs", ids_to_host(sequences), temperature, **kwargs)
 
     @_serialised
+    def session(self, temperature: float = 1.0, *, top_k: int = 0, top_p: float = 1.0,
+                min_p: float = 0.0, return_entropy: bool = False, top_logprobs: int = 0,
+                token_ids: Sequence[int] | None = None, return_tensors: bool = False,
+                return_routed_experts: bool = False) -> Session:
+        """A scoring session: compute_log_probs's options fixed, its sequences given in
+        parts that share the scheduler's batches and finish one by one::
+
+            with engine.session(temperature=0.7) as session:
+                a = session.add(seqs_a)        # validated as compute_log_probs would
+                b = session.add(seqs_b)        # queued behind a's requests
+                while not (a.done and b.done):
+                    for part in session.step():    # one batch; parts that finished
+                        out = part.result()        # compute_log_probs's dict for it
+
+        ``add`` raises what compute_log_probs would for its sequences (and for bad options)
+        and adds nothing; ``step`` runs one batch, or waits for the device when nothing is
+        left to run; ``cancel(part)`` drops a part's remaining work. A part's results are
+        those of compute_log_probs on the same sequences up to the batch company: bitwise
+        in deterministic mode, else to the GEMMs' rounding. While a session is open the
+        engine runs no other scoring call, and no weight update while a part is in flight.
+        From a plain process with tp_size > 1 (worker processes) each step is one merged
+        compute_log_probs call of the parts added since the previous step (lists only).
+        """
+        options: dict[str, Any] = dict(return_entropy=return_entropy,
+                                       return_tensors=return_tensors,
+                                       return_routed_experts=return_routed_experts)
+        rich = dict(top_k=top_k, top_p=top_p, min_p=min_p, top_logprobs=top_logprobs,
+                    token_ids=token_ids)
+        if isinstance(self._backend, WorkerPool):
+            return Session(self, MergedSession(self._backend.call, temperature,
+                                               rich_options=rich, **options))
+        return Session(self, self._backend.session(temperature, **options, **rich))
+
+    @_serialised
     def score_padded(self, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor,
                      temperature: float = 1.0, **options: Any) -> dict[str, Any]:
         """Score a trainer's padded batch: ``[B, L]`` ids and masks (left or right padding,
@@ -288,7 +323,8 @@ class Engine:
         - ``prefix_hit_tokens``: tokens served from the prefix cache instead of recomputed,
           of which ``same_batch_hit_tokens`` were written earlier in the same batch;
         - ``inserted_pages``, ``evicted_pages``: pages that entered / left the prefix cache;
-        - ``waiting``, ``running``: requests queued / admitted (both 0 between calls);
+        - ``waiting``, ``running``: requests queued / admitted (both 0 when no call or
+          session has work in flight);
         - ``scored_tokens``: completion tokens scored since the engine was built;
         - ``weight_version``: the number of updates (``update_weights`` and its
           ``_from_distributed`` / ``_from_ipc`` forms) that wrote weights;
@@ -309,6 +345,41 @@ class Engine:
                 self._backend.close()
 
     def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Session:
+    """Engine.session's handle: each call holds the engine's lock, like the engine's own."""
+
+    def __init__(self, engine: Engine, session: ScoringSession | MergedSession):
+        self._engine, self._session = engine, session
+
+    def _locked(self, method: str, *args: Any) -> Any:
+        with self._engine._lock:
+            if self._engine._closed:
+                raise RuntimeError("engine is closed")
+            return getattr(self._session, method)(*args)
+
+    def add(self, sequences: Sequence[Mapping[str, Any]], *, pad_to: int | None = None
+            ) -> Part | MergedPart:
+        return self._locked("add", ids_to_host(sequences), pad_to)
+
+    def step(self) -> list[Part | MergedPart]:
+        return self._locked("step")
+
+    def cancel(self, part: Part | MergedPart) -> None:
+        self._locked("cancel", part)
+
+    def close(self) -> None:
+        """Abort what is left of its parts; a closed engine has nothing left to abort."""
+        with self._engine._lock:
+            if not self._engine._closed:
+                self._session.close()
+
+    def __enter__(self) -> Session:
         return self
 
     def __exit__(self, *exc: object) -> None:

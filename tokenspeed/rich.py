@@ -96,22 +96,14 @@ class RichCall:
         width = 0 if self.token_ids is None else self.token_ids.shape[1]
         return max(1, plain_rows * 8 // (8 + 12 * self.top_logprobs + 4 * width))
 
-    def row_options(self, dst: Tensor, device: torch.device) -> RowOptions:
-        """The options of a batch's scored rows, whose flat output slots are ``dst``."""
-        def rows(t: Tensor) -> Tensor:
-            return t[dst].to(device, non_blocking=True)
-        return RowOptions(rows(self.top_k), rows(self.top_p), rows(self.min_p),
-                          self.top_logprobs,
-                          None if self.token_ids is None else rows(self.token_ids),
-                          self.candidates, self.filtered)
-
     def store(self, dst: Tensor, extras: dict[str, Tensor]) -> None:
         """Write one copy-out's extra outputs (already on the host) to their slots."""
         if self.top_logprobs:
             self.top_ids_out[dst] = extras["top_ids"]
             self.top_lp_out[dst] = extras["top_logprobs"]
         if self.token_ids is not None:
-            self.token_lp_out[dst] = extras["token_logprobs"]
+            # a batch's requested ids are as wide as the widest part in it asks
+            self.token_lp_out[dst] = extras["token_logprobs"][:, :self.token_ids.shape[1]]
 
     def package(self, out: dict[str, Any], lengths: list[int], return_tensors: bool,
                 width: int, device: torch.device) -> None:
@@ -136,6 +128,41 @@ class RichCall:
                 counts = iter(self.id_counts)
                 out["token_ids_logprobs"] = [[row[:next(counts)] for row in seq.tolist()]
                                              for seq in lps]
+
+
+def row_options(runs: Sequence[tuple[RichCall | None, Tensor]], device: torch.device
+                ) -> RowOptions | None:
+    """The options of a batch's scored rows, which come in runs of one call (or session
+    part) each: ``runs`` holds each run's RichCall (None: a call that asked for nothing
+    beyond plain log-probs, whose rows take the defaults: no filter, no ids) and its rows'
+    flat output slots. None when no run has a RichCall: the plain path. top_logprobs is a
+    call-wide option, so every RichCall of a batch has the same."""
+    calls = [rich for rich, _ in runs if rich is not None]
+    if not calls:
+        return None
+    width = max((r.token_ids.shape[1] for r in calls if r.token_ids is not None),
+                default=None)
+    top_k, top_p, min_p, ids = [], [], [], []
+    for rich, dst in runs:
+        n = len(dst)
+        if rich is None:
+            top_k.append(torch.full((n,), DEFAULTS["top_k"], dtype=torch.int64))
+            top_p.append(torch.full((n,), DEFAULTS["top_p"], dtype=torch.float32))
+            min_p.append(torch.full((n,), DEFAULTS["min_p"], dtype=torch.float32))
+        else:
+            top_k.append(rich.top_k[dst])
+            top_p.append(rich.top_p[dst])
+            min_p.append(rich.min_p[dst])
+        if width is not None:
+            own = (torch.empty(n, 0, dtype=torch.int64)
+                   if rich is None or rich.token_ids is None else rich.token_ids[dst])
+            ids.append(torch.nn.functional.pad(own, (0, width - own.shape[1]), value=-1))
+
+    def rows(parts: list[Tensor]) -> Tensor:
+        return torch.cat(parts).to(device, non_blocking=True)
+    return RowOptions(rows(top_k), rows(top_p), rows(min_p), calls[0].top_logprobs,
+                      None if width is None else rows(ids),
+                      max(r.candidates for r in calls), any(r.filtered for r in calls))
 
 
 def _pad3(parts: Sequence[Tensor], fill: float, width: int) -> Tensor:

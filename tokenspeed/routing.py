@@ -17,7 +17,7 @@ and the scheduler's radix cache compares these ids along with the tokens (route 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,7 +87,6 @@ def routing_digest(routes: list[Tensor | None]) -> str:
 class _Request:
     length: int
     forced: Tensor | None  # [length - 1, L, k] int32 on the host
-    capture_index: int | None  # the sequence whose routing it reports
 
 
 class RoutingTable:
@@ -122,17 +121,23 @@ class RoutingTable:
 
 
 class CallRouting:
-    """The routing work of one compute_log_probs call: forced rows per batch, the slot
-    buffer's writes, and the gathered routing of each capturing request."""
+    """The routing work of one scoring session (a compute_log_probs call is one): forced
+    rows per batch, the slot buffer's writes, and the gathered routing of each request
+    when the session captures."""
 
     def __init__(self, table: RoutingTable, capture: bool):
         self.table, self.capture = table, capture
         self.requests: dict[int, _Request] = {}
-        self.gathered: dict[int, Tensor] = {}  # sequence index -> [length - 1, L, k] on device
+        self.gathered: dict[int, Tensor] = {}  # request id -> [length - 1, L, k] on device
 
-    def add(self, request_id: int, length: int, forced: Tensor | None,
-            sequence: int) -> None:
-        self.requests[request_id] = _Request(length, forced, sequence if self.capture else None)
+    def add(self, request_id: int, length: int, forced: Tensor | None) -> None:
+        self.requests[request_id] = _Request(length, forced)
+
+    def forget(self, request_ids: Iterable[int]) -> None:
+        """Requests that finished (their routing reported) or were dropped."""
+        for rid in request_ids:
+            self.requests.pop(rid, None)
+            self.gathered.pop(rid, None)
 
     def metadata(self, batch) -> RoutingMetadata | None:
         """The batch's forced rows (host-built, one copy) and capture buffer."""
@@ -162,20 +167,21 @@ class CallRouting:
         ps = self.table.page_size
         for e in batch.entries:
             r = self.requests.get(e.request_id)
-            if r is None or r.capture_index is None or e.end != r.length:
+            if r is None or e.end != r.length:
                 continue
             pos = torch.arange(r.length - 1)
             pages = torch.tensor(e.pages, dtype=torch.int64)
             slots = (pages[pos // ps] * ps + pos % ps).to(self.table.device, non_blocking=True)
-            self.gathered[r.capture_index] = self.table.slots[slots]
+            self.gathered[e.request_id] = self.table.slots[slots]
 
-    def result(self, num_sequences: int, lengths: list[int], device: torch.device
+    def result(self, request_ids: list[int | None], lengths: list[int], device: torch.device
                ) -> list[Tensor]:
-        """Per sequence, its routing [length - 1, L, k] int32 on ``device``, moved there in
-        one copy (a copy per sequence waited for the device once per sequence)."""
-        rows = [self.gathered.get(i) for i in range(num_sequences)]
+        """Per sequence (its request id; None for one without a request), its routing
+        [length - 1, L, k] int32 on ``device``, moved there in one copy (a copy per
+        sequence waited for the device once per sequence)."""
+        rows = [None if rid is None else self.gathered.get(rid) for rid in request_ids]
         # nothing gathered: a one-token prompt without a completion (no positions), or a
-        # sequence cancelled mid-call (its positions report no experts, -1)
+        # sequence dropped mid-call (its positions report no experts, -1)
         rows = [r if r is not None else
                 self.table.slots.new_full((max(lengths[i] - 1, 0), *self.table.shape), -1)
                 for i, r in enumerate(rows)]

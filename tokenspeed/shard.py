@@ -1,17 +1,18 @@
 """LocalShard: one process's part of an engine (the whole model at tp_size 1, one rank's
 shard under tensor parallelism): its model, KV pool, scheduler and runner.
 
-Data flows one way: the whole call is validated first (so a bad call changes nothing),
-every sequence with a completion becomes one scheduler request, each scheduler batch
-runs as one packed forward, and each batch entry's scores land in its request's slice of
-one flat result buffer. The batch loop never waits for the device: scores stay there
-until the end of the call, which brings them to the host in one copy.
+Data flows one way: a call is validated first (so a bad call changes nothing), every
+sequence with a completion becomes one scheduler request, each scheduler batch runs as
+one packed forward, and each batch entry's scores land in its request's slice of a flat
+result buffer. Scoring runs in sessions (session.py): compute_log_probs is a session with
+one part; a server keeps one open across its requests. The batch loop never waits for the
+device: scores stay there until a copy-out, which brings them to the host.
 """
 from __future__ import annotations
 
 import os
 import traceback
-from collections.abc import Callable, Iterable, Mapping, Sequence, Set
+from collections.abc import Iterable, Mapping, Sequence, Set
 from typing import Any
 
 import tokenspeed_ext as tse
@@ -26,28 +27,18 @@ from .layers.gemm import building_batch_invariant
 from .layers.logprob_head import HeadOptions
 from .models import load_model
 from .models.loader import WeightMap
-from .padded import check_pad_to, flat_index, pad_flat, padding_mask, to_device
-from .parallel.group import (TPGroup, building_with, kv_head_range, sequences_fingerprint)
+from .parallel.group import TPGroup, building_with, kv_head_range
 from .parallel.launch import init_tp_group
 from .rich import RichCall, plan
-from .routing import CallRouting, RoutingTable, check_routed_experts, routing_digest
-from .runner import BatchScores, ModelRunner
+from .routing import RoutingTable, check_routed_experts
+from .runner import ModelRunner
+from .session import ScoreCopy, ScoringSession
 from .weight_sync import (DEFAULT_BUCKET_BYTES, init_weight_sync_group, open_ipc_handles,
                           receive_weights)
 
 MAX_CPU_KV_TOKENS = 1 << 18
 # scored rows held on the device before they are copied out mid-call (32 MiB with entropy)
 MAX_PENDING_ROWS = 1 << 22
-
-
-def _pad_routing(rows: list[Tensor], shape: tuple[int, int], device: torch.device) -> Tensor:
-    """[N, max positions, L, k] int32 on ``device`` (where the rows are), -1 past each
-    sequence's own positions."""
-    width = max((len(r) for r in rows), default=0)
-    out = torch.full((len(rows), width, *shape), -1, dtype=torch.int32, device=device)
-    for i, r in enumerate(rows):
-        out[i, :len(r)] = r
-    return out
 
 
 class LocalShard:
@@ -75,6 +66,7 @@ class LocalShard:
         self.weight_sync = None  # the trainer's weight-sync group, once joined
         self.scored_tokens = 0
         self._next_request_id = 0
+        self._session: ScoringSession | None = None  # the open one, if any
 
     def _load(self) -> None:
         """Load this rank's shard of the model."""
@@ -172,6 +164,20 @@ class LocalShard:
                  **rich_options: Any) -> None:
         self.tp.validated(lambda: self._validate_rich(sequences, temperature, rich_options))
 
+    def session(self, temperature: float = 1.0, *, return_entropy: bool = False,
+                return_tensors: bool = False, return_routed_experts: bool = False,
+                **rich_options: Any) -> ScoringSession:
+        """A scoring session with these call options (session.py); one is open at a time,
+        and compute_log_probs opens one too. Options are checked by its ``add``."""
+        if self._session is not None and not self._session.closed:
+            raise RuntimeError("a scoring session is open on this engine (compute_log_probs "
+                               "runs in one too); close it first")
+        self._session = ScoringSession(
+            self, temperature, return_entropy=return_entropy, return_tensors=return_tensors,
+            return_routed_experts=return_routed_experts, rich_options=rich_options,
+            max_rows=MAX_PENDING_ROWS)
+        return self._session
+
     def compute_log_probs(self, sequences: Sequence[Mapping[str, Any]], temperature: float = 1.0,
                           *, return_entropy: bool = False, return_tensors: bool = False,
                           pad_to: int | None = None, return_routed_experts: bool = False,
@@ -182,63 +188,18 @@ class LocalShard:
         if cancelled is not None and self.tp.size > 1:
             # ranks would see the set change at different batches and leave lockstep
             raise ValueError("cancelled needs tp_size 1")
-        seqs, temperature, rich, routes = self.tp.validated(
-            lambda: self._validate_rich(sequences, temperature, rich_options,
-                                        return_routed_experts),
-            lambda v: sequences_fingerprint(v[0], v[1], return_entropy, return_routed_experts,
-                                            v[2] and v[2].fingerprint(), routing_digest(v[3])))
-        lengths = [len(c) for _, c in seqs]
-        width = check_pad_to(pad_to, return_tensors, lengths)
-        offsets = [0]
-        for n in lengths:
-            offsets.append(offsets[-1] + n)
-        # tensors are returned on the engine's device: the scores never visit the host
-        where = self.config.device if return_tensors else torch.device("cpu")
-        flat_lp = torch.empty(offsets[-1], dtype=torch.float32, device=where)
-        flat_ent = (torch.empty(offsets[-1], dtype=torch.float32, device=where)
-                    if return_entropy else None)
-        # request id -> (first output slot, logprob_start)
-        requests: dict[int, tuple[int, int]] = {}
-        call = None
-        if self.routing is not None:
-            self.routing.prepare(return_routed_experts, self.scheduler)
-            call = CallRouting(self.routing, return_routed_experts)
-        rid_of: dict[int, int] = {}  # sequence index -> request id
-        try:
-            for i, (prompt, completion) in enumerate(seqs):
-                # a capture reports the prompt's routing even with nothing to score
-                if completion or (return_routed_experts and len(prompt) > 1):
-                    rid = rid_of[i] = self._next_request_id
-                    self._next_request_id += 1
-                    start = len(prompt) - 1
-                    requests[rid] = (offsets[i], start)
-                    tokens = prompt + completion
-                    route_ids = None
-                    if call is not None:
-                        call.add(rid, len(tokens), routes[i], i)
-                        route_ids = self.routing.route_ids(routes[i], len(tokens))
-                    self.scheduler.add(rid, tokens, start, route_ids)
-            self._run(requests, temperature, flat_lp, flat_ent, rich, call,
-                      lambda: self._drop(cancelled, rid_of, requests) if cancelled else None)
-        finally:
-            for rid in requests:
-                self.scheduler.abort(rid)
-        dropped = sorted(cancelled.copy()) if cancelled else []
-        for i in dropped:
-            # a dropped sequence's rows are partly scored, partly never written
-            flat_lp[offsets[i]:offsets[i + 1]] = float("nan")
-            if flat_ent is not None:
-                flat_ent[offsets[i]:offsets[i + 1]] = float("nan")
-        self.scored_tokens += offsets[-1] - sum(lengths[i] for i in dropped)
-        out = self._package(seqs, lengths, flat_lp, flat_ent, return_tensors, width)
-        if rich is not None:
-            rich.package(out, lengths, return_tensors, width, where)
-        if return_routed_experts:
-            routed = call.result(len(seqs), [len(p) + len(c) for p, c in seqs], where)
-            out["routed_experts"] = (_pad_routing(routed, self.routing.shape, where)
-                                     if return_tensors else [r.tolist() for r in routed])
-        out["weight_version"] = self.weight_version
-        return out
+        with self.session(temperature, return_entropy=return_entropy,
+                          return_tensors=return_tensors,
+                          return_routed_experts=return_routed_experts,
+                          **rich_options) as session:
+            part = session.add(sequences, pad_to)
+            while not part.done:
+                session.step()
+                if cancelled:
+                    session.drop(part, cancelled.copy())  # another thread may add to it
+        if cancelled:
+            part.dropped.update(cancelled.copy())
+        return part.result()
 
     def _validate_rich(self, sequences: Any, temperature: Any, options: dict[str, Any],
                        return_routed_experts: bool = False
@@ -251,135 +212,11 @@ class LocalShard:
         rich = plan(sequences, seqs, self.model_config.vocab_size, options)
         return seqs, temperature, rich, routes
 
-    def _run(self, requests: dict[int, tuple[int, int]], temperature: float,
-             flat_lp: Tensor, flat_ent: Tensor | None, rich: RichCall | None = None,
-             call: CallRouting | None = None,
-             between_batches: Callable[[], None] | None = None) -> None:
-        """Drive the scheduler until every request finished; pops finished ids.
-        ``between_batches`` runs after each batch is completed and may pop requests.
-
-        A batch is completed as soon as its forward is enqueued: the device runs batches
-        in stream order, so its K/V is written before any later batch reads it, which is
-        all the scheduler's page reuse and in-flight prefix sharing need. Its scores stay
-        on the device until ``_copy_scores``, the loop's only wait for the device.
-        """
-        pending: list[tuple[BatchScores, Tensor]] = []
-        rows = 0
-        max_rows = MAX_PENDING_ROWS if rich is None else rich.pending_rows(MAX_PENDING_ROWS)
-        while requests:
-            batch = self.scheduler.schedule()
-            if batch is None:
-                self._discard(None, requests)
-                raise RuntimeError("internal error: the scheduler has unfinished requests "
-                                   "but made no batch; the call was aborted")
-            try:
-                routing = None if call is None else call.metadata(batch)
-                dst = self._destinations(batch, requests)
-                scores = self.runner.run(batch, temperature, flat_ent is not None,
-                                         rich and rich.row_options(dst, self.config.device),
-                                         routing)
-                if call is not None and call.capture:
-                    call.after_batch(batch)
-                if dst.shape != scores.log_probs.shape:
-                    raise RuntimeError(f"internal error: a batch scored "
-                                       f"{tuple(scores.log_probs.shape)} rows for "
-                                       f"{tuple(dst.shape)} destinations")
-            except BaseException:
-                self._discard(batch, requests)
-                raise
-            if len(dst):
-                pending.append((scores, dst))
-                rows += len(dst)
-            for rid in self.scheduler.complete(batch):
-                requests.pop(rid)
-            if between_batches is not None:
-                between_batches()
-            if pending and (rows >= max_rows or not requests):
-                try:
-                    self._copy_scores(pending, flat_lp, flat_ent, rich)
-                except BaseException:
-                    self._discard(None, requests)
-                    raise
-                pending, rows = [], 0
-
-    def _drop(self, cancelled: Set[int], rid_of: dict[int, int],
-              requests: dict[int, tuple[int, int]]) -> None:
-        """Abort the requests of cancelled sequences: their pages return to the pool (full
-        ones they wrote stay cached) and no later batch holds them. Every batch so far was
-        completed, so no page they own is still being written."""
-        for i in cancelled.copy():  # another thread may add to the set meanwhile
-            rid = rid_of.get(i)
-            if rid in requests:
-                self.scheduler.abort(rid)
-                del requests[rid]
-
     @staticmethod
-    def _destinations(batch, requests: dict[int, tuple[int, int]]) -> Tensor:
-        """Flat output index (int64, host) of each scored row of the batch, in the order
-        the runner returns them."""
-        firsts, counts = [], []
-        for e in batch.entries:
-            n = e.score_end - e.score_begin
-            if n > 0:
-                first, start = requests[e.request_id]
-                firsts.append(first + e.begin + e.score_begin - start)
-                counts.append(n)
-        count = torch.tensor(counts, dtype=torch.int64)
-        # row i of entry j goes to firsts[j] + (i - rows before entry j)
-        shift = torch.tensor(firsts, dtype=torch.int64) - (count.cumsum(0) - count)
-        return torch.arange(int(count.sum())) + shift.repeat_interleave(count)
-
-    @staticmethod
-    def _copy_scores(pending: list[tuple[BatchScores, Tensor]], flat_lp: Tensor,
-                     flat_ent: Tensor | None, rich: RichCall | None = None) -> None:
-        """Bring the pending batches' scores to the flat output in one copy and write them
-        to their rows: to the host (which waits for the device), or for device outputs
-        within the device (which waits for nothing). Rich outputs go to the host."""
-        host_dst = torch.cat([d for _, d in pending])
-        dst = to_device(host_dst, flat_lp.device)
-        parts = [s.log_probs for s, _ in pending]
-        if flat_ent is not None:
-            parts += [s.entropy for s, _ in pending]
-        values = torch.cat(parts).to(flat_lp.device)
-        flat_lp.index_copy_(0, dst, values[:len(dst)])
-        if flat_ent is not None:
-            flat_ent.index_copy_(0, dst, values[len(dst):])
-        if rich is not None:
-            rich.store(host_dst, {name: torch.cat([s.extras[name] for s, _ in pending]).cpu()
-                                  for name in pending[0][0].extras})
-
-    def _discard(self, batch, requests: dict[int, tuple[int, int]]) -> None:
-        """The call failed with batches in flight: ``batch`` (None when the failure came
-        later, waiting for the device) may have written only some of its K/V, and so may
-        an earlier batch whose error the device reports late. Abort the call's requests,
-        retire the batch (else later requests wait on its pages forever) and flush the
-        prefix cache, which may hold pages those batches left unwritten."""
-        for rid in requests:
-            self.scheduler.abort(rid)
-        requests.clear()
-        if batch is not None:
-            self.scheduler.complete(batch)
-        self.scheduler.flush()
-
-    def _package(self, seqs: list[tuple[list[int], list[int]]], lengths: list[int],
-                 flat_lp: Tensor, flat_ent: Tensor | None, return_tensors: bool, width: int
-                 ) -> dict[str, Any]:
-        if not return_tensors:
-            out = {"log_probs": [r.tolist() for r in flat_lp.split(lengths)],
-                   "tokens": [c for _, c in seqs]}
-            if flat_ent is not None:
-                out["entropy"] = [r.tolist() for r in flat_ent.split(lengths)]
-            return out
-        device = self.config.device
-        mask = padding_mask(lengths, width)
-        index = to_device(flat_index(mask), device)
-        tokens = torch.tensor([t for _, c in seqs for t in c], dtype=torch.int64)
-        out = {"log_probs": pad_flat(flat_lp, index, mask.shape),
-               "tokens": pad_flat(to_device(tokens, device), index, mask.shape),
-               "mask": to_device(mask, device)}
-        if flat_ent is not None:
-            out["entropy"] = pad_flat(flat_ent, index, mask.shape)
-        return out
+    def _copy_scores(copy: ScoreCopy) -> None:
+        """Store a copy-out of scores into its parts' buffers: a session's one wait for the
+        device (none for device outputs)."""
+        copy.store()
 
     def update_weights(self, weights: Mapping[str, Tensor] | Iterable[tuple[str, Tensor]], *,
                        check_finite: bool = True) -> None:
@@ -392,6 +229,9 @@ class LocalShard:
     def _write_weights(self, items: list[tuple[str, Tensor]]) -> None:
         """Write checked weights, flush the prefix cache and bump the version: all of it
         or, should a write fail, the parameters it was writing marked torn."""
+        if self._session is not None and self._session.has_requests:
+            raise RuntimeError("a scoring session has requests in flight, which would be "
+                               "scored on two sets of weights; finish or close it first")
         weight_map = WeightMap(self.model, write_tied_head=True)
         targets = {(r[0], r[2]) for r in (weight_map.resolve(name) for name, _ in items)
                    if r is not None}

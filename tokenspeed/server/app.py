@@ -1,8 +1,11 @@
 """The HTTP API (FastAPI on uvicorn) over a ScoringService.
 
-Handlers only parse, queue and await: every engine call runs on the service's thread.
-Errors are JSON ``{"error": message}`` (plus ``index`` and ``field`` for a bad
-sequence, as InvalidSequenceError carries them).
+Handlers only parse, queue and await: every engine call runs on the service's thread,
+and no JSON work does. A body is parsed on the event loop (in CPython a thread would
+only take turns with it for the same lock); a scored part is turned into lists and JSON
+in the threadpool, so a large response does not hold up the event loop. Errors are JSON
+``{"error": message}`` (plus ``index`` and ``field`` for a bad sequence, as
+InvalidSequenceError carries them).
 """
 from __future__ import annotations
 
@@ -83,6 +86,14 @@ def _encode_scores(result: dict[str, Any]) -> str:
     if _has_nan(result):
         raise HTTPError(500, "the model gave a NaN score (NaN or all -inf logits in a row)")
     return json.dumps(result)
+
+
+def _response(part: Any, metrics: Metrics) -> str:
+    """A scored part as the response body: compute_log_probs's dict, as JSON."""
+    result = part.result()
+    content = _encode_scores(result)
+    metrics.scored(result)
+    return content
 
 
 def _read_checkpoint(path: str) -> dict[str, Any]:
@@ -206,8 +217,8 @@ def create_app(service: ScoringService, metrics: Metrics, *, api_key: str | None
         if not job.future.done():
             service.cancel(job)
             return Response(status_code=CLIENT_GONE)
-        result = await settle(job)
-        content = _encode_scores(result)
+        part = await settle(job)
+        content = await run_in_threadpool(_response, part, metrics)
         metrics.latency.observe(time.perf_counter() - start)
         return Response(content, media_type="application/json")
 

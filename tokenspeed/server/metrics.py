@@ -1,5 +1,5 @@
 """Prometheus metrics of one server: its own counters plus the engine's stats, read from
-the snapshot the engine thread takes after every engine call (so /metrics never waits
+the snapshot the engine thread takes after every batch it runs (so /metrics never waits
 for the engine)."""
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-# merged calls hold from one request to hundreds; sequences from one to thousands
-REQUEST_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-SEQUENCE_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384)
+# sessions hold from one request to thousands; sequences from one to many thousands
+REQUEST_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096)
+SEQUENCE_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536)
 LATENCY_BUCKETS = (.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
@@ -57,18 +57,23 @@ class Metrics:
         self.queue_depth = Gauge("tokenspeed_queue_depth",
                                  "requests waiting for the engine thread", registry=r)
         self.running = Gauge("tokenspeed_running_requests",
-                             "HTTP requests in the engine call now running", registry=r)
-        self.merged_requests = Histogram("tokenspeed_batch_requests",
-                                         "HTTP requests merged into one engine call",
+                             "HTTP requests admitted into the engine session and not yet "
+                             "scored", registry=r)
+        self.admitted = Counter("tokenspeed_admitted_requests",
+                                "requests admitted into an engine session: as it opened "
+                                "(new) or into one already running batches (running)",
+                                ["session"], registry=r)
+        self.session_requests = Histogram("tokenspeed_batch_requests",
+                                         "HTTP requests scored in one engine session",
                                          buckets=REQUEST_BUCKETS, registry=r)
-        self.merged_sequences = Histogram("tokenspeed_batch_sequences",
-                                          "sequences in one engine call",
+        self.session_sequences = Histogram("tokenspeed_batch_sequences",
+                                          "sequences scored in one engine session",
                                           buckets=SEQUENCE_BUCKETS, registry=r)
         self.latency = Histogram("tokenspeed_score_latency_seconds",
                                  "/v1/score latency, body received to response ready",
                                  buckets=LATENCY_BUCKETS, registry=r)
         r.register(_EngineStats(stats))
 
-    def scored(self, job: Any, part: dict[str, Any]) -> None:
-        self.sequences.inc(len(job.sequences))
-        self.tokens.inc(sum(len(lp) for lp in part["log_probs"]))
+    def scored(self, result: dict[str, Any]) -> None:
+        self.sequences.inc(len(result["log_probs"]))
+        self.tokens.inc(sum(len(lp) for lp in result["log_probs"]))

@@ -1,15 +1,19 @@
 """The scoring loop: one thread owns the engine; HTTP handlers queue work and await it.
 
-Each turn the thread takes the oldest queued item. A weight update or cache flush runs
-alone. A scoring request is merged with every later queued request that has the same
-options (temperature, return_entropy, ...) up to the next update: each is validated on
-its own first (a bad one fails alone), the rest run as one ``compute_log_probs`` call,
-and each request gets exactly its own slice of the results. Requests that arrive while a
-call runs join the next one. Because updates are never merged past, a request admitted
-before an update is scored on the old weights and one admitted after on the new ones.
+Scoring requests with the same options (temperature, return_entropy, ...) share an engine
+session (Engine.session): the thread opens one for the oldest queued request's options,
+adds every queued request with those options up to the next weight update or cache flush,
+then steps it one batch at a time. Between batches it admits requests that arrived with
+the same options, as long as no request with other options and no update or flush is
+queued ahead of them; each request is validated as its part is added (a bad one fails
+alone) and is answered once its own sequences are scored, its part handed to the HTTP
+side, which packages and encodes it. A session that runs out of parts is closed; then
+the next queued item runs: an update or flush alone, or another session. Because
+admission stops at an update, a request admitted before it is scored on the old weights
+and one admitted after on the new ones, and no session straddles it.
 
-A request whose client went away is dropped from the queue, or, once its call runs, its
-sequences are cancelled in the engine between batches (pages freed, others unaffected).
+A request whose client went away is dropped from the queue, or, once admitted, its part
+is cancelled between batches (its requests aborted, pages freed, others unaffected).
 """
 from __future__ import annotations
 
@@ -68,17 +72,17 @@ class ScoreJob(_Work):
     key: str = ""
     admitted: float = field(default_factory=time.perf_counter)
     gone: bool = False
-    offset: int | None = None  # first index in the running call, once merged
+    part: Any = None  # its part of the running session, once added
 
     def __post_init__(self) -> None:
-        # an option left out and the same option at its default share calls
+        # an option left out and the same option at its default share sessions
         given = {**_DEFAULTS, **self.options}
         self.key = json.dumps(given, sort_keys=True, default=repr)
 
 
 @dataclass(eq=False)
 class EngineOp(_Work):
-    """A state change (weight update, cache flush) that no scoring call may straddle."""
+    """A state change (weight update, cache flush) that no scoring session may straddle."""
     run: Callable[[Engine], Any]
 
 
@@ -89,12 +93,12 @@ class ScoringService:
         self._banner = banner
         self._cond = threading.Condition()
         self._queue: deque[ScoreJob | EngineOp] = deque()
-        self._cancelled: set[int] = set()  # indices of the running call's gone sequences
+        self._gone: list[ScoreJob] = []  # admitted jobs whose clients went away
         self._stopping = False
         self.ready = False
         self.load_error: BaseException | None = None
         self.engine: Engine | None = None
-        self.stats: dict[str, Any] = {}  # engine.stats() after the latest engine call
+        self.stats: dict[str, Any] = {}  # engine.stats() after the latest engine step
         self._thread = threading.Thread(target=self._main, name="tokenspeed-engine",
                                         daemon=True)
         metrics.queue_depth.set_function(lambda: len(self._queue))
@@ -128,8 +132,8 @@ class ScoringService:
             job.gone = True
             if job in self._queue:
                 self._queue.remove(job)
-            elif job.offset is not None:
-                self._cancelled.update(range(job.offset, job.offset + len(job.sequences)))
+            elif job.part is not None:
+                self._gone.append(job)
 
     def stop(self) -> None:
         """Finish queued work, then close the engine (the thread's last act)."""
@@ -154,11 +158,13 @@ class ScoringService:
                 if isinstance(work, EngineOp):
                     self._run_op(work)
                 else:
-                    self._score(work)
+                    self._run_session(work)
         finally:
             self.engine.close()
 
     def _next(self) -> EngineOp | list[ScoreJob] | None:
+        """The oldest queued op, or the oldest job with every later queued job of its
+        options up to the next op."""
         with self._cond:
             while not self._queue and not self._stopping:
                 self._cond.wait()
@@ -177,6 +183,16 @@ class ScoringService:
                 self._queue.remove(job)
             return jobs
 
+    def _arrived(self, key: str) -> list[ScoreJob]:
+        """Jobs of the running session's options at the head of the queue: none once an
+        op or a job with other options waits ahead, so those never starve."""
+        with self._cond:
+            jobs = []
+            while self._queue and isinstance(self._queue[0], ScoreJob) \
+                    and self._queue[0].key == key:
+                jobs.append(self._queue.popleft())
+            return jobs
+
     def _run_op(self, op: EngineOp) -> None:
         try:
             result = op.run(self.engine)
@@ -188,59 +204,70 @@ class ScoringService:
         self._refresh_stats()
         op.settle(result, error)
 
-    def _score(self, jobs: list[ScoreJob]) -> None:
-        valid = []
-        for job in jobs:
-            try:
-                self.engine.validate(job.sequences, job.options.get("temperature", 1.0))
-                valid.append(job)
-            except (ValueError, TypeError) as e:
-                job.settle(error=RequestError(e))
-        sequences: list[Any] = []
-        with self._cond:
-            self._cancelled = set()
-            for job in valid:
-                if not job.gone:
-                    job.offset = len(sequences)
-                    sequences += job.sequences
-            merged = [job for job in valid if not job.gone]
-            cancelled = self._cancelled
-        if not merged:
-            return
-        spans = [(job, job.offset, len(job.sequences)) for job in merged]
-        version = self.stats["weight_version"]
-        self.metrics.merged_requests.observe(len(merged))
-        self.metrics.merged_sequences.observe(len(sequences))
-        self.metrics.running.set(len(merged))
-        # across tensor-parallel workers a live set cannot travel: a gone client's
-        # sequences are then scored and dropped
-        extra = {"cancelled": cancelled} if self.engine.config.tp_size == 1 else {}
+    def _run_session(self, jobs: list[ScoreJob]) -> None:
+        options = jobs[0].options
         try:
-            result = self.engine.compute_log_probs(sequences, **merged[0].options, **extra)
-            error = None
-        except (ValueError, TypeError) as e:  # options, shared by every merged job
-            result, error = None, RequestError(e)
+            session = self.engine.session(**options)
+        except (ValueError, TypeError) as e:  # an unknown option: the same for every job
+            for job in jobs:
+                job.settle(error=RequestError(e))
+            return
+        active: dict[Any, ScoreJob] = {}
+        counts = [0, 0]  # requests, sequences admitted
+        try:
+            self._admit(session, jobs, active, counts, "new")
+            while active:
+                for part in session.step():
+                    job = active.pop(part, None)
+                    if job is not None:
+                        job.settle(part)
+                self._refresh_stats()
+                self._drop_gone(session, active)
+                self._admit(session, self._arrived(jobs[0].key), active, counts, "running")
+                self.metrics.running.set(len(active))
         except Exception as e:  # noqa: BLE001 - the clients get a 500, the engine is intact
-            result, error = None, e
+            error = RequestError(e) if isinstance(e, (ValueError, TypeError)) else e
+            for job in active.values():
+                job.settle(error=error)
         finally:
-            with self._cond:
-                for job in merged:
-                    job.offset = None
+            session.close()
             self._refresh_stats()
             self.metrics.running.set(0)
-        for job, start, n in spans:
+            if counts[0]:
+                self.metrics.session_requests.observe(counts[0])
+                self.metrics.session_sequences.observe(counts[1])
+
+    def _admit(self, session: Any, jobs: list[ScoreJob], active: dict[Any, ScoreJob],
+               counts: list[int], into: str) -> None:
+        for job in jobs:
             if job.gone:
                 continue
-            if error is not None:
-                job.settle(error=error)
+            try:
+                part = session.add(job.sequences)
+            except (ValueError, TypeError) as e:
+                job.settle(error=RequestError(e))
                 continue
-            # per-sequence outputs are lists with one entry per sequence; the rest
-            # (a weight_version the engine may report) apply to every job as they are
-            part = {k: v[start:start + n] if isinstance(v, list) and len(v) == len(sequences)
-                    else v for k, v in result.items()}
-            part.setdefault("weight_version", version)
-            self.metrics.scored(job, part)
-            job.settle(part)
+            except Exception as e:  # noqa: BLE001 - e.g. torn weights: this job's 500
+                job.settle(error=e)
+                continue
+            with self._cond:
+                gone = job.gone
+                job.part = part
+            if gone:  # went away while it was being added
+                session.cancel(part)
+                continue
+            active[part] = job
+            counts[0] += 1
+            counts[1] += len(job.sequences)
+            self.metrics.admitted.labels(into).inc()
+        self.metrics.running.set(len(active))
+
+    def _drop_gone(self, session: Any, active: dict[Any, ScoreJob]) -> None:
+        with self._cond:
+            gone, self._gone = self._gone, []
+        for job in gone:
+            if active.pop(job.part, None) is not None:
+                session.cancel(job.part)
 
     def _refresh_stats(self) -> None:
         self.stats = self.engine.stats()
