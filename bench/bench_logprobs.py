@@ -60,8 +60,8 @@ def ours_rich(x, t, opts, ids=None):
         cand = torch.full((x.shape[0], 1), -1, dtype=torch.int64, device=x.device)
     token_x = None if ids is None else gather_token_logits(x, 0, ids, 1.0)
 
-    def mass_above(thresholds, ref_m):
-        return tse.logprob_mass_above(x, 1.0, thresholds, ref_m)
+    def mass_above(rows, thresholds, ref_m):
+        return tse.logprob_mass_above(x.index_select(0, rows), 1.0, thresholds, ref_m)
 
     return finish_rows(merge_state(parts[None]), vals, cand, token_x, opts, mass_above)
 

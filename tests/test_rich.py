@@ -68,9 +68,9 @@ def score_split(logits, targets, temperature, opts, bounds):
         token_x = torch.stack([gather_token_logits(logits[:, a:b], a, opts.token_ids,
                                                    temperature) for a, b in pieces]).max(0).values
 
-    def mass_above(thresholds, ref_m):
-        return in_order_sum(torch.stack([tse.logprob_mass_above(logits[:, a:b], temperature,
-                                                                thresholds, ref_m)
+    def mass_above(rows, thresholds, ref_m):
+        return in_order_sum(torch.stack([tse.logprob_mass_above(logits[rows, a:b],
+                                                                temperature, thresholds, ref_m)
                                          for a, b in pieces]))
 
     return finish_rows(state, values, ids, token_x, opts, mass_above)
@@ -379,29 +379,30 @@ def test_filters_off_equal_the_plain_op(device):
                                                   (1.0, 0.5, 0), (0.5, 0.5, 1)])
 def test_tie_past_the_candidates_takes_one_pass(device, top_p, min_p, passes):
     """A tie at the k-th place that runs past the candidates costs one pass over the
-    logits (the top-k set's mass), never the top-p radix search, and scores exactly; none
-    when min-p cuts above the tie and no top-p needs the set's mass."""
+    logits (the top-k set's mass) of the rows that have it, never the top-p radix search,
+    and scores exactly; none when min-p cuts above the tie and no top-p needs the set's
+    mass."""
     g = torch.Generator().manual_seed(11)
     v, k = 500, 50
-    x = torch.randn(3, v, generator=g, dtype=torch.float64)
-    x[:, 40:140] = 4.0  # 100 equal values across the k-th place and the 51 candidates
-    x[:, 5] = 6.0
+    x = torch.randn(4, v, generator=g, dtype=torch.float64)
+    x[:3, 40:140] = 4.0  # 100 equal values across the k-th place and the candidates
+    x[:, 5] = 6.0  # (the last row has no tie: its set is settled from the list)
     logits = x.to(torch.float32).to(device)
-    targets = torch.tensor([90, 5, 300]).to(device)
-    ks = torch.full((3,), k)
-    ps = torch.full((3,), top_p)
-    mins = torch.full((3,), min_p)
+    targets = torch.tensor([90, 5, 300, 7]).to(device)
+    ks = torch.full((4,), k)
+    ps = torch.full((4,), top_p)
+    mins = torch.full((4,), min_p)
     opts = RowOptions(ks.to(device), ps.to(torch.float32).to(device),
                       mins.to(torch.float32).to(device), 4, None, candidate_count(4, k, False))
     parts, values, ids = tse.logprob_topk_partials(logits, targets, 0, 1.0, opts.candidates)
     seen = []
 
-    def mass_above(thresholds, ref_m):
-        seen.append(thresholds.shape[1])
-        return tse.logprob_mass_above(logits, 1.0, thresholds, ref_m)
+    def mass_above(rows, thresholds, ref_m):
+        seen.append((rows.tolist(), thresholds.shape[1]))
+        return tse.logprob_mass_above(logits[rows], 1.0, thresholds, ref_m)
 
     got = finish_rows(merge_state(parts[None]), values, ids, None, opts, mass_above)
-    assert seen == [1] * passes, f"passes over the logits: {seen}"
+    assert seen == [([0, 1, 2], 1)] * passes, f"passes over the logits: {seen}"
     want = ref.sampler_logprobs(logits, targets.cpu(), 1.0, ks, ps.double(), mins.double(), 4)
     assert_scores(got.log_probs, want["log_probs"], "log_probs")
     assert_scores(got.entropy, want["entropy"], "entropy")
@@ -429,7 +430,7 @@ def test_tie_ending_inside_the_candidates_takes_no_pass(device):
                       mins.to(torch.float32).to(device), 0, None, count)
     parts, values, ids = tse.logprob_topk_partials(logits, targets, 0, 1.0, count)
 
-    def mass_above(thresholds, ref_m):
+    def mass_above(rows, thresholds, ref_m):
         raise AssertionError("a pass over the logits for a tie inside the candidates")
 
     got = finish_rows(merge_state(parts[None]), values, ids, None, opts, mass_above)

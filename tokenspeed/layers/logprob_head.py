@@ -219,9 +219,11 @@ class LogprobHead(nn.Module):
                                             opts.candidates)
         token_x = self._across_ranks(torch.stack(tok)).max(0).values if tok else None
 
-        def mass_above(thresholds: Tensor, ref_m: Tensor) -> Tensor:
-            sums = torch.stack([tse.logprob_mass_above(logits(), temperature, thresholds,
-                                                       ref_m)
+        def mass_above(rows: Tensor, thresholds: Tensor, ref_m: Tensor) -> Tensor:
+            # the rows' logits copied out of the piece (a row's sums depend on its values
+            # alone, wherever it sits: the same bits as in the whole block)
+            sums = torch.stack([tse.logprob_mass_above(logits().index_select(0, rows),
+                                                       temperature, thresholds, ref_m)
                                 for logits, _ in sources])
             return in_order_sum(self._across_ranks(sums))
 

@@ -21,8 +21,22 @@ from torch import Tensor
 # candidates the kernels can keep per row
 MAX_CANDIDATES = 64
 
-# thresholds [T, n] fp32, reference max [T] -> [T, n, 2] (mass, w) summed over the row
-MassAbove = Callable[[Tensor, Tensor], Tensor]
+# rows [R] int64 (indices into the block's rows), thresholds [R, n] fp32, reference max
+# [R] -> [R, n, 2] (mass, w) summed over each of those rows: a pass over only the rows
+# that need it (usually a few of a block), so its cost follows them, not the block
+MassAbove = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+def _mass_of_rows(mass_above: MassAbove, which: Tensor, thresholds: Tensor, ref_m: Tensor
+                  ) -> tuple[Tensor, Tensor]:
+    """mass_above over the rows where ``which`` [T] holds: (rows [R], [R, n, 2])."""
+    rows = which.nonzero()[:, 0]
+    return rows, mass_above(rows, thresholds.index_select(0, rows).contiguous(),
+                            ref_m.index_select(0, rows).contiguous())
+
+
+def _put(dest: Tensor, rows: Tensor, values: Tensor) -> Tensor:
+    return dest.index_put((rows,), values)
 
 
 @dataclass
@@ -140,8 +154,9 @@ def finish_rows(state: tuple[Tensor, Tensor, Tensor, Tensor], values: Tensor, id
 
     state: merge_state's (M, S, W, t); values, ids [T, kc]: the row's kc largest x;
     token_x [T, n]: x of the requested ids. ``mass_above`` runs a second pass over the
-    whole rows (every shard, summed in shard order); it is called only when some row's
-    kept set is not provably inside the candidates, and then identically on every rank.
+    whole of the rows it is given (every shard, summed in shard order); it is called only
+    for the rows whose kept set is not provably inside the candidates, and then
+    identically on every rank.
     """
     big_m, big_s, big_w, t = state
     ref_m = torch.where(torch.isfinite(big_m), big_m, torch.zeros_like(big_m))
@@ -210,9 +225,9 @@ def _kept_set(big_s: Tensor, big_w: Tensor, ref_m: Tensor, values: Tensor, ids: 
     # above it lies inside the list)
     short_k = has_k & ~inside_list(tau_k) & (has_p | (tau_m <= tau_k))
     if bool(short_k.any()):
-        again = mass_above(tau_k[:, None].contiguous(), ref_m)[:, 0]
-        s_k = torch.where(short_k, again[:, 0], s_k)
-        w_k = torch.where(short_k, again[:, 1], w_k)
+        rows, again = _mass_of_rows(mass_above, short_k, tau_k[:, None], ref_m)
+        s_k = _put(s_k, rows, again[:, 0, 0])
+        w_k = _put(w_k, rows, again[:, 0, 1])
 
     # top-p over the top-k set: drop a token when the kept mass strictly above its value
     # is >= p * S_k; ties share their group's first position
@@ -232,7 +247,10 @@ def _kept_set(big_s: Tensor, big_w: Tensor, ref_m: Tensor, values: Tensor, ids: 
     tau_p = torch.where(has_p, tau_p, neg)
     search = has_p & ~known_p
     if bool(search.any()):
-        tau_p = torch.where(search, _search_top_p(tau_k, opts.top_p, ref_m, mass_above), tau_p)
+        rows = search.nonzero()[:, 0]
+        found = _search_top_p(rows, tau_k.index_select(0, rows), opts.top_p.index_select(0, rows),
+                              ref_m.index_select(0, rows), mass_above)
+        tau_p = _put(tau_p, rows, found)
 
     tau = torch.maximum(torch.maximum(tau_k, tau_p), tau_m)
     s_kept, w_kept = list_mass(tau)
@@ -245,17 +263,17 @@ def _kept_set(big_s: Tensor, big_w: Tensor, ref_m: Tensor, values: Tensor, ids: 
     w_kept = torch.where(at_k, w_k, w_kept)
     need = ~open_set & ~at_k & ~inside_list(tau)
     if bool(need.any()):
-        again = mass_above(tau[:, None].contiguous(), ref_m)[:, 0]
-        s_kept = torch.where(need, again[:, 0], s_kept)
-        w_kept = torch.where(need, again[:, 1], w_kept)
+        rows, again = _mass_of_rows(mass_above, need, tau[:, None], ref_m)
+        s_kept = _put(s_kept, rows, again[:, 0, 0])
+        w_kept = _put(w_kept, rows, again[:, 0, 1])
     return tau, s_kept, w_kept
 
 
-def _search_top_p(tau_k: Tensor, top_p: Tensor, ref_m: Tensor, mass_above: MassAbove
-                  ) -> Tensor:
-    """The top-p threshold of every row by a radix search over the fp32 order: four
-    passes of 256 thresholds each fix 8 bits of the largest key K with
-    mass(x >= max(float(K), tau_k)) >= p * mass(x >= tau_k). The first threshold of the
+def _search_top_p(rows: Tensor, tau_k: Tensor, top_p: Tensor, ref_m: Tensor,
+                  mass_above: MassAbove) -> Tensor:
+    """The top-p threshold of the given rows (tau_k, top_p, ref_m: theirs, [R]) by a
+    radix search over the fp32 order: four passes of 256 thresholds each fix 8 bits of
+    the largest key K with mass(x >= max(float(K), tau_k)) >= p * mass(x >= tau_k). The first threshold of the
     first pass is tau_k itself, so the target comes from the same sums it is compared to."""
     digits = torch.arange(256, device=tau_k.device, dtype=torch.int64)
     prefix = torch.zeros_like(tau_k, dtype=torch.int64)
@@ -267,7 +285,7 @@ def _search_top_p(tau_k: Tensor, top_p: Tensor, ref_m: Tensor, mass_above: MassA
         thr = torch.where(torch.isnan(thr) & (keys < 2**31), torch.full_like(thr, -math.inf),
                           thr)
         thr = torch.where(torch.isnan(thr), thr, torch.maximum(thr, tau_k[:, None]))
-        mass = mass_above(thr.contiguous(), ref_m)[:, :, 0]
+        mass = mass_above(rows, thr.contiguous(), ref_m)[:, :, 0]
         if target is None:
             target = top_p * mass[:, 0]
         reach = (mass >= target[:, None]).sum(1) - 1  # monotone in the threshold
