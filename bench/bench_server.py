@@ -16,12 +16,20 @@ every timed run, so no run reuses another's K/V.
 
 --deterministic runs the direct engine and the server in batch-invariant mode (every
 server response then equals a direct call on its request alone, bit for bit).
+
+--free-engine measures the server's own cost: its engine runs no model (bench/free_engine.py:
+every batch's scores are zeros), the direct peers are skipped, and each run reports its
+wall time and the CPU seconds of the server process and of the clients (this process).
+
+    python bench/bench_server.py --model tiny --free-engine --requests 64 \
+        --prompt-len 128 2048 --completion-median 512      # the H200 workload's sizes
 """
 from __future__ import annotations
 
 import argparse
 import math
 import os
+import resource
 import queue
 import signal
 import socket
@@ -30,6 +38,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -104,7 +113,9 @@ def start_server(model_dir: Path, args: argparse.Namespace) -> tuple[subprocess.
     port = free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT),
                                                         os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen([sys.executable, "-m", "tokenspeed", "serve", str(model_dir),
+    launcher = [str(ROOT / "bench" / "free_engine.py")] if args.free_engine else \
+        ["-m", "tokenspeed"]
+    proc = subprocess.Popen([sys.executable, *launcher, "serve", str(model_dir),
                              "--port", str(port), "--device", args.device,
                              "--max-batch-tokens", str(args.max_batch_tokens),
                              *(["--deterministic"] if args.deterministic else [])], env=env)
@@ -125,7 +136,11 @@ def start_server(model_dir: Path, args: argparse.Namespace) -> tuple[subprocess.
             time.sleep(0.2)
 
 
-def through_server(url: str, clients: int, work: list[list[dict]]) -> tuple[float, list[float]]:
+def through_server(url: str, clients: int, work: list[list[dict]],
+                   counters: Callable[[], tuple[float, ...]] = tuple
+                   ) -> tuple[float, list[float], tuple[float, ...]]:
+    """Wall time, request latencies, and the growth of ``counters`` over the timed span
+    (the clients are built before it)."""
     from tokenspeed.client import ScoringClient
     todo: queue.SimpleQueue = queue.SimpleQueue()
     for r in work:
@@ -152,13 +167,25 @@ def through_server(url: str, clients: int, work: list[list[dict]]) -> tuple[floa
     for t in threads:
         t.start()
     barrier.wait()
-    t0 = time.perf_counter()
+    t0, before = time.perf_counter(), counters()
     for t in threads:
         t.join()
     elapsed = time.perf_counter() - t0
+    grown = tuple(b - a for a, b in zip(before, counters()))
     if errors:
         raise errors[0]
-    return elapsed, latencies
+    return elapsed, latencies, grown
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def main() -> None:
@@ -176,6 +203,9 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=2, help="direct runs per peer (best kept)")
     p.add_argument("--deterministic", action="store_true",
                    help="batch-invariant mode in the direct engine and the server alike")
+    p.add_argument("--free-engine", action="store_true",
+                   help="the server's engine runs no model: measure the server's own cost")
+    p.add_argument("--repeat", type=int, default=1, help="timed runs per client count")
     args = p.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -197,12 +227,17 @@ def main() -> None:
               f"{sum(len(s['prompt_token_ids']) + len(s['completion_token_ids']) for r in work for s in r)} "
               f"tokens in all; max_batch_tokens {args.max_batch_tokens}"
               f"{', deterministic' if args.deterministic else ''}", flush=True)
-        times = direct(model_dir, args, work)
-        base = tokens / times["whole"]
-        print(f"{'peer':<26}{'tok/s':>12}{'ratio':>8}{'p50 ms':>10}{'p99 ms':>10}")
-        print(f"{'direct, one call':<26}{base:>12,.0f}{1.0:>8.2f}")
-        rate = tokens / times["per_request"]
-        print(f"{'direct, call per request':<26}{rate:>12,.0f}{rate / base:>8.2f}", flush=True)
+        if args.free_engine:
+            print(f"{'peer':<26}{'wall s':>8}{'server cpu s':>14}{'clients cpu s':>15}"
+                  f"{'p50 ms':>10}{'p99 ms':>10}")
+        else:
+            times = direct(model_dir, args, work)
+            base = tokens / times["whole"]
+            print(f"{'peer':<26}{'tok/s':>12}{'ratio':>8}{'p50 ms':>10}{'p99 ms':>10}")
+            print(f"{'direct, one call':<26}{base:>12,.0f}{1.0:>8.2f}")
+            rate = tokens / times["per_request"]
+            print(f"{'direct, call per request':<26}{rate:>12,.0f}{rate / base:>8.2f}",
+                  flush=True)
 
         proc, url = start_server(model_dir, args)
         try:
@@ -210,12 +245,19 @@ def main() -> None:
             with ScoringClient(url) as admin:
                 through_server(url, 8, work[:8])  # warm-up
                 for n in args.clients:
-                    admin.flush_cache()
-                    elapsed, lat = through_server(url, n, work)
-                    rate = tokens / elapsed
-                    print(f"{f'server, {n} clients':<26}{rate:>12,.0f}{rate / base:>8.2f}"
-                          f"{percentile(lat, 0.5) * 1e3:>10.1f}{percentile(lat, 0.99) * 1e3:>10.1f}",
-                          flush=True)
+                    for _ in range(args.repeat):
+                        admin.flush_cache()
+                        elapsed, lat, (server_cpu, own_cpu) = through_server(
+                            url, n, work, lambda: (cpu_seconds(proc.pid), own_cpu_seconds()))
+                        p50, p99 = percentile(lat, 0.5) * 1e3, percentile(lat, 0.99) * 1e3
+                        name = f"server, {n} clients"
+                        if args.free_engine:
+                            print(f"{name:<26}{elapsed:>8.2f}{server_cpu:>14.2f}"
+                                  f"{own_cpu:>15.2f}{p50:>10.1f}{p99:>10.1f}", flush=True)
+                        else:
+                            rate = tokens / elapsed
+                            print(f"{name:<26}{rate:>12,.0f}{rate / base:>8.2f}{p50:>10.1f}"
+                                  f"{p99:>10.1f}", flush=True)
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=300)
