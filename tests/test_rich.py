@@ -23,7 +23,8 @@ import tokenspeed_ext.ops  # noqa: F401 - registers torch.ops.tokenspeed.*
 from tokenspeed.inputs import InvalidSequenceError
 from tokenspeed.layers.sampler_filters import (RowOptions, candidate_count, finish_rows,
                                                from_key, gather_token_logits, in_order_sum,
-                                               merge_candidates, merge_state)
+                                               merge_candidates, merge_state, row_cumsum,
+                                               row_sum)
 from tokenspeed_ext import reference as ref
 
 TOL = 2e-5  # fp32 log-probs of O(10) logits against float64
@@ -437,6 +438,23 @@ def test_tie_ending_inside_the_candidates_takes_no_pass(device):
     want = ref.sampler_logprobs(logits, targets.cpu(), 1.0, ks, ps.double(), mins.double(), 0)
     assert_scores(got.log_probs, want["log_probs"], "log_probs")
     assert_scores(got.entropy, want["entropy"], "entropy")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@settings(**SETTINGS)
+@given(k=st.integers(1, 64), rows=st.integers(1, 3000), seed=seeds)
+def test_candidate_sums_depend_on_the_row_alone(device, k, rows, seed):
+    """The filters' sums over a row's candidates (row_sum, row_cumsum) are the row's own
+    bits whatever the rows around it, and sums to float64 rounding."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(rows, k, generator=g).to(device)
+    r = int(torch.randint(0, rows, (1,), generator=g))
+    for f, exact in ((row_sum, lambda y: y.double().sum(-1)),
+                     (row_cumsum, lambda y: y.double().cumsum(-1))):
+        whole = f(x)
+        assert torch.equal(f(x[r:r + 1])[0], whole[r])
+        assert torch.equal(f(x.flip(0))[rows - 1 - r], whole[r])
+        torch.testing.assert_close(whole.double(), exact(x), rtol=1e-5, atol=1e-6)
 
 
 # ---- compile, opcheck, bad arguments ----

@@ -39,6 +39,33 @@ def _put(dest: Tensor, rows: Tensor, values: Tensor) -> Tensor:
     return dest.index_put((rows,), values)
 
 
+# Sums over a row's candidates in an order fixed by the column alone: torch's row
+# reductions and scans pick how they split a row among threads from the number of rows,
+# which would make a row's bits depend on its block (deterministic mode promises not).
+# Both are a few elementwise adds over [T, k <= 64].
+
+def row_sum(x: Tensor) -> Tensor:
+    """Sum over the last dim, pairwise: the halves added elementwise until one is left
+    (zeros pad the width to a power of two)."""
+    width = 1 << max(0, (x.shape[-1] - 1).bit_length())
+    if width != x.shape[-1]:
+        x = torch.nn.functional.pad(x, (0, width - x.shape[-1]))
+    while x.shape[-1] > 1:
+        half = x.shape[-1] // 2
+        x = x[..., :half] + x[..., half:]
+    return x[..., 0]
+
+
+def row_cumsum(x: Tensor) -> Tensor:
+    """Inclusive prefix sums over the last dim: step s adds to each place the partial
+    sum s places back (log2(k) elementwise adds)."""
+    step = 1
+    while step < x.shape[-1]:
+        x = torch.cat([x[..., :step], x[..., step:] + x[..., :-step]], dim=-1)
+        step *= 2
+    return x
+
+
 @dataclass
 class RowOptions:
     """Per scored row: filters (top_k [S] int64, 0 = off; top_p, min_p [S] fp32) and the
@@ -209,7 +236,7 @@ def _kept_set(big_s: Tensor, big_w: Tensor, ref_m: Tensor, values: Tensor, ids: 
 
     def list_mass(tau: Tensor) -> tuple[Tensor, Tensor]:
         keep = values >= tau[:, None]
-        return (e * keep).sum(1), (ew * keep).sum(1)
+        return row_sum(e * keep), row_sum(ew * keep)
 
     # top-k: the k-th largest x (kc > top_k unless top_k = 64); a tie across the last
     # candidate takes one pass for the set's mass
@@ -233,7 +260,7 @@ def _kept_set(big_s: Tensor, big_w: Tensor, ref_m: Tensor, values: Tensor, ids: 
     # is >= p * S_k; ties share their group's first position
     kept_k = values >= tau_k[:, None]
     ek = e * kept_k
-    excl = ek.cumsum(1) - ek
+    excl = row_cumsum(ek) - ek
     pos = torch.arange(kc, device=values.device).expand_as(values)
     starts = torch.ones_like(values, dtype=torch.bool)
     starts[:, 1:] = values[:, 1:] != values[:, :-1]
