@@ -13,15 +13,23 @@ for s in $stages; do
     test)
       step test
       timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider ${PYTEST_ARGS:-} \
-        tests/test_logprobs.py tests/test_attention.py tests/test_kv_cache.py tests/test_fused.py 2>&1 \
+        tests/test_logprobs.py tests/test_attention.py tests/test_kv_cache.py tests/test_fused.py \
+        tests/test_rich.py tests/test_head.py 2>&1 \
         | tail -40 | tee "$OUT/tests.log" || status=1 ;;
     sanitize)
       # the kernel tests marked sanitize: log-probs, store_kv, both attention kernels
       step sanitize
       for tool in memcheck racecheck synccheck; do
+        # racecheck: the grouped_gemm kernels alone in a process (grouped_gemm_probe.py)
+        skip=""; [ $tool = racecheck ] && skip="not grouped_gemm and not cuda_matches_cpu"
         timeout 100 compute-sanitizer --tool $tool --kernel-regex kns=tokenspeed --error-exitcode 9 \
-          python3 -m pytest -q -p no:cacheprovider -m sanitize tests 2>&1 \
+          python3 -m pytest -q -p no:cacheprovider -m sanitize tests ${skip:+-k "$skip"} 2>&1 \
           | grep -v "^$" | tail -4 | tee "$OUT/sanitize_$tool.log" || status=1
+      done
+      for args in "72 0,130,3,0,200 bad" "72 128 i32 fp16" "20 0,130,3,0,200 bad i32"; do
+        timeout 60 compute-sanitizer --tool racecheck --error-exitcode 9 \
+          python3 scripts/grouped_gemm_probe.py $args 2>&1 | tail -2 \
+          | tee -a "$OUT/sanitize_racecheck_grouped_gemm.log" || status=1
       done ;;
     bench_logprobs)
       step bench_logprobs
