@@ -131,6 +131,29 @@ __device__ __forceinline__ LpState merge_state(LpState a, LpState b, float inv_t
   return {m, a.s * ea + b.s * eb, wa + wb};
 }
 
+// The block's sums of a (s, w) pair in a fixed order: a butterfly in each warp, then the
+// warps added in order by thread 0, the only thread whose result is the total. warp_sw:
+// shared memory of one float2 per warp.
+template <int kThreads>
+__device__ __forceinline__ float2 block_sum_pair(float s, float w, float2* warp_sw) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    s += __shfl_xor_sync(0xffffffffu, s, off);
+    w += __shfl_xor_sync(0xffffffffu, w, off);
+  }
+  if (threadIdx.x % 32 == 0) warp_sw[threadIdx.x / 32] = make_float2(s, w);
+  __syncthreads();
+  float2 acc = warp_sw[0];
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int i = 1; i < kThreads / 32; ++i) {
+      acc.x += warp_sw[i].x;
+      acc.y += warp_sw[i].y;
+    }
+  }
+  return acc;
+}
+
 // Block b: chunk b % num_chunks of row b / num_chunks. logits [T, V] (row stride ld
 // elements), targets [T] int32/int64 (stride tgt_stride), global ids of a shard starting
 // at vocab_start; state out [T, C, 4]. kTopK: also the chunk's k best x and their global
@@ -195,24 +218,8 @@ __global__ void __launch_bounds__(kLpThreads, 3)
       }
     }
   }
-  float s = s0 + s1, w = w0 + w1;
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    s += __shfl_xor_sync(0xffffffffu, s, off);
-    w += __shfl_xor_sync(0xffffffffu, w, off);
-  }
-  if (lane == 0) warp_sw[warp] = make_float2(s, w);
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    s = warp_sw[0].x;
-    w = warp_sw[0].y;
-#pragma unroll
-    for (int i = 1; i < kLpThreads / 32; ++i) {
-      s += warp_sw[i].x;
-      w += warp_sw[i].y;
-    }
-    state[blockIdx.x] = make_float4(m, s, w * 0.6931471805599453f, t);
-  }
+  const float2 sw = block_sum_pair<kLpThreads>(s0 + s1, w0 + w1, warp_sw);
+  if (threadIdx.x == 0) state[blockIdx.x] = make_float4(m, sw.x, sw.y * 0.6931471805599453f, t);
   if constexpr (kTopK) {
     // dynamic shared memory of kTopKChunkBytes: the vectors that can hold a candidate,
     // each read back by the thread that loaded it

@@ -79,7 +79,6 @@ __global__ void __launch_bounds__(kMassThreads)
                           float* __restrict__ out) {
   __shared__ float2 warp_sw[kMassWarps];
   const int64_t row = blockIdx.x;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const float t = thresholds[row], m = ref_m[row];
   float s = 0.f, w = 0.f;
   for_each_x(logits + row * ld, V, inv_temp, [&](float x) {
@@ -90,20 +89,8 @@ __global__ void __launch_bounds__(kMassThreads)
       w = fmaf(p, d, w);
     }
   });
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    s += __shfl_xor_sync(0xffffffffu, s, off);
-    w += __shfl_xor_sync(0xffffffffu, w, off);
-  }
-  if (lane == 0) warp_sw[warp] = make_float2(s, w);
-  __syncthreads();
+  const float2 acc = block_sum_pair<kMassThreads>(s, w, warp_sw);
   if (threadIdx.x == 0) {
-    float2 acc = warp_sw[0];
-#pragma unroll
-    for (int i = 1; i < kMassWarps; ++i) {
-      acc.x += warp_sw[i].x;
-      acc.y += warp_sw[i].y;
-    }
     out[row * 2] = acc.x;
     out[row * 2 + 1] = acc.y;
   }
