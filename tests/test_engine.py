@@ -732,6 +732,36 @@ class RecordingScheduler:
         return self.real.complete(batch)
 
 
+def test_cancelled_after_the_last_batch(ckpt):
+    """Sequences cancelled once every batch ran (the call is settling) come back NaN like
+    any cancelled one, and the engine does not count them as scored."""
+    path, hf = ckpt
+    seqs = grpo_workload(71, groups=2, group_size=3)
+    ref_lp, _ = hf_scores(hf, seqs)
+    gone = {1, len(seqs) - 1}
+    settings = dict(page_size=4, max_batch_tokens=16, kv_cache_tokens=512)
+    with Engine(path, **settings) as engine:
+        real = engine.shard.scheduler
+        engine.shard.scheduler = recorder = RecordingScheduler(real, lambda n: None)
+        engine.compute_log_probs(seqs)
+        batches = len(recorder.batches)
+    cancelled: set[int] = set()
+    with Engine(path, **settings) as engine:
+        real = engine.shard.scheduler
+        engine.shard.scheduler = RecordingScheduler(
+            real, lambda n: cancelled.update(gone) if n == batches else None)
+        out = engine.compute_log_probs(seqs, cancelled=cancelled)
+        engine.shard.scheduler = real
+        for i, lp in enumerate(out["log_probs"]):
+            if i in gone:
+                assert all(math.isnan(x) for x in lp)
+            else:
+                assert max_abs_diff([lp], [ref_lp[i]]) <= TOL
+        assert engine.stats()["scored_tokens"] == sum(
+            len(lp) for i, lp in enumerate(out["log_probs"]) if i not in gone)
+        no_leaks(engine)
+
+
 @pytest.mark.parametrize("after_batch", [1, 3, 6])
 def test_cancelled_sequences_drop_between_batches(ckpt, after_batch):
     """Sequences cancelled mid-call (as a server does for a client that went away) are
@@ -758,6 +788,8 @@ def test_cancelled_sequences_drop_between_batches(ckpt, after_batch):
             else:
                 assert max_abs_diff([lp], [ref_lp[i]]) <= TOL
         assert not any(ids & gone_ids for ids in recorder.batches[after_batch:])
+        assert engine.stats()["scored_tokens"] == sum(
+            len(lp) for i, lp in enumerate(out["log_probs"]) if i not in gone)
         assert engine.stats()["running"] == engine.stats()["waiting"] == 0
         no_leaks(engine)
         assert_recovered(engine, seqs, ref_lp)

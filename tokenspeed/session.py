@@ -78,6 +78,7 @@ class Part:
         self.rid_of: dict[int, int] = {}  # sequence index -> request id
         self.open: set[int] = set()       # request ids not completed yet
         self.dropped: set[int] = set()    # sequences whose remaining work was dropped
+        self.uncounted: frozenset[int] = frozenset()  # dropped ones left out of scored_tokens
         self.held = False                 # rows in the session's pending batches
         self.copies = 0                   # copy-outs holding its rows, not stored yet
         self.routed: list[Tensor] | None = None  # per sequence [len - 1, L, k] int32
@@ -451,6 +452,7 @@ class ScoringSession:
                 self._routing.forget(part.rid_of.values())
             self._shard.scored_tokens += part.offsets[-1] - sum(part.lengths[i]
                                                                 for i in part.dropped)
+            part.uncounted = frozenset(part.dropped)
             part.done = True
             self._settled.append(part)
 
