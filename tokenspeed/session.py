@@ -78,7 +78,6 @@ class Part:
         self.rid_of: dict[int, int] = {}  # sequence index -> request id
         self.open: set[int] = set()       # request ids not completed yet
         self.dropped: set[int] = set()    # sequences whose remaining work was dropped
-        self.uncounted: frozenset[int] = frozenset()  # dropped ones left out of scored_tokens
         self.held = False                 # rows in the session's pending batches
         self.copies = 0                   # copy-outs holding its rows, not stored yet
         self.routed: list[Tensor] | None = None  # per sequence [len - 1, L, k] int32
@@ -329,7 +328,11 @@ class ScoringSession:
             raise ValueError("dropping sequences needs tp_size 1")
         with deferred_interrupts():
             for i in sequences:
+                if i in part.dropped:
+                    continue
                 part.dropped.add(i)
+                if part.done:  # settled and counted as scored; now it comes back NaN
+                    self._shard.scored_tokens -= part.lengths[i]
                 rid = part.rid_of.get(i)
                 if rid in part.open:
                     self._abort(rid)
@@ -452,7 +455,6 @@ class ScoringSession:
                 self._routing.forget(part.rid_of.values())
             self._shard.scored_tokens += part.offsets[-1] - sum(part.lengths[i]
                                                                 for i in part.dropped)
-            part.uncounted = frozenset(part.dropped)
             part.done = True
             self._settled.append(part)
 

@@ -197,10 +197,6 @@ class LocalShard:
                 session.step()
                 if cancelled:
                     session.drop(part, cancelled.copy())  # another thread may add to it
-        if cancelled:
-            part.dropped.update(cancelled.copy())
-            # dropped once the part had settled: counted as scored, returned as NaN
-            self.scored_tokens -= sum(part.lengths[i] for i in part.dropped - part.uncounted)
         return part.result()
 
     def _validate_rich(self, sequences: Any, temperature: Any, options: dict[str, Any],
