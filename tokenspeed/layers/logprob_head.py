@@ -221,7 +221,9 @@ class LogprobHead(nn.Module):
 
         def mass_above(rows: Tensor, thresholds: Tensor, ref_m: Tensor) -> Tensor:
             # the rows' logits copied out of the piece (a row's sums depend on its values
-            # alone, wherever it sits: the same bits as in the whole block)
+            # alone, wherever it sits: the same bits as in the whole block); a lean chunk
+            # recomputes the block's product rather than the rows' alone, whose GEMM could
+            # round differently from the one the candidates came from
             sums = torch.stack([tse.logprob_mass_above(logits().index_select(0, rows),
                                                        temperature, thresholds, ref_m)
                                 for logits, _ in sources])
