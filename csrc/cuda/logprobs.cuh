@@ -14,8 +14,10 @@
  * them raw in registers; thread 0 loads the target id and then the target logit while
  * they are in flight. The max is taken on the packed raw values (bf16x2/half2 max) and
  * reduced over the block first; the exponentials, relative to that block max, run in
- * fp32 with two independent accumulator pairs, and the block adds them up with plain
- * shuffles and one shared-memory pass (no rescaling). Per chunk the state is
+ * fp32 with two independent accumulator pairs (without a clamp an element on whole
+ * chunks: a thread whose sums come out nan, from a -inf or nan logit, loads its part again
+ * and sums it with the clamp that gives those the weight 0), and the block adds them up
+ * with plain shuffles and one shared-memory pass (no rescaling). Per chunk the state is
  *   m = max x,  s = sum e^(x - m),  w = sum e^(x - m) (x - m),  t = x[target] or -inf
  * (m and t held in logit units until the end, x - m formed exactly before scaling), every
  * reduction a fixed butterfly followed by the warps in order. A second kernel merges a
@@ -25,8 +27,8 @@
  * unaligned row loads the same elements into the same threads with scalar loads).
  *
  * The kTopK instantiation (logprob_topk_partials) computes the same state and then, from
- * the registers holding the chunk, the chunk's k largest x (logprobs_topk.cuh): still one
- * read of the logits, [T, C, k] candidates written besides the state.
+ * a copy of the chunk in shared memory, the chunk's k largest x (logprobs_topk.cuh): still
+ * one read of the logits, [T, C, k] candidates written besides the state.
  */
 #pragma once
 
@@ -35,6 +37,7 @@
 
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 
 #include "cuda/dtype.cuh"
 #include "cuda/fast_math.cuh"
@@ -65,15 +68,38 @@ __device__ __forceinline__ uint4 ld_stream16(const void* p) {
   return r;
 }
 
+// ld_stream16 at p + kOffset bytes, the offset an immediate of the load instruction
+template <int kOffset>
+__device__ __forceinline__ uint4 ld_stream16_at(const void* p) {
+  uint4 r;
+  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4+%5];\n"
+               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+               : "l"(p), "n"(kOffset));
+  return r;
+}
+
+template <int kStride, int... J>
+__device__ __forceinline__ void load_strided(const void* p, uint4* raw,
+                                             std::integer_sequence<int, J...>) {
+  ((raw[J] = ld_stream16_at<J * kStride>(p)), ...);
+}
+
 // The kVecs 16-byte vectors of thread threadIdx.x (of kThreads) in the column segment that
 // starts at c0 of a row: element e of vector j holds column c0 + (j * kThreads +
 // threadIdx.x) * kVec + e, -inf past V. 16-byte loads where the row starts 16-byte
 // aligned, else scalar loads of the same elements into the same places, so the registers,
 // and every summation order built on them, never depend on where the row sits in memory.
+// A whole aligned segment (every chunk of a row but its last) takes the loads from one
+// address and immediate offsets, without a bounds test each.
 template <typename T, int kThreads, int kVecs>
 __device__ __forceinline__ void load_columns(const T* __restrict__ rowp, int64_t V, int64_t c0,
                                              bool aligned, uint4 (&raw)[kVecs]) {
   constexpr int kVec = 16 / sizeof(T);
+  if (aligned && c0 + int64_t(kThreads) * kVecs * kVec <= V) {
+    load_strided<kThreads * 16>(rowp + c0 + threadIdx.x * kVec, raw,
+                                std::make_integer_sequence<int, kVecs>{});
+    return;
+  }
 #pragma unroll
   for (int j = 0; j < kVecs; ++j) {
     const int64_t col = c0 + (int64_t(j) * kThreads + threadIdx.x) * kVec;
@@ -115,6 +141,37 @@ __device__ __forceinline__ float raw_max(const uint4 (&raw)[kLpVecs]) {
     for (int k = 0; k < 4; ++k) m = fmaxf(m, fmaxf(to_float(a[k].x), to_float(a[k].y)));
     return m;
   }
+}
+
+// This thread's sums over its chunk elements, relative to the block max m in scaled log2
+// units c: s = sum 2^d, w = sum 2^d d with d = (x - m) c, two accumulator pairs. kClamp:
+// d clamped to -1e30 first, so that a -inf x adds 0 to w (not 0 * -inf) and a nan x adds
+// nothing (fmaxf drops nan); without it the sums are the same bits for finite x (2^d is 0
+// below -1e30 either way) and nan otherwise.
+template <typename T, bool kClamp>
+__device__ __forceinline__ void chunk_sums(const uint4 (&raw)[kLpVecs], float m, float c,
+                                           float& s, float& w) {
+  constexpr int kVec = 16 / sizeof(T);
+  float s0 = 0.f, s1 = 0.f, w0 = 0.f, w1 = 0.f;
+#pragma unroll
+  for (int j = 0; j < kLpVecs; ++j) {
+    const T* e = reinterpret_cast<const T*>(&raw[j]);
+#pragma unroll
+    for (int k = 0; k < kVec; k += 2) {
+      float d0 = (to_float(e[k]) - m) * c, d1 = (to_float(e[k + 1]) - m) * c;
+      if constexpr (kClamp) {
+        d0 = fmaxf(d0, -1e30f);
+        d1 = fmaxf(d1, -1e30f);
+      }
+      const float p0 = exp2_ftz(d0), p1 = exp2_ftz(d1);
+      s0 += p0;
+      s1 += p1;
+      w0 = fmaf(p0, d0, w0);
+      w1 = fmaf(p1, d1, w1);
+    }
+  }
+  s = s0 + s1;
+  w = w0 + w1;
 }
 
 // Merge b into a; both m finite or -inf (s = w = 0 then). m is kept in logit units (before
@@ -165,13 +222,13 @@ __global__ void __launch_bounds__(kLpThreads, 3)
                          int64_t vocab_start, float inv_temp, float4* __restrict__ state,
                          int num_chunks, int k, float* __restrict__ cand_vals,
                          int64_t* __restrict__ cand_ids) {
-  constexpr int kVec = 16 / sizeof(T);
   constexpr int kCols = lp_chunk_cols<T>();
   const int64_t row = blockIdx.x / num_chunks;
   const int chunk = static_cast<int>(blockIdx.x - row * num_chunks);
   const T* rowp = logits + row * ld;
   const int64_t c0 = int64_t(chunk) * kCols;
   const bool aligned = (reinterpret_cast<uintptr_t>(rowp) & 15) == 0;
+  const bool whole = aligned && c0 + kCols <= V;
 
   int64_t tgt = -1;
   if (threadIdx.x == 0)
@@ -190,6 +247,14 @@ __global__ void __launch_bounds__(kLpThreads, 3)
   __shared__ float2 warp_sw[kLpThreads / 32];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const float thread_max = raw_max<T>(raw);
+  // kTopK: the chunk also goes to shared memory (kTopKChunkBytes of dynamic shared memory,
+  // vector j of thread i at j * kLpThreads + i) for the candidate code, so that the
+  // registers holding it die in the sums below
+  extern __shared__ uint4 s_chunk[];
+  if constexpr (kTopK) {
+#pragma unroll
+    for (int j = 0; j < kLpVecs; ++j) s_chunk[j * kLpThreads + threadIdx.x] = raw[j];
+  }
   float m = thread_max;
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
@@ -199,35 +264,28 @@ __global__ void __launch_bounds__(kLpThreads, 3)
 #pragma unroll
   for (int i = 1; i < kLpThreads / 32; ++i) m = fmaxf(m, warp_max[i]);
 
-  float s0 = 0.f, s1 = 0.f, w0 = 0.f, w1 = 0.f;
+  float s = 0.f, w = 0.f;
   if (m != -INFINITY) {
     const float c = inv_temp * 1.4426950408889634f;  // scaled log2 units
-#pragma unroll
-    for (int j = 0; j < kLpVecs; ++j) {
-      const T* e = reinterpret_cast<const T*>(&raw[j]);
-#pragma unroll
-      for (int k = 0; k < kVec; k += 2) {
-        // -inf logits: d = -inf -> p = 0; clamp d so that 0 * d stays 0
-        const float d0 = fmaxf((to_float(e[k]) - m) * c, -1e30f);
-        const float d1 = fmaxf((to_float(e[k + 1]) - m) * c, -1e30f);
-        const float p0 = exp2_ftz(d0), p1 = exp2_ftz(d1);
-        s0 += p0;
-        s1 += p1;
-        w0 = fmaf(p0, d0, w0);
-        w1 = fmaf(p1, d1, w1);
-      }
+    // the sums without a clamp an element where the chunk is whole; a chunk with padding
+    // past V (-inf), or a thread whose sums come out nan (a -inf or nan logit made 0 *
+    // -inf or nan), takes them with the clamp, which gives -inf and nan the weight 0 and
+    // any other x the same bits. A whole chunk is loaded again for that (from L2, rarely)
+    // so that the registers need not hold it through the first sums.
+    bool clamp = !whole;
+    if (!clamp) {
+      chunk_sums<T, false>(raw, m, c, s, w);
+      clamp = isnan(s + w);
+      if (clamp) load_columns<T, kLpThreads, kLpVecs>(rowp, V, c0, aligned, raw);
     }
+    if (clamp) chunk_sums<T, true>(raw, m, c, s, w);
   }
-  const float2 sw = block_sum_pair<kLpThreads>(s0 + s1, w0 + w1, warp_sw);
+  const float2 sw = block_sum_pair<kLpThreads>(s, w, warp_sw);
   if (threadIdx.x == 0) state[blockIdx.x] = make_float4(m, sw.x, sw.y * 0.6931471805599453f, t);
-  if constexpr (kTopK) {
-    // dynamic shared memory of kTopKChunkBytes: the vectors that can hold a candidate,
-    // each read back by the thread that loaded it
-    extern __shared__ uint4 s_chunk[];
-    block_topk<T, kLpThreads, kLpVecs>(raw, s_chunk, V - c0, inv_temp, k, thread_max,
+  if constexpr (kTopK)
+    block_topk<T, kLpThreads, kLpVecs>(s_chunk, V - c0, inv_temp, k, thread_max,
                                        vocab_start + c0, cand_vals + int64_t(blockIdx.x) * k,
                                        cand_ids + int64_t(blockIdx.x) * k);
-  }
 }
 
 // Merge n states per row, in order. state element (row, i) is at state[row * row_stride +

@@ -3,31 +3,33 @@
  * largest x = logit * inv_temp of the chunk, descending, ties to the lower column. Reads
  * no global memory and writes only the k (value, id) pairs.
  *
- * Where the chunk lives: the kernel's registers hold it for the (m, s, w, t) sums and the
- * bound below; then each thread copies the few of its vectors that can hold a candidate
- * to shared memory (a 64 KB area a block, each thread its own slots) and the candidate
- * code reads them from there, in a loop. Kept in registers through the candidate code,
- * the chunk held the kernel at 128 registers and 2 blocks an SM (or, unrolled, past the
- * instruction cache); this way it keeps the plain kernel's 80 registers and 3 blocks.
+ * Where the chunk lives: the kernel copies it to shared memory (64 KB a block) as it
+ * arrives, and the candidate code reads it there, so the registers that held it die in
+ * the (m, s, w, t) sums and the kernel keeps the plain kernel's 80 registers and 3 blocks
+ * an SM.
+ *
+ * Both chunk kernels keep the issue slots busy (the plain one at 3 instructions a cycle),
+ * so the candidate code is written for few instructions a warp: work that only a few
+ * threads have is spread over the lanes of a warp, and no step divides.
  *
  * Order: each element becomes a 48-bit composite (order-preserving key of x << 16 |
  * 0xFFFF - chunk column), unique within the chunk, so "larger composite" is exactly the
  * wanted order and the k-th largest composite separates the top k from the rest.
  *  1. A lower bound L of the chunk's k-th largest x from the threads' maxima (the max the
  *     log-prob kernel already took): each warp sorts its 32 maxima (a shuffle bitonic
- *     network) and takes its ceil(k / 8)-th largest; L is the least of the 8 warps'.
- *     Then 8 * ceil(k / 8) >= k distinct threads each hold an element >= L. A warp-local
- *     sort of registers costs ~100 instructions a thread; counting every thread's max
- *     against all 256 others in shared memory cost ~20x that and dominated the kernel.
- *  2. The elements at or above L (usually 1-3 k: only threads whose max reaches L hold
- *     any, and only their vectors whose max does) are appended to a kTopKBuffer-entry
- *     shared buffer.
- *  3. If they fit, each buffered candidate's rank is counted against the others (8 lanes
- *     a candidate, each over an eighth of the buffer) and the k best are written at their
- *     ranks. Otherwise (many large or equal values in few
- *     threads) a radix select over the chunk (six rounds of 8 bits, shared-memory
- *     histograms of counts) finds the k-th largest composite, exactly k elements are
- *     buffered and ranked the same way; it is out of line, as it runs rarely.
+ *     network) and lists its c = ceil(k / 8) largest; L is the k-th largest of those 8c
+ *     values (each counted against the others), so at least k threads each hold an
+ *     element >= L.
+ *  2. Each warp takes the vectors of its threads whose max reaches L (a few threads a
+ *     warp), one vector a lane, tests each vector's max, and has the elements of those
+ *     that reach L (usually one or two a vector) compared and appended to a
+ *     kTopKBuffer-entry shared buffer one element a lane.
+ *  3. If they fit, each buffered candidate's rank is counted against the others (by as
+ *     many lanes a candidate as rank them all in one pass) and the k best are written at
+ *     their ranks. Otherwise (many large or equal values in few threads) a radix select
+ *     over the chunk (six rounds of 8 bits, shared-memory histograms of counts) finds the
+ *     k-th largest composite, exactly k elements are buffered and ranked the same way; it
+ *     is out of line, as it runs rarely.
  * Counts and ranks are exact integers, so the result is deterministic.
  */
 #pragma once
@@ -170,28 +172,35 @@ __device__ __noinline__ int radix_collect(const uint4* chunk, unsigned stored,
 }
 
 // Writes the chunk's k best (value, global id) pairs to vals[0, k), ids[0, k); places
-// past the chunk's valid columns get (-inf, -1). raw: this thread's vectors of the chunk
-// (registers); chunk: kThreads * kVecs vectors of shared memory where the vectors that
-// can hold a candidate are copied; cols_left: valid columns from the chunk start (may
-// exceed the chunk); id_base: the global id of chunk column 0; thread_max: the max logit
-// of this thread's loaded elements (-inf padding included). Every thread of the block
-// must call it.
+// past the chunk's valid columns get (-inf, -1). chunk: the chunk in shared memory,
+// kThreads * kVecs vectors, vector j of thread i at j * kThreads + i; cols_left: valid
+// columns from the chunk start (may exceed the chunk); id_base: the global id of chunk column 0; thread_max: the
+// max logit of this thread's loaded elements (-inf padding included). Every thread of the
+// block must call it.
 template <typename T, int kThreads, int kVecs>
-__device__ void block_topk(const uint4 (&raw)[kVecs], uint4* chunk, int64_t cols_left,
+__device__ void block_topk(const uint4* chunk, int64_t cols_left,
                            float inv_temp, int k, float thread_max, int64_t id_base,
                            float* __restrict__ vals, int64_t* __restrict__ ids) {
-  __shared__ float s_warp_bound[kThreads / 32];
+  constexpr int kWarps = kThreads / 32, kVec = 16 / sizeof(T);
+  __shared__ float s_top[kWarps * 8];
+  __shared__ float s_bound[kWarps];
+  __shared__ uint8_t s_lane[kThreads];  // per warp: the lanes of its reaching threads
+  __shared__ int s_queue[kThreads];     // per warp: vectors that reach the bound
   __shared__ uint64_t s_buf[kTopKBuffer];
   __shared__ int s_count;
-  const int tid = threadIdx.x, lane = tid % 32;
-
-  // 1: this warp's ceil(k / 8)-th largest thread max (x units; a thread without a valid
-  // column, or with only nan, counts as -inf), by a descending bitonic sort over lanes
-  constexpr int kVec = 16 / sizeof(T);
-  static_assert(kThreads == 256, "the bound takes ceil(k / 8) threads from each of 8 warps");
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, warp_base = tid & ~31;
+  const unsigned lanes_below = (1u << lane) - 1;
+  static_assert(kThreads == 256, "the bound lists ceil(k / 8) <= 8 threads of each of 8 warps, each counted by 4 lanes");
   static_assert(kVecs <= 32, "a bit per vector");
+  constexpr int kChunkCols = kThreads * kVecs * kVec;
+  const int valid = cols_left < kChunkCols ? int(cols_left) : kChunkCols;
+
+  // 1: each warp's c = ceil(k / 8) largest thread maxima (x units; a thread without a valid
+  // column, or with only nan, counts as -inf) by a descending bitonic sort over lanes; the
+  // bound is the k-th largest of those 8c values: at least k threads, each with an
+  // element, reach it
   const float top = thread_max * inv_temp;
-  const float own = tid * kVec < cols_left && top == top ? top : -INFINITY;
+  const float own = tid * kVec < valid && top == top ? top : -INFINITY;
   float v = own;
 #pragma unroll
   for (int size = 2; size <= 32; size <<= 1) {
@@ -202,57 +211,97 @@ __device__ void block_topk(const uint4 (&raw)[kVecs], uint4* chunk, int64_t cols
       v = keep_max ? fmaxf(v, o) : fminf(v, o);
     }
   }
-  const float warp_bound = __shfl_sync(0xffffffffu, v, (k + 7) / 8 - 1);
-  if (lane == 0) s_warp_bound[tid / 32] = warp_bound;
+  const int c = (k + 7) / 8, listed = kWarps * c;
+  if (lane < c) s_top[warp * c + lane] = v;
   if (tid == 0) s_count = 0;
   __syncthreads();
-  float bound_x = s_warp_bound[0];
+  {
+    // value i of the list counted by 4 neighbouring lanes, each over a quarter of it
+    const int i = tid / 4, part = tid % 4;
+    const float mine = i < listed ? s_top[i] : -INFINITY;
+    int at_least = 0;
+#pragma unroll 4
+    for (int j = part; j < listed; j += 4) at_least += s_top[j] >= mine;
+    at_least += __shfl_xor_sync(0xffffffffu, at_least, 1);
+    at_least += __shfl_xor_sync(0xffffffffu, at_least, 2);
+    float best = i < listed && at_least >= k ? mine : -INFINITY;
 #pragma unroll
-  for (int w = 1; w < kThreads / 32; ++w) bound_x = fminf(bound_x, s_warp_bound[w]);
+    for (int off = 16; off > 0; off >>= 1)
+      best = fmaxf(best, __shfl_xor_sync(0xffffffffu, best, off));
+    if (lane == 0) s_bound[warp] = best;
+  }
+  __syncthreads();
+  float bound_x = s_bound[0];
+#pragma unroll
+  for (int w = 1; w < kWarps; ++w) bound_x = fmaxf(bound_x, s_bound[w]);
 
-  // 2: the vectors whose max reaches the bound (from the registers: a few packed
-  // instructions a vector) go to shared memory, the others are done with
-  unsigned stored = 0;
-  if (own >= bound_x) {
-#pragma unroll
-    for (int j = 0; j < kVecs; ++j) {
-      if (vector_max<T>(raw[j]) * inv_temp >= bound_x) {
-        stored |= 1u << j;
-        chunk[j * kThreads + tid] = raw[j];
+  // 2: each warp tests the vectors of its threads whose max reaches the bound, 32 at a
+  // time, a vector a lane (vector j of every such lane before vector j + 1: neighbouring
+  // lanes read neighbouring addresses), and the elements of the vectors that reach the
+  // bound, an element a lane, join the buffer
+  const bool reaching = own >= bound_x;
+  const unsigned reach_mask = __ballot_sync(0xffffffffu, reaching);
+  if (reaching) s_lane[warp_base + __popc(reach_mask & lanes_below)] = lane;
+  __syncwarp();
+  const int reachers = __popc(reach_mask);
+  // lane = rank r of a reaching thread + P * (vector offset), P = reachers rounded up to a
+  // power of two (lanes with r >= reachers idle): no division, and a lane's thread fixed
+  const int rank_bits = reachers > 1 ? 32 - __clz(reachers - 1) : 0;
+  const int my_rank = lane & ((1 << rank_bits) - 1);
+  const int owner = warp_base + (my_rank < reachers ? s_lane[warp_base + my_rank] : 0);
+  const int vecs_per_round = 32 >> rank_bits;
+  for (int first = 0; reachers > 0 && first < kVecs; first += vecs_per_round) {
+    const int j = first + (lane >> rank_bits);
+    int vec = -1;
+    if (my_rank < reachers && j < kVecs) {
+      const int at = j * kThreads + owner;
+      if (vector_max<T>(chunk[at]) * inv_temp >= bound_x) vec = at;
+    }
+    const unsigned hits = __ballot_sync(0xffffffffu, vec >= 0);
+    if (vec >= 0) s_queue[warp_base + __popc(hits & lanes_below)] = vec;
+    __syncwarp();
+    constexpr int kPerRound = 32 / kVec;
+    for (int q = 0; q < __popc(hits); q += kPerRound) {
+      const int slot = q + lane / kVec;
+      if (slot < __popc(hits)) {
+        const int at = s_queue[warp_base + slot], col = at * kVec + lane % kVec;
+        const float x = to_float(reinterpret_cast<const T*>(chunk + at)[lane % kVec]) * inv_temp;
+        if (x >= bound_x && col < valid) {
+          const int place = atomicAdd(&s_count, 1);
+          if (place < kTopKBuffer) s_buf[place] = composite(x, col);
+        }
       }
     }
+    __syncwarp();
   }
-  // the smallest composite of value bound_x: every element >= bound_x passes
-  const uint64_t bound = composite(bound_x, 0xFFFF);
-  for_each_composite<T, kThreads>(chunk, stored, cols_left, inv_temp, bound_x,
-                                  [=](uint64_t c) {
-    if (c >= bound) {
-      const int slot = atomicAdd(&s_count, 1);
-      if (slot < kTopKBuffer) s_buf[slot] = c;
-    }
-  });
   __syncthreads();
   int count = s_count;
-  if (count > kTopKBuffer)
-    count = radix_collect<T, kThreads>(chunk, stored, cols_left, inv_temp, k, bound, bound_x,
-                                       s_buf);
+  if (count > kTopKBuffer) {
+    const unsigned stored = reaching ? (kVecs == 32 ? ~0u : (1u << kVecs) - 1) : 0u;
+    count = radix_collect<T, kThreads>(chunk, stored, valid, inv_temp, k,
+                                       composite(bound_x, 0xFFFF), bound_x, s_buf);
+  }
   const int n = count < kTopKBuffer ? count : kTopKBuffer;
-  // 3: each candidate's rank = the candidates above it, counted by kRankLanes neighbouring
-  // lanes over interleaved parts of the buffer and added with shuffles; the loop over
-  // candidates is uniform across each warp so that every lane takes the shuffles
-  constexpr int kRankLanes = 8, kPerPass = kThreads / kRankLanes;
-  const int part = tid % kRankLanes;
-  for (int first = 0; first < n; first += kPerPass) {
-    const int i = first + tid / kRankLanes;
-    const uint64_t c = i < n ? s_buf[i] : 0;
+  // 3: each candidate's rank = the candidates above it, counted by `lanes` neighbouring
+  // lanes (as many as still rank every candidate in one pass of the block, at most 32)
+  // over interleaved parts of the buffer and added with shuffles; the loop over candidates
+  // is uniform across each warp so that every lane takes the shuffles. Powers of two
+  // throughout, so that no step divides.
+  int lane_bits = 5;
+  while (lane_bits > 0 && (kThreads >> lane_bits) < n) --lane_bits;
+  const int lanes = 1 << lane_bits, per_pass = kThreads >> lane_bits, part = tid & (lanes - 1);
+  const int trips = (n - part + lanes - 1) >> lane_bits;  // j = part + t * lanes < n
+  for (int first = 0; first < n; first += per_pass) {
+    const int i = first + (tid >> lane_bits);
+    const uint64_t cand = i < n ? s_buf[i] : 0;
     int rank = 0;
     if (i < n)
-      for (int j = part; j < n; j += kRankLanes) rank += s_buf[j] > c;
-#pragma unroll
-    for (int off = 1; off < kRankLanes; off <<= 1) rank += __shfl_xor_sync(0xffffffffu, rank, off);
+#pragma unroll 4
+      for (int t = 0; t < trips; ++t) rank += s_buf[part + (t << lane_bits)] > cand;
+    for (int off = 1; off < lanes; off <<= 1) rank += __shfl_xor_sync(0xffffffffu, rank, off);
     if (i < n && part == 0 && rank < k) {
-      vals[rank] = composite_value(c);
-      ids[rank] = id_base + (0xFFFF - int64_t(c & 0xFFFF));
+      vals[rank] = composite_value(cand);
+      ids[rank] = id_base + (0xFFFF - int64_t(cand & 0xFFFF));
     }
   }
   for (int i = n + tid; i < k; i += kThreads) {
