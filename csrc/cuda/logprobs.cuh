@@ -60,17 +60,10 @@ struct LpState {
   float m, s, w;
 };
 
+// A streaming 16-byte load (L1 not allocated) at p + kOffset bytes, the offset an
+// immediate of the instruction
+template <int kOffset = 0>
 __device__ __forceinline__ uint4 ld_stream16(const void* p) {
-  uint4 r;
-  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
-               : "l"(p));
-  return r;
-}
-
-// ld_stream16 at p + kOffset bytes, the offset an immediate of the load instruction
-template <int kOffset>
-__device__ __forceinline__ uint4 ld_stream16_at(const void* p) {
   uint4 r;
   asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4+%5];\n"
                : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
@@ -81,7 +74,7 @@ __device__ __forceinline__ uint4 ld_stream16_at(const void* p) {
 template <int kStride, int... J>
 __device__ __forceinline__ void load_strided(const void* p, uint4* raw,
                                              std::integer_sequence<int, J...>) {
-  ((raw[J] = ld_stream16_at<J * kStride>(p)), ...);
+  ((raw[J] = ld_stream16<J * kStride>(p)), ...);
 }
 
 // The kVecs 16-byte vectors of thread threadIdx.x (of kThreads) in the column segment that

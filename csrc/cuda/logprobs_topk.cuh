@@ -174,9 +174,9 @@ __device__ __noinline__ int radix_collect(const uint4* chunk, unsigned stored,
 // Writes the chunk's k best (value, global id) pairs to vals[0, k), ids[0, k); places
 // past the chunk's valid columns get (-inf, -1). chunk: the chunk in shared memory,
 // kThreads * kVecs vectors, vector j of thread i at j * kThreads + i; cols_left: valid
-// columns from the chunk start (may exceed the chunk); id_base: the global id of chunk column 0; thread_max: the
-// max logit of this thread's loaded elements (-inf padding included). Every thread of the
-// block must call it.
+// columns from the chunk start (may exceed the chunk); id_base: the global id of chunk
+// column 0; thread_max: the max logit of this thread's loaded elements (-inf padding
+// included). Every thread of the block must call it.
 template <typename T, int kThreads, int kVecs>
 __device__ void block_topk(const uint4* chunk, int64_t cols_left,
                            float inv_temp, int k, float thread_max, int64_t id_base,
@@ -190,7 +190,8 @@ __device__ void block_topk(const uint4* chunk, int64_t cols_left,
   __shared__ int s_count;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, warp_base = tid & ~31;
   const unsigned lanes_below = (1u << lane) - 1;
-  static_assert(kThreads == 256, "the bound lists ceil(k / 8) <= 8 threads of each of 8 warps, each counted by 4 lanes");
+  static_assert(kThreads == 256,
+                "the bound lists ceil(k / 8) <= 8 maxima of each of 8 warps, 4 lanes a value");
   static_assert(kVecs <= 32, "a bit per vector");
   constexpr int kChunkCols = kThreads * kVecs * kVec;
   const int valid = cols_left < kChunkCols ? int(cols_left) : kChunkCols;
@@ -235,10 +236,10 @@ __device__ void block_topk(const uint4* chunk, int64_t cols_left,
 #pragma unroll
   for (int w = 1; w < kWarps; ++w) bound_x = fmaxf(bound_x, s_bound[w]);
 
-  // 2: each warp tests the vectors of its threads whose max reaches the bound, 32 at a
-  // time, a vector a lane (vector j of every such lane before vector j + 1: neighbouring
-  // lanes read neighbouring addresses), and the elements of the vectors that reach the
-  // bound, an element a lane, join the buffer
+  // 2: each warp tests the vectors of its threads whose max reaches the bound a vector a
+  // lane (neighbouring lanes: the same vector of neighbouring threads, neighbouring
+  // addresses), and the elements of the vectors that reach the bound, an element a lane,
+  // join the buffer
   const bool reaching = own >= bound_x;
   const unsigned reach_mask = __ballot_sync(0xffffffffu, reaching);
   if (reaching) s_lane[warp_base + __popc(reach_mask & lanes_below)] = lane;
@@ -261,9 +262,10 @@ __device__ void block_topk(const uint4* chunk, int64_t cols_left,
     if (vec >= 0) s_queue[warp_base + __popc(hits & lanes_below)] = vec;
     __syncwarp();
     constexpr int kPerRound = 32 / kVec;
-    for (int q = 0; q < __popc(hits); q += kPerRound) {
+    const int n_hits = __popc(hits);
+    for (int q = 0; q < n_hits; q += kPerRound) {
       const int slot = q + lane / kVec;
-      if (slot < __popc(hits)) {
+      if (slot < n_hits) {
         const int at = s_queue[warp_base + slot], col = at * kVec + lane % kVec;
         const float x = to_float(reinterpret_cast<const T*>(chunk + at)[lane % kVec]) * inv_temp;
         if (x >= bound_x && col < valid) {
