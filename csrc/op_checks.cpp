@@ -6,6 +6,9 @@
 #include <cmath>
 #include <cstdio>
 #include <string>
+#include <utility>
+
+#include "kept_set.h"
 
 namespace tokenspeed {
 namespace msg_detail {
@@ -99,6 +102,31 @@ void check_partials(const at::Tensor& partials) {
 
 void check_topk(int64_t k) {
   TS_CHECK(k >= 1 && k <= kMaxTopK, "k must be in [1, ", kMaxTopK, "], got ", k);
+}
+
+void check_kept_set(const at::Tensor& values, const at::Tensor& ids, const at::Tensor& ref_m,
+                    const at::Tensor& big_s, const at::Tensor& big_w, const at::Tensor& top_k,
+                    const at::Tensor& top_p, const at::Tensor& min_p) {
+  TS_CHECK(values.dim() == 2 && values.size(1) >= 1 && values.size(1) <= kMaxKeptCandidates,
+           "values must be [T, k] with k in [1, ", kMaxKeptCandidates, "], got shape ",
+           values.sizes());
+  TS_CHECK(values.scalar_type() == at::kFloat, "values must be float32, got ",
+           values.scalar_type());
+  TS_CHECK(ids.sizes() == values.sizes() && ids.scalar_type() == at::kLong,
+           "ids must be int64 of values' shape ", values.sizes(), ", got ", ids.scalar_type(),
+           " ", ids.sizes());
+  const int64_t rows = values.size(0);
+  const std::pair<const at::Tensor*, const char*> per_row[] = {
+      {&ref_m, "ref_m"}, {&big_s, "big_s"}, {&big_w, "big_w"}, {&top_p, "top_p"},
+      {&min_p, "min_p"}, {&top_k, "top_k"}};
+  for (const auto& [t, name] : per_row) {
+    TS_CHECK(t->dim() == 1 && t->size(0) == rows, name, " must be [T] with T = ", rows,
+             ", got shape ", t->sizes());
+    TS_CHECK(t->scalar_type() == (t == &top_k ? at::kLong : at::kFloat), name, " must be ",
+             t == &top_k ? "int64" : "float32", ", got ", t->scalar_type());
+    check_same_device(values, "values", *t, name);
+  }
+  check_same_device(values, "values", ids, "ids");
 }
 
 void check_mass_above(const at::Tensor& logits, const at::Tensor& thresholds,

@@ -75,6 +75,10 @@ void check_topk(int64_t k);
 constexpr int64_t kMaxThresholds = 256;
 
 // thresholds [T, n] (n <= 256) and ref_m [T] float32 for logits [T, V], on logits' device.
+// filter_kept_set's arguments (ops.cpp)
+void check_kept_set(const at::Tensor& values, const at::Tensor& ids, const at::Tensor& ref_m,
+                    const at::Tensor& big_s, const at::Tensor& big_w, const at::Tensor& top_k,
+                    const at::Tensor& top_p, const at::Tensor& min_p);
 void check_mass_above(const at::Tensor& logits, const at::Tensor& thresholds,
                       const at::Tensor& ref_m);
 

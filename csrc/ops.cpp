@@ -32,6 +32,14 @@ TORCH_LIBRARY(tokenspeed, m) {
   // sums over x >= thresholds[t, i] of e^(x - ref_m[t]) and e^(x - ref_m[t]) (x - ref_m[t]).
   m.def("logprob_mass_above(Tensor logits, float temperature, Tensor thresholds, "
         "Tensor ref_m) -> Tensor");
+  // The sampler filters' kept set {x >= tau} of each row from its candidates: values
+  // [T, k] fp32 (descending, ties to the lower id), ids [T, k] int64 (-1 past the row),
+  // ref_m, big_s, big_w [T] fp32 (the merged state, S and W relative to ref_m), top_k
+  // [T] int64 (0 = off), top_p, min_p [T] fp32 -> (tau, S', W' [T] fp32, pending [T]
+  // bool: the row needs a pass over its logits, and its other outputs are not final).
+  m.def("filter_kept_set(Tensor values, Tensor ids, Tensor ref_m, Tensor big_s, "
+        "Tensor big_w, Tensor top_k, Tensor top_p, Tensor min_p) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
   // ---- kv_cache ----
   // k, v [N, Hk, D] into k_cache, v_cache [P, page_size, Hk, D] at flat slots
   // slot_mapping [N] (int32/int64; page * page_size + offset; a negative slot is skipped).

@@ -1,5 +1,6 @@
-"""One launch of the top-k log-prob kernel on the benchmark's shape, for ncu:
-    ncu -k regex:chunk_kernel -c 1 --launch-skip 1 python3 scripts/profile_topk.py [k]"""
+"""One call of the top-k log-prob op on the benchmark's shape, for ncu (the chunk kernel,
+then the row top-k kernel, of the second call):
+    ncu -k regex:"chunk_kernel|row_topk" -c 2 --launch-skip 2 python3 scripts/profile_topk.py [k]"""
 import sys
 
 import torch

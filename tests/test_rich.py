@@ -21,7 +21,8 @@ from op_testing import FLOATS, SETTINGS, assert_each_raises, sanitized_dtypes, s
 import tokenspeed_ext as tse
 import tokenspeed_ext.ops  # noqa: F401 - registers torch.ops.tokenspeed.*
 from tokenspeed.inputs import InvalidSequenceError
-from tokenspeed.layers.sampler_filters import (RowOptions, candidate_count, finish_rows,
+from tokenspeed.layers.sampler_filters import (RowOptions, _kept_set_steps, candidate_count,
+                                               finish_rows,
                                                from_key, gather_token_logits, in_order_sum,
                                                merge_candidates, merge_state, row_cumsum,
                                                row_sum)
@@ -129,9 +130,11 @@ def test_mass_above_matches_reference(device, seed, t, v, n, dtype, temperature)
 # ---- real vocabularies and the CUDA block top-k's paths ----
 
 def pattern_logits(pattern: str, t: int, v: int, dtype, gen) -> torch.Tensor:
-    """Rows that drive each path of the block top-k: random (the thread-best bound keeps
-    few candidates), ascending (the largest values crowd into few threads: the buffer
-    overflows and the radix select runs), constant (every column ties) and quantised."""
+    """Rows that drive each path of the row top-k: random (the bound from the thread
+    maxima keeps few candidates), ascending (the largest values crowd into few threads,
+    many elements each), constant (every thread and column ties: more reaching threads
+    or candidates than the kernel lists, so the radix select over composites runs) and
+    quantised."""
     if pattern == "random":
         x = torch.randn(t, v, generator=gen, dtype=torch.float64) * 4
     elif pattern == "ascending":
@@ -181,12 +184,14 @@ def test_mass_above_cuda_real_vocabulary(dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", sanitized_dtypes(*FLOATS))
 def test_rich_kernels_small(dtype):
-    """Every rich-output kernel path on rows small enough for compute-sanitizer: block
-    top-k (bounded buffer and radix select), two chunks merged by rank, the one-threshold
-    and the binned mass pass, aligned and unaligned rows."""
+    """Every rich-output kernel path on rows small enough for compute-sanitizer: row
+    top-k (listed threads and buffered candidates; the radix select over composites when
+    the candidates overflow the buffer, as in 16-bit constant rows, or the reaching
+    threads overflow the list, as in fp32 ones), the one-threshold and the binned mass
+    pass, aligned and unaligned rows."""
     gen = torch.Generator().manual_seed(2)
-    v = 40000  # two chunks in 16-bit types, three in fp32
-    for pattern in ("random", "ascending", "quantised"):
+    v = 40000  # two chunks (512 thread maxima) in 16-bit types, three (768) in fp32
+    for pattern in ("random", "ascending", "quantised", "constant"):
         wide = pattern_logits(pattern, 2, v + 1, dtype, gen).cuda()
         for logits in (wide[:, :v], wide[:, 1:]):  # aligned and unaligned rows
             targets = torch.randint(0, v, (2,), generator=gen).cuda()
@@ -195,6 +200,8 @@ def test_rich_kernels_small(dtype):
                 _, want_v, want_i = ref.logprob_topk_partials(logits, targets, 0, 0.7, k)
                 assert torch.equal(ids.cpu(), want_i), (pattern, k)
                 torch.testing.assert_close(vals.double().cpu(), want_v, rtol=1e-6, atol=1e-6)
+            if pattern == "constant":
+                continue  # the reference's w of a constant row is rounding noise
             ref_m = (logits.float() * (1 / 0.7)).max(1).values
             for n in (1, 3):
                 thr = vals[:, :n].flip(1).contiguous()
@@ -440,6 +447,74 @@ def test_tie_ending_inside_the_candidates_takes_no_pass(device):
     assert_scores(got.entropy, want["entropy"], "entropy")
 
 
+def candidate_lists(g, rows: int, kc: int, device):
+    """Random merged rows as the head sees them: candidates [rows, kc] (descending, ties,
+    some rows complete: -inf and id -1 past their columns), the state (ref_m, S, W) and
+    per-row filters, every kind mixed."""
+    vals = torch.sort((torch.randn(rows, kc, generator=g) * 2).round() / 4, 1,
+                      descending=True).values
+    ids = torch.randperm(1000, generator=g)[:kc].expand(rows, kc).clone()
+    width = torch.randint(1, kc + 1, (rows,), generator=g)
+    short = (torch.rand(rows, generator=g) < 0.3)[:, None] & (torch.arange(kc) >= width[:, None])
+    vals[short], ids[short] = -math.inf, -1
+    ref_m = vals[:, 0] + torch.rand(rows, generator=g) * 0.5
+    list_s = torch.where(torch.isneginf(vals), 0, (vals - ref_m[:, None]).exp()).sum(1)
+    complete = ids[:, -1] < 0
+    big_s = torch.where(complete, list_s, list_s * (1 + torch.rand(rows, generator=g) * 3))
+    big_w = -torch.rand(rows, generator=g) * big_s
+    pick = torch.randint(0, 3, (3, rows), generator=g)
+    top_k = torch.where(pick[0] == 0, 0, torch.randint(1, kc + 1, (rows,), generator=g))
+    top_p = torch.where(pick[1] == 0, 1.0, torch.rand(rows, generator=g) * 0.98 + 0.01)
+    min_p = torch.where(pick[2] == 0, 0.0, torch.rand(rows, generator=g) * 0.5)
+    return [x.to(device) for x in (vals, ids, ref_m, big_s, big_w, top_k, top_p, min_p)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@settings(max_examples=40, **SETTINGS)
+@given(kc=st.integers(1, 64), rows=st.integers(1, 300), seed=seeds)
+def test_kept_set_op_matches_the_steps(device, kc, rows, seed):
+    """filter_kept_set against the Python steps it runs (sampler_filters._kept_set_steps,
+    without the passes): the same rows pending, and every other row's threshold and mass
+    (to the rounding of exp and log, which torch and the op may take differently)."""
+    g = torch.Generator().manual_seed(seed)
+    vals, ids, ref_m, big_s, big_w, top_k, top_p, min_p = candidate_lists(g, rows, kc, device)
+    opts = RowOptions(top_k, top_p, min_p, 0, None, kc)
+    tau, s, w, pending = tse.filter_kept_set(vals, ids, ref_m, big_s, big_w, top_k, top_p,
+                                             min_p)
+
+    def no_pass(*_):
+        raise AssertionError("the steps without passes never run one")
+
+    want = _kept_set_steps(big_s, big_w, ref_m, vals, ids, opts, no_pass, passes=False)
+    assert torch.equal(pending, want[3]), "pending rows"
+    done = ~pending
+    # tau is a candidate's value or ref_m + log(min_p), whose log may round differently
+    # (by an ulp of the log, which the sum can cancel down to)
+    torch.testing.assert_close(tau[done], want[0][done], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(s[done], want[1][done], rtol=1e-6, atol=0)
+    torch.testing.assert_close(w[done], want[2][done], rtol=1e-6, atol=1e-7)
+    # a row's outputs are its own: the same row alone gives the same bits
+    r = int(torch.randint(0, rows, (1,), generator=g))
+    one = tse.filter_kept_set(*(x[r:r + 1] for x in (vals, ids, ref_m, big_s, big_w, top_k,
+                                                      top_p, min_p)))
+    for got, whole in zip(one, (tau, s, w, pending)):
+        assert torch.equal(got[0], whole[r])
+
+
+@pytest.mark.gpu
+@pytest.mark.sanitize
+def test_kept_set_kernel_small():
+    """The filter_kept_set kernel on a few rows of every width, for compute-sanitizer."""
+    g = torch.Generator().manual_seed(4)
+    for kc in (1, 37, 64):
+        args = candidate_lists(g, 150, kc, "cuda")
+        got = tse.filter_kept_set(*args)
+        want = tse.filter_kept_set(*(x.cpu() for x in args))
+        assert torch.equal(got[3].cpu(), want[3])
+        for a, b in zip(got[:3], want[:3]):
+            torch.testing.assert_close(a.cpu(), b, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @settings(**SETTINGS)
 @given(k=st.integers(1, 64), rows=st.integers(1, 3000), seed=seeds)
@@ -469,10 +544,12 @@ def test_ops_opcheck_and_compile_fullgraph(device):
     torch.library.opcheck(torch.ops.tokenspeed.logprob_topk_partials,
                           (logits, targets, 5, 0.9, 8, True))
     torch.library.opcheck(torch.ops.tokenspeed.logprob_mass_above, (logits, 1.1, thr, ref_m))
+    lists = candidate_lists(g, 4, 8, device)
+    torch.library.opcheck(torch.ops.tokenspeed.filter_kept_set, tuple(lists))
 
     def rich(logits, targets, thr, ref_m):
         return (*tse.logprob_topk_partials(logits, targets, 5, 0.9, 40),
-                tse.logprob_mass_above(logits, 1.1, thr, ref_m))
+                tse.logprob_mass_above(logits, 1.1, thr, ref_m), *tse.filter_kept_set(*lists))
 
     compiled = torch.compile(rich, fullgraph=True, backend="aot_eager")
     for got, want in zip(compiled(logits, targets, thr, ref_m), rich(logits, targets, thr, ref_m)):
@@ -496,6 +573,22 @@ def test_op_bad_arguments(device):
         (lambda: tse.logprob_mass_above(lg, 1.0, torch.zeros(3, 2, device=device,
                                                              dtype=torch.float64), m),
          r"thresholds and ref_m must be float32, got Double"),
+    ])
+    g = torch.Generator().manual_seed(0)
+    args = candidate_lists(g, 3, 8, device)
+
+    def kept(i, x):
+        return lambda: tse.filter_kept_set(*args[:i], x, *args[i + 1:])
+
+    assert_each_raises([
+        (kept(0, torch.zeros(3, 65, device=device)),
+         r"values must be \[T, k\] with k in \[1, 64\], got shape \[3, 65\]"),
+        (kept(0, args[0].double()), r"values must be float32, got Double"),
+        (kept(1, args[1][:, :4]), r"ids must be int64 of values' shape \[3, 8\]"),
+        (kept(2, args[2][:2]), r"ref_m must be \[T\] with T = 3, got shape \[2\]"),
+        (kept(5, args[5].float()), r"top_k must be int64, got Float"),
+        (kept(6, args[6].double()), r"top_p must be float32, got Double"),
+        (kept(7, torch.zeros(3, device="meta")), r"min_p"),
     ])
 
 

@@ -71,6 +71,21 @@ def logprob_mass_above(logits: Tensor, temperature: float, thresholds: Tensor,
     return _ops.logprob_mass_above.default(logits, float(temperature), thresholds, ref_m)
 
 
+def filter_kept_set(values: Tensor, ids: Tensor, ref_m: Tensor, big_s: Tensor, big_w: Tensor,
+                    top_k: Tensor, top_p: Tensor, min_p: Tensor
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The sampler filters' kept set {x >= tau} of each row from its candidates.
+
+    values [T, k] fp32 (descending, ties to the lower id) and ids [T, k] int64 (-1 past
+    the row), as ``logprob_topk_partials`` gives them; ref_m, big_s, big_w [T] fp32: the
+    merged row state (S and W relative to ref_m); top_k [T] int64 (0 = off), top_p and
+    min_p [T] fp32. Returns (tau, S', W') [T] fp32 and pending [T] bool: the rows whose
+    kept set the candidates do not settle (a pass over their logits is needed; their
+    other outputs are not final). tokenspeed.layers.sampler_filters gives the steps.
+    """
+    return _ops.filter_kept_set.default(values, ids, ref_m, big_s, big_w, top_k, top_p, min_p)
+
+
 def store_kv(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
              slot_mapping: Tensor, validate: bool = True) -> None:
     """Write k, v [N, Hk, D] into the paged caches [P, page_size, Hk, D] in place.
@@ -188,6 +203,17 @@ def _logprob_mass_above_fake(logits, temperature, thresholds, ref_m):
     torch._check(thresholds.dim() == 2, lambda: f"thresholds must be [T, n], got "
                                                 f"{thresholds.shape}")
     return logits.new_empty((logits.shape[0], thresholds.shape[1], 2), dtype=torch.float32)
+
+
+@torch.library.register_fake("tokenspeed::filter_kept_set")
+def _filter_kept_set_fake(values, ids, ref_m, big_s, big_w, top_k, top_p, min_p):
+    _same_device("filter_kept_set", values=values, ids=ids, ref_m=ref_m, big_s=big_s,
+                 big_w=big_w, top_k=top_k, top_p=top_p, min_p=min_p)
+    torch._check(values.dim() == 2 and 1 <= values.shape[1] <= 64,
+                 lambda: f"values must be [T, k] with k in [1, 64], got {values.shape}")
+    t = values.shape[0]
+    return (values.new_empty((t,)), values.new_empty((t,)), values.new_empty((t,)),
+            values.new_empty((t,), dtype=torch.bool))
 
 
 @torch.library.register_fake("tokenspeed::store_kv")

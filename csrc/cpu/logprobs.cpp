@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "cpu/cpu_math.h"
+#include "kept_set.h"
 #include "op_checks.h"
 
 namespace tokenspeed::cpu {
@@ -327,6 +328,38 @@ std::tuple<at::Tensor, at::Tensor> combine_logprob_partials_cpu(const at::Tensor
   return {lp, ent};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> filter_kept_set_cpu(
+    const at::Tensor& values, const at::Tensor& ids, const at::Tensor& ref_m,
+    const at::Tensor& big_s, const at::Tensor& big_w, const at::Tensor& top_k,
+    const at::Tensor& top_p, const at::Tensor& min_p) {
+  check_kept_set(values, ids, ref_m, big_s, big_w, top_k, top_p, min_p);
+  const int64_t rows = values.size(0), kc = values.size(1);
+  const at::Tensor v = values.contiguous(), i = ids.contiguous(), rm = ref_m.contiguous(),
+                   s = big_s.contiguous(), w = big_w.contiguous(), tk = top_k.contiguous(),
+                   tp = top_p.contiguous(), mp = min_p.contiguous();
+  at::Tensor tau = at::empty({rows}, values.options()), s_kept = at::empty_like(tau),
+             w_kept = at::empty_like(tau),
+             pending = at::empty({rows}, values.options().dtype(at::kBool));
+  const float *vp = v.const_data_ptr<float>(), *rmp = rm.const_data_ptr<float>(),
+              *sp = s.const_data_ptr<float>(), *wp = w.const_data_ptr<float>(),
+              *tpp = tp.const_data_ptr<float>(), *mpp = mp.const_data_ptr<float>();
+  const int64_t *ip = i.const_data_ptr<int64_t>(), *tkp = tk.const_data_ptr<int64_t>();
+  float *tau_p = tau.data_ptr<float>(), *s_out = s_kept.data_ptr<float>(),
+        *w_out = w_kept.data_ptr<float>();
+  bool* pend = pending.data_ptr<bool>();
+  at::parallel_for(0, rows, 64, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      const KeptSet out = kept_set_row(vp + r * kc, ip + r * kc, static_cast<int>(kc), rmp[r],
+                                       sp[r], wp[r], tkp[r], tpp[r], mpp[r]);
+      tau_p[r] = out.tau;
+      s_out[r] = out.s;
+      w_out[r] = out.w;
+      pend[r] = out.pending;
+    }
+  });
+  return {tau, s_kept, w_kept, pending};
+}
+
 }  // namespace
 }  // namespace tokenspeed::cpu
 
@@ -336,4 +369,5 @@ TORCH_LIBRARY_IMPL(tokenspeed, CPU, m) {
   m.impl("combine_logprob_partials", &tokenspeed::cpu::combine_logprob_partials_cpu);
   m.impl("logprob_topk_partials", &tokenspeed::cpu::logprob_topk_partials_cpu);
   m.impl("logprob_mass_above", &tokenspeed::cpu::logprob_mass_above_cpu);
+  m.impl("filter_kept_set", &tokenspeed::cpu::filter_kept_set_cpu);
 }

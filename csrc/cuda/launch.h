@@ -16,20 +16,29 @@ enum class DType : int { kFloat32, kBFloat16, kFloat16 };
 
 // ---- logprobs: the log-prob ops (logprobs.cu) ----
 
-// Number of fixed vocabulary chunks a row of V columns of `dtype` is split into.
+// Number of fixed vocabulary chunks a row of V columns of `dtype` is split into, and the
+// threads of each chunk's block (one thread max each for launch_row_topk).
 int64_t logprob_num_chunks(int64_t V, DType dtype);
+constexpr int kLogprobChunkThreads = 256;
 
 // Per-chunk states [rows, C, 4] fp32 (m, s, w, t; m and t in logit units) of
 // logits [rows, V] (row stride ld elements, unit column stride). targets [rows] int32 or
 // int64 (element stride targets_stride), global ids; the shard starts at vocab_start.
-// topk > 0 (<= 64): also each chunk's topk largest x = logit * inv_temp, descending, ties
-// to the lower id, into cand_vals [rows, C, topk] fp32 and cand_ids [rows, C, topk] int64
-// (global ids; -inf and -1 past the row), from the same read of the logits.
+// thread_maxima != nullptr: also each chunk thread's max logit into it, [rows, C, 256]
+// fp32, for launch_row_topk.
 cudaError_t launch_logprob_chunks(const void* logits, DType dtype, int64_t rows, int64_t ld,
                                   int64_t V, const void* targets, bool targets_int64,
                                   int64_t targets_stride, int64_t vocab_start, float inv_temp,
-                                  float* state, int topk, float* cand_vals, int64_t* cand_ids,
-                                  cudaStream_t stream);
+                                  float* state, float* thread_maxima, cudaStream_t stream);
+
+// Each row's k (<= 64) largest x = logit * inv_temp, descending, ties to the lower id, into
+// vals [rows, k] fp32 and ids [rows, k] int64 (global ids, vocab_start + column; -inf and
+// -1 past the row), from the thread maxima launch_logprob_chunks wrote for the same
+// logits and a few of their vectors.
+cudaError_t launch_row_topk(const void* logits, DType dtype, int64_t rows, int64_t ld,
+                            int64_t V, const float* thread_maxima, float inv_temp, int k,
+                            int64_t vocab_start, float* vals, int64_t* ids,
+                            cudaStream_t stream);
 
 // out [rows, n, 2] fp32: over x = logit * inv_temp >= thresholds[r, i] (thresholds
 // [rows, n] fp32 contiguous, n <= 256), sum e^(x - ref_m[r]) and e^(x - ref_m[r]) (x -
@@ -38,11 +47,12 @@ cudaError_t launch_mass_above(const void* logits, DType dtype, int64_t rows, int
                               int64_t V, float inv_temp, const float* thresholds, int64_t n,
                               const float* ref_m, float* out, cudaStream_t stream);
 
-// The k best of each row's C chunk candidate lists [rows, C, k] (each descending, ties to
-// the lower id, padded with (-inf, -1)) -> [rows, k] in the same order.
-cudaError_t launch_merge_candidates(const float* vals, const int64_t* ids, int64_t rows,
-                                    int64_t chunks, int64_t k, float* out_vals,
-                                    int64_t* out_ids, cudaStream_t stream);
+// filter_kept_set over rows (every pointer contiguous [rows] or [rows, kc]; kept_set.h).
+cudaError_t launch_kept_set(const float* values, const int64_t* ids, int64_t rows, int kc,
+                            const float* ref_m, const float* big_s, const float* big_w,
+                            const int64_t* top_k, const float* top_p, const float* min_p,
+                            float* tau, float* s_kept, float* w_kept, bool* pending,
+                            cudaStream_t stream);
 
 // Ordered merge of n fp32 states per row (row r's item i at
 // states[(r * row_stride + i * item_stride) * 4]). Writes either merged [rows, 4] (scaled

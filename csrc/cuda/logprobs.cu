@@ -3,15 +3,49 @@
 #include "cuda/launch.h"
 #include "cuda/logprobs.cuh"
 #include "cuda/logprobs_mass.cuh"
+#include "cuda/logprobs_topk.cuh"
+#include "kept_set.h"
 
 namespace tokenspeed {
 namespace cuda {
 namespace {
 
 constexpr int kMergeThreads = 256;
+static_assert(kLogprobChunkThreads == kLpThreads, "launch.h's chunk threads are the kernel's");
 
 int chunk_cols(DType dtype) {
   return dtype == DType::kFloat32 ? lp_chunk_cols<float>() : lp_chunk_cols<__half>();
+}
+
+// f(T{}) for the element type of dtype
+template <typename F>
+void by_dtype(DType dtype, F f) {
+  switch (dtype) {
+    case DType::kBFloat16: f(__nv_bfloat16{}); break;
+    case DType::kFloat16: f(__half{}); break;
+    case DType::kFloat32: f(float{}); break;
+  }
+}
+
+// A thread a row: a row's candidates are at most 64, and its steps are sequential.
+__global__ void kept_set_kernel(const float* __restrict__ values,
+                                const int64_t* __restrict__ ids, int64_t rows, int kc,
+                                const float* __restrict__ ref_m,
+                                const float* __restrict__ big_s,
+                                const float* __restrict__ big_w,
+                                const int64_t* __restrict__ top_k,
+                                const float* __restrict__ top_p,
+                                const float* __restrict__ min_p, float* __restrict__ tau,
+                                float* __restrict__ s_kept, float* __restrict__ w_kept,
+                                bool* __restrict__ pending) {
+  const int64_t r = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (r >= rows) return;
+  const KeptSet out = kept_set_row(values + r * kc, ids + r * kc, kc, ref_m[r], big_s[r],
+                                   big_w[r], top_k[r], top_p[r], min_p[r]);
+  tau[r] = out.tau;
+  s_kept[r] = out.s;
+  w_kept[r] = out.w;
+  pending[r] = out.pending;
 }
 
 }  // namespace
@@ -23,45 +57,42 @@ int64_t logprob_num_chunks(int64_t V, DType dtype) {
 cudaError_t launch_logprob_chunks(const void* logits, DType dtype, int64_t rows, int64_t ld,
                                   int64_t V, const void* targets, bool targets_int64,
                                   int64_t targets_stride, int64_t vocab_start, float inv_temp,
-                                  float* state, int topk, float* cand_vals, int64_t* cand_ids,
-                                  cudaStream_t stream) {
+                                  float* state, float* thread_maxima, cudaStream_t stream) {
   const int64_t chunks = logprob_num_chunks(V, dtype);
   const auto blocks = static_cast<unsigned>(rows * chunks);
-  cudaError_t err = cudaSuccess;
-  auto launch = [&](auto tag) {
+  by_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     auto* out = reinterpret_cast<float4*>(state);
-    if (topk > 0) {
-      // over the 48 KB default (set on every call: the setting is per device); the
-      // carveout lets 3 blocks an SM hold their copies
-      auto* kernel = logprob_chunk_kernel<T, true>;
-      err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                 kTopKChunkBytes);
-      if (err == cudaSuccess)
-        err = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                   cudaSharedmemCarveoutMaxShared);
-      if (err != cudaSuccess) return;
-      kernel<<<blocks, kLpThreads, kTopKChunkBytes, stream>>>(
+    if (thread_maxima != nullptr)
+      logprob_chunk_kernel<T, true><<<blocks, kLpThreads, 0, stream>>>(
           static_cast<const T*>(logits), ld, V, targets, targets_int64, targets_stride,
-          vocab_start, inv_temp, out, static_cast<int>(chunks), topk, cand_vals, cand_ids);
-    } else {
+          vocab_start, inv_temp, out, static_cast<int>(chunks), thread_maxima);
+    else
       logprob_chunk_kernel<T, false><<<blocks, kLpThreads, 0, stream>>>(
           static_cast<const T*>(logits), ld, V, targets, targets_int64, targets_stride,
-          vocab_start, inv_temp, out, static_cast<int>(chunks), 0, nullptr, nullptr);
-    }
-  };
-  switch (dtype) {
-    case DType::kBFloat16: launch(__nv_bfloat16{}); break;
-    case DType::kFloat16: launch(__half{}); break;
-    case DType::kFloat32: launch(float{}); break;
-  }
-  return err != cudaSuccess ? err : cudaGetLastError();
+          vocab_start, inv_temp, out, static_cast<int>(chunks), nullptr);
+  });
+  return cudaGetLastError();
+}
+
+cudaError_t launch_row_topk(const void* logits, DType dtype, int64_t rows, int64_t ld,
+                            int64_t V, const float* thread_maxima, float inv_temp, int k,
+                            int64_t vocab_start, float* vals, int64_t* ids,
+                            cudaStream_t stream) {
+  const int entries = static_cast<int>(logprob_num_chunks(V, dtype) * kLpThreads);
+  by_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    row_topk_kernel<T><<<static_cast<unsigned>(rows), kRowTopKThreads, 0, stream>>>(
+        static_cast<const T*>(logits), ld, V, thread_maxima, entries, inv_temp, k,
+        vocab_start, vals, ids);
+  });
+  return cudaGetLastError();
 }
 
 cudaError_t launch_mass_above(const void* logits, DType dtype, int64_t rows, int64_t ld,
                               int64_t V, float inv_temp, const float* thresholds, int64_t n,
                               const float* ref_m, float* out, cudaStream_t stream) {
-  auto launch = [&](auto tag) {
+  by_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     const auto blocks = static_cast<unsigned>(rows);
     if (n == 1)
@@ -71,20 +102,19 @@ cudaError_t launch_mass_above(const void* logits, DType dtype, int64_t rows, int
       mass_above_bins_kernel<T><<<blocks, kMassThreads, 0, stream>>>(
           static_cast<const T*>(logits), ld, V, inv_temp, thresholds, static_cast<int>(n), ref_m,
           out);
-  };
-  switch (dtype) {
-    case DType::kBFloat16: launch(__nv_bfloat16{}); break;
-    case DType::kFloat16: launch(__half{}); break;
-    case DType::kFloat32: launch(float{}); break;
-  }
+  });
   return cudaGetLastError();
 }
 
-cudaError_t launch_merge_candidates(const float* vals, const int64_t* ids, int64_t rows,
-                                    int64_t chunks, int64_t k, float* out_vals,
-                                    int64_t* out_ids, cudaStream_t stream) {
-  merge_candidates_kernel<<<static_cast<unsigned>(rows), 128, 0, stream>>>(
-      vals, ids, static_cast<int>(chunks), static_cast<int>(k), out_vals, out_ids);
+cudaError_t launch_kept_set(const float* values, const int64_t* ids, int64_t rows, int kc,
+                            const float* ref_m, const float* big_s, const float* big_w,
+                            const int64_t* top_k, const float* top_p, const float* min_p,
+                            float* tau, float* s_kept, float* w_kept, bool* pending,
+                            cudaStream_t stream) {
+  constexpr int kThreads = 128;
+  kept_set_kernel<<<static_cast<unsigned>((rows + kThreads - 1) / kThreads), kThreads, 0,
+                    stream>>>(values, ids, rows, kc, ref_m, big_s, big_w, top_k, top_p,
+                              min_p, tau, s_kept, w_kept, pending);
   return cudaGetLastError();
 }
 

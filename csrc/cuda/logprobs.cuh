@@ -26,9 +26,10 @@
  * on the other rows, nor on whether its row start happens to be 16-byte aligned (an
  * unaligned row loads the same elements into the same threads with scalar loads).
  *
- * The kTopK instantiation (logprob_topk_partials) computes the same state and then, from
- * a copy of the chunk in shared memory, the chunk's k largest x (logprobs_topk.cuh): still
- * one read of the logits, [T, C, k] candidates written besides the state.
+ * The kMaxima instantiation (logprob_topk_partials) computes the same state and also
+ * writes each thread's max logit, [T, C, 256] fp32 (1/64 of bf16 logits), from which
+ * row_topk_kernel (logprobs_topk.cuh) finds each row's k largest x reading only a few of
+ * its vectors again.
  */
 #pragma once
 
@@ -41,15 +42,12 @@
 
 #include "cuda/dtype.cuh"
 #include "cuda/fast_math.cuh"
-#include "cuda/logprobs_topk.cuh"
 
 namespace tokenspeed {
 namespace cuda {
 
 constexpr int kLpThreads = 256;
 constexpr int kLpVecs = 16;  // 16-byte vectors per thread per chunk
-// the top-k instantiation's copy of its chunk in shared memory (logprobs_topk.cuh)
-constexpr int kTopKChunkBytes = kLpThreads * kLpVecs * 16;
 
 template <typename T>
 constexpr int lp_chunk_cols() {
@@ -206,15 +204,14 @@ __device__ __forceinline__ float2 block_sum_pair(float s, float w, float2* warp_
 
 // Block b: chunk b % num_chunks of row b / num_chunks. logits [T, V] (row stride ld
 // elements), targets [T] int32/int64 (stride tgt_stride), global ids of a shard starting
-// at vocab_start; state out [T, C, 4]. kTopK: also the chunk's k best x and their global
-// ids into cand_vals, cand_ids [T, C, k].
-template <typename T, bool kTopK>
+// at vocab_start; state out [T, C, 4]. kMaxima: also each thread's max logit into
+// thread_maxima [T, C, kLpThreads] (-inf for a thread past V, nan for one of only nan).
+template <typename T, bool kMaxima>
 __global__ void __launch_bounds__(kLpThreads, 3)
     logprob_chunk_kernel(const T* __restrict__ logits, int64_t ld, int64_t V,
                          const void* __restrict__ targets, bool tgt64, int64_t tgt_stride,
                          int64_t vocab_start, float inv_temp, float4* __restrict__ state,
-                         int num_chunks, int k, float* __restrict__ cand_vals,
-                         int64_t* __restrict__ cand_ids) {
+                         int num_chunks, float* __restrict__ thread_maxima) {
   constexpr int kCols = lp_chunk_cols<T>();
   const int64_t row = blockIdx.x / num_chunks;
   const int chunk = static_cast<int>(blockIdx.x - row * num_chunks);
@@ -240,14 +237,7 @@ __global__ void __launch_bounds__(kLpThreads, 3)
   __shared__ float2 warp_sw[kLpThreads / 32];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const float thread_max = raw_max<T>(raw);
-  // kTopK: the chunk also goes to shared memory (kTopKChunkBytes of dynamic shared memory,
-  // vector j of thread i at j * kLpThreads + i) for the candidate code, so that the
-  // registers holding it die in the sums below
-  extern __shared__ uint4 s_chunk[];
-  if constexpr (kTopK) {
-#pragma unroll
-    for (int j = 0; j < kLpVecs; ++j) s_chunk[j * kLpThreads + threadIdx.x] = raw[j];
-  }
+  if constexpr (kMaxima) thread_maxima[int64_t(blockIdx.x) * kLpThreads + threadIdx.x] = thread_max;
   float m = thread_max;
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
@@ -275,10 +265,6 @@ __global__ void __launch_bounds__(kLpThreads, 3)
   }
   const float2 sw = block_sum_pair<kLpThreads>(s, w, warp_sw);
   if (threadIdx.x == 0) state[blockIdx.x] = make_float4(m, sw.x, sw.y * 0.6931471805599453f, t);
-  if constexpr (kTopK)
-    block_topk<T, kLpThreads, kLpVecs>(s_chunk, V - c0, inv_temp, k, thread_max,
-                                       vocab_start + c0, cand_vals + int64_t(blockIdx.x) * k,
-                                       cand_ids + int64_t(blockIdx.x) * k);
 }
 
 // Merge n states per row, in order. state element (row, i) is at state[row * row_stride +

@@ -1,5 +1,6 @@
 // CUDA host side of the log-prob ops (logprobs, logprob_partials,
-// combine_logprob_partials, logprob_topk_partials, logprob_mass_above): argument checks, device guard, output allocation and error
+// combine_logprob_partials, logprob_topk_partials, logprob_mass_above, filter_kept_set):
+// argument checks, device guard, output allocation and error
 // reporting over the launch functions of launch.h (kernels in logprobs.cuh).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -21,28 +22,24 @@ namespace {
 float inv_temperature(double temperature) { return static_cast<float>(1.0 / temperature); }
 
 // Chunk states [T, C, 4] (m and t in logit units) of logits [T, V], targets global ids;
-// with topk > 0 also each chunk's candidates into cand_vals, cand_ids [T, C, topk].
+// with maxima != nullptr also the chunk threads' maxima into it, [T, C, 256].
 at::Tensor chunk_states(const at::Tensor& logits, const at::Tensor& targets,
                         int64_t vocab_start, double temperature, cudaStream_t stream,
-                        int64_t topk = 0, at::Tensor* cand_vals = nullptr,
-                        at::Tensor* cand_ids = nullptr) {
+                        at::Tensor* maxima = nullptr) {
   const int64_t rows = logits.size(0), v = logits.size(1);
   const DType dtype = dtype_of(logits);
   const int64_t chunks = logprob_num_chunks(v, dtype);
   TS_CHECK(rows * chunks <= std::numeric_limits<int32_t>::max(), "logits has ", rows,
               " rows of ", v, " columns, more than one launch handles");
   at::Tensor state = at::empty({rows, chunks, 4}, logits.options().dtype(at::kFloat));
-  if (topk > 0) {
-    *cand_vals = at::empty({rows, chunks, topk}, logits.options().dtype(at::kFloat));
-    *cand_ids = at::empty({rows, chunks, topk}, logits.options().dtype(at::kLong));
-  }
+  if (maxima != nullptr)
+    *maxima = at::empty({rows, chunks, kLogprobChunkThreads}, logits.options().dtype(at::kFloat));
   const int64_t ld = rows > 1 ? logits.stride(0) : v;
   C10_CUDA_CHECK(launch_logprob_chunks(
       logits.const_data_ptr(), dtype, rows, ld, v, targets.const_data_ptr(),
       targets.scalar_type() == at::kLong, targets.stride(0), vocab_start,
-      inv_temperature(temperature), state.data_ptr<float>(), static_cast<int>(topk),
-      topk > 0 ? cand_vals->data_ptr<float>() : nullptr,
-      topk > 0 ? cand_ids->data_ptr<int64_t>() : nullptr, stream));
+      inv_temperature(temperature), state.data_ptr<float>(),
+      maxima != nullptr ? maxima->data_ptr<float>() : nullptr, stream));
   return state;
 }
 
@@ -97,22 +94,6 @@ at::Tensor logprob_partials_cuda(const at::Tensor& logits, const at::Tensor& tar
   return out;
 }
 
-// The k best of a row's C chunk lists [T, C, k] (each descending), ties to the lower id.
-// Tiny next to the logits: C * k entries a row.
-std::tuple<at::Tensor, at::Tensor> merge_chunk_candidates(const at::Tensor& vals,
-                                                          const at::Tensor& ids, int64_t k,
-                                                          cudaStream_t stream) {
-  const int64_t rows = vals.size(0), chunks = vals.size(1);
-  if (chunks == 1) return {vals.view({rows, k}), ids.view({rows, k})};
-  at::Tensor out_vals = at::empty({rows, k}, vals.options());
-  at::Tensor out_ids = at::empty({rows, k}, ids.options());
-  C10_CUDA_CHECK(launch_merge_candidates(vals.const_data_ptr<float>(),
-                                         ids.const_data_ptr<int64_t>(), rows, chunks, k,
-                                         out_vals.data_ptr<float>(),
-                                         out_ids.data_ptr<int64_t>(), stream));
-  return {out_vals, out_ids};
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> logprob_topk_partials_cuda(
     const at::Tensor& logits, const at::Tensor& targets, int64_t vocab_start,
     double temperature, int64_t k, bool validate) {
@@ -121,6 +102,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprob_topk_partials_cuda(
   check_temperature(temperature);
   check_vocab_start(vocab_start);
   check_topk(k);
+  TS_CHECK(logits.size(1) <= std::numeric_limits<int32_t>::max(), "logits has ",
+           logits.size(1), " columns, more than the top-k kernel indexes");
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t rows = logits.size(0);
   const auto f32 = logits.options().dtype(at::kFloat);
@@ -128,13 +111,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprob_topk_partials_cuda(
   if (rows == 0)
     return {out, at::empty({0, k}, f32), at::empty({0, k}, logits.options().dtype(at::kLong))};
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  at::Tensor vals, ids;
+  at::Tensor maxima;
   const at::Tensor state =
-      chunk_states(logits, targets, vocab_start, temperature, stream, k, &vals, &ids);
+      chunk_states(logits, targets, vocab_start, temperature, stream, &maxima);
   const int64_t chunks = state.size(1);
   merge(state, chunks, 1, chunks, rows, inv_temperature(temperature), out.data_ptr<float>(),
         nullptr, nullptr, stream);
-  auto [top_vals, top_ids] = merge_chunk_candidates(vals, ids, k, stream);
+  at::Tensor top_vals = at::empty({rows, k}, f32);
+  at::Tensor top_ids = at::empty({rows, k}, logits.options().dtype(at::kLong));
+  const int64_t ld = rows > 1 ? logits.stride(0) : logits.size(1);
+  C10_CUDA_CHECK(launch_row_topk(logits.const_data_ptr(), dtype_of(logits), rows, ld,
+                                 logits.size(1), maxima.const_data_ptr<float>(),
+                                 inv_temperature(temperature), static_cast<int>(k),
+                                 vocab_start, top_vals.data_ptr<float>(),
+                                 top_ids.data_ptr<int64_t>(), stream));
   if (validate) check_target_range(targets, 0, -1);
   return {out, top_vals, top_ids};
 }
@@ -155,6 +145,30 @@ at::Tensor logprob_mass_above_cuda(const at::Tensor& logits, double temperature,
                                    th.const_data_ptr<float>(), n, rm.const_data_ptr<float>(),
                                    out.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()));
   return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> filter_kept_set_cuda(
+    const at::Tensor& values, const at::Tensor& ids, const at::Tensor& ref_m,
+    const at::Tensor& big_s, const at::Tensor& big_w, const at::Tensor& top_k,
+    const at::Tensor& top_p, const at::Tensor& min_p) {
+  check_kept_set(values, ids, ref_m, big_s, big_w, top_k, top_p, min_p);
+  check_cuda(values, "values");
+  const c10::cuda::CUDAGuard guard(values.device());
+  const int64_t rows = values.size(0);
+  at::Tensor tau = at::empty({rows}, values.options()), s_kept = at::empty_like(tau),
+             w_kept = at::empty_like(tau),
+             pending = at::empty({rows}, values.options().dtype(at::kBool));
+  if (rows == 0) return {tau, s_kept, w_kept, pending};
+  const at::Tensor v = values.contiguous(), i = ids.contiguous();
+  const at::Tensor rm = ref_m.contiguous(), s = big_s.contiguous(), w = big_w.contiguous(),
+                   tk = top_k.contiguous(), tp = top_p.contiguous(), mp = min_p.contiguous();
+  C10_CUDA_CHECK(launch_kept_set(
+      v.const_data_ptr<float>(), i.const_data_ptr<int64_t>(), rows,
+      static_cast<int>(values.size(1)), rm.const_data_ptr<float>(), s.const_data_ptr<float>(),
+      w.const_data_ptr<float>(), tk.const_data_ptr<int64_t>(), tp.const_data_ptr<float>(),
+      mp.const_data_ptr<float>(), tau.data_ptr<float>(), s_kept.data_ptr<float>(),
+      w_kept.data_ptr<float>(), pending.data_ptr<bool>(), c10::cuda::getCurrentCUDAStream()));
+  return {tau, s_kept, w_kept, pending};
 }
 
 std::tuple<at::Tensor, at::Tensor> combine_logprob_partials_cuda(const at::Tensor& partials) {
@@ -178,4 +192,5 @@ TORCH_LIBRARY_IMPL(tokenspeed, CUDA, m) {
   m.impl("combine_logprob_partials", &tokenspeed::cuda::combine_logprob_partials_cuda);
   m.impl("logprob_topk_partials", &tokenspeed::cuda::logprob_topk_partials_cuda);
   m.impl("logprob_mass_above", &tokenspeed::cuda::logprob_mass_above_cuda);
+  m.impl("filter_kept_set", &tokenspeed::cuda::filter_kept_set_cuda);
 }

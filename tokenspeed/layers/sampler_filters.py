@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+import tokenspeed_ext as tse
+
 # candidates the kernels can keep per row
 MAX_CANDIDATES = 64
 
@@ -134,7 +136,9 @@ def merge_state(partials: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 def merge_candidates(values: Tensor, ids: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Shards' candidates [S, T, k'] -> the k largest [T, k], ties to the lower id and
     the padding (id -1) after every real id: a stable sort by id, then a stable sort by
-    value."""
+    value. One shard's list is already in that order."""
+    if values.shape[0] == 1:
+        return values[0, :, :k], ids[0, :, :k]
     vals = values.permute(1, 0, 2).reshape(values.shape[1], -1)
     idx = ids.permute(1, 0, 2).reshape(ids.shape[1], -1)
     by_id = torch.sort(torch.where(idx < 0, torch.full_like(idx, 2**62), idx), dim=1,
@@ -215,6 +219,28 @@ def _kept_set(big_s: Tensor, big_w: Tensor, ref_m: Tensor, values: Tensor, ids: 
     """The filters' threshold tau [T] (the kept set is {x >= tau}) and the kept mass
     (sum e^(x - ref_m), sum e^(x - ref_m) (x - ref_m)) of every row.
 
+    First every row from its candidates alone, in one op (a thread a row on CUDA), with
+    one wait on the device to learn whether any row needs a pass over its logits (rarely);
+    only those rows then take the steps below with their passes (each step waiting to
+    learn which rows need it), so that a row's result never depends on the others.
+    """
+    tau, s_kept, w_kept, pending = tse.filter_kept_set(
+        values, ids, ref_m, big_s, big_w, opts.top_k, opts.top_p, opts.min_p)
+    if bool(pending.any()):
+        slow = _kept_set_steps(big_s, big_w, ref_m, values, ids, opts, mass_above, passes=True)
+        tau, s_kept, w_kept = (torch.where(pending, b, a)
+                               for a, b in zip((tau, s_kept, w_kept), slow[:3]))
+    return tau, s_kept, w_kept
+
+
+def _kept_set_steps(big_s: Tensor, big_w: Tensor, ref_m: Tensor, values: Tensor, ids: Tensor,
+                    opts: RowOptions, mass_above: MassAbove, passes: bool
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """_kept_set's steps, those of the filter_kept_set op (csrc/kept_set.h) in the same
+    fp32 order, with the passes: (tau, s_kept, w_kept, rows that need a pass [T] bool).
+    Without ``passes`` those rows are only marked, their results not final (the op's
+    reference in the tests).
+
     Every x above the last candidate is a candidate, so a group of equal values is
     missing members only when it is the last one. The top-k set is therefore settled
     from the candidates but for its mass when a tie at the k-th place runs past them
@@ -234,9 +260,11 @@ def _kept_set(big_s: Tensor, big_w: Tensor, ref_m: Tensor, values: Tensor, ids: 
         """The whole set {x >= tau} is among the candidates."""
         return complete | (last < tau)
 
+    e_ew = torch.stack((e, ew))  # both sums in one chain of adds
+
     def list_mass(tau: Tensor) -> tuple[Tensor, Tensor]:
-        keep = values >= tau[:, None]
-        return row_sum(e * keep), row_sum(ew * keep)
+        sums = row_sum(e_ew * (values >= tau[:, None]))
+        return sums[0], sums[1]
 
     # top-k: the k-th largest x (kc > top_k unless top_k = 64); a tie across the last
     # candidate takes one pass for the set's mass
@@ -251,7 +279,7 @@ def _kept_set(big_s: Tensor, big_w: Tensor, ref_m: Tensor, values: Tensor, ids: 
     # the set's mass is wanted by top-p, or when tau_k is the threshold (a min-p cut
     # above it lies inside the list)
     short_k = has_k & ~inside_list(tau_k) & (has_p | (tau_m <= tau_k))
-    if bool(short_k.any()):
+    if passes and bool(short_k.any()):
         rows, again = _mass_of_rows(mass_above, short_k, tau_k[:, None], ref_m)
         s_k = _put(s_k, rows, again[:, 0, 0])
         w_k = _put(w_k, rows, again[:, 0, 1])
@@ -273,7 +301,7 @@ def _kept_set(big_s: Tensor, big_w: Tensor, ref_m: Tensor, values: Tensor, ids: 
     known_p = has_k | dropped.any(1) | complete
     tau_p = torch.where(has_p, tau_p, neg)
     search = has_p & ~known_p
-    if bool(search.any()):
+    if passes and bool(search.any()):
         rows = search.nonzero()[:, 0]
         found = _search_top_p(rows, tau_k.index_select(0, rows), opts.top_p.index_select(0, rows),
                               ref_m.index_select(0, rows), mass_above)
@@ -289,11 +317,11 @@ def _kept_set(big_s: Tensor, big_w: Tensor, ref_m: Tensor, values: Tensor, ids: 
     s_kept = torch.where(at_k, s_k, s_kept)
     w_kept = torch.where(at_k, w_k, w_kept)
     need = ~open_set & ~at_k & ~inside_list(tau)
-    if bool(need.any()):
+    if passes and bool(need.any()):
         rows, again = _mass_of_rows(mass_above, need, tau[:, None], ref_m)
         s_kept = _put(s_kept, rows, again[:, 0, 0])
         w_kept = _put(w_kept, rows, again[:, 0, 1])
-    return tau, s_kept, w_kept
+    return tau, s_kept, w_kept, short_k | search | need
 
 
 def _search_top_p(rows: Tensor, tau_k: Tensor, top_p: Tensor, ref_m: Tensor,
