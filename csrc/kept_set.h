@@ -2,8 +2,8 @@
  * The sampler filters' kept set of one row from its candidates (tokenspeed/layers/
  * sampler_filters.py, docs/design.md): the threshold tau (the kept set is {x >= tau}) and
  * the kept mass S' = sum e^(x - ref_m), W' = sum e^(x - ref_m) (x - ref_m), plus whether
- * the row needs a pass over its logits, which the candidates alone cannot settle. Shared
- * by the CPU op and the CUDA kernel (a thread a row).
+ * the row needs a pass over its logits, which the candidates alone cannot settle. The CPU
+ * op runs kept_set_row; the CUDA op runs the same steps a warp a row (cuda/kept_set.cuh).
  *
  * Every step is the fp32 arithmetic of sampler_filters._kept_set_steps, in its order:
  * the sums over the candidates are its pairwise halvings (row_sum) and its step-doubling

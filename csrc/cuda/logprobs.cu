@@ -4,7 +4,7 @@
 #include "cuda/logprobs.cuh"
 #include "cuda/logprobs_mass.cuh"
 #include "cuda/logprobs_topk.cuh"
-#include "kept_set.h"
+#include "cuda/kept_set.cuh"
 
 namespace tokenspeed {
 namespace cuda {
@@ -27,8 +27,9 @@ void by_dtype(DType dtype, F f) {
   }
 }
 
-// A thread a row: a row's candidates are at most 64, and its steps are sequential.
-__global__ void kept_set_kernel(const float* __restrict__ values,
+constexpr int kKeptSetThreads = 128;  // a warp a row
+
+__global__ void __launch_bounds__(kKeptSetThreads) kept_set_kernel(const float* __restrict__ values,
                                 const int64_t* __restrict__ ids, int64_t rows, int kc,
                                 const float* __restrict__ ref_m,
                                 const float* __restrict__ big_s,
@@ -38,14 +39,16 @@ __global__ void kept_set_kernel(const float* __restrict__ values,
                                 const float* __restrict__ min_p, float* __restrict__ tau,
                                 float* __restrict__ s_kept, float* __restrict__ w_kept,
                                 bool* __restrict__ pending) {
-  const int64_t r = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (r >= rows) return;
-  const KeptSet out = kept_set_row(values + r * kc, ids + r * kc, kc, ref_m[r], big_s[r],
-                                   big_w[r], top_k[r], top_p[r], min_p[r]);
-  tau[r] = out.tau;
-  s_kept[r] = out.s;
-  w_kept[r] = out.w;
-  pending[r] = out.pending;
+  const int64_t r = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  if (r >= rows) return;  // the warp's lanes together
+  const KeptSet out = kept_set_warp(values + r * kc, ids + r * kc, kc, ref_m[r], big_s[r],
+                                    big_w[r], top_k[r], top_p[r], min_p[r]);
+  if (threadIdx.x % 32 == 0) {
+    tau[r] = out.tau;
+    s_kept[r] = out.s;
+    w_kept[r] = out.w;
+    pending[r] = out.pending;
+  }
 }
 
 }  // namespace
@@ -111,8 +114,8 @@ cudaError_t launch_kept_set(const float* values, const int64_t* ids, int64_t row
                             const int64_t* top_k, const float* top_p, const float* min_p,
                             float* tau, float* s_kept, float* w_kept, bool* pending,
                             cudaStream_t stream) {
-  constexpr int kThreads = 128;
-  kept_set_kernel<<<static_cast<unsigned>((rows + kThreads - 1) / kThreads), kThreads, 0,
+  constexpr int kRows = kKeptSetThreads / 32;
+  kept_set_kernel<<<static_cast<unsigned>((rows + kRows - 1) / kRows), kKeptSetThreads, 0,
                     stream>>>(values, ids, rows, kc, ref_m, big_s, big_w, top_k, top_p,
                               min_p, tau, s_kept, w_kept, pending);
   return cudaGetLastError();
