@@ -393,10 +393,10 @@ def test_tie_past_the_candidates_takes_one_pass(device, top_p, min_p, passes):
     g = torch.Generator().manual_seed(11)
     v, k = 500, 50
     x = torch.randn(4, v, generator=g, dtype=torch.float64)
-    x[:3, 40:140] = 4.0  # 100 equal values across the k-th place and the candidates
-    x[:, 5] = 6.0  # (the last row has no tie: its set is settled from the list)
+    x[1:, 40:140] = 4.0  # 100 equal values across the k-th place and the candidates
+    x[:, 5] = 6.0  # (the first row has no tie: its set is settled from the list)
     logits = x.to(torch.float32).to(device)
-    targets = torch.tensor([90, 5, 300, 7]).to(device)
+    targets = torch.tensor([7, 90, 5, 300]).to(device)
     ks = torch.full((4,), k)
     ps = torch.full((4,), top_p)
     mins = torch.full((4,), min_p)
@@ -410,7 +410,14 @@ def test_tie_past_the_candidates_takes_one_pass(device, top_p, min_p, passes):
         return tse.logprob_mass_above(logits[rows], 1.0, thresholds, ref_m)
 
     got = finish_rows(merge_state(parts[None]), values, ids, None, opts, mass_above)
-    assert seen == [([0, 1, 2], 1)] * passes, f"passes over the logits: {seen}"
+    assert seen == [([1, 2, 3], 1)] * passes, f"passes over the logits: {seen}"
+    # the rows that took the pass, and the one that did not, score as they do alone
+    for r in range(4):
+        alone = finish_rows(merge_state(parts[None, r:r + 1]), values[r:r + 1], ids[r:r + 1],
+                            None, opts.rows(r, r + 1),
+                            lambda rows, thr, rm, r=r: mass_above(rows + r, thr, rm))
+        assert torch.equal(alone.log_probs, got.log_probs[r:r + 1])
+        assert torch.equal(alone.entropy, got.entropy[r:r + 1])
     want = ref.sampler_logprobs(logits, targets.cpu(), 1.0, ks, ps.double(), mins.double(), 4)
     assert_scores(got.log_probs, want["log_probs"], "log_probs")
     assert_scores(got.entropy, want["entropy"], "entropy")

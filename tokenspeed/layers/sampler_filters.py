@@ -219,17 +219,28 @@ def _kept_set(big_s: Tensor, big_w: Tensor, ref_m: Tensor, values: Tensor, ids: 
     """The filters' threshold tau [T] (the kept set is {x >= tau}) and the kept mass
     (sum e^(x - ref_m), sum e^(x - ref_m) (x - ref_m)) of every row.
 
-    First every row from its candidates alone, in one op (a thread a row on CUDA), with
+    First every row from its candidates alone, in one op (a warp a row on CUDA), with
     one wait on the device to learn whether any row needs a pass over its logits (rarely);
-    only those rows then take the steps below with their passes (each step waiting to
-    learn which rows need it), so that a row's result never depends on the others.
+    only those rows, taken out of the block, then go through the steps below with their
+    passes (each step waiting to learn which of them need it). Every step is per row, so
+    a row's result never depends on the others.
     """
     tau, s_kept, w_kept, pending = tse.filter_kept_set(
         values, ids, ref_m, big_s, big_w, opts.top_k, opts.top_p, opts.min_p)
     if bool(pending.any()):
-        slow = _kept_set_steps(big_s, big_w, ref_m, values, ids, opts, mass_above, passes=True)
-        tau, s_kept, w_kept = (torch.where(pending, b, a)
-                               for a, b in zip((tau, s_kept, w_kept), slow[:3]))
+        rows = pending.nonzero()[:, 0]
+
+        def sub(x: Tensor) -> Tensor:
+            return x.index_select(0, rows)
+
+        sub_opts = RowOptions(sub(opts.top_k), sub(opts.top_p), sub(opts.min_p),
+                              opts.top_logprobs, None, opts.candidates, opts.filtered)
+        # the steps' row indices are into the subset: the pass gets the block's
+        slow = _kept_set_steps(sub(big_s), sub(big_w), sub(ref_m), sub(values), sub(ids),
+                               sub_opts, lambda r, thr, rm: mass_above(rows[r], thr, rm),
+                               passes=True)
+        tau, s_kept, w_kept = (_put(x, rows, y)
+                               for x, y in zip((tau, s_kept, w_kept), slow[:3]))
     return tau, s_kept, w_kept
 
 
