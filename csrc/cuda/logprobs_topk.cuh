@@ -17,13 +17,13 @@
  *     A radix select over their order-preserving keys (shared-memory histograms of 8-bit
  *     digits, most significant first) narrows to the k-th largest and stops, after two
  *     rounds at least (they fix a bf16 value), as soon as the entries at or above the
- *     bucket's floor are at most k + kSlack. The floor L is a lower bound of the row's k-th largest x: at least k
- *     threads, each with an element, reach it; and only threads whose max reaches L hold
- *     elements >= L.
+ *     bucket's floor are at most k + kSlack. The floor L is a lower bound of the row's
+ *     k-th largest x: at least k threads, each with an element, reach it; and only threads
+ *     whose max reaches L hold elements >= L.
  *  2. Candidates: the reaching threads are listed, their 16 vectors each are read again
- *     (a vector a thread of the block: about 16k of the row's 16-byte vectors), and every
- *     element >= L joins a shared buffer as a 64-bit composite (key of x << 32 | ~column),
- *     unique in the row, so "larger composite" is exactly the wanted order.
+ *     (a vector a thread of the block: about 16 x k of the row's 16-byte vectors), and
+ *     every element >= L joins a shared buffer as a 64-bit composite (key of x << 32 |
+ *     ~column), unique in the row, so "larger composite" is exactly the wanted order.
  *  3. Each candidate's rank is counted against the others; the k best are written at
  *     their ranks. Where ties defeat the bound (more than kMaxReach threads or kTopKBuffer
  *     elements reach it: constant or heavily quantised rows), a radix select over the
