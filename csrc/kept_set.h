@@ -2,8 +2,9 @@
  * The sampler filters' kept set of one row from its candidates (tokenspeed/layers/
  * sampler_filters.py, docs/design.md): the threshold tau (the kept set is {x >= tau}) and
  * the kept mass S' = sum e^(x - ref_m), W' = sum e^(x - ref_m) (x - ref_m), plus whether
- * the row needs a pass over its logits, which the candidates alone cannot settle. The CPU
- * op runs kept_set_row; the CUDA op runs the same steps a warp a row (cuda/kept_set.cuh).
+ * the row needs a pass over its logits, which the candidates alone cannot settle. The
+ * decisions are kept_set_steps, once; the CPU op gives them a row's candidates as arrays
+ * (kept_set_row), the CUDA op a warp's registers (cuda/kept_set.cuh).
  *
  * Every step is the fp32 arithmetic of sampler_filters._kept_set_steps, in its order:
  * the sums over the candidates are its pairwise halvings (row_sum) and its step-doubling
@@ -32,47 +33,27 @@ struct KeptSet {
 
 namespace kept_set_detail {
 
-// row_sum of (e, ew) over the candidates >= tau: zero padding to a power of two, then the
-// halves added elementwise until one is left
-TS_HOST_DEVICE inline void list_mass(const float* values, const float* e, const float* ew,
-                                     int kc, float tau, float& s, float& w) {
-  float a[kMaxKeptCandidates], b[kMaxKeptCandidates];
-  int width = 1;
-  while (width < kc) width *= 2;
-  for (int i = 0; i < width; ++i) {
-    const float keep = i < kc && values[i] >= tau ? 1.f : 0.f;
-    a[i] = i < kc ? e[i] * keep : 0.f;
-    b[i] = i < kc ? ew[i] * keep : 0.f;
-  }
-  for (int half = width / 2; half >= 1; half /= 2)
-    for (int i = 0; i < half; ++i) {
-      a[i] = a[i] + a[i + half];
-      b[i] = b[i] + b[i + half];
-    }
-  s = a[0];
-  w = b[0];
-}
-
 TS_HOST_DEVICE inline float max_of(float a, float b) { return a > b ? a : b; }
 
 }  // namespace kept_set_detail
 
+// The steps' decisions, written once over a row's candidate list. List (the CPU's arrays,
+// RowList below, or a warp's registers, cuda/kept_set.cuh) gives the sums over the
+// candidates, in the Python steps' order:
+//   mass(tau, s, w): row_sum of e = e^(x - ref_m) and e (x - ref_m) over the x >= tau;
+//   top_p(tau_k, bound, tau_p, dropped): over the top-k set {x >= tau_k}, each x's kept
+//     mass strictly above its group of equal values (row_cumsum); tau_p the least x whose
+//     mass is < bound (+inf if none), dropped whether any mass is >= bound.
 // values, ids: the row's kc (1..64) candidates, descending, ties to the lower id, id -1
 // past the row; ref_m, big_s, big_w: the merged row state (S and W relative to ref_m);
 // top_k (0 = off), top_p (1 = off), min_p (0 = off): the row's filters.
-TS_HOST_DEVICE inline KeptSet kept_set_row(const float* values, const int64_t* ids, int kc,
-                                           float ref_m, float big_s, float big_w,
-                                           int64_t top_k, float top_p, float min_p) {
-  using kept_set_detail::list_mass;
+template <typename List>
+TS_HOST_DEVICE inline KeptSet kept_set_steps(const List& list, const float* values,
+                                             const int64_t* ids, int kc, float ref_m,
+                                             float big_s, float big_w, int64_t top_k,
+                                             float top_p, float min_p) {
   using kept_set_detail::max_of;
   const float neg = -INFINITY;
-  float e[kMaxKeptCandidates], ew[kMaxKeptCandidates], ek[kMaxKeptCandidates],
-      cum[kMaxKeptCandidates];
-  for (int i = 0; i < kc; ++i) {
-    const float d = values[i] - ref_m;
-    e[i] = values[i] == neg ? 0.f : expf(d);
-    ew[i] = e[i] > 0.f ? e[i] * d : 0.f;
-  }
   const float last = values[kc - 1];
   const bool complete = ids[kc - 1] < 0;  // the candidates are every column of the row
   auto inside_list = [&](float tau) { return complete || last < tau; };
@@ -84,38 +65,21 @@ TS_HOST_DEVICE inline KeptSet kept_set_row(const float* values, const int64_t* i
   kth = kth < 0 ? 0 : (kth > kc - 1 ? kc - 1 : kth);
   const float tau_k = has_k ? values[kth] : neg;
   float s_k = big_s, w_k = big_w;
-  if (has_k) list_mass(values, e, ew, kc, tau_k, s_k, w_k);
+  if (has_k) list.mass(tau_k, s_k, w_k);
   const bool short_k = has_k && !inside_list(tau_k) && (has_p || tau_m <= tau_k);
 
   // top-p over the top-k set: a token is dropped when the kept mass strictly above its
   // value is >= p * S_k; ties share their group's first position
-  for (int i = 0; i < kc; ++i) {
-    ek[i] = e[i] * (values[i] >= tau_k ? 1.f : 0.f);
-    cum[i] = ek[i];
-  }
-  for (int step = 1; step < kc; step *= 2)
-    for (int i = kc - 1; i >= step; --i) cum[i] = cum[i] + cum[i - step];
-  const float bound = top_p * s_k;
-  float tau_p = INFINITY;
-  bool dropped = false;
-  int group_first = 0;
-  for (int i = 0; i < kc; ++i) {
-    if (i > 0 && values[i] != values[i - 1]) group_first = i;
-    if (!(values[i] >= tau_k)) continue;
-    const float above = cum[group_first] - ek[group_first];
-    if (above < bound) {
-      tau_p = values[i] < tau_p ? values[i] : tau_p;
-    } else if (above >= bound) {
-      dropped = true;
-    }
-  }
+  float tau_p;
+  bool dropped;
+  list.top_p(tau_k, top_p * s_k, tau_p, dropped);
   const bool known_p = has_k || dropped || complete;
   if (!has_p) tau_p = neg;
   const bool search = has_p && !known_p;
 
   const float tau = max_of(max_of(tau_k, tau_p), tau_m);
   float s_kept, w_kept;
-  list_mass(values, e, ew, kc, tau, s_kept, w_kept);
+  list.mass(tau, s_kept, w_kept);
   const bool open_set = tau == neg;
   if (open_set) {
     s_kept = big_s;
@@ -128,6 +92,70 @@ TS_HOST_DEVICE inline KeptSet kept_set_row(const float* values, const int64_t* i
   }
   const bool need = !open_set && !at_k && !inside_list(tau);
   return {tau, s_kept, w_kept, short_k || search || need};
+}
+
+// A row's candidates as arrays, a row at a time (the CPU op).
+struct RowList {
+  const float* values;
+  int kc;
+  float e[kMaxKeptCandidates], ew[kMaxKeptCandidates];
+
+  RowList(const float* values_, int kc_, float ref_m) : values(values_), kc(kc_) {
+    for (int i = 0; i < kc; ++i) {
+      const float d = values[i] - ref_m;
+      e[i] = values[i] == -INFINITY ? 0.f : expf(d);
+      ew[i] = e[i] > 0.f ? e[i] * d : 0.f;
+    }
+  }
+
+  // zero padding to a power of two, then the halves added elementwise until one is left
+  void mass(float tau, float& s, float& w) const {
+    float a[kMaxKeptCandidates], b[kMaxKeptCandidates];
+    int width = 1;
+    while (width < kc) width *= 2;
+    for (int i = 0; i < width; ++i) {
+      const float keep = i < kc && values[i] >= tau ? 1.f : 0.f;
+      a[i] = i < kc ? e[i] * keep : 0.f;
+      b[i] = i < kc ? ew[i] * keep : 0.f;
+    }
+    for (int half = width / 2; half >= 1; half /= 2)
+      for (int i = 0; i < half; ++i) {
+        a[i] = a[i] + a[i + half];
+        b[i] = b[i] + b[i + half];
+      }
+    s = a[0];
+    w = b[0];
+  }
+
+  void top_p(float tau_k, float bound, float& tau_p, bool& dropped) const {
+    float ek[kMaxKeptCandidates], cum[kMaxKeptCandidates];
+    for (int i = 0; i < kc; ++i) {
+      ek[i] = e[i] * (values[i] >= tau_k ? 1.f : 0.f);
+      cum[i] = ek[i];
+    }
+    for (int step = 1; step < kc; step *= 2)
+      for (int i = kc - 1; i >= step; --i) cum[i] = cum[i] + cum[i - step];
+    tau_p = INFINITY;
+    dropped = false;
+    int group_first = 0;
+    for (int i = 0; i < kc; ++i) {
+      if (i > 0 && values[i] != values[i - 1]) group_first = i;
+      if (!(values[i] >= tau_k)) continue;
+      const float above = cum[group_first] - ek[group_first];
+      if (above < bound) {
+        tau_p = values[i] < tau_p ? values[i] : tau_p;
+      } else if (above >= bound) {
+        dropped = true;
+      }
+    }
+  }
+};
+
+inline KeptSet kept_set_row(const float* values, const int64_t* ids, int kc, float ref_m,
+                            float big_s, float big_w, int64_t top_k, float top_p,
+                            float min_p) {
+  return kept_set_steps(RowList(values, kc, ref_m), values, ids, kc, ref_m, big_s, big_w,
+                        top_k, top_p, min_p);
 }
 
 }  // namespace tokenspeed

@@ -107,9 +107,9 @@ void check_topk(int64_t k) {
 void check_kept_set(const at::Tensor& values, const at::Tensor& ids, const at::Tensor& ref_m,
                     const at::Tensor& big_s, const at::Tensor& big_w, const at::Tensor& top_k,
                     const at::Tensor& top_p, const at::Tensor& min_p) {
-  TS_CHECK(values.dim() == 2 && values.size(1) >= 1 && values.size(1) <= kMaxKeptCandidates,
-           "values must be [T, k] with k in [1, ", kMaxKeptCandidates, "], got shape ",
-           values.sizes());
+  static_assert(kMaxKeptCandidates == kMaxTopK, "the kept set takes the top-k op's lists");
+  TS_CHECK(values.dim() == 2 && values.size(1) >= 1 && values.size(1) <= kMaxTopK,
+           "values must be [T, k] with k in [1, ", kMaxTopK, "], got shape ", values.sizes());
   TS_CHECK(values.scalar_type() == at::kFloat, "values must be float32, got ",
            values.scalar_type());
   TS_CHECK(ids.sizes() == values.sizes() && ids.scalar_type() == at::kLong,

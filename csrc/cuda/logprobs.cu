@@ -29,16 +29,14 @@ void by_dtype(DType dtype, F f) {
 
 constexpr int kKeptSetThreads = 128;  // a warp a row
 
-__global__ void __launch_bounds__(kKeptSetThreads) kept_set_kernel(const float* __restrict__ values,
-                                const int64_t* __restrict__ ids, int64_t rows, int kc,
-                                const float* __restrict__ ref_m,
-                                const float* __restrict__ big_s,
-                                const float* __restrict__ big_w,
-                                const int64_t* __restrict__ top_k,
-                                const float* __restrict__ top_p,
-                                const float* __restrict__ min_p, float* __restrict__ tau,
-                                float* __restrict__ s_kept, float* __restrict__ w_kept,
-                                bool* __restrict__ pending) {
+__global__ void __launch_bounds__(kKeptSetThreads)
+    kept_set_kernel(const float* __restrict__ values, const int64_t* __restrict__ ids,
+                    int64_t rows, int kc, const float* __restrict__ ref_m,
+                    const float* __restrict__ big_s, const float* __restrict__ big_w,
+                    const int64_t* __restrict__ top_k, const float* __restrict__ top_p,
+                    const float* __restrict__ min_p, float* __restrict__ tau,
+                    float* __restrict__ s_kept, float* __restrict__ w_kept,
+                    bool* __restrict__ pending) {
   const int64_t r = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   if (r >= rows) return;  // the warp's lanes together
   const KeptSet out = kept_set_warp(values + r * kc, ids + r * kc, kc, ref_m[r], big_s[r],

@@ -21,6 +21,11 @@ namespace {
 
 float inv_temperature(double temperature) { return static_cast<float>(1.0 / temperature); }
 
+// The row stride the kernels take: a one-row tensor's stride(0) may be anything.
+int64_t logits_ld(const at::Tensor& logits) {
+  return logits.size(0) > 1 ? logits.stride(0) : logits.size(1);
+}
+
 // Chunk states [T, C, 4] (m and t in logit units) of logits [T, V], targets global ids;
 // with maxima != nullptr also the chunk threads' maxima into it, [T, C, 256].
 at::Tensor chunk_states(const at::Tensor& logits, const at::Tensor& targets,
@@ -34,7 +39,7 @@ at::Tensor chunk_states(const at::Tensor& logits, const at::Tensor& targets,
   at::Tensor state = at::empty({rows, chunks, 4}, logits.options().dtype(at::kFloat));
   if (maxima != nullptr)
     *maxima = at::empty({rows, chunks, kLogprobChunkThreads}, logits.options().dtype(at::kFloat));
-  const int64_t ld = rows > 1 ? logits.stride(0) : v;
+  const int64_t ld = logits_ld(logits);
   C10_CUDA_CHECK(launch_logprob_chunks(
       logits.const_data_ptr(), dtype, rows, ld, v, targets.const_data_ptr(),
       targets.scalar_type() == at::kLong, targets.stride(0), vocab_start,
@@ -119,7 +124,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprob_topk_partials_cuda(
         nullptr, nullptr, stream);
   at::Tensor top_vals = at::empty({rows, k}, f32);
   at::Tensor top_ids = at::empty({rows, k}, logits.options().dtype(at::kLong));
-  const int64_t ld = rows > 1 ? logits.stride(0) : logits.size(1);
+  const int64_t ld = logits_ld(logits);
   C10_CUDA_CHECK(launch_row_topk(logits.const_data_ptr(), dtype_of(logits), rows, ld,
                                  logits.size(1), maxima.const_data_ptr<float>(),
                                  inv_temperature(temperature), static_cast<int>(k),
@@ -139,7 +144,7 @@ at::Tensor logprob_mass_above_cuda(const at::Tensor& logits, double temperature,
   at::Tensor out = at::empty({rows, n, 2}, logits.options().dtype(at::kFloat));
   if (rows == 0 || n == 0) return out;
   const at::Tensor th = thresholds.contiguous(), rm = ref_m.contiguous();
-  const int64_t ld = rows > 1 ? logits.stride(0) : logits.size(1);
+  const int64_t ld = logits_ld(logits);
   C10_CUDA_CHECK(launch_mass_above(logits.const_data_ptr(), dtype_of(logits), rows, ld,
                                    logits.size(1), inv_temperature(temperature),
                                    th.const_data_ptr<float>(), n, rm.const_data_ptr<float>(),
