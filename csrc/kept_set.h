@@ -2,7 +2,9 @@
  * The sampler filters' kept set of one row from its candidates (tokenspeed/layers/
  * sampler_filters.py, docs/design.md): the threshold tau (the kept set is {x >= tau}) and
  * the kept mass S' = sum e^(x - ref_m), W' = sum e^(x - ref_m) (x - ref_m), plus whether
- * the row needs a pass over its logits, which the candidates alone cannot settle. The
+ * the row needs a pass over its logits, which the candidates alone cannot settle. Such a
+ * row either asks for the mass of {x >= tau} at one threshold (returned as its tau), which
+ * a second call given that pass's sums settles, or needs the top-p search (tau NaN). The
  * decisions are kept_set_steps, once; the CPU op gives them a row's candidates as arrays
  * (kept_set_row), the CUDA op a warp's registers (cuda/kept_set.cuh).
  *
@@ -46,12 +48,17 @@ TS_HOST_DEVICE inline float max_of(float a, float b) { return a > b ? a : b; }
 //     mass is < bound (+inf if none), dropped whether any mass is >= bound.
 // values, ids: the row's kc (1..64) candidates, descending, ties to the lower id, id -1
 // past the row; ref_m, big_s, big_w: the merged row state (S and W relative to ref_m);
-// top_k (0 = off), top_p (1 = off), min_p (0 = off): the row's filters.
+// top_k (0 = off), top_p (1 = off), min_p (0 = off): the row's filters; pass_s, pass_w:
+// the sums of a pass over the row at the threshold an earlier call asked for, or NaN.
+// At most one step of a row needs a pass: a tie across the list's end at the k-th place
+// leaves tau >= tau_k = the last candidate, so the final set is then the top-k set or
+// inside the list.
 template <typename List>
 TS_HOST_DEVICE inline KeptSet kept_set_steps(const List& list, const float* values,
                                              const int64_t* ids, int kc, float ref_m,
                                              float big_s, float big_w, int64_t top_k,
-                                             float top_p, float min_p) {
+                                             float top_p, float min_p, float pass_s,
+                                             float pass_w) {
   using kept_set_detail::max_of;
   const float neg = -INFINITY;
   const float last = values[kc - 1];
@@ -66,7 +73,12 @@ TS_HOST_DEVICE inline KeptSet kept_set_steps(const List& list, const float* valu
   const float tau_k = has_k ? values[kth] : neg;
   float s_k = big_s, w_k = big_w;
   if (has_k) list.mass(tau_k, s_k, w_k);
+  const bool has_pass = !(pass_s != pass_s);  // not NaN
   const bool short_k = has_k && !inside_list(tau_k) && (has_p || tau_m <= tau_k);
+  if (short_k && has_pass) {
+    s_k = pass_s;
+    w_k = pass_w;
+  }
 
   // top-p over the top-k set: a token is dropped when the kept mass strictly above its
   // value is >= p * S_k; ties share their group's first position
@@ -91,7 +103,15 @@ TS_HOST_DEVICE inline KeptSet kept_set_steps(const List& list, const float* valu
     w_kept = w_k;
   }
   const bool need = !open_set && !at_k && !inside_list(tau);
-  return {tau, s_kept, w_kept, short_k || search || need};
+  if (need && has_pass && !search) {
+    s_kept = pass_s;
+    w_kept = pass_w;
+  }
+  // a pending row's tau: the threshold of the pass it asks for, NaN for the search
+  if (search) return {NAN, s_kept, w_kept, true};
+  if (!has_pass && short_k) return {tau_k, s_kept, w_kept, true};
+  if (!has_pass && need) return {tau, s_kept, w_kept, true};
+  return {tau, s_kept, w_kept, false};
 }
 
 // A row's candidates as arrays, a row at a time (the CPU op).
@@ -153,9 +173,9 @@ struct RowList {
 
 inline KeptSet kept_set_row(const float* values, const int64_t* ids, int kc, float ref_m,
                             float big_s, float big_w, int64_t top_k, float top_p,
-                            float min_p) {
+                            float min_p, float pass_s, float pass_w) {
   return kept_set_steps(RowList(values, kc, ref_m), values, ids, kc, ref_m, big_s, big_w,
-                        top_k, top_p, min_p);
+                        top_k, top_p, min_p, pass_s, pass_w);
 }
 
 }  // namespace tokenspeed

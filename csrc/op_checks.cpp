@@ -106,7 +106,8 @@ void check_topk(int64_t k) {
 
 void check_kept_set(const at::Tensor& values, const at::Tensor& ids, const at::Tensor& ref_m,
                     const at::Tensor& big_s, const at::Tensor& big_w, const at::Tensor& top_k,
-                    const at::Tensor& top_p, const at::Tensor& min_p) {
+                    const at::Tensor& top_p, const at::Tensor& min_p,
+                    const std::optional<at::Tensor>& pass_mass) {
   static_assert(kMaxKeptCandidates == kMaxTopK, "the kept set takes the top-k op's lists");
   TS_CHECK(values.dim() == 2 && values.size(1) >= 1 && values.size(1) <= kMaxTopK,
            "values must be [T, k] with k in [1, ", kMaxTopK, "], got shape ", values.sizes());
@@ -127,6 +128,13 @@ void check_kept_set(const at::Tensor& values, const at::Tensor& ids, const at::T
     check_same_device(values, "values", *t, name);
   }
   check_same_device(values, "values", ids, "ids");
+  if (pass_mass.has_value()) {
+    const at::Tensor& p = *pass_mass;
+    TS_CHECK(p.dim() == 2 && p.size(0) == rows && p.size(1) == 2,
+             "pass_mass must be [T, 2] with T = ", rows, ", got shape ", p.sizes());
+    TS_CHECK(p.scalar_type() == at::kFloat, "pass_mass must be float32, got ", p.scalar_type());
+    check_same_device(values, "values", p, "pass_mass");
+  }
 }
 
 void check_mass_above(const at::Tensor& logits, const at::Tensor& thresholds,

@@ -74,11 +74,12 @@ void check_topk(int64_t k);
 // Thresholds per row of logprob_mass_above: one per thread of the CUDA kernel's block.
 constexpr int64_t kMaxThresholds = 256;
 
-// thresholds [T, n] (n <= 256) and ref_m [T] float32 for logits [T, V], on logits' device.
 // filter_kept_set's arguments (ops.cpp)
 void check_kept_set(const at::Tensor& values, const at::Tensor& ids, const at::Tensor& ref_m,
                     const at::Tensor& big_s, const at::Tensor& big_w, const at::Tensor& top_k,
-                    const at::Tensor& top_p, const at::Tensor& min_p);
+                    const at::Tensor& top_p, const at::Tensor& min_p,
+                    const std::optional<at::Tensor>& pass_mass);
+// thresholds [T, n] (n <= 256) and ref_m [T] float32 for logits [T, V], on logits' device.
 void check_mass_above(const at::Tensor& logits, const at::Tensor& thresholds,
                       const at::Tensor& ref_m);
 

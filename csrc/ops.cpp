@@ -35,10 +35,12 @@ TORCH_LIBRARY(tokenspeed, m) {
   // The sampler filters' kept set {x >= tau} of each row from its candidates: values
   // [T, k] fp32 (descending, ties to the lower id), ids [T, k] int64 (-1 past the row),
   // ref_m, big_s, big_w [T] fp32 (the merged state, S and W relative to ref_m), top_k
-  // [T] int64 (0 = off), top_p, min_p [T] fp32 -> (tau, S', W' [T] fp32, pending [T]
-  // bool: the row needs a pass over its logits, and its other outputs are not final).
+  // [T] int64 (0 = off), top_p, min_p [T] fp32, pass_mass [T, 2] fp32 or None (the sums
+  // of {x >= tau} at the tau an earlier call gave a pending row; NaN rows: none)
+  // -> (tau, S', W' [T] fp32, pending [T] bool: the row needs a pass over its logits at
+  // its tau, or the top-p search where tau is NaN; its other outputs are not final).
   m.def("filter_kept_set(Tensor values, Tensor ids, Tensor ref_m, Tensor big_s, "
-        "Tensor big_w, Tensor top_k, Tensor top_p, Tensor min_p) "
+        "Tensor big_w, Tensor top_k, Tensor top_p, Tensor min_p, Tensor? pass_mass=None) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
   // ---- kv_cache ----
   // k, v [N, Hk, D] into k_cache, v_cache [P, page_size, Hk, D] at flat slots

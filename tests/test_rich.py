@@ -383,6 +383,36 @@ def test_filters_off_equal_the_plain_op(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("filtered", [False, True])
+def test_rows_of_minus_inf_score_nan(device, filtered):
+    """A row whose logits are all -inf (a masked or empty shard's worth) scores NaN in
+    every output, as the spec's softmax over nothing; a row with some -inf columns scores
+    as the spec, its -inf columns -inf."""
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(4, 90, generator=g)
+    logits[1] = -math.inf
+    logits[2, ::3] = -math.inf
+    logits = logits.to(device)
+    targets = torch.tensor([4, 7, 3, 50])
+    ks = torch.tensor([2, 0, 5, 0] if filtered else [0] * 4)
+    ps = torch.tensor([0.9, 0.8, 1.0, 1.0] if filtered else [1.0] * 4)
+    mins = torch.tensor([0.0, 0.1, 0.0, 0.2] if filtered else [0.0] * 4)
+    token_ids = torch.tensor([[0, 3, -1]] * 4)
+    opts = RowOptions(ks.to(device), ps.to(device), mins.to(device), 3, token_ids.to(device),
+                      candidate_count(3, int(ks.max()), filtered), filtered)
+    got = score_split(logits, targets.to(device), 1.0, opts, [0, 40, 90])
+    want = ref.sampler_logprobs(logits, targets, 1.0, ks, ps.double(), mins.double(), 3,
+                                token_ids.clamp_min(0).tolist())
+    assert bool(got.log_probs[1].isnan()) and bool(got.entropy[1].isnan())
+    assert_scores(got.log_probs, want["log_probs"], "log_probs")
+    assert_scores(got.entropy, want["entropy"], "entropy")
+    assert_scores(got.top_logprobs, want["top_logprobs"], "top_logprobs")
+    want_tok = torch.where(token_ids < 0, -math.inf, torch.stack(want["token_logprobs"]))
+    want_tok[1] = math.nan
+    assert_scores(got.token_logprobs, want_tok, "token_logprobs")
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("top_p, min_p, passes", [(1.0, 0.0, 1), (0.3, 0.0, 1), (0.97, 0.0, 1),
                                                   (1.0, 0.5, 0), (0.5, 0.5, 1)])
 def test_tie_past_the_candidates_takes_one_pass(device, top_p, min_p, passes):
@@ -494,10 +524,11 @@ def test_kept_set_op_matches_the_steps(device, kc, rows, seed):
 
     want = _kept_set_steps(big_s, big_w, ref_m, vals, ids, opts, no_pass, passes=False)
     assert torch.equal(pending, want[3]), "pending rows"
-    done = ~pending
     # tau is a candidate's value or ref_m + log(min_p), whose log may round differently
-    # (by an ulp of the log, which the sum can cancel down to)
-    torch.testing.assert_close(tau[done], want[0][done], rtol=1e-6, atol=1e-6)
+    # (by an ulp of the log, which the sum can cancel down to); a pending row's is the
+    # threshold of the pass it asks for, NaN for the top-p search
+    torch.testing.assert_close(tau, want[0], rtol=1e-6, atol=1e-6, equal_nan=True)
+    done = ~pending
     torch.testing.assert_close(s[done], want[1][done], rtol=1e-6, atol=0)
     torch.testing.assert_close(w[done], want[2][done], rtol=1e-6, atol=1e-7)
     # a row's outputs are its own: the same row alone gives the same bits
@@ -505,7 +536,28 @@ def test_kept_set_op_matches_the_steps(device, kc, rows, seed):
     one = tse.filter_kept_set(*(x[r:r + 1] for x in (vals, ids, ref_m, big_s, big_w, top_k,
                                                       top_p, min_p)))
     for got, whole in zip(one, (tau, s, w, pending)):
-        assert torch.equal(got[0], whole[r])
+        assert torch.equal(got[0], whole[r]) or bool(got[0].isnan() & whole[r].isnan())
+
+    # the rows that asked for a pass, given its sums (made up: the candidates do not come
+    # from logits here), settle as the steps do with the same sums; the others are
+    # unchanged, the search rows still pending
+    asks = pending & ~tau.isnan()
+    given = torch.stack([big_s * (1 + torch.rand(rows, generator=g).to(device)),
+                         -big_s * torch.rand(rows, generator=g).to(device)], 1)
+    pass_mass = torch.where(asks[:, None], given, math.nan)
+    again = tse.filter_kept_set(vals, ids, ref_m, big_s, big_w, top_k, top_p, min_p, pass_mass)
+
+    def given_pass(r, thr, rm):
+        return given[r][:, None, :].expand(-1, thr.shape[1], -1)
+
+    settled = _kept_set_steps(big_s, big_w, ref_m, vals, ids, opts, given_pass, passes=True)
+    assert torch.equal(again[3], pending & tau.isnan()), "only the search rows stay pending"
+    done = ~again[3]
+    torch.testing.assert_close(again[0][done], settled[0][done], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(again[1][done], settled[1][done], rtol=1e-6, atol=0)
+    torch.testing.assert_close(again[2][done], settled[2][done], rtol=1e-6, atol=1e-7)
+    for got, first in zip(again, (tau, s, w, pending)):
+        assert torch.equal(got[~pending], first[~pending])
 
 
 @pytest.mark.gpu
@@ -518,8 +570,8 @@ def test_kept_set_kernel_small():
         got = tse.filter_kept_set(*args)
         want = tse.filter_kept_set(*(x.cpu() for x in args))
         assert torch.equal(got[3].cpu(), want[3])
-        for a, b in zip(got[:3], want[:3]):
-            torch.testing.assert_close(a.cpu(), b, rtol=1e-5, atol=1e-6)
+        for a, b in zip(got[:3], want[:3]):  # NaN: the tau of a row needing the search
+            torch.testing.assert_close(a.cpu(), b, rtol=1e-5, atol=1e-6, equal_nan=True)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -553,6 +605,8 @@ def test_ops_opcheck_and_compile_fullgraph(device):
     torch.library.opcheck(torch.ops.tokenspeed.logprob_mass_above, (logits, 1.1, thr, ref_m))
     lists = candidate_lists(g, 4, 8, device)
     torch.library.opcheck(torch.ops.tokenspeed.filter_kept_set, tuple(lists))
+    torch.library.opcheck(torch.ops.tokenspeed.filter_kept_set,
+                          (*lists, torch.rand(4, 2, generator=g).to(device)))
 
     def rich(logits, targets, thr, ref_m):
         return (*tse.logprob_topk_partials(logits, targets, 5, 0.9, 40),
@@ -596,6 +650,10 @@ def test_op_bad_arguments(device):
         (kept(5, args[5].float()), r"top_k must be int64, got Float"),
         (kept(6, args[6].double()), r"top_p must be float32, got Double"),
         (kept(7, torch.zeros(3, device="meta")), r"min_p"),
+        (kept(8, torch.zeros(3, 3, device=device)),
+         r"pass_mass must be \[T, 2\] with T = 3, got shape \[3, 3\]"),
+        (kept(8, torch.zeros(3, 2, device=device, dtype=torch.float64)),
+         r"pass_mass must be float32, got Double"),
     ])
 
 

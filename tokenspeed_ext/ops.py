@@ -72,18 +72,22 @@ def logprob_mass_above(logits: Tensor, temperature: float, thresholds: Tensor,
 
 
 def filter_kept_set(values: Tensor, ids: Tensor, ref_m: Tensor, big_s: Tensor, big_w: Tensor,
-                    top_k: Tensor, top_p: Tensor, min_p: Tensor
-                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                    top_k: Tensor, top_p: Tensor, min_p: Tensor,
+                    pass_mass: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The sampler filters' kept set {x >= tau} of each row from its candidates.
 
     values [T, k] fp32 (descending, ties to the lower id) and ids [T, k] int64 (-1 past
     the row), as ``logprob_topk_partials`` gives them; ref_m, big_s, big_w [T] fp32: the
     merged row state (S and W relative to ref_m); top_k [T] int64 (0 = off), top_p and
     min_p [T] fp32. Returns (tau, S', W') [T] fp32 and pending [T] bool: the rows whose
-    kept set the candidates do not settle (a pass over their logits is needed; their
-    other outputs are not final). tokenspeed.layers.sampler_filters gives the steps.
+    kept set the candidates do not settle, their other outputs not final. A pending row
+    asks for a pass over its logits at its tau (the sums of {x >= tau}, as
+    ``logprob_mass_above`` gives them), or for the top-p search where tau is NaN. Called
+    again with those sums in ``pass_mass`` [T, 2] fp32 (NaN rows: none given), a row that
+    asked for a pass is settled. tokenspeed.layers.sampler_filters gives the steps.
     """
-    return _ops.filter_kept_set.default(values, ids, ref_m, big_s, big_w, top_k, top_p, min_p)
+    return _ops.filter_kept_set.default(values, ids, ref_m, big_s, big_w, top_k, top_p, min_p,
+                                        pass_mass)
 
 
 def store_kv(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
@@ -206,9 +210,10 @@ def _logprob_mass_above_fake(logits, temperature, thresholds, ref_m):
 
 
 @torch.library.register_fake("tokenspeed::filter_kept_set")
-def _filter_kept_set_fake(values, ids, ref_m, big_s, big_w, top_k, top_p, min_p):
+def _filter_kept_set_fake(values, ids, ref_m, big_s, big_w, top_k, top_p, min_p,
+                          pass_mass=None):
     _same_device("filter_kept_set", values=values, ids=ids, ref_m=ref_m, big_s=big_s,
-                 big_w=big_w, top_k=top_k, top_p=top_p, min_p=min_p)
+                 big_w=big_w, top_k=top_k, top_p=top_p, min_p=min_p, pass_mass=pass_mass)
     torch._check(values.dim() == 2 and 1 <= values.shape[1] <= 64,
                  lambda: f"values must be [T, k] with k in [1, 64], got {values.shape}")
     t = values.shape[0]

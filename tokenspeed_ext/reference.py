@@ -212,6 +212,8 @@ def sampler_logprobs(logits: Tensor, targets: Tensor, temperature: float = 1.0,
         lp[r] = logp[int(targets[r])]
         p = logp.exp()
         ent[r] = -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum()
+        if bool(logp.isnan().any()):  # no finite logit: nan, as the log-probs
+            ent[r] = math.nan
         n = min(top_logprobs, v)
         # a stable sort of the ids in order keeps equal values in ascending id order
         order = torch.sort(x[r], descending=True, stable=True).indices[:n]

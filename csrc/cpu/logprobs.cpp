@@ -331,8 +331,11 @@ std::tuple<at::Tensor, at::Tensor> combine_logprob_partials_cpu(const at::Tensor
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> filter_kept_set_cpu(
     const at::Tensor& values, const at::Tensor& ids, const at::Tensor& ref_m,
     const at::Tensor& big_s, const at::Tensor& big_w, const at::Tensor& top_k,
-    const at::Tensor& top_p, const at::Tensor& min_p) {
-  check_kept_set(values, ids, ref_m, big_s, big_w, top_k, top_p, min_p);
+    const at::Tensor& top_p, const at::Tensor& min_p,
+    const std::optional<at::Tensor>& pass_mass) {
+  check_kept_set(values, ids, ref_m, big_s, big_w, top_k, top_p, min_p, pass_mass);
+  const at::Tensor pass = pass_mass.has_value() ? pass_mass->contiguous() : at::Tensor();
+  const float* pp = pass.defined() ? pass.const_data_ptr<float>() : nullptr;
   const int64_t rows = values.size(0), kc = values.size(1);
   const at::Tensor v = values.contiguous(), i = ids.contiguous(), rm = ref_m.contiguous(),
                    s = big_s.contiguous(), w = big_w.contiguous(), tk = top_k.contiguous(),
@@ -350,7 +353,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> filter_kept_set_cpu(
   at::parallel_for(0, rows, 64, [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
       const KeptSet out = kept_set_row(vp + r * kc, ip + r * kc, static_cast<int>(kc), rmp[r],
-                                       sp[r], wp[r], tkp[r], tpp[r], mpp[r]);
+                                       sp[r], wp[r], tkp[r], tpp[r], mpp[r],
+                                       pp != nullptr ? pp[2 * r] : NAN,
+                                       pp != nullptr ? pp[2 * r + 1] : NAN);
       tau_p[r] = out.tau;
       s_out[r] = out.s;
       w_out[r] = out.w;

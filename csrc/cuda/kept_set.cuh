@@ -110,9 +110,10 @@ struct WarpList {
 __device__ __forceinline__ KeptSet kept_set_warp(const float* __restrict__ values,
                                                  const int64_t* __restrict__ ids, int kc,
                                                  float ref_m, float big_s, float big_w,
-                                                 int64_t top_k, float top_p, float min_p) {
+                                                 int64_t top_k, float top_p, float min_p,
+                                                 float pass_s, float pass_w) {
   return kept_set_steps(WarpList(values, kc, ref_m), values, ids, kc, ref_m, big_s, big_w,
-                        top_k, top_p, min_p);
+                        top_k, top_p, min_p, pass_s, pass_w);
 }
 
 }  // namespace cuda

@@ -47,12 +47,13 @@ cudaError_t launch_mass_above(const void* logits, DType dtype, int64_t rows, int
                               int64_t V, float inv_temp, const float* thresholds, int64_t n,
                               const float* ref_m, float* out, cudaStream_t stream);
 
-// filter_kept_set over rows (every pointer contiguous [rows] or [rows, kc]; kept_set.h).
+// filter_kept_set over rows (every pointer contiguous [rows] or [rows, kc], pass [rows, 2]
+// or nullptr; kept_set.h).
 cudaError_t launch_kept_set(const float* values, const int64_t* ids, int64_t rows, int kc,
                             const float* ref_m, const float* big_s, const float* big_w,
                             const int64_t* top_k, const float* top_p, const float* min_p,
-                            float* tau, float* s_kept, float* w_kept, bool* pending,
-                            cudaStream_t stream);
+                            const float* pass, float* tau, float* s_kept, float* w_kept,
+                            bool* pending, cudaStream_t stream);
 
 // Ordered merge of n fp32 states per row (row r's item i at
 // states[(r * row_stride + i * item_stride) * 4]). Writes either merged [rows, 4] (scaled

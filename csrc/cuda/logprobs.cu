@@ -34,13 +34,15 @@ __global__ void __launch_bounds__(kKeptSetThreads)
                     int64_t rows, int kc, const float* __restrict__ ref_m,
                     const float* __restrict__ big_s, const float* __restrict__ big_w,
                     const int64_t* __restrict__ top_k, const float* __restrict__ top_p,
-                    const float* __restrict__ min_p, float* __restrict__ tau,
-                    float* __restrict__ s_kept, float* __restrict__ w_kept,
-                    bool* __restrict__ pending) {
+                    const float* __restrict__ min_p, const float* __restrict__ pass,
+                    float* __restrict__ tau, float* __restrict__ s_kept,
+                    float* __restrict__ w_kept, bool* __restrict__ pending) {
   const int64_t r = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   if (r >= rows) return;  // the warp's lanes together
+  const float pass_s = pass != nullptr ? pass[2 * r] : NAN;
+  const float pass_w = pass != nullptr ? pass[2 * r + 1] : NAN;
   const KeptSet out = kept_set_warp(values + r * kc, ids + r * kc, kc, ref_m[r], big_s[r],
-                                    big_w[r], top_k[r], top_p[r], min_p[r]);
+                                    big_w[r], top_k[r], top_p[r], min_p[r], pass_s, pass_w);
   if (threadIdx.x % 32 == 0) {
     tau[r] = out.tau;
     s_kept[r] = out.s;
@@ -110,12 +112,12 @@ cudaError_t launch_mass_above(const void* logits, DType dtype, int64_t rows, int
 cudaError_t launch_kept_set(const float* values, const int64_t* ids, int64_t rows, int kc,
                             const float* ref_m, const float* big_s, const float* big_w,
                             const int64_t* top_k, const float* top_p, const float* min_p,
-                            float* tau, float* s_kept, float* w_kept, bool* pending,
-                            cudaStream_t stream) {
+                            const float* pass, float* tau, float* s_kept, float* w_kept,
+                            bool* pending, cudaStream_t stream) {
   constexpr int kRows = kKeptSetThreads / 32;
   kept_set_kernel<<<static_cast<unsigned>((rows + kRows - 1) / kRows), kKeptSetThreads, 0,
                     stream>>>(values, ids, rows, kc, ref_m, big_s, big_w, top_k, top_p,
-                              min_p, tau, s_kept, w_kept, pending);
+                              min_p, pass, tau, s_kept, w_kept, pending);
   return cudaGetLastError();
 }
 

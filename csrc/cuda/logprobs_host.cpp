@@ -155,8 +155,9 @@ at::Tensor logprob_mass_above_cuda(const at::Tensor& logits, double temperature,
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> filter_kept_set_cuda(
     const at::Tensor& values, const at::Tensor& ids, const at::Tensor& ref_m,
     const at::Tensor& big_s, const at::Tensor& big_w, const at::Tensor& top_k,
-    const at::Tensor& top_p, const at::Tensor& min_p) {
-  check_kept_set(values, ids, ref_m, big_s, big_w, top_k, top_p, min_p);
+    const at::Tensor& top_p, const at::Tensor& min_p,
+    const std::optional<at::Tensor>& pass_mass) {
+  check_kept_set(values, ids, ref_m, big_s, big_w, top_k, top_p, min_p, pass_mass);
   check_cuda(values, "values");
   const c10::cuda::CUDAGuard guard(values.device());
   const int64_t rows = values.size(0);
@@ -167,11 +168,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> filter_kept_set_cuda(
   const at::Tensor v = values.contiguous(), i = ids.contiguous();
   const at::Tensor rm = ref_m.contiguous(), s = big_s.contiguous(), w = big_w.contiguous(),
                    tk = top_k.contiguous(), tp = top_p.contiguous(), mp = min_p.contiguous();
+  const at::Tensor pass = pass_mass.has_value() ? pass_mass->contiguous() : at::Tensor();
   C10_CUDA_CHECK(launch_kept_set(
       v.const_data_ptr<float>(), i.const_data_ptr<int64_t>(), rows,
       static_cast<int>(values.size(1)), rm.const_data_ptr<float>(), s.const_data_ptr<float>(),
       w.const_data_ptr<float>(), tk.const_data_ptr<int64_t>(), tp.const_data_ptr<float>(),
-      mp.const_data_ptr<float>(), tau.data_ptr<float>(), s_kept.data_ptr<float>(),
+      mp.const_data_ptr<float>(), pass.defined() ? pass.const_data_ptr<float>() : nullptr,
+      tau.data_ptr<float>(), s_kept.data_ptr<float>(),
       w_kept.data_ptr<float>(), pending.data_ptr<bool>(), c10::cuda::getCurrentCUDAStream()));
   return {tau, s_kept, w_kept, pending};
 }

@@ -7,7 +7,6 @@ the ranks' partials with the same op.
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -204,19 +203,19 @@ class LogprobHead(nn.Module):
             if opts.needs_candidates:
                 p, v, i = tse.logprob_topk_partials(x, targets, start, temperature,
                                                     opts.candidates, validate=False)
-            else:  # requested ids alone: the plain partials and an empty candidate list
+                vals.append(v)
+                ids.append(i)
+            else:  # requested ids alone: the plain partials, no candidates
                 p = tse.logprob_partials(x, targets, start, temperature, validate=False)
-                v = torch.full((x.shape[0], 1), -math.inf, device=x.device)
-                i = torch.full((x.shape[0], 1), -1, dtype=torch.int64, device=x.device)
             parts.append(p)
-            vals.append(v)
-            ids.append(i)
             if opts.token_ids is not None:
                 tok.append(gather_token_logits(x, start, opts.token_ids, temperature))
         state = merge_state(self._across_ranks(torch.stack(parts)))
-        values, cand_ids = merge_candidates(self._across_ranks(torch.stack(vals)),
-                                            self._across_ranks(torch.stack(ids)),
-                                            opts.candidates)
+        values = cand_ids = None
+        if opts.needs_candidates:
+            values, cand_ids = merge_candidates(self._across_ranks(torch.stack(vals)),
+                                                self._across_ranks(torch.stack(ids)),
+                                                opts.candidates)
         token_x = self._across_ranks(torch.stack(tok)).max(0).values if tok else None
 
         def mass_above(rows: Tensor, thresholds: Tensor, ref_m: Tensor) -> Tensor:

@@ -152,10 +152,12 @@ def gather_token_logits(logits: Tensor, vocab_start: int, token_ids: Tensor,
                         temperature: float) -> Tensor:
     """x of the requested ids [T, n] that fall in this shard's columns, else -inf; x is
     rounded as the kernels round it (fp32 logit times the fp32 1 / temperature)."""
-    local = token_ids - vocab_start
-    inside = (token_ids >= 0) & (local >= 0) & (local < logits.shape[1])
-    x = logits.gather(1, local.clamp(0, logits.shape[1] - 1)).float() * (1.0 / temperature)
-    return torch.where(inside, x, torch.full_like(x, -math.inf))
+    local = token_ids - vocab_start  # an id -1 (none asked) is below every shard's start
+    inside = (local >= 0) & (local < logits.shape[1])
+    x = logits.gather(1, local.clamp(0, logits.shape[1] - 1)).float()
+    if temperature != 1.0:  # x * 1 is x: the launch is skipped
+        x = x * (1.0 / temperature)
+    return torch.where(inside, x, -math.inf)
 
 
 def to_key(x: Tensor) -> Tensor:
@@ -179,56 +181,89 @@ class RichRows:
     token_logprobs: Tensor | None
 
 
-def finish_rows(state: tuple[Tensor, Tensor, Tensor, Tensor], values: Tensor, ids: Tensor,
-                token_x: Tensor | None, opts: RowOptions, mass_above: MassAbove) -> RichRows:
+def finish_rows(state: tuple[Tensor, Tensor, Tensor, Tensor], values: Tensor | None,
+                ids: Tensor | None, token_x: Tensor | None, opts: RowOptions,
+                mass_above: MassAbove) -> RichRows:
     """Filtered log-probs, entropy and rich outputs of merged rows.
 
-    state: merge_state's (M, S, W, t); values, ids [T, kc]: the row's kc largest x;
+    state: merge_state's (M, S, W, t); values, ids [T, kc]: the row's kc largest x (None
+    when ``opts.needs_candidates`` is false);
     token_x [T, n]: x of the requested ids. ``mass_above`` runs a second pass over the
     whole of the rows it is given (every shard, summed in shard order); it is called only
     for the rows whose kept set is not provably inside the candidates, and then
     identically on every rank.
     """
     big_m, big_s, big_w, t = state
-    ref_m = torch.where(torch.isfinite(big_m), big_m, torch.zeros_like(big_m))
-    if opts.filtered:
-        tau, s_kept, w_kept = _kept_set(big_s, big_w, ref_m, values, ids, opts, mass_above)
-    else:  # the raw distribution: no threshold, the row's whole mass, no device wait
-        tau, s_kept, w_kept = torch.full_like(big_m, -math.inf), big_s, big_w
+    # M where finite, else 0 (as torch.where(isfinite(M), M, 0)); every op here is a
+    # launch on a few thousand rows, so the finish takes as few as give the same bits
+    ref_m = torch.nan_to_num(big_m, nan=0.0, posinf=0.0, neginf=0.0)
+    if not opts.filtered:  # the raw distribution: no threshold, the row's whole mass
+        return _outputs(big_m, ref_m, t, None, big_s, big_w, values, ids, token_x, opts)
+    # Every row from its candidates alone, in one op (a warp a row on CUDA), and the
+    # outputs from that, all queued before the one wait on the device that tells whether
+    # some row needs a pass over its logits (rarely): while the host waits the device
+    # finishes the block, and the usual block returns from here.
+    args = (values, ids, ref_m, big_s, big_w, opts.top_k, opts.top_p, opts.min_p)
+    tau, s_kept, w_kept, pending = tse.filter_kept_set(*args)
+    out = _outputs(big_m, ref_m, t, tau, s_kept, w_kept, values, ids, token_x, opts)
+    search = torch.isnan(tau)
+    # (kind, row): 0 asks for a pass at its tau, 1 needs the top-p search
+    pend = torch.stack((pending & ~search, pending & search)).nonzero().cpu()
+    if pend.shape[0] == 0:
+        return out
+    tau, s_kept, w_kept = _settle(args, tau, s_kept, w_kept, pend, opts, mass_above)
+    return _outputs(big_m, ref_m, t, tau, s_kept, w_kept, values, ids, token_x, opts)
 
+
+def _outputs(big_m: Tensor, ref_m: Tensor, t: Tensor, tau: Tensor | None, s_kept: Tensor,
+             w_kept: Tensor, values: Tensor | None, ids: Tensor | None,
+             token_x: Tensor | None, opts: RowOptions) -> RichRows:
+    """The outputs of rows whose kept set is {x >= tau} (None: every x) with mass
+    (s_kept, w_kept) relative to ref_m."""
     log_z = torch.log(s_kept)
-    nan = torch.isneginf(big_m)
+    shift = ref_m + log_z
+    # a row of -inf logits (M = -inf) scores NaN: unfiltered its S and W are 0 and every
+    # x -inf, so x - shift = -inf + inf and log S - W / S = -inf - 0 / 0 are NaN already
+    empty = None if tau is None else torch.isneginf(big_m)
 
     def logprob(x: Tensor) -> Tensor:
-        lp = x - (ref_m + log_z).view(-1, *[1] * (x.dim() - 1))
-        if opts.filtered:  # unfiltered, tau is -inf and keeps every x (-inf gives -inf)
-            lp = torch.where(x >= tau.view(-1, *[1] * (x.dim() - 1)), lp,
-                             torch.full_like(x, -math.inf))
-        return torch.where(nan.view(-1, *[1] * (x.dim() - 1)), torch.full_like(x, math.nan), lp)
+        def col(y: Tensor) -> Tensor:
+            return y.view(-1, *[1] * (x.dim() - 1))
+        lp = x - col(shift)
+        if tau is None:
+            return lp
+        lp = torch.where(x >= col(tau), lp, -math.inf)
+        return torch.where(col(empty), math.nan, lp)
 
     lp = logprob(t)
-    ent = torch.where(nan, torch.full_like(big_m, math.nan), log_z - w_kept / s_kept)
+    ent = torch.addcdiv(log_z, w_kept, s_kept, value=-1)  # log S - W / S
+    if empty is not None:
+        ent = torch.where(empty, math.nan, ent)
     n = opts.top_logprobs
     return RichRows(lp, ent,
                     ids[:, :n] if n else None, logprob(values[:, :n]) if n else None,
                     None if token_x is None else logprob(token_x))
 
 
-def _kept_set(big_s: Tensor, big_w: Tensor, ref_m: Tensor, values: Tensor, ids: Tensor,
-              opts: RowOptions, mass_above: MassAbove) -> tuple[Tensor, Tensor, Tensor]:
-    """The filters' threshold tau [T] (the kept set is {x >= tau}) and the kept mass
-    (sum e^(x - ref_m), sum e^(x - ref_m) (x - ref_m)) of every row.
-
-    First every row from its candidates alone, in one op (a warp a row on CUDA), with
-    one wait on the device to learn whether any row needs a pass over its logits (rarely);
-    only those rows, taken out of the block, then go through the steps below with their
-    passes (each step waiting to learn which of them need it). Every step is per row, so
-    a row's result never depends on the others.
-    """
-    tau, s_kept, w_kept, pending = tse.filter_kept_set(
-        values, ids, ref_m, big_s, big_w, opts.top_k, opts.top_p, opts.min_p)
-    if bool(pending.any()):
-        rows = pending.nonzero()[:, 0]
+def _settle(args: tuple[Tensor, ...], tau: Tensor, s_kept: Tensor, w_kept: Tensor,
+            pend: Tensor, opts: RowOptions, mass_above: MassAbove
+            ) -> tuple[Tensor, Tensor, Tensor]:
+    """The kept set (tau, s_kept, w_kept) of the rows filter_kept_set left pending (pend:
+    its (kind, row) list on the host). The rows that ask for one pass (at their tau) get
+    it, all in one, and the op runs again with their sums. Only a row that needs the
+    top-p search, taken out of the block, goes through the steps below with their passes
+    (each step waiting to learn which of them need it). Every step is per row, so a row's
+    result never depends on the others."""
+    values, ids, ref_m, big_s, big_w = args[:5]
+    asks = pend[pend[:, 0] == 0, 1].to(tau.device)
+    if asks.shape[0]:
+        mass = mass_above(asks, tau.index_select(0, asks)[:, None].contiguous(),
+                          ref_m.index_select(0, asks).contiguous())
+        pass_mass = torch.full((tau.shape[0], 2), math.nan, device=tau.device)
+        pass_mass.index_copy_(0, asks, mass[:, 0])
+        tau, s_kept, w_kept, _ = tse.filter_kept_set(*args, pass_mass)
+    rows = pend[pend[:, 0] == 1, 1].to(tau.device)
+    if rows.shape[0]:
 
         def sub(x: Tensor) -> Tensor:
             return x.index_select(0, rows)
@@ -247,10 +282,11 @@ def _kept_set(big_s: Tensor, big_w: Tensor, ref_m: Tensor, values: Tensor, ids: 
 def _kept_set_steps(big_s: Tensor, big_w: Tensor, ref_m: Tensor, values: Tensor, ids: Tensor,
                     opts: RowOptions, mass_above: MassAbove, passes: bool
                     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """_kept_set's steps, those of the filter_kept_set op (csrc/kept_set.h) in the same
+    """The kept set's steps, those of the filter_kept_set op (csrc/kept_set.h) in the same
     fp32 order, with the passes: (tau, s_kept, w_kept, rows that need a pass [T] bool).
-    Without ``passes`` those rows are only marked, their results not final (the op's
-    reference in the tests).
+    Without ``passes`` those rows are only marked, their results not final but their tau
+    the threshold of the one pass they need (NaN: the top-p search), as the op gives them
+    (its reference in the tests).
 
     Every x above the last candidate is a candidate, so a group of equal values is
     missing members only when it is the last one. The top-k set is therefore settled
@@ -332,7 +368,11 @@ def _kept_set_steps(big_s: Tensor, big_w: Tensor, ref_m: Tensor, values: Tensor,
         rows, again = _mass_of_rows(mass_above, need, tau[:, None], ref_m)
         s_kept = _put(s_kept, rows, again[:, 0, 0])
         w_kept = _put(w_kept, rows, again[:, 0, 1])
-    return tau, s_kept, w_kept, short_k | search | need
+    pending = short_k | search | need
+    if not passes:
+        asked = torch.where(search, math.nan, torch.where(short_k, tau_k, tau))
+        tau = torch.where(pending, asked, tau)
+    return tau, s_kept, w_kept, pending
 
 
 def _search_top_p(rows: Tensor, tau_k: Tensor, top_p: Tensor, ref_m: Tensor,
