@@ -55,9 +55,7 @@ def ours_rich(x, t, opts, ids=None):
         parts, vals, cand = tse.logprob_topk_partials(x, t, 0, 1.0, opts.candidates,
                                                       validate=False)
     else:
-        parts = tse.logprob_partials(x, t, 0, 1.0, validate=False)
-        vals = torch.full((x.shape[0], 1), -torch.inf, device=x.device)
-        cand = torch.full((x.shape[0], 1), -1, dtype=torch.int64, device=x.device)
+        parts, vals, cand = tse.logprob_partials(x, t, 0, 1.0, validate=False), None, None
     token_x = None if ids is None else gather_token_logits(x, 0, ids, 1.0)
 
     def mass_above(rows, thresholds, ref_m):
@@ -122,27 +120,26 @@ def rich(args) -> None:
             ones = torch.ones(t, device=dev)
 
             def opts(k, p, top, filtered):
-                # the candidates the engine's head asks for with these settings
+                # the candidates the engine's head asks for with these settings; built
+                # once, as the head gets a batch's options
                 cands = candidate_count(top, k, filtered and k == 0)
                 return RowOptions(zeros + k, ones * p, ones * 0, top, None, cands, filtered)
 
+            top20, k50p95, p95, raw = (opts(0, 1.0, 20, False), opts(50, 0.95, 0, True),
+                                       opts(0, 0.95, 0, True), opts(0, 1.0, 0, False))
             cases = {
-                "top_logprobs20": (lambda i: ours_rich(xs[i % sets], ts[i % sets],
-                                                       opts(0, 1.0, 20, False)),
+                "top_logprobs20": (lambda i: ours_rich(xs[i % sets], ts[i % sets], top20),
                                    torch.compile(torch_top_logprobs, dynamic=True),
                                    lambda i, f: f(xs[i % sets], ts[i % sets], 20)),
-                "topk50_topp95": (lambda i: ours_rich(xs[i % sets], ts[i % sets],
-                                                      opts(50, 0.95, 0, True)),
+                "topk50_topp95": (lambda i: ours_rich(xs[i % sets], ts[i % sets], k50p95),
                                   torch.compile(torch_top_k_top_p, dynamic=True),
                                   lambda i, f: f(xs[i % sets], ts[i % sets], 50, 0.95)),
                 # top-p alone, a nucleus beyond the 64 candidates: the radix search's four
                 # 256-threshold passes (the binned mass kernel) and one more pass
-                "topp95": (lambda i: ours_rich(xs[i % sets], ts[i % sets],
-                                               opts(0, 0.95, 0, True)),
+                "topp95": (lambda i: ours_rich(xs[i % sets], ts[i % sets], p95),
                            torch.compile(torch_top_k_top_p, dynamic=True),
                            lambda i, f: f(xs[i % sets], ts[i % sets], v, 0.95)),
-                "ids8": (lambda i: ours_rich(xs[i % sets], ts[i % sets],
-                                             opts(0, 1.0, 0, False), ids),
+                "ids8": (lambda i: ours_rich(xs[i % sets], ts[i % sets], raw, ids),
                          torch.compile(torch_token_ids, dynamic=True),
                          lambda i, f: f(xs[i % sets], ts[i % sets], ids)),
             }

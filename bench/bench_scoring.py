@@ -20,6 +20,7 @@ import argparse
 import math
 import sys
 import tempfile
+import statistics
 import time
 from pathlib import Path
 
@@ -142,7 +143,7 @@ def agreement(a: list[torch.Tensor], b: list[torch.Tensor]) -> tuple[float, floa
 
 def run(model_name: str, workload: str, root: Path, budgets: list[int], ref_subset: int,
         kv_tokens: int, grpo_prompts: int, top_logprobs: int = 0,
-        deterministic: bool = True) -> dict:
+        deterministic: bool = True, rich_repeats: int = 5) -> dict:
     from transformers import AutoModelForCausalLM
 
     from tokenspeed import Engine
@@ -183,13 +184,24 @@ def run(model_name: str, workload: str, root: Path, budgets: list[int], ref_subs
         computed = n_tokens - (eng.stats()["prefix_hit_tokens"] - hits_before)
         rich_ratio = float("nan")
         if top_logprobs:
-            # both repeats find the prompts the first call cached: the same work but the head;
-            # tensor outputs, as [n, K] ids and log-probs per sequence are meant to be taken
-            # (as nested lists they would time the building of 2 K Python numbers a token)
-            _, plain_secs, _ = timed(lambda: eng.compute_log_probs(seqs, return_tensors=True))
-            _, rich_secs, _ = timed(lambda: eng.compute_log_probs(
-                seqs, top_logprobs=top_logprobs, return_tensors=True))
-            rich_ratio = rich_secs / plain_secs
+            # every repeat finds the prompts the first call cached: the same work but the
+            # head; tensor outputs, as [n, K] ids and log-probs per sequence are meant to be
+            # taken (as nested lists they would time the building of 2 K Python numbers a
+            # token). One rich call warms its path, then the two alternate; median ratio.
+            def plain():
+                return eng.compute_log_probs(seqs, return_tensors=True)
+
+            def rich():
+                return eng.compute_log_probs(seqs, top_logprobs=top_logprobs,
+                                             return_tensors=True)
+            rich()
+            ratios = []
+            for _ in range(rich_repeats):
+                plain_secs, rich_secs = timed(plain)[1], timed(rich)[1]
+                ratios.append(rich_secs / plain_secs)
+            rich_ratio = statistics.median(ratios)
+            print(f"  top_logprobs={top_logprobs} over plain, {rich_repeats} alternating "
+                  f"pairs: " + " ".join(f"{r:.3f}" for r in ratios))
         capture = capture_overhead(eng, warm, seqs) if eng.model_config.moe else {}
     ts_res = [torch.tensor(x) for x in out["log_probs"]]
     _empty_cache()
@@ -287,6 +299,8 @@ def main() -> None:
     ap.add_argument("--grpo-prompts", type=int, default=64)
     ap.add_argument("--top-logprobs", type=int, default=0, metavar="K",
                     help="also time the call with top_logprobs=K against the plain call")
+    ap.add_argument("--rich-repeats", type=int, default=5,
+                    help="alternating plain / top_logprobs pairs timed (median ratio)")
     ap.add_argument("--no-deterministic", action="store_true",
                     help="skip the run of deterministic mode")
     args = ap.parse_args()
@@ -300,7 +314,8 @@ def main() -> None:
         for workload in args.workloads:
             print(f"{model} / {workload}")
             row = run(model, workload, root, args.budgets, args.ref_subset, args.kv_tokens,
-                      args.grpo_prompts, args.top_logprobs, not args.no_deterministic)
+                      args.grpo_prompts, args.top_logprobs, not args.no_deterministic,
+                      args.rich_repeats)
             rows.append(row)
             print("  " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                    for k, v in row.items()))

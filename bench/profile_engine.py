@@ -27,6 +27,8 @@ def main() -> None:
     ap.add_argument("--workload", nargs="+", default=["uniform", "grpo"])
     ap.add_argument("--root", type=Path, default=None)
     ap.add_argument("--rows", type=int, default=25)
+    ap.add_argument("--top-logprobs", type=int, default=0, metavar="K",
+                    help="profile calls with top_logprobs=K (tensor outputs)")
     args = ap.parse_args()
     from tokenspeed import Engine
 
@@ -36,7 +38,9 @@ def main() -> None:
         build_checkpoint(args.model, root)
     vocab = MODELS[args.model]["hf_config"]["vocab_size"]
     with Engine(str(path), device="cuda", dtype="bfloat16", kv_cache_tokens=65536) as eng:
-        eng.compute_log_probs(make_workload("uniform", vocab, seed=1)[:4])
+        rich = dict(top_logprobs=args.top_logprobs, return_tensors=True) \
+            if args.top_logprobs else {}
+        eng.compute_log_probs(make_workload("uniform", vocab, seed=1)[:4], **rich)
         for workload in args.workload:
             seqs = make_workload(workload, vocab, seed=2)
             n_tokens = sum(len(s["prompt_token_ids"]) + len(s["completion_token_ids"])
@@ -45,7 +49,7 @@ def main() -> None:
                                                     torch.profiler.ProfilerActivity.CUDA]) as prof:
                 torch.cuda.synchronize()
                 t0 = time.perf_counter()
-                eng.compute_log_probs(seqs)
+                eng.compute_log_probs(seqs, **rich)
                 torch.cuda.synchronize()
                 secs = time.perf_counter() - t0
             print(f"\n## {args.model} / {workload}: {n_tokens} tokens in {secs:.3f} s "
