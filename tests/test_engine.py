@@ -672,6 +672,35 @@ def test_validate_names_sequence_and_field_and_changes_nothing(ckpt):
                               "completion_token_ids": [1]}])
 
 
+def test_shared_field_objects_score_as_copies_and_fail_where_first_used(ckpt):
+    """A list object used by several sequences (a GRPO group's prompt) is checked once:
+    the scores equal those of separate copies, and a bad shared list is reported at the
+    first sequence and field that holds it, with nothing scored."""
+    from tokenspeed.inputs import InvalidSequenceError
+    path, hf = ckpt
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
+    prompt = torch.randint(0, VOCAB, (7,), generator=g).tolist()
+    comps = [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (3, 1, 4)]
+    shared = [{"prompt_token_ids": prompt, "completion_token_ids": c} for c in comps]
+    # the same object as a completion and, later, as a prompt
+    shared.append({"prompt_token_ids": comps[0], "completion_token_ids": prompt})
+    copies = [{k: list(v) for k, v in s.items()} for s in shared]
+    ref_lp, _ = hf_scores(hf, copies)
+    with Engine(path, kv_cache_tokens=256) as engine:
+        got = engine.compute_log_probs(shared)["log_probs"]
+        assert got == engine.compute_log_probs(copies)["log_probs"]
+        assert max_abs_diff(got, ref_lp) <= TOL
+        bad = prompt[:3] + [VOCAB] + prompt[3:]
+        seqs = [copies[0]] + [{"prompt_token_ids": bad, "completion_token_ids": c}
+                              for c in comps]
+        with pytest.raises(InvalidSequenceError) as info:
+            engine.compute_log_probs(seqs)
+        assert (info.value.index, info.value.field) == (1, "prompt_token_ids")
+        assert info.value.detail == f"prompt_token_ids[3] is {VOCAB}, vocabulary is [0, {VOCAB})"
+        no_leaks(engine)
+        assert engine.compute_log_probs(copies)["log_probs"] == got
+
+
 def test_builtin_model_creation_leaves_nothing_behind_on_failure(tmp_path, monkeypatch):
     import tokenspeed.builtin as builtin
     monkeypatch.setenv("TOKENSPEED_CACHE", str(tmp_path))

@@ -533,6 +533,8 @@ def test_schedule_is_none_when_idle():
     ((0, [1] * 257, 0), "num_pages=64"),
     ((0, [1, -3], 0), r"token_ids\[1\] is -3"),
     ((0, [1, 2**31], 0), r"token_ids\[1\] is 2147483648"),
+    ((0, [1, 2, 2**70], 0), r"token_ids\[2\] is 1180591620717411303424, ids must be in"),
+    ((0, [1, np.int64(-2)], 0), r"token_ids\[1\] is -2"),
 ])
 def test_add_errors_name_the_value(args, match):
     s = make()
@@ -568,7 +570,8 @@ def test_token_id_containers():
                       array.array("L", ids), np.array(ids, dtype=np.int64),
                       np.array(ids, dtype=np.int32),
                       torch.tensor(ids), torch.tensor(ids, dtype=torch.int32),
-                      [np.int64(t) for t in ids]):
+                      [np.int64(t) for t in ids], [torch.tensor(t) for t in ids],
+                      ids[:2] + [np.int32(ids[2])] + ids[3:]):
         s = make()
         s.add(1, container, 0)
         assert s.schedule().input_ids.tolist() == ids, type(container)
@@ -576,7 +579,8 @@ def test_token_id_containers():
     s = make()
     s.add(1, strided, 0)
     assert s.schedule().input_ids.tolist() == [0, 2, 4, 6, 8]
-    for bad, err in (([1.5], TypeError), (np.zeros((2, 2), dtype=np.int64), TypeError),
+    for bad, err in (([1.5], TypeError), ([1, 2, "3"], TypeError),
+                     (np.zeros((2, 2), dtype=np.int64), TypeError),
                      (np.array([1.0]), TypeError), ("abc", TypeError), (5, TypeError)):
         with pytest.raises(err):
             make().add(1, bad, 0)

@@ -54,7 +54,7 @@ def token_list(index: int, key: str, value: Any, vocab: int) -> list[int]:
         raise InvalidSequenceError(index, key, f"{key} must be a list of ints, "
                                                f"got {type(value).__name__}")
     tokens = value if isinstance(value, list) else list(value)
-    if not all(type(t) is int for t in tokens):
+    if set(map(type, tokens)) - {int}:  # the usual list of plain ints skips the loop
         for j, t in enumerate(tokens):
             if not _scalar_int(t):
                 raise InvalidSequenceError(index, key, f"{key}[{j}] is {t!r} "
@@ -92,6 +92,17 @@ def validate_sequences(sequences: Any, limits: Limits) -> list[tuple[list[int], 
     if isinstance(sequences, (str, bytes, Mapping)) or not isinstance(sequences, Sequence):
         raise TypeError(f"sequences must be a list of dicts, got {type(sequences).__name__}")
     out = []
+    # a field object seen earlier in the call (a prompt shared by a group of completions,
+    # as GRPO batches have it) is checked once: the call holds every field alive, so an
+    # id names one object throughout, and only fields that passed are remembered
+    seen: dict[int, list[int]] = {}
+
+    def field(i: int, key: str, value: Any) -> list[int]:
+        tokens = seen.get(id(value))
+        if tokens is None:
+            tokens = seen[id(value)] = token_list(i, key, value, limits.vocab_size)
+        return tokens
+
     for i, item in enumerate(sequences):
         if not isinstance(item, Mapping):
             raise InvalidSequenceError(i, None, f"expected a dict with {KEYS}, "
@@ -99,8 +110,8 @@ def validate_sequences(sequences: Any, limits: Limits) -> list[tuple[list[int], 
         for key in KEYS:
             if key not in item:
                 raise InvalidSequenceError(i, key, f"missing key {key!r}")
-        prompt = token_list(i, KEYS[0], item[KEYS[0]], limits.vocab_size)
-        completion = token_list(i, KEYS[1], item[KEYS[1]], limits.vocab_size)
+        prompt = field(i, KEYS[0], item[KEYS[0]])
+        completion = field(i, KEYS[1], item[KEYS[1]])
         if not prompt:
             raise InvalidSequenceError(i, KEYS[0], "empty prompt (the first completion "
                                                    "token needs at least one token before it)")

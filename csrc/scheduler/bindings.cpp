@@ -85,23 +85,31 @@ std::vector<int32_t> to_token_ids(const py::handle& obj, const std::string& name
   if (!py::isinstance<py::sequence>(seq) || py::isinstance<py::str>(seq))
     throw py::type_error(name + " must be a 1-D sequence of ints, got " +
                          std::string(py::str(py::type::of(obj).attr("__name__"))));
-  const py::sequence items = py::reinterpret_borrow<py::sequence>(seq);
-  out.reserve(items.size());
-  size_t i = 0;
-  for (const py::handle item : items) {
-    PyObject* index = PyNumber_Index(item.ptr());  // ints and int-like (numpy, 0-d tensors)
-    if (index == nullptr) {
-      PyErr_Clear();
-      throw py::type_error(name + "[" + std::to_string(i) + "] is not an int: " +
-                           std::string(py::repr(item)));
+  // one pass over the items as an array (a list's own; other sequences copied once)
+  const py::object fast = py::reinterpret_steal<py::object>(
+      PySequence_Fast(seq.ptr(), "token_ids must be a sequence"));
+  if (!fast) throw py::error_already_set();
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(fast.ptr());
+  PyObject** items = PySequence_Fast_ITEMS(fast.ptr());
+  out.reserve(size_t(n));
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    // a plain int is read as it is; other int-likes (numpy, 0-d tensors) via __index__
+    py::object as_int = py::reinterpret_borrow<py::object>(items[i]);
+    if (!PyLong_CheckExact(items[i])) {
+      PyObject* index = PyNumber_Index(items[i]);
+      if (index == nullptr) {
+        PyErr_Clear();
+        throw py::type_error(name + "[" + std::to_string(i) + "] is not an int: " +
+                             std::string(py::repr(items[i])));
+      }
+      as_int = py::reinterpret_steal<py::object>(index);
     }
-    const py::object as_int = py::reinterpret_steal<py::object>(index);
     int overflow = 0;
     const long long v = PyLong_AsLongLongAndOverflow(as_int.ptr(), &overflow);
     if (overflow != 0)
       throw std::invalid_argument(name + "[" + std::to_string(i) + "] is " +
                                   std::string(py::str(as_int)) + ", ids must be in [0, 2^31)");
-    out.push_back(checked_token(v, i++, name));
+    out.push_back(checked_token(v, size_t(i), name));
   }
   return out;
 }
