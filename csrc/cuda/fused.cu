@@ -14,9 +14,14 @@ namespace tokenspeed {
 namespace cuda {
 namespace {
 
-// Threads for a row of `units` vectors: whole warps, at most 1024.
+// Threads for a row of `units` vectors: whole warps, at most 1024, as few as take the
+// row in the same number of rounds, so every round is nearly full (a row of 1120 vectors,
+// SiLU-mul at 1.5B widths, takes 576 threads twice, not 1024 and then 96: the block's
+// time is its rounds, and smaller blocks pack more rows onto an SM).
 unsigned threads_for(int64_t units) {
-  const int64_t warps = std::min<int64_t>(32, std::max<int64_t>(1, (units + 31) / 32));
+  const int64_t n = std::max<int64_t>(1, units);
+  const int64_t rounds = (n + 1023) / 1024;
+  const int64_t warps = (n + rounds * 32 - 1) / (rounds * 32);
   return static_cast<unsigned>(warps * 32);
 }
 
