@@ -13,6 +13,12 @@ then an fp32 log_softmax gather over the completion tokens.
 
     python bench/bench_scoring.py --models qwen2.5-1.5b qwen2.5-7b --workloads grpo uniform
     python bench/bench_scoring.py --models qwen3-30b-a3b-12l --workloads grpo
+    python bench/bench_scoring.py --models qwen3-30b-a3b-12l --tp-sizes 1 2   # 2+ GPUs
+
+``--tp-sizes`` also scores with tensor-parallel engines (worker processes, one GPU each):
+tokens/s, tokens/s per GPU over tp_size 1's, the device memory each GPU holds after the
+call (reserved by the workers' allocators, so their peak), and the largest difference
+from tp_size 1's log-probs.
 """
 from __future__ import annotations
 
@@ -124,6 +130,45 @@ def _reset_peak() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
+def _used_gib(devices: int) -> list[float]:
+    """Device memory in use on each of the first ``devices`` GPUs (every process's)."""
+    if not _cuda():
+        return [float("nan")] * devices
+    return [(total - free) / 2**30
+            for free, total in (torch.cuda.mem_get_info(d) for d in range(devices))]
+
+
+def tensor_parallel(path: Path, sizes: list[int], kv_tokens: int, warm: list[dict],
+                    seqs: list[dict], n_tokens: int, ts_secs: float,
+                    ts_res: list[torch.Tensor]) -> dict:
+    """The same call on engines of each tp_size > 1 in ``sizes`` (see the docstring)."""
+    from tokenspeed import Engine
+    row: dict = {}
+    for size in sizes:
+        if size == 1:
+            continue
+        if _cuda() and torch.cuda.device_count() < size:
+            print(f"  tp_size {size}: needs {size} CUDA devices, this machine has "
+                  f"{torch.cuda.device_count()}; not run")
+            continue
+        _empty_cache()
+        before = _used_gib(size)
+        with Engine(str(path), device=DEVICE, dtype="bfloat16", kv_cache_tokens=kv_tokens,
+                    tp_size=size) as eng:
+            eng.compute_log_probs(warm)
+            out, secs, _ = timed(lambda: eng.compute_log_probs(seqs))
+            held = [a - b for a, b in zip(_used_gib(size), before)]
+        res = [torch.tensor(x) for x in out["log_probs"]]
+        row.update({f"tp{size}_tok_s": n_tokens / secs,
+                    f"tp{size}_per_gpu_vs_tp1": ts_secs / (secs * size),
+                    f"tp{size}_gpu_gib": max(held),
+                    f"tp{size}_max_abs_diff_vs_tp1": agreement(res, ts_res)[1]})
+        print(f"  tp_size {size}: {n_tokens / secs:10.0f} tok/s, "
+              f"{ts_secs / (secs * size):.3f}x tp_size 1's per GPU, "
+              f"{max(held):.1f} GiB a GPU")
+    return row
+
+
 def timed(fn):
     """(result, seconds, peak GiB allocated since the last reset: weights and pools too)."""
     if _cuda():
@@ -143,7 +188,8 @@ def agreement(a: list[torch.Tensor], b: list[torch.Tensor]) -> tuple[float, floa
 
 def run(model_name: str, workload: str, root: Path, budgets: list[int], ref_subset: int,
         kv_tokens: int, grpo_prompts: int, top_logprobs: int = 0,
-        deterministic: bool = True, rich_repeats: int = 5) -> dict:
+        deterministic: bool = True, rich_repeats: int = 5,
+        tp_sizes: tuple[int, ...] = (1,)) -> dict:
     from transformers import AutoModelForCausalLM
 
     from tokenspeed import Engine
@@ -176,10 +222,12 @@ def run(model_name: str, workload: str, root: Path, budgets: list[int], ref_subs
     hf_res, hf_secs, hf_mem, hf_budget = best
     del hf
     _reset_peak()
+    before = _used_gib(1)[0]
     with Engine(str(path), device=DEVICE, dtype="bfloat16", kv_cache_tokens=kv_tokens) as eng:
         eng.compute_log_probs(warm)  # other random tokens: no prefix-cache hits later
         hits_before = eng.stats()["prefix_hit_tokens"]
         out, ts_secs, ts_mem = timed(lambda: eng.compute_log_probs(seqs))
+        ts_held = _used_gib(1)[0] - before
         # tokens whose K/V came from the prefix cache were never run through the model
         computed = n_tokens - (eng.stats()["prefix_hit_tokens"] - hits_before)
         rich_ratio = float("nan")
@@ -205,6 +253,8 @@ def run(model_name: str, workload: str, root: Path, budgets: list[int], ref_subs
         capture = capture_overhead(eng, warm, seqs) if eng.model_config.moe else {}
     ts_res = [torch.tensor(x) for x in out["log_probs"]]
     _empty_cache()
+    tp_row = tensor_parallel(path, list(tp_sizes), kv_tokens, warm, seqs, n_tokens, ts_secs,
+                             ts_res)
     # deterministic mode on the same workload, with its own warm-up
     det_secs, det_res = math.nan, None
     if deterministic:
@@ -219,7 +269,8 @@ def run(model_name: str, workload: str, root: Path, budgets: list[int], ref_subs
     row = {
         "model": model_name, "workload": workload, "tokens": n_tokens,
         "hf_tok_s": n_tokens / hf_secs, "hf_peak_gib": hf_mem, "hf_budget": hf_budget,
-        "ts_tok_s": n_tokens / ts_secs, "ts_peak_gib": ts_mem, "ts_kv_tokens": kv_tokens,
+        "ts_tok_s": n_tokens / ts_secs, "ts_peak_gib": ts_mem, "ts_gpu_gib": ts_held,
+        "ts_kv_tokens": kv_tokens, **tp_row,
         "speedup": hf_secs / ts_secs,
         "det_tok_s": n_tokens / det_secs, "det_vs_default": ts_secs / det_secs,
         # 2 x params x tokens scored per second over the peak; tokenspeed's can pass 1 when
@@ -303,6 +354,8 @@ def main() -> None:
                     help="alternating plain / top_logprobs pairs timed (median ratio)")
     ap.add_argument("--no-deterministic", action="store_true",
                     help="skip the run of deterministic mode")
+    ap.add_argument("--tp-sizes", type=int, nargs="+", default=[1],
+                    help="also score with engines of these tp_size (> 1: one GPU a rank)")
     args = ap.parse_args()
     global DEVICE
     DEVICE = args.device
@@ -315,7 +368,7 @@ def main() -> None:
             print(f"{model} / {workload}")
             row = run(model, workload, root, args.budgets, args.ref_subset, args.kv_tokens,
                       args.grpo_prompts, args.top_logprobs, not args.no_deterministic,
-                      args.rich_repeats)
+                      args.rich_repeats, tuple(args.tp_sizes))
             rows.append(row)
             print("  " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                    for k, v in row.items()))

@@ -8,6 +8,8 @@ collective) and as the collective alone, with the bytes each rank receives. bf16
 and weights, random (never zeros); NCCL, one GPU per rank, spawned by this script.
 
     python bench/bench_tp_logprobs.py [--tp 2] [--t 16384] [--v 152064] [--h 3584]
+    python bench/bench_tp_logprobs.py --top-logprobs 20   # the rich head: each rank's
+        # partials plus its k candidates (fp32 values, int64 ids) vs the gathered logits
 
 Needs 2+ GPUs; ``--device cpu`` runs the same code on gloo with small shapes, as a check.
 """
@@ -28,6 +30,7 @@ from shapes import timed_ms  # noqa: E402
 from tokenspeed.parallel.group import building_with  # noqa: E402
 from tokenspeed.parallel.launch import free_port, init_tp_group  # noqa: E402
 from tokenspeed.layers.logprob_head import HeadOptions, LogprobHead  # noqa: E402
+from tokenspeed.layers.sampler_filters import RowOptions, candidate_count  # noqa: E402
 
 
 def run(rank: int, args: argparse.Namespace, port: int) -> None:
@@ -53,25 +56,44 @@ def run(rank: int, args: argparse.Namespace, port: int) -> None:
     heads[False].weight.data.normal_(0, args.h ** -0.5)
     heads[True].weight = heads[False].weight
 
+    k = args.top_logprobs
+    zeros = torch.zeros(args.t, dtype=torch.int64, device=device)
+    opts = RowOptions(zeros, zeros.float() + 1, zeros.float(), k, None,
+                      candidate_count(k, 0, False), filtered=False)
+
     def head_fn(gather: bool):
+        if k:
+            return lambda i: heads[gather].forward_rich(hidden, targets, 1.0, opts)
         return lambda i: heads[gather](hidden, targets, 1.0, True)
 
-    lp_p, ent_p = head_fn(False)(0)
-    lp_g, ent_g = head_fn(True)(0)
-    err = max((lp_p - lp_g).abs().max().item(), (ent_p - ent_g).abs().max().item())
+    def outputs(gather: bool) -> list[torch.Tensor]:
+        out = head_fn(gather)(0)
+        if k:
+            return [out.log_probs, out.entropy, out.top_logprobs]
+        return list(out)
+
+    err = max((a - b).abs().max().item() for a, b in zip(outputs(False), outputs(True)))
+    same_ids = (not k or torch.equal(head_fn(False)(0).top_ids, head_fn(True)(0).top_ids))
 
     width = -(-args.v // args.tp)  # the widest shard (vocab_range gives the remainder out)
-    partials = torch.randn(args.t, 4, device=device)
-    logits = torch.randn(args.t, width, device=device, dtype=dtype)
+    # what one rank sends: its [T, 4] partials, with k its k candidates' values and ids
+    partials = [torch.randn(args.t, 4, device=device)]
+    if k:
+        partials += [torch.randn(args.t, opts.candidates, device=device),
+                     torch.zeros(args.t, opts.candidates, dtype=torch.int64, device=device)]
+    logits = [torch.randn(args.t, width, device=device, dtype=dtype)]
     rows = []
     for name, gather, payload in (("partials", False, partials), ("gather", True, logits)):
-        received = (args.tp - 1) * payload.numel() * payload.element_size()
+        received = (args.tp - 1) * sum(x.numel() * x.element_size() for x in payload)
         total = timed_ms(head_fn(gather), device, args.reps)
-        comm = timed_ms(lambda i, x=payload: tp.all_gather(x), device, args.reps)
+        comm = timed_ms(lambda i, xs=payload: [tp.all_gather(x) for x in xs], device,
+                        args.reps)
         rows.append((name, received, total, comm))
     if rank == 0:
-        print(f"tp={args.tp} T={args.t} V={args.v} H={args.h} bf16 on {device.type}; "
-              f"max |partials - gather| = {err:.2e}")
+        print(f"tp={args.tp} T={args.t} V={args.v} H={args.h} bf16 on {device.type}"
+              f"{f', top_logprobs={k} ({opts.candidates} candidates a rank)' if k else ''}; "
+              f"max |partials - gather| = {err:.2e}"
+              f"{'' if same_ids else '; top ids DIFFER'}")
         print(f"{'exchange':>9} {'MiB received/rank':>18} {'head ms':>9} {'collective ms':>14}")
         for name, received, total, comm in rows:
             print(f"{name:>9} {received / 2**20:18.3f} {total:9.3f} {comm:14.3f}")
@@ -89,6 +111,8 @@ def main() -> None:
     parser.add_argument("--v", type=int, default=None, help="vocab (cuda 152064, cpu 1031)")
     parser.add_argument("--h", type=int, default=None, help="hidden (cuda 3584, cpu 64)")
     parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--top-logprobs", type=int, default=0, metavar="K",
+                        help="time the rich head with top_logprobs=K (1..64)")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     args = parser.parse_args()
     # the CPU run only checks the code path, so its shapes are small
