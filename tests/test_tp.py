@@ -1,7 +1,8 @@
 """Tensor parallelism: tp=2 against tp=1 in both launches (SPMD ranks that initialise their
 own process group, as under torchrun, and a single process whose Engine spawns its
-workers), partials vs gathered logits, update_weights, rejected calls on every rank, and
-the data-parallel helper. gloo on the CPU; the same tests on NCCL with 2+ GPUs."""
+workers), partials vs gathered logits, the rich outputs and an MoE model on every rank,
+update_weights, rejected calls on every rank, and the data-parallel helper. gloo on the
+CPU; the same tests on NCCL with 2+ GPUs."""
 from __future__ import annotations
 
 import shutil
@@ -15,6 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from model_factory import make_checkpoint, max_abs_diff, random_sequences
+from test_moe_models import grpo_sequences, moe_checkpoint
 
 from tokenspeed import Engine
 from tokenspeed.parallel.dp import compute_log_probs_dp
@@ -34,6 +36,12 @@ CHECKPOINTS = {
     "Qwen3ForCausalLM": dict(vocab=101, kv_heads=2, seed=3),
 }
 NEW_WEIGHTS = dict(vocab=101, kv_heads=2, seed=4)  # Qwen3, another draw
+# the rich outputs on the Qwen3 checkpoint: every filter, top-k and requested ids, one
+# sequence overriding top_k
+RICH_ARCH = "Qwen3ForCausalLM"
+RICH = dict(top_k=10, top_p=0.85, min_p=0.02, top_logprobs=6, token_ids=[1, 50, 96],
+            return_entropy=True)
+MOE_SETTINGS = dict(SETTINGS, max_batch_tokens=16, kv_cache_tokens=512)
 
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.multi_gpu])]
 
@@ -47,6 +55,47 @@ def workload(vocab: int) -> list[dict]:
                     "completion_token_ids": torch.randint(0, vocab, (3 + i,),
                                                           generator=gen).tolist()}
                    for i in range(3)]
+
+
+def rich_workload() -> list[dict]:
+    seqs = workload(CHECKPOINTS[RICH_ARCH]["vocab"])
+    seqs[1] = dict(seqs[1], top_k=0)
+    return seqs
+
+
+def moe_workload() -> list[dict]:
+    return grpo_sequences(torch.Generator().manual_seed(8), 257, groups=2, size=3)
+
+
+def rich_scores(engine: Engine) -> dict:
+    return engine.compute_log_probs(rich_workload(), 0.9, **RICH)
+
+
+def moe_scores(engine: Engine) -> list[dict]:
+    """Twice (the second pass reads the prefix cache), with the routing captured."""
+    return [engine.compute_log_probs(moe_workload(), return_routed_experts=True)
+            for _ in range(2)]
+
+
+def assert_rich_close(got: dict, want: dict) -> None:
+    """tp=2's rich outputs against tp=1's: the same -inf (filtered out) places and top-k
+    ids, every finite value within TOL."""
+    def close(a: list[float], b: list[float]) -> None:
+        a, b = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+        assert torch.equal(torch.isneginf(a), torch.isneginf(b))
+        fin = torch.isfinite(b)
+        assert torch.equal(fin, torch.isfinite(a))
+        assert (a[fin] - b[fin]).abs().max().item() <= TOL if fin.any() else True
+
+    assert got["tokens"] == want["tokens"]
+    for i in range(len(want["log_probs"])):
+        close(got["log_probs"][i], want["log_probs"][i])
+        close(got["entropy"][i], want["entropy"][i])
+        assert got["top_logprobs"][i]["ids"] == want["top_logprobs"][i]["ids"]
+        for a, b in zip(got["top_logprobs"][i]["logprobs"], want["top_logprobs"][i]["logprobs"]):
+            close(a, b)
+        for a, b in zip(got["token_ids_logprobs"][i], want["token_ids_logprobs"][i]):
+            close(a, b)
 
 
 BAD = [{"prompt_token_ids": [1, 2], "completion_token_ids": [3]},
@@ -90,6 +139,8 @@ def ckpts(tmp_path_factory) -> dict[str, Path]:
     weights = (out["new"] / "model.safetensors").read_bytes()
     (corrupt / "model.safetensors").write_bytes(weights[: len(weights) // 2])
     out["corrupt"] = corrupt
+    out["moe"] = moe_checkpoint(tmp_path_factory.mktemp("moe"), "Qwen3MoeForCausalLM", seed=8,
+                                heads=4, kv_heads=2)
     return out
 
 
@@ -110,6 +161,10 @@ def reference(ckpts, device) -> dict[str, dict]:
         with Engine(ckpts[arch], device=device_of(device), **SETTINGS) as engine:
             vocab = engine.model_config.vocab_size
             out[arch] = engine.compute_log_probs(workload(vocab), 0.7, return_entropy=True)
+    with Engine(ckpts[RICH_ARCH], device=device_of(device), **SETTINGS) as engine:
+        out["rich"] = rich_scores(engine)
+    with Engine(ckpts["moe"], device=device_of(device), **MOE_SETTINGS) as engine:
+        out["moe"] = moe_scores(engine)
     return out
 
 
@@ -131,6 +186,12 @@ def _spmd_rank(rank: int, device: str, port: int, ckpts: dict[str, Path], out_di
                 with Engine(ckpts[arch], logprob_mode=mode, **kw) as engine:
                     result[arch, mode] = score_twice(engine, seqs)
                     result[arch, mode, "stats"] = engine.stats()
+        for mode in ("partials", "gather"):
+            with Engine(ckpts[RICH_ARCH], logprob_mode=mode, **kw) as engine:
+                result["rich", mode] = rich_scores(engine)
+        with Engine(ckpts["moe"], **dict(kw, **MOE_SETTINGS)) as engine:
+            result["moe"] = moe_scores(engine)
+            result["moe", "stats"] = engine.stats()
         from safetensors.torch import load_file
         seqs = workload(NEW_WEIGHTS["vocab"])
         with Engine(ckpts["Qwen3ForCausalLM"], **kw) as engine:
@@ -207,6 +268,26 @@ def test_spmd_partials_and_gathered_logits_agree(spmd, reference, arch):
             assert_close(got, partial)
             assert_close(got, reference[arch])
     assert spmd[0][arch, "gather"] == spmd[1][arch, "gather"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["partials", "gather"])
+def test_spmd_rich_outputs_same_on_every_rank_and_match_tp1(spmd, reference, mode):
+    """Filtered log-probs, entropy, top-k and requested ids: bitwise the same on every
+    rank (the ranks merge the same gathered partials in rank order), tp=1's within TOL."""
+    assert spmd[0]["rich", mode] == spmd[1]["rich", mode]
+    assert_rich_close(spmd[0]["rich", mode], reference["rich"])
+
+
+@pytest.mark.slow
+def test_spmd_moe_same_on_every_rank_and_matches_tp1(spmd, reference):
+    """An MoE model: scores and captured routing bitwise the same on every rank, both
+    passes (the second from the prefix cache); scores tp=1's within TOL, routing equal."""
+    assert spmd[0]["moe"] == spmd[1]["moe"]
+    assert spmd[0]["moe", "stats"]["prefix_hit_tokens"] > 0
+    for got, want in zip(spmd[0]["moe"], reference["moe"]):
+        assert max_abs_diff(got["log_probs"], want["log_probs"]) <= TOL
+        assert got["routed_experts"] == want["routed_experts"]
 
 
 @pytest.mark.slow
