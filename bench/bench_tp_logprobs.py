@@ -66,14 +66,16 @@ def run(rank: int, args: argparse.Namespace, port: int) -> None:
             return lambda i: heads[gather].forward_rich(hidden, targets, 1.0, opts)
         return lambda i: heads[gather](hidden, targets, 1.0, True)
 
-    def outputs(gather: bool) -> list[torch.Tensor]:
+    def outputs(gather: bool) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """(the scores to compare, the top-k ids or None)."""
         out = head_fn(gather)(0)
         if k:
-            return [out.log_probs, out.entropy, out.top_logprobs]
-        return list(out)
+            return [out.log_probs, out.entropy, out.top_logprobs], out.top_ids
+        return list(out), None
 
-    err = max((a - b).abs().max().item() for a, b in zip(outputs(False), outputs(True)))
-    same_ids = (not k or torch.equal(head_fn(False)(0).top_ids, head_fn(True)(0).top_ids))
+    (got_p, ids_p), (got_g, ids_g) = outputs(False), outputs(True)
+    err = max((a - b).abs().max().item() for a, b in zip(got_p, got_g))
+    same_ids = ids_p is None or torch.equal(ids_p, ids_g)
 
     width = -(-args.v // args.tp)  # the widest shard (vocab_range gives the remainder out)
     # what one rank sends: its [T, 4] partials, with k its k candidates' values and ids

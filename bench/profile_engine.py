@@ -25,7 +25,8 @@ def print_gaps(prof, n: int) -> None:
     """Device idle time within the profiled call, from the trace's kernel and copy spans."""
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         prof.export_chrome_trace(f.name)
-        events = json.load(open(f.name))["traceEvents"]
+        with open(f.name) as trace:
+            events = json.load(trace)["traceEvents"]
     call = next(e for e in events if e.get("name") == "compute_log_probs" and "dur" in e
                 and e.get("cat") == "user_annotation")
     begin, end = call["ts"], call["ts"] + call["dur"]

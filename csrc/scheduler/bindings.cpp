@@ -87,25 +87,27 @@ std::vector<int32_t> to_token_ids(const py::handle& obj, const std::string& name
                          std::string(py::str(py::type::of(obj).attr("__name__"))));
   // one pass over the items as an array (a list's own; other sequences copied once)
   const py::object fast = py::reinterpret_steal<py::object>(
-      PySequence_Fast(seq.ptr(), "token_ids must be a sequence"));
+      PySequence_Fast(seq.ptr(), (name + " must be a sequence").c_str()));
   if (!fast) throw py::error_already_set();
   const Py_ssize_t n = PySequence_Fast_GET_SIZE(fast.ptr());
   PyObject** items = PySequence_Fast_ITEMS(fast.ptr());
   out.reserve(size_t(n));
   for (Py_ssize_t i = 0; i < n; ++i) {
-    // a plain int is read as it is; other int-likes (numpy, 0-d tensors) via __index__
-    py::object as_int = py::reinterpret_borrow<py::object>(items[i]);
-    if (!PyLong_CheckExact(items[i])) {
-      PyObject* index = PyNumber_Index(items[i]);
-      if (index == nullptr) {
+    // a plain int is read as it is (no reference taken); other int-likes (numpy, 0-d
+    // tensors) through __index__, whose result `index` owns
+    PyObject* as_int = items[i];
+    py::object index;
+    if (!PyLong_CheckExact(as_int)) {
+      index = py::reinterpret_steal<py::object>(PyNumber_Index(as_int));
+      if (!index) {
         PyErr_Clear();
         throw py::type_error(name + "[" + std::to_string(i) + "] is not an int: " +
-                             std::string(py::repr(items[i])));
+                             std::string(py::repr(as_int)));
       }
-      as_int = py::reinterpret_steal<py::object>(index);
+      as_int = index.ptr();
     }
     int overflow = 0;
-    const long long v = PyLong_AsLongLongAndOverflow(as_int.ptr(), &overflow);
+    const long long v = PyLong_AsLongLongAndOverflow(as_int, &overflow);
     if (overflow != 0)
       throw std::invalid_argument(name + "[" + std::to_string(i) + "] is " +
                                   std::string(py::str(as_int)) + ", ids must be in [0, 2^31)");
