@@ -3,8 +3,10 @@ run: time (CUDA-event median), extra peak memory and error against fp64 of
 
 - ``gemm bf16``: hidden @ W^T with bf16 out, the time the head is measured against;
 - ``gemm fp32 out``: the same GEMM writing its fp32 accumulator (what the head uses);
-- ``ours lean``: the engine's default head on CUDA (vocabulary chunks of 32768, fp32
-  logits, their (m, s, w, t) partials merged);
+- ``ours fused``: the engine's default head on CUDA, head_logprob_partials (the (m, s, w,
+  t) partials taken in the GEMM's epilogue, no logits written);
+- ``ours lean``: the head on vocabulary chunks of 32768 (fp32 logits, their partials
+  merged), the default before the fused kernel;
 - ``ours rows``: the head on whole rows in bounded blocks;
 - ``liger``: Liger-Kernel's fused linear cross entropy (reduction none), if importable;
 - ``cce``: Cut Cross-Entropy's ``linear_cross_entropy`` (reduction none), if importable.
@@ -31,8 +33,10 @@ from tokenspeed.layers.logprob_head import HeadOptions, LogprobHead  # noqa: E40
 
 def heads(vocab: int, hidden: int, weight: torch.Tensor) -> dict[str, LogprobHead]:
     out = {}
-    for name, chunk in (("ours lean", LEAN_VOCAB_CHUNK_CUDA), ("ours rows", None)):
-        head = LogprobHead(vocab, hidden, options=HeadOptions(vocab_chunk=chunk))
+    for name, chunk, fused in (("ours fused", LEAN_VOCAB_CHUNK_CUDA, True),
+                               ("ours lean", LEAN_VOCAB_CHUNK_CUDA, False),
+                               ("ours rows", None, False)):
+        head = LogprobHead(vocab, hidden, options=HeadOptions(vocab_chunk=chunk, fused=fused))
         head.weight.data = weight
         out[name] = head
     return out

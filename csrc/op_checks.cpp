@@ -72,6 +72,29 @@ void check_logits_targets(const at::Tensor& logits, const at::Tensor& targets) {
   check_same_device(logits, "logits", targets, "targets");
 }
 
+void check_head_inputs(const at::Tensor& hidden, const at::Tensor& weight,
+                       const at::Tensor& targets) {
+  check_float_input(hidden, "hidden");
+  check_float_input(weight, "weight");
+  check_index_input(targets, "targets");
+  TS_CHECK(hidden.dim() == 2, "hidden must be 2-D [T, H], got shape ", hidden.sizes());
+  TS_CHECK(weight.dim() == 2, "weight must be 2-D [V, H], got shape ", weight.sizes());
+  TS_CHECK(targets.dim() == 1, "targets must be 1-D [T], got shape ", targets.sizes());
+  TS_CHECK(hidden.scalar_type() == weight.scalar_type(), "hidden is ", hidden.scalar_type(),
+           " but weight is ", weight.scalar_type());
+  TS_CHECK(hidden.size(1) == weight.size(1), "hidden has ", hidden.size(1),
+           " columns but weight has ", weight.size(1));
+  TS_CHECK(hidden.size(1) > 0, "hidden must have at least one column");
+  TS_CHECK(weight.size(0) > 0, "weight must have at least one vocabulary row");
+  TS_CHECK(targets.size(0) == hidden.size(0), "targets has ", targets.size(0),
+           " entries but hidden has ", hidden.size(0), " rows");
+  TS_CHECK(hidden.size(1) == 1 || (hidden.stride(1) == 1 && weight.stride(1) == 1),
+           "hidden and weight must be contiguous along H (stride(1) == 1), got strides ",
+           hidden.strides(), " and ", weight.strides());
+  check_same_device(hidden, "hidden", weight, "weight");
+  check_same_device(hidden, "hidden", targets, "targets");
+}
+
 void check_vocab_start(int64_t vocab_start) {
   TS_CHECK(vocab_start >= 0, "vocab_start must be >= 0, got ", vocab_start);
 }

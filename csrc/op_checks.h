@@ -58,6 +58,10 @@ void check_temperature(double temperature);
 // logits [T, V] with unit stride along V (any row stride), targets [T].
 void check_logits_targets(const at::Tensor& logits, const at::Tensor& targets);
 
+// hidden [T, H] and weight [V, H] of one float dtype, unit stride along H; targets [T].
+void check_head_inputs(const at::Tensor& hidden, const at::Tensor& weight,
+                       const at::Tensor& targets);
+
 // First global vocabulary id of a shard.
 void check_vocab_start(int64_t vocab_start);
 

@@ -20,6 +20,11 @@ TORCH_LIBRARY(tokenspeed, m) {
   // logits [T, Vs], targets [T] (global ids) -> [T, 4] fp32 rows (m, s, w, t).
   m.def("logprob_partials(Tensor logits, Tensor targets, int vocab_start, "
         "float temperature=1.0, bool validate=True) -> Tensor");
+  // logprob_partials of logits = hidden [T, H] x weight [Vs, H]^T (the LM head's product,
+  // fp32 from 16-bit operands) without writing them: hidden and weight of one dtype, unit
+  // stride along H, weight the rows of ids [vocab_start, vocab_start + Vs) -> [T, 4].
+  m.def("head_logprob_partials(Tensor hidden, Tensor weight, Tensor targets, int vocab_start, "
+        "float temperature=1.0, bool validate=True) -> Tensor");
   // Merge S shards' partials [S, T, 4] in shard order -> (logprobs [T], entropy [T]).
   m.def("combine_logprob_partials(Tensor partials) -> (Tensor, Tensor)");
   // logprob_partials plus the shard's k (1..64) largest x = logits * (1 / temperature),

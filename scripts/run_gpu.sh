@@ -14,10 +14,10 @@ for s in $stages; do
       step test
       timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider ${PYTEST_ARGS:-} \
         tests/test_logprobs.py tests/test_attention.py tests/test_kv_cache.py tests/test_fused.py \
-        tests/test_rich.py tests/test_head.py 2>&1 \
+        tests/test_rich.py tests/test_head.py tests/test_head_partials.py 2>&1 \
         | tail -40 | tee "$OUT/tests.log" || status=1 ;;
     sanitize)
-      # the kernel tests marked sanitize: log-probs, store_kv, both attention kernels
+      # the kernel tests marked sanitize: log-probs, the fused head, store_kv, both attention kernels
       step sanitize
       for tool in memcheck racecheck synccheck; do
         # racecheck: the grouped_gemm kernels alone in a process (grouped_gemm_probe.py)

@@ -19,14 +19,17 @@ def _reference(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("vocab_chunk", [None, 300])
 @pytest.mark.parametrize("temperature", [0.7, 1.0])
-def test_head_matches_fp64(device, dtype, vocab_chunk, temperature):
-    """On CUDA a bf16/fp16 head writes its GEMM's fp32 accumulator, so it scores as
-    exactly as an fp32 head of the same weights; rounding the logits to bf16 would cost
-    about |logit| / T * 2^-9 (~0.02 here) and fail the bound. The CPU has no such GEMM
-    and rounds the logits to the input dtype."""
+@pytest.mark.parametrize("fused", [True, False])
+def test_head_matches_fp64(device, dtype, vocab_chunk, temperature, fused):
+    """On CUDA a bf16/fp16 head keeps its GEMM's fp32 accumulator (fused: the partials
+    taken in the GEMM's epilogue; else written as fp32 logits), so it scores as exactly as
+    an fp32 head of the same weights; rounding the logits to bf16 would cost about
+    |logit| / T * 2^-9 (~0.02 here) and fail the bound. The CPU has no such GEMM and
+    rounds the logits to the input dtype (fused changes nothing there)."""
     gen = torch.Generator().manual_seed(hash((dtype, vocab_chunk, temperature)) % 2**31)
     rows = 97
-    head = LogprobHead(VOCAB, HIDDEN, options=HeadOptions(vocab_chunk=vocab_chunk)).to(
+    head = LogprobHead(VOCAB, HIDDEN, options=HeadOptions(vocab_chunk=vocab_chunk,
+                                                         fused=fused)).to(
         device=device, dtype=dtype)
     head.weight.data.copy_(torch.randn(VOCAB, HIDDEN, generator=gen) * 0.5)
     hidden = torch.randn(rows, HIDDEN, generator=gen).to(device=device, dtype=dtype)

@@ -68,6 +68,8 @@ class EngineConfig:
     lean_vocab_chunk: vocabulary chunk of the log-prob head's lean mode, or None for
     whole logit rows (a bounded number of rows at a time). "auto" picks what measured
     faster (bench/NOTES.md, "Lean head"): whole rows on the CPU, chunks of 32768 on CUDA.
+    On CUDA it shapes only the sampler outputs' and deterministic mode's head: plain
+    scores there come from head_logprob_partials, which never writes logits.
 
     tp_size > 1: tensor parallelism (see tokenspeed/parallel). Each rank then scores its whole
     vocabulary shard in bounded row blocks (lean_vocab_chunk applies at tp_size 1), and

@@ -13,7 +13,7 @@ import importlib
 from . import reference
 
 OPS = ("BUILD", "combine_logprob_partials", "filter_kept_set", "grouped_gemm",
-       "logprob_mass_above", "logprob_partials", "logprob_topk_partials", "logprobs",
+       "head_logprob_partials", "logprob_mass_above", "logprob_partials", "logprob_topk_partials", "logprobs",
        "moe_combine", "moe_dispatch", "moe_route", "paged_prefill_attention", "rms_norm",
        "rotary_embedding", "silu_and_mul", "store_kv")
 

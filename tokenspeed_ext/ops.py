@@ -42,6 +42,20 @@ def logprob_partials(logits: Tensor, targets: Tensor, vocab_start: int,
                                          bool(validate))
 
 
+def head_logprob_partials(hidden: Tensor, weight: Tensor, targets: Tensor, vocab_start: int = 0,
+                          temperature: float = 1.0, validate: bool = True) -> Tensor:
+    """``logprob_partials(hidden @ weight.T, ...)`` without writing the logits.
+
+    hidden [T, H] and weight [Vs, H] (the LM head's rows of ids vocab_start .. +Vs) of one
+    dtype, contiguous along H; the product is taken in fp32 (exact products of 16-bit
+    operands). On an H100/H200 (sm_90) with bf16/fp16 operands the partials come from the
+    GEMM's epilogue; elsewhere from the fp32 product in bounded row blocks. Returns [T, 4]
+    fp32, as ``logprob_partials``; ``combine_logprob_partials(p[None])`` finishes them.
+    """
+    return _ops.head_logprob_partials.default(hidden, weight, targets, int(vocab_start),
+                                              float(temperature), bool(validate))
+
+
 def combine_logprob_partials(partials: Tensor) -> tuple[Tensor, Tensor]:
     """Merge shard partials [S, T, 4] in shard order -> (logprobs [T], entropy [T])."""
     return _ops.combine_logprob_partials.default(partials)
@@ -181,6 +195,13 @@ def _logprob_partials_fake(logits, targets, vocab_start, temperature=1.0, valida
     _same_device("logprob_partials", logits=logits, targets=targets)
     torch._check(logits.dim() == 2, lambda: f"logits must be [T, Vs], got {logits.shape}")
     return logits.new_empty((logits.shape[0], 4), dtype=torch.float32)
+
+
+@torch.library.register_fake("tokenspeed::head_logprob_partials")
+def _head_logprob_partials_fake(hidden, weight, targets, vocab_start, temperature=1.0,
+                                validate=True):
+    _same_device("head_logprob_partials", hidden=hidden, weight=weight, targets=targets)
+    return hidden.new_empty((hidden.shape[0], 4), dtype=torch.float32)
 
 
 @torch.library.register_fake("tokenspeed::combine_logprob_partials")

@@ -1,4 +1,5 @@
-// CPU log-prob kernels: logprobs, logprob_partials, combine_logprob_partials, and for
+// CPU log-prob kernels: logprobs, logprob_partials, head_logprob_partials (the same partials
+// of the LM head's product), combine_logprob_partials, and for
 // the sampler outputs logprob_topk_partials (the same row state plus the row's k largest
 // x, taken in the same read of the row) and logprob_mass_above (a second pass).
 //
@@ -196,6 +197,28 @@ at::Tensor logprob_partials_cpu(const at::Tensor& logits, const at::Tensor& targ
   return shard_partials(logits, targets, vocab_start, temperature, validate, kNoBlockFn);
 }
 
+// The product in fp32 (16-bit operands widened first, so every product is exact), a bounded
+// block of rows at a time, each block's rows through row_state as logprob_partials does.
+at::Tensor head_logprob_partials_cpu(const at::Tensor& hidden, const at::Tensor& weight,
+                                     const at::Tensor& targets, int64_t vocab_start,
+                                     double temperature, bool validate) {
+  check_head_inputs(hidden, weight, targets);
+  check_temperature(temperature);
+  check_vocab_start(vocab_start);
+  if (validate) check_target_range(targets, 0, -1);
+  const int64_t rows = hidden.size(0), v = weight.size(0);
+  at::Tensor out = at::empty({rows, 4}, hidden.options().dtype(at::kFloat));
+  const at::Tensor w = weight.to(at::kFloat);
+  const int64_t step = std::max<int64_t>(1, (int64_t(1) << 22) / v);
+  for (int64_t r = 0; r < rows; r += step) {
+    const int64_t n = std::min(step, rows - r);
+    const at::Tensor logits = at::mm(hidden.narrow(0, r, n).to(at::kFloat), w.t());
+    out.narrow(0, r, n).copy_(shard_partials(logits, targets.narrow(0, r, n), vocab_start,
+                                             temperature, false, kNoBlockFn));
+  }
+  return out;
+}
+
 // Adds a block of x (columns j0 ..) to a row's k largest, kept descending in vals/ids with
 // n of k places filled; ties go to the lower column, as columns arrive in ascending
 // order and a later equal value never displaces an earlier one. Nan is never a candidate.
@@ -371,6 +394,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> filter_kept_set_cpu(
 TORCH_LIBRARY_IMPL(tokenspeed, CPU, m) {
   m.impl("logprobs", &tokenspeed::cpu::logprobs_cpu);
   m.impl("logprob_partials", &tokenspeed::cpu::logprob_partials_cpu);
+  m.impl("head_logprob_partials", &tokenspeed::cpu::head_logprob_partials_cpu);
   m.impl("combine_logprob_partials", &tokenspeed::cpu::combine_logprob_partials_cpu);
   m.impl("logprob_topk_partials", &tokenspeed::cpu::logprob_topk_partials_cpu);
   m.impl("logprob_mass_above", &tokenspeed::cpu::logprob_mass_above_cpu);

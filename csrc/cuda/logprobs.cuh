@@ -42,6 +42,7 @@
 
 #include "cuda/dtype.cuh"
 #include "cuda/fast_math.cuh"
+#include "cuda/lp_state.cuh"
 
 namespace tokenspeed {
 namespace cuda {
@@ -53,10 +54,6 @@ template <typename T>
 constexpr int lp_chunk_cols() {
   return kLpThreads * kLpVecs * int(16 / sizeof(T));
 }
-
-struct LpState {
-  float m, s, w;
-};
 
 // A streaming 16-byte load (L1 not allocated) at p + kOffset bytes, the offset an
 // immediate of the instruction
@@ -163,20 +160,6 @@ __device__ __forceinline__ void chunk_sums(const uint4 (&raw)[kLpVecs], float m,
   }
   s = s0 + s1;
   w = w0 + w1;
-}
-
-// Merge b into a; both m finite or -inf (s = w = 0 then). m is kept in logit units (before
-// the temperature) and w relative to m in scaled units, so the shift between two maxima
-// is an exact fp32 difference scaled once: large logits lose no precision.
-__device__ __forceinline__ LpState merge_state(LpState a, LpState b, float inv_temp) {
-  const float m = fmaxf(a.m, b.m);
-  if (m == -INFINITY) return a;
-  const float da = (a.m - m) * inv_temp, db = (b.m - m) * inv_temp;
-  const float ea = a.m == -INFINITY ? 0.f : expf(da);
-  const float eb = b.m == -INFINITY ? 0.f : expf(db);
-  const float wa = a.m == -INFINITY ? 0.f : (a.w + a.s * da) * ea;
-  const float wb = b.m == -INFINITY ? 0.f : (b.w + b.s * db) * eb;
-  return {m, a.s * ea + b.s * eb, wa + wb};
 }
 
 // The block's sums of a (s, w) pair in a fixed order: a butterfly in each warp, then the

@@ -1,4 +1,4 @@
-// CUDA host side of the log-prob ops (logprobs, logprob_partials,
+// CUDA host side of the log-prob ops (logprobs, logprob_partials, head_logprob_partials,
 // combine_logprob_partials, logprob_topk_partials, logprob_mass_above, filter_kept_set):
 // argument checks, device guard, output allocation and error
 // reporting over the launch functions of launch.h (kernels in logprobs.cuh).
@@ -8,6 +8,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <tuple>
@@ -95,6 +96,53 @@ at::Tensor logprob_partials_cuda(const at::Tensor& logits, const at::Tensor& tar
   const int64_t chunks = state.size(1);
   merge(state, chunks, 1, chunks, rows, inv_temperature(temperature), out.data_ptr<float>(),
         nullptr, nullptr, stream);
+  if (validate) check_target_range(targets, 0, -1);
+  return out;
+}
+
+// The fused kernel where head_partials_supports says it serves the call; else the fp32
+// product a bounded block of rows at a time, through logprob_partials' kernels.
+at::Tensor head_logprob_partials_cuda(const at::Tensor& hidden, const at::Tensor& weight,
+                                      const at::Tensor& targets, int64_t vocab_start,
+                                      double temperature, bool validate) {
+  check_head_inputs(hidden, weight, targets);
+  check_cuda(hidden, "hidden");
+  check_temperature(temperature);
+  check_vocab_start(vocab_start);
+  const c10::cuda::CUDAGuard guard(hidden.device());
+  const int64_t rows = hidden.size(0), v = weight.size(0), h = hidden.size(1);
+  at::Tensor out = at::empty({rows, 4}, hidden.options().dtype(at::kFloat));
+  if (rows == 0) return out;
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const float inv_temp = inv_temperature(temperature);
+  const DType dtype = dtype_of(hidden);
+  const int64_t ld_hidden = rows > 1 ? hidden.stride(0) : h;
+  const int64_t ld_weight = v > 1 ? weight.stride(0) : h;
+  const int64_t splits = head_partials_splits(v);
+  if (head_partials_supports(dtype, h, hidden.const_data_ptr(), ld_hidden,
+                             weight.const_data_ptr(), ld_weight) &&
+      (rows + 127) / 128 * splits <= std::numeric_limits<int32_t>::max()) {
+    const at::Tensor state = at::empty({rows, splits, 4}, out.options());
+    C10_CUDA_CHECK(launch_head_partials(
+        hidden.const_data_ptr(), ld_hidden, weight.const_data_ptr(), ld_weight, dtype, rows, v,
+        h, targets.const_data_ptr(), targets.scalar_type() == at::kLong, targets.stride(0),
+        vocab_start, inv_temp, state.data_ptr<float>(), stream));
+    merge(state, splits, 1, splits, rows, inv_temp, out.data_ptr<float>(), nullptr, nullptr,
+          stream);
+  } else {
+    const int64_t step = std::max<int64_t>(1, (int64_t(1) << 26) / v);
+    for (int64_t r = 0; r < rows; r += step) {
+      const int64_t n = std::min(step, rows - r);
+      const at::Tensor block = hidden.narrow(0, r, n);
+      const at::Tensor logits = dtype == DType::kFloat32 ? at::mm(block, weight.t())
+                                                         : at::mm(block, weight.t(), at::kFloat);
+      const at::Tensor state =
+          chunk_states(logits, targets.narrow(0, r, n), vocab_start, temperature, stream);
+      const int64_t chunks = state.size(1);
+      merge(state, chunks, 1, chunks, n, inv_temp, out.data_ptr<float>() + 4 * r, nullptr,
+            nullptr, stream);
+    }
+  }
   if (validate) check_target_range(targets, 0, -1);
   return out;
 }
@@ -197,6 +245,7 @@ std::tuple<at::Tensor, at::Tensor> combine_logprob_partials_cuda(const at::Tenso
 TORCH_LIBRARY_IMPL(tokenspeed, CUDA, m) {
   m.impl("logprobs", &tokenspeed::cuda::logprobs_cuda);
   m.impl("logprob_partials", &tokenspeed::cuda::logprob_partials_cuda);
+  m.impl("head_logprob_partials", &tokenspeed::cuda::head_logprob_partials_cuda);
   m.impl("combine_logprob_partials", &tokenspeed::cuda::combine_logprob_partials_cuda);
   m.impl("logprob_topk_partials", &tokenspeed::cuda::logprob_topk_partials_cuda);
   m.impl("logprob_mass_above", &tokenspeed::cuda::logprob_mass_above_cuda);

@@ -1,8 +1,10 @@
 """The log-prob head: the LM head fused with the log-prob op, never returning logits.
 
-It hands logits straight to the fused op, either whole rows a bounded block at a time or,
-in lean mode, in vocabulary chunks whose (m, s, w, t) partials are merged, so [rows, V]
-logits are never held. Tensor parallelism shards the vocabulary the same way and merges
+On CUDA the plain scores come from head_logprob_partials, which folds the logits into
+(m, s, w, t) partials inside the GEMM (fused on sm_90) and never writes them. Elsewhere,
+and for the sampler outputs, it hands logits straight to the log-prob ops, either whole
+rows a bounded block at a time or, in lean mode, in vocabulary chunks whose partials are
+merged, so [rows, V] logits are never held. Tensor parallelism shards the vocabulary the same way and merges
 the ranks' partials with the same op.
 """
 from __future__ import annotations
@@ -62,10 +64,13 @@ class HeadOptions:
 
     vocab_chunk: lean mode's vocabulary chunk (tp_size 1), or None for whole rows a
     bounded block at a time. gather_logits: under tensor parallelism, all-gather the
-    logits instead of exchanging the [S, 4] partials.
+    logits instead of exchanging the [S, 4] partials. fused: on CUDA, take the plain
+    scores' partials from head_logprob_partials (never writing logits) rather than
+    from logits chunks or blocks.
     """
     vocab_chunk: int | None = None
     gather_logits: bool = False
+    fused: bool = True
 
 
 class LogprobHead(nn.Module):
@@ -113,6 +118,10 @@ class LogprobHead(nn.Module):
                     self.tp.all_gather(self._shard_partials(hidden, targets, temperature)))
             return lp, ent if return_entropy else None
         weight = self.head_weight()
+        if self._fused(hidden):
+            lp, ent = tse.combine_logprob_partials(tse.head_logprob_partials(
+                hidden, weight, targets, 0, temperature, validate=False)[None])
+            return lp, ent if return_entropy else None
         vocab, vocab_chunk = weight.shape[0], self.options.vocab_chunk
         if vocab_chunk is None or vocab_chunk >= vocab:
             # full rows, but a bounded number at a time, so [rows, V] logits stay small
@@ -129,6 +138,12 @@ class LogprobHead(nn.Module):
             for start in range(0, vocab, vocab_chunk)])
         lp, ent = tse.combine_logprob_partials(partials)
         return lp, ent if return_entropy else None
+
+    def _fused(self, hidden: Tensor) -> bool:
+        """Whether the partials come from head_logprob_partials, the logits never written:
+        on CUDA, outside batch-invariant mode (whose product runs on fixed row blocks on
+        every device; the op's fused kernel is invariant but its fallback is not)."""
+        return self.options.fused and hidden.is_cuda and not self.invariant
 
     def _rows_at_once(self, width: int, hidden: Tensor) -> tuple[int, int | None]:
         """Rows per block of [rows, width] logits (bounded), and the row block their GEMM
@@ -252,6 +267,9 @@ class LogprobHead(nn.Module):
     def _shard_partials(self, hidden: Tensor, targets: Tensor, temperature: float) -> Tensor:
         """[S, 4] partials of this rank's vocabulary shard, in bounded row blocks."""
         weight = self.head_weight()
+        if self._fused(hidden):
+            return tse.head_logprob_partials(hidden, weight, targets, self.vocab_start,
+                                             temperature, validate=False)
         step, block = self._rows_at_once(weight.shape[0], hidden)
         return torch.cat([
             tse.logprob_partials(head_logits(hidden[r:r + step], weight, block),
