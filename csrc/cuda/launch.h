@@ -62,20 +62,23 @@ cudaError_t launch_merge_states(const float* states, int64_t row_stride, int64_t
                                 int64_t n, int64_t rows, float inv_temp, float* merged,
                                 float* lp, float* ent, cudaStream_t stream);
 
-// ---- head: the log-prob partials fused into the LM head's GEMM (head.cu) ----
+// ---- gemm_sm90: the GEMM with fused epilogues (gemm_sm90.cu) ----
 
-// Vocabulary splits of a V-column weight: the kernel's states per row, [rows, splits, 4].
+// The kernel serves 16-bit operands a [rows, k] and b [b_rows, k] with k and both row
+// strides (elements) multiples of 8 and 16-byte aligned bases, on an sm_90 device with
+// sm_90a code in the build.
+bool gemm_sm90_supports(DType dtype, int64_t k, const void* a, int64_t lda, const void* b,
+                        int64_t ldb);
+// Row tiles of `rows` rows: a launch's row tiles times its units per row tile (the head's
+// splits) must fit in int32 (the caller checks).
+int64_t gemm_sm90_row_tiles(int64_t rows);
+
+// Vocabulary splits of a V-column weight: the fused head's states per row.
 int64_t head_partials_splits(int64_t V);
-
-// The fused kernel serves bf16/fp16 operands with H, both row strides (elements) multiples
-// of 8 and 16-byte aligned bases, on an sm_90 device with sm_90a code in the build.
-bool head_partials_supports(DType dtype, int64_t h, const void* hidden, int64_t ld_hidden,
-                            const void* weight, int64_t ld_weight);
 
 // Split states [rows, splits, 4] fp32 (launch_logprob_chunks' convention: m, s, w, t with
 // m and t in logit units) of logits = hidden [rows, H] x weight [V, H]^T, in fp32 from the
-// 16-bit operands, never stored. targets as launch_logprob_chunks takes them. rows and the
-// row tiles times splits must fit in int32 (the caller checks).
+// 16-bit operands, never stored. targets as launch_logprob_chunks takes them.
 cudaError_t launch_head_partials(const void* hidden, int64_t ld_hidden, const void* weight,
                                  int64_t ld_weight, DType dtype, int64_t rows, int64_t V,
                                  int64_t H, const void* targets, bool targets_int64,

@@ -100,7 +100,7 @@ at::Tensor logprob_partials_cuda(const at::Tensor& logits, const at::Tensor& tar
   return out;
 }
 
-// The fused kernel where head_partials_supports says it serves the call; else the fp32
+// The fused kernel where gemm_sm90_supports says it serves the call; else the fp32
 // product a bounded block of rows at a time, through logprob_partials' kernels.
 at::Tensor head_logprob_partials_cuda(const at::Tensor& hidden, const at::Tensor& weight,
                                       const at::Tensor& targets, int64_t vocab_start,
@@ -119,9 +119,9 @@ at::Tensor head_logprob_partials_cuda(const at::Tensor& hidden, const at::Tensor
   const int64_t ld_hidden = rows > 1 ? hidden.stride(0) : h;
   const int64_t ld_weight = v > 1 ? weight.stride(0) : h;
   const int64_t splits = head_partials_splits(v);
-  if (head_partials_supports(dtype, h, hidden.const_data_ptr(), ld_hidden,
-                             weight.const_data_ptr(), ld_weight) &&
-      (rows + 127) / 128 * splits <= std::numeric_limits<int32_t>::max()) {
+  if (gemm_sm90_supports(dtype, h, hidden.const_data_ptr(), ld_hidden, weight.const_data_ptr(),
+                         ld_weight) &&
+      gemm_sm90_row_tiles(rows) * splits <= std::numeric_limits<int32_t>::max()) {
     const at::Tensor state = at::empty({rows, splits, 4}, out.options());
     C10_CUDA_CHECK(launch_head_partials(
         hidden.const_data_ptr(), ld_hidden, weight.const_data_ptr(), ld_weight, dtype, rows, v,

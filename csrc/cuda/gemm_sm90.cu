@@ -1,5 +1,6 @@
-// Launcher of the fused head (head.cuh): the TMA descriptors of both operands, the grid,
-// and the predicate of the calls the kernel serves.
+// Launchers of the sm_90a GEMM kernel with fused epilogues (gemm_sm90.cuh), of which the
+// fused LM head (head.cuh) is the one: the TMA descriptors of both operands, the grid, and
+// the predicate of the calls it serves.
 #include <cuda.h>
 #include <cudaTypedefs.h>
 
@@ -28,13 +29,13 @@ PFN_cuTensorMapEncodeTiled_v12000 encode_tiled() {
   return fn;
 }
 
-// A [rows, cols] operand (row stride ld elements) read in boxes of box_rows x kHeadK,
+// A [rows, cols] operand (row stride ld elements) read in boxes of box_rows x kGemmK,
 // 128-byte swizzled as the wgmma descriptors expect; reads past the edges give zeros.
 bool encode(CUtensorMap* map, const void* base, DType dtype, int64_t rows, int64_t cols,
             int64_t ld, int box_rows) {
   const cuuint64_t dims[2] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(rows)};
   const cuuint64_t strides[1] = {static_cast<cuuint64_t>(ld) * 2};
-  const cuuint32_t box[2] = {kHeadK, static_cast<cuuint32_t>(box_rows)};
+  const cuuint32_t box[2] = {kGemmK, static_cast<cuuint32_t>(box_rows)};
   const cuuint32_t elem_strides[2] = {1, 1};
   return encode_tiled()(map,
                         dtype == DType::kBFloat16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
@@ -47,33 +48,36 @@ bool encode(CUtensorMap* map, const void* base, DType dtype, int64_t rows, int64
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-template <typename T>
-cudaError_t launch(const CUtensorMap& map_a, const CUtensorMap& map_b, const HeadParams& p,
+int k_steps(int64_t k) { return static_cast<int>((k + kGemmK - 1) / kGemmK); }
+
+// a [rows, k] and b [b_rows, k], both with unit stride along k, into their descriptors,
+// then the kernel of epilogue E (the caller has checked gemm_sm90_supports).
+template <typename T, typename E>
+cudaError_t launch(const void* a, int64_t lda, int64_t rows, const void* b, int64_t ldb,
+                   int64_t b_rows, int64_t k, DType dtype, const typename E::Params& p,
                    cudaStream_t stream) {
-  auto* kernel = &head_partials_kernel<T>;
+  CUtensorMap map_a, map_b;
+  if (!encode(&map_a, a, dtype, rows, k, lda, kGemmRows) ||
+      !encode(&map_b, b, dtype, b_rows, k, ldb, kGemmBox))
+    return cudaErrorInvalidValue;
+  auto* kernel = &gemm_sm90_kernel<T, E>;
   cudaError_t err =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kHeadSmemBytes);
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kGemmSmemBytes);
   if (err != cudaSuccess) return err;
   int dev = 0, sms = 0;
   if ((err = cudaGetDevice(&dev)) != cudaSuccess ||
       (err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev)) != cudaSuccess)
     return err;
-  const int units = p.row_tiles * p.splits;  // < 2^31: checked by the caller
-  kernel<<<std::min(units, sms), kHeadThreads, kHeadSmemBytes, stream>>>(map_a, map_b, p);
+  kernel<<<std::min(p.units, sms), kGemmThreads, kGemmSmemBytes, stream>>>(map_a, map_b, p);
   return cudaGetLastError();
 }
 
 }  // namespace
 
-int64_t head_partials_splits(int64_t V) {
-  const int64_t tiles = (V + kHeadCols - 1) / kHeadCols;
-  return (tiles + kHeadSplitTiles - 1) / kHeadSplitTiles;
-}
-
-bool head_partials_supports(DType dtype, int64_t h, const void* hidden, int64_t ld_hidden,
-                            const void* weight, int64_t ld_weight) {
-  if (dtype == DType::kFloat32 || h % 8 != 0 || ld_hidden % 8 != 0 || ld_weight % 8 != 0 ||
-      !aligned16(hidden) || !aligned16(weight))
+bool gemm_sm90_supports(DType dtype, int64_t k, const void* a, int64_t lda, const void* b,
+                        int64_t ldb) {
+  if (dtype == DType::kFloat32 || k % 8 != 0 || lda % 8 != 0 || ldb % 8 != 0 ||
+      !aligned16(a) || !aligned16(b))
     return false;
 #ifdef TOKENSPEED_SM90A
   int dev = 0, major = 0, minor = 0;
@@ -87,30 +91,37 @@ bool head_partials_supports(DType dtype, int64_t h, const void* hidden, int64_t 
 #endif
 }
 
+int64_t gemm_sm90_row_tiles(int64_t rows) { return (rows + kGemmRows - 1) / kGemmRows; }
+
+int64_t head_partials_splits(int64_t V) {
+  const int64_t tiles = (V + kGemmCols - 1) / kGemmCols;
+  return (tiles + kHeadSplitTiles - 1) / kHeadSplitTiles;
+}
+
 cudaError_t launch_head_partials(const void* hidden, int64_t ld_hidden, const void* weight,
                                  int64_t ld_weight, DType dtype, int64_t rows, int64_t V,
                                  int64_t H, const void* targets, bool targets_int64,
                                  int64_t targets_stride, int64_t vocab_start, float inv_temp,
                                  float* state, cudaStream_t stream) {
-  CUtensorMap map_a, map_b;
-  if (!encode(&map_a, hidden, dtype, rows, H, ld_hidden, kHeadRows) ||
-      !encode(&map_b, weight, dtype, V, H, ld_weight, kHeadCols))
-    return cudaErrorInvalidValue;
-  HeadParams p;
+  HeadEpilogue::Params p;
+  p.k_steps = k_steps(H);
   p.rows = rows;
   p.vocab = V;
-  p.k_steps = static_cast<int>((H + kHeadK - 1) / kHeadK);
-  p.row_tiles = static_cast<int>((rows + kHeadRows - 1) / kHeadRows);
-  p.vocab_tiles = static_cast<int>((V + kHeadCols - 1) / kHeadCols);
+  p.row_tiles = static_cast<int>(gemm_sm90_row_tiles(rows));
+  p.vocab_tiles = static_cast<int>((V + kGemmCols - 1) / kGemmCols);
   p.splits = static_cast<int>(head_partials_splits(V));
+  p.units = p.row_tiles * p.splits;
   p.targets = targets;
   p.targets_int64 = targets_int64;
   p.targets_stride = targets_stride;
   p.vocab_start = vocab_start;
   p.inv_temp = inv_temp;
   p.state = reinterpret_cast<float4*>(state);
-  return dtype == DType::kBFloat16 ? launch<__nv_bfloat16>(map_a, map_b, p, stream)
-                                   : launch<__half>(map_a, map_b, p, stream);
+  return dtype == DType::kBFloat16
+             ? launch<__nv_bfloat16, HeadEpilogue>(hidden, ld_hidden, rows, weight, ld_weight, V,
+                                                   H, dtype, p, stream)
+             : launch<__half, HeadEpilogue>(hidden, ld_hidden, rows, weight, ld_weight, V, H,
+                                            dtype, p, stream);
 }
 
 }  // namespace cuda
