@@ -1,7 +1,8 @@
 """What the fp32 logits of the LM head cost: the engine scoring the GRPO workload with the
-head's GEMM writing fp32 logits (the default on CUDA) and with it rounding them to bf16,
-both in this process, alternating, median of --reps. Prints tokens/s, the ratio and how
-far apart the two scorings are.
+head's GEMM writing fp32 logits and with it rounding them to bf16, both in this process,
+alternating, median of --reps. Prints tokens/s, the ratio and how far apart the two
+scorings are. The plain scores' fused head (which writes no logits) is turned off here:
+this measures the written-logits path the sampler outputs and deterministic mode take.
 
     python bench/bench_head_precision.py --models qwen2.5-1.5b qwen2.5-7b
 """
@@ -19,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_scoring  # noqa: E402
 from bench_scoring import MODELS, agreement, build_checkpoint, make_workload, timed  # noqa: E402
 
-import tokenspeed.layers.embedding as embedding  # noqa: E402
+import tokenspeed.layers.logprob_head as logprob_head  # noqa: E402
 from tokenspeed import Engine  # noqa: E402
 
 
@@ -49,7 +50,8 @@ def main() -> None:
     args = ap.parse_args()
     bench_scoring.DEVICE = args.device
     root = args.root or Path(tempfile.mkdtemp(prefix="tokenspeed_bench_"))
-    fp32_head = embedding._MM_OUT_DTYPE
+    fp32_head = logprob_head._MM_OUT_DTYPE
+    logprob_head.LogprobHead._fused = lambda self, hidden: False  # written logits throughout
     print(f"# {torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}  "
           f"torch {torch.__version__}  fp32 logits available: {fp32_head}")
     for model in args.models:
@@ -66,15 +68,15 @@ def main() -> None:
             eng.compute_log_probs(fresh_tokens(seqs[:8], vocab, seed=1))
             for rep in range(args.reps):
                 for fp32 in (True, False):
-                    embedding._MM_OUT_DTYPE = fp32 and fp32_head
+                    logprob_head._MM_OUT_DTYPE = fp32 and fp32_head
                     run = fresh_tokens(seqs, vocab, seed=2 + 2 * rep + fp32)
                     secs[fp32].append(timed(lambda: eng.compute_log_probs(run))[1])
             check = fresh_tokens(seqs[::8], vocab, seed=0)  # one completion per prompt
             for fp32 in (True, False):
-                embedding._MM_OUT_DTYPE = fp32 and fp32_head
+                logprob_head._MM_OUT_DTYPE = fp32 and fp32_head
                 scores[fp32] = [torch.tensor(x)
                                 for x in eng.compute_log_probs(check)["log_probs"]]
-        embedding._MM_OUT_DTYPE = fp32_head
+        logprob_head._MM_OUT_DTYPE = fp32_head
         t32, t16 = statistics.median(secs[True]), statistics.median(secs[False])
         mean_d, max_d = agreement(scores[True], scores[False])
         print(f"{model}: fp32 logits {n_tokens / t32:.0f} tok/s, bf16 logits "
