@@ -58,17 +58,7 @@ int paged_attention_rows_per_tile() { return kRowsM; }
 // The kernel needs sm_90a machine code (TOKENSPEED_SM90A: the build targets it) and an
 // sm_90 device to run it.
 bool paged_attention_wgmma_supports(DType dtype, int head_dim) {
-  if (dtype == DType::kFloat32 || head_dim != 128) return false;
-#ifdef TOKENSPEED_SM90A
-  int dev = 0, major = 0, minor = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess)
-    return false;
-  return major == 9 && minor == 0;
-#else
-  return false;
-#endif
+  return dtype != DType::kFloat32 && head_dim == 128 && wgmma::available();
 }
 
 cudaError_t launch_paged_attention_wgmma(const PagedAttnParams& p, DType dtype, int batch,

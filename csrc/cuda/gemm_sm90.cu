@@ -79,16 +79,7 @@ bool gemm_sm90_supports(DType dtype, int64_t k, const void* a, int64_t lda, cons
   if (dtype == DType::kFloat32 || k % 8 != 0 || lda % 8 != 0 || ldb % 8 != 0 ||
       !aligned16(a) || !aligned16(b))
     return false;
-#ifdef TOKENSPEED_SM90A
-  int dev = 0, major = 0, minor = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess)
-    return false;
-  return major == 9 && minor == 0 && encode_tiled() != nullptr;
-#else
-  return false;
-#endif
+  return wgmma::available() && encode_tiled() != nullptr;
 }
 
 int64_t gemm_sm90_row_tiles(int64_t rows) { return (rows + kGemmRows - 1) / kGemmRows; }

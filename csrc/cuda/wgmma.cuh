@@ -5,7 +5,7 @@
  *
  * Only valid in the sm_90a compilation pass (TS_SM90A_DEVICE): the kernels that use these
  * call them only there and compile to an empty body elsewhere, and the host never
- * launches them elsewhere (paged_attention_wgmma_supports checks the device and the build).
+ * launches them elsewhere (wgmma::available() checks the device and the build).
  *
  * Register layouts are those of mma.m16n8k16 per warp: warp w of the warpgroup owns rows
  * 16w..16w+15 of the 64; accumulator d[i] holds columns 8i..8i+7 (d[i][0..1] row
@@ -18,6 +18,7 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_runtime_api.h>
 #include <cstdint>
 #include <type_traits>
 
@@ -28,6 +29,21 @@
 namespace tokenspeed {
 namespace cuda {
 namespace wgmma {
+
+// Host side: whether this build holds sm_90a machine code (TOKENSPEED_SM90A) and the
+// current device is an sm_90 one, so the wgmma kernels can run.
+inline bool available() {
+#ifdef TOKENSPEED_SM90A
+  int dev = 0, major = 0, minor = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess)
+    return false;
+  return major == 9 && minor == 0;
+#else
+  return false;
+#endif
+}
 
 // Descriptor of a 128-byte-swizzled operand tile in shared memory. The tile is made of
 // 8-row x 128-byte atoms (1024-byte aligned); within an atom the 16-byte chunk c of row r
