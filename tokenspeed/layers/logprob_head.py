@@ -4,8 +4,8 @@ On CUDA the plain scores come from head_logprob_partials, which folds the logits
 (m, s, w, t) partials inside the GEMM (fused on sm_90) and never writes them. Elsewhere,
 and for the sampler outputs, it hands logits straight to the log-prob ops, either whole
 rows a bounded block at a time or, in lean mode, in vocabulary chunks whose partials are
-merged, so [rows, V] logits are never held. Tensor parallelism shards the vocabulary the same way and merges
-the ranks' partials with the same op.
+merged, so [rows, V] logits are never held. Tensor parallelism shards the vocabulary the
+same way and merges the ranks' partials with the same op.
 """
 from __future__ import annotations
 
