@@ -156,7 +156,8 @@ def test_wrapper_compiles_fullgraph(device):
     args = small_args(device)
 
     def score(hidden, weight, targets):
-        return tse.combine_logprob_partials(tse.head_logprob_partials(hidden, weight, targets)[None])
+        parts = tse.head_logprob_partials(hidden, weight, targets)
+        return tse.combine_logprob_partials(parts[None])
 
     compiled = torch.compile(score, fullgraph=True, backend="aot_eager")
     for got, want in zip(compiled(*args), score(*args)):
