@@ -119,9 +119,11 @@ at::Tensor head_logprob_partials_cuda(const at::Tensor& hidden, const at::Tensor
   const int64_t ld_hidden = rows > 1 ? hidden.stride(0) : h;
   const int64_t ld_weight = v > 1 ? weight.stride(0) : h;
   const int64_t splits = head_partials_splits(v);
+  // the kernel numbers its units and addresses weight rows (TMA coordinates) with int32
   if (gemm_sm90_supports(dtype, h, hidden.const_data_ptr(), ld_hidden, weight.const_data_ptr(),
                          ld_weight) &&
-      gemm_sm90_row_tiles(rows) * splits <= std::numeric_limits<int32_t>::max()) {
+      gemm_sm90_row_tiles(rows) * splits <= std::numeric_limits<int32_t>::max() &&
+      v <= (int64_t(1) << 30)) {
     const at::Tensor state = at::empty({rows, splits, 4}, out.options());
     C10_CUDA_CHECK(launch_head_partials(
         hidden.const_data_ptr(), ld_hidden, weight.const_data_ptr(), ld_weight, dtype, rows, v,
