@@ -1,13 +1,16 @@
 """Paged causal prefill attention vs SDPA's flash and cuDNN backends on the same data.
 
-Ours reads K/V through a shuffled page table (page size 16); the peers get the same data
-de-paged and contiguous (K/V heads repeated for GQA), with causal masks aligned at the
-bottom right (each request's new tokens are the last of its sequence). TFLOP/s count only
-unmasked work: 4 * D * Hq * sum over new tokens of the keys they see. The mma.sync column
-is our kernel for devices other than sm_90 (TOKENSPEED_ATTENTION_KERNEL=mma_sync), run on
-the same data.
+Ours reads K/V through a shuffled page table (page size 16: cp.async gathers; 64 or more:
+TMA a page at a time); the peers get the same data de-paged and contiguous (K/V heads
+repeated for GQA), with causal masks aligned at the bottom right (each request's new
+tokens are the last of its sequence). TFLOP/s count only
+unmasked work: 4 * D * Hq * sum over new tokens of the keys they see. The cp_async column
+is our wgmma kernel with every K/V load a cp.async gather (TOKENSPEED_ATTENTION_KV_LOAD),
+the mma_sync column our kernel for devices other than sm_90
+(TOKENSPEED_ATTENTION_KERNEL=mma_sync), both on the same data.
 
     python bench/bench_attention.py [--models qwen2.5-7b llama-3-8b] [--page 16]
+        [--variants TOKENSPEED_ATTENTION_KV_LOAD=cp_async mma_sync ...]
 """
 from __future__ import annotations
 
@@ -91,11 +94,15 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["qwen2.5-7b", "llama-3-8b"])
     ap.add_argument("--page", type=int, default=16)
     ap.add_argument("--reps", type=int, default=10)
-    ap.add_argument("--variants", nargs="*", default=["mma_sync"],
-                    help="other TOKENSPEED_ATTENTION_KERNEL values to time (TFLOP/s columns)")
+    ap.add_argument("--variants", nargs="*",
+                    default=["TOKENSPEED_ATTENTION_KV_LOAD=cp_async", "mma_sync"],
+                    help="other settings of ours to time (TFLOP/s columns): NAME=value, or a "
+                         "bare TOKENSPEED_ATTENTION_KERNEL value")
     args = ap.parse_args()
     print(f"# {torch.cuda.get_device_name()}  torch {torch.__version__}  page {args.page}")
-    variants = args.variants
+    variants = [v.split("=", 1)[1] if "=" in v else v for v in args.variants]
+    settings = [v.split("=", 1) if "=" in v else ("TOKENSPEED_ATTENTION_KERNEL", v)
+                for v in args.variants]
     header = (f"{'model':>12} {'shape':>9} | {'ours ms':>8} {'TF/s':>6} | "
               + "".join(f"{v[:12]:>12} | " for v in variants) +
               f"{'flash':>6} {'x':>5} | {'cudnn':>6} {'x':>5} | max|ours-flash|")
@@ -110,16 +117,16 @@ def main() -> None:
             ours_ms = median_ms(lambda i: tse.paged_prefill_attention(q, kc, vc, table, cu, lens),
                                 args.reps)
             out = tse.paged_prefill_attention(q, kc, vc, table, cu, lens)
-            # other kernels of ours (TOKENSPEED_ATTENTION_KERNEL), e.g. the mma.sync kernel
-            # that devices other than sm_90 run, for comparison
+            # other settings of ours, for comparison: the mma.sync kernel that devices
+            # other than sm_90 run, the wgmma kernel with cp.async K/V loads only
             variant_tfs = []
-            for v in variants:
-                os.environ["TOKENSPEED_ATTENTION_KERNEL"] = v
+            for env, value in settings:
+                os.environ[env] = value
                 try:
                     v_ms = median_ms(lambda i: tse.paged_prefill_attention(
                         q, kc, vc, table, cu, lens), args.reps)
                 finally:
-                    del os.environ["TOKENSPEED_ATTENTION_KERNEL"]
+                    del os.environ[env]
                 variant_tfs.append(f"{flops / v_ms / 1e9:12.0f} | ")
             ks, vs = depaged(kc, table, lens), depaged(vc, table, lens)
             cells, diff = [], float("nan")

@@ -22,7 +22,7 @@ for s in $stages; do
       for tool in memcheck racecheck synccheck; do
         # racecheck: the grouped_gemm kernels alone in a process (grouped_gemm_probe.py)
         skip=""; [ $tool = racecheck ] && skip="not grouped_gemm and not cuda_matches_cpu"
-        timeout 100 compute-sanitizer --tool $tool --kernel-regex kns=tokenspeed --error-exitcode 9 \
+        timeout 100 compute-sanitizer --tool $tool --kernel-name kns=tokenspeed --error-exitcode 9 \
           python3 -m pytest -q -p no:cacheprovider -m sanitize tests ${skip:+-k "$skip"} 2>&1 \
           | grep -v "^$" | tail -4 | tee "$OUT/sanitize_$tool.log" || status=1
       done

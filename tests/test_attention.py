@@ -75,13 +75,16 @@ def test_paged_attention_matches_dense_reference(device, seed, dtype, reqs, page
 
 # ---- CUDA only ----
 
-@pytest.fixture(params=["default", "mma_sync"])
+@pytest.fixture(params=["default", "cp_async", "mma_sync"])
 def attention_kernel(request, monkeypatch):
-    """Runs the test with the device's default attention kernel, then with mma.sync."""
+    """Runs the test with the device's default attention kernel (on sm_90: wgmma, whole
+    pages by TMA), with its K/V loads all by cp.async, then with mma.sync."""
+    monkeypatch.delenv("TOKENSPEED_ATTENTION_KERNEL", raising=False)
+    monkeypatch.delenv("TOKENSPEED_ATTENTION_KV_LOAD", raising=False)
     if request.param == "mma_sync":
         monkeypatch.setenv("TOKENSPEED_ATTENTION_KERNEL", "mma_sync")
-    else:
-        monkeypatch.delenv("TOKENSPEED_ATTENTION_KERNEL", raising=False)
+    elif request.param == "cp_async":
+        monkeypatch.setenv("TOKENSPEED_ATTENTION_KV_LOAD", "cp_async")
     return request.param
 
 
@@ -110,6 +113,10 @@ def _paged_problem(new, prefix, hq, hk, d, page, dtype, seed):
     return q, kc, vc, table, cu, lens
 
 
+def _wgmma_device() -> bool:
+    return torch.cuda.get_device_capability() == (9, 0)
+
+
 def _check_attention(args, dtype):
     out = tse.paged_prefill_attention(*args)
     want = ref.paged_prefill_attention(*args)
@@ -135,6 +142,53 @@ def test_attention_paths_small(dtype, d, page, attention_kernel):
     new, prefix = [1, 70, 33, 130], [0, 45, 200, 3]
     args = _paged_problem(new, prefix, 14, 2, d, page, dtype, seed=page * d)
     _check_attention(args, dtype)
+
+
+def _poison_unread_slots(kc, vc, table, lens):
+    """NaN into every cache slot no request reads (the rest of a last page, unused pages)."""
+    page = kc.shape[1]
+    read = torch.zeros(kc.shape[0] * page, dtype=torch.bool, device=kc.device)
+    for i, n in enumerate(lens.tolist()):
+        keys = torch.arange(n, device=kc.device)
+        read[table[i, keys // page].long() * page + keys % page] = True
+    for cache in (kc, vc):
+        cache.view(-1, *cache.shape[2:])[~read] = math.nan
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", sanitized_dtypes(torch.bfloat16, torch.float16))
+@pytest.mark.parametrize("page", [64, 128, 256])
+def test_attention_kv_loads_tma_and_cp_async_agree_small(dtype, page, monkeypatch):
+    """sm_90: with pages of 64 keys or more the wgmma kernel loads whole pages by TMA
+    (required here) and a request's partial last page by cp.async, zero past its keys.
+    With NaN in every slot no request reads, it matches the reference, and bitwise what
+    cp.async alone and the default choice give."""
+    if not _wgmma_device():
+        pytest.skip("the wgmma kernel runs on sm_90 devices")
+    monkeypatch.delenv("TOKENSPEED_ATTENTION_KERNEL", raising=False)
+    # kv lens: one key, whole pages, a partial last page, 128-key tiles and past them
+    new, prefix = [1, 130, 77, 256, 40, 300, 900], [0, 126, 300, 0, 1, 211, 157]
+    args = _paged_problem(new, prefix, 28, 4, 128, page, dtype, seed=page)
+    _poison_unread_slots(args[1], args[2], args[3], args[5])
+    monkeypatch.setenv("TOKENSPEED_ATTENTION_KV_LOAD", "tma")
+    out = _check_attention(args, dtype)
+    for load in ("cp_async", "auto"):
+        monkeypatch.setenv("TOKENSPEED_ATTENTION_KV_LOAD", load)
+        assert torch.equal(tse.paged_prefill_attention(*args), out), load
+
+
+@pytest.mark.gpu
+def test_attention_tma_required_where_pages_do_not_tile_fails(monkeypatch):
+    """TOKENSPEED_ATTENTION_KV_LOAD=tma is a test hook: pages TMA does not serve (under 64
+    keys, or not tiling a 128-key tile) fail the call rather than silently gathering."""
+    if not _wgmma_device():
+        pytest.skip("the wgmma kernel runs on sm_90 devices")
+    monkeypatch.delenv("TOKENSPEED_ATTENTION_KERNEL", raising=False)
+    monkeypatch.setenv("TOKENSPEED_ATTENTION_KV_LOAD", "tma")
+    for page in (16, 96):
+        args = _paged_problem([40], [90], 8, 2, 128, page, torch.bfloat16, seed=1)
+        with pytest.raises(RuntimeError, match="not supported"):
+            tse.paged_prefill_attention(*args)
 
 
 @pytest.mark.gpu

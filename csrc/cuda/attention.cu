@@ -2,16 +2,49 @@
 // interface of launch.h, and the predicate of the calls each kernel serves. Which kernel
 // runs is decided by the host, in attention_host.cpp.
 #include <algorithm>
+#include <climits>
 
 #include "cuda/attention.cuh"
 #include "cuda/launch.h"
+#include "cuda/tma_map.h"
 
 namespace tokenspeed {
 namespace cuda {
 namespace {
 
+// Keys per TMA box of K/V for this call, 0 where its pages are not loaded by TMA. A box is
+// a whole page of one kv head (or a tile's 128 keys of a longer page), so the page size
+// must tile a K/V tile; and boxes of fewer than 64 keys lose to cp.async gathers
+// (bench/NOTES.md), so it must be a multiple of 64 (64, 128, 256, ...). Slots are int32
+// coordinates; the maps must encode.
+int kv_tma_rows(const PagedAttnParams& p, DType dtype, int d, CUtensorMap* k_map,
+                CUtensorMap* v_map) {
+  const int ps = p.page_size;
+  static_assert(kSm90Keys % 64 == 0, "a 64-key page tiles a K/V tile");
+  if (ps % 64 != 0 || (kSm90Keys % ps != 0 && ps % kSm90Keys != 0) ||
+      p.cache_slots > INT_MAX || !tma_aligned16(p.k_cache) || !tma_aligned16(p.v_cache))
+    return 0;
+  const int rows = std::min(ps, kSm90Keys);
+  // [slots, Hk, D], innermost first; a box is 64 columns (one swizzle row) of `rows` slots
+  const uint64_t dims[3] = {static_cast<uint64_t>(d), static_cast<uint64_t>(p.hk),
+                            static_cast<uint64_t>(p.cache_slots)};
+  const uint64_t strides[2] = {static_cast<uint64_t>(d) * 2,
+                               static_cast<uint64_t>(p.hk) * d * 2};
+  const uint32_t box[3] = {64, 1, static_cast<uint32_t>(rows)};
+  return tma_encode_16bit(k_map, p.k_cache, dtype, 3, dims, strides, box) &&
+                 tma_encode_16bit(v_map, p.v_cache, dtype, 3, dims, strides, box)
+             ? rows
+             : 0;
+}
+
 template <typename T, int D>
-cudaError_t launch_wgmma(const PagedAttnParams& p, int b, int tiles, cudaStream_t stream) {
+cudaError_t launch_wgmma(const PagedAttnParams& params, DType dtype, int b, int tiles,
+                         KvLoad kv_load, cudaStream_t stream) {
+  PagedAttnParams p = params;
+  CUtensorMap k_map{}, v_map{};
+  p.kv_tma_rows =
+      kv_load == KvLoad::kCpAsync ? 0 : kv_tma_rows(p, dtype, D, &k_map, &v_map);
+  if (kv_load == KvLoad::kTma && p.kv_tma_rows == 0) return cudaErrorNotSupported;
   constexpr int smem = paged_attention_wgmma_smem_bytes<D>();
   auto* kernel = &paged_attention_wgmma_kernel<T, D>;
   const cudaError_t err =
@@ -23,7 +56,7 @@ cudaError_t launch_wgmma(const PagedAttnParams& p, int b, int tiles, cudaStream_
       ? cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) : cudaGetLastError();
   if (err_sm != cudaSuccess) return err_sm;
   const int items = p.hk * tiles * b;  // < 2^31: checked by the caller
-  kernel<<<std::min(items, sms), kSm90Threads, smem, stream>>>(p, tiles, b);
+  kernel<<<std::min(items, sms), kSm90Threads, smem, stream>>>(p, k_map, v_map, tiles, b);
   return cudaGetLastError();
 }
 
@@ -62,9 +95,10 @@ bool paged_attention_wgmma_supports(DType dtype, int head_dim) {
 }
 
 cudaError_t launch_paged_attention_wgmma(const PagedAttnParams& p, DType dtype, int batch,
-                                         int tiles, cudaStream_t stream) {
-  return dtype == DType::kBFloat16 ? launch_wgmma<__nv_bfloat16, 128>(p, batch, tiles, stream)
-                                   : launch_wgmma<__half, 128>(p, batch, tiles, stream);
+                                         int tiles, KvLoad kv_load, cudaStream_t stream) {
+  return dtype == DType::kBFloat16
+             ? launch_wgmma<__nv_bfloat16, 128>(p, dtype, batch, tiles, kv_load, stream)
+             : launch_wgmma<__half, 128>(p, dtype, batch, tiles, kv_load, stream);
 }
 
 bool paged_attention_mma_supports(DType dtype, int head_dim) {

@@ -29,6 +29,16 @@ bool mma_sync_forced() {
   return force != nullptr && std::strcmp(force, "mma_sync") == 0;
 }
 
+// TOKENSPEED_ATTENTION_KV_LOAD=cp_async keeps the wgmma kernel's K/V loads on cp.async
+// gathers; =tma requires TMA (the call fails where the page size rules it out); unset or
+// any other value, TMA where the pages allow (launch.h). Tests and benchmarks compare them.
+KvLoad kv_load() {
+  const char* load = std::getenv("TOKENSPEED_ATTENTION_KV_LOAD");
+  if (load == nullptr) return KvLoad::kAuto;
+  if (std::strcmp(load, "cp_async") == 0) return KvLoad::kCpAsync;
+  return std::strcmp(load, "tma") == 0 ? KvLoad::kTma : KvLoad::kAuto;
+}
+
 // Tiles of paged_attention_rows_per_tile() packed rows that cover the longest request:
 // from max_seqlen_q, else from cu_seqlens_q read back.
 int64_t row_tiles(const at::Tensor& cu, std::optional<int64_t> max_seqlen_q, int64_t n,
@@ -97,6 +107,7 @@ at::Tensor paged_prefill_attention_cuda(const at::Tensor& q, const at::Tensor& k
   p.page_shift = (page_size & (page_size - 1)) == 0 ? __builtin_ctzll(page_size) : -1;
   p.scale_log2 = sm_scale * 1.4426950408889634f;
   p.head_dim = static_cast<int>(d);
+  p.cache_slots = k_cache.size(0) * page_size;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const DType dtype = dtype_of(q);
 
@@ -120,7 +131,8 @@ at::Tensor paged_prefill_attention_cuda(const at::Tensor& q, const at::Tensor& k
   const bool wgmma = hk * tiles * b <= std::numeric_limits<int>::max() && !mma_sync_forced() &&
                      paged_attention_wgmma_supports(dtype, p.head_dim);
   C10_CUDA_CHECK(wgmma ? launch_paged_attention_wgmma(p, dtype, static_cast<int>(b),
-                                                      static_cast<int>(tiles), stream)
+                                                      static_cast<int>(tiles),
+                                                      kv_load(), stream)
                        : launch_paged_attention_mma(p, dtype, static_cast<int>(b),
                                                     static_cast<int>(tiles), stream));
   return out;

@@ -7,8 +7,9 @@
  * registers, Q and K/V tiles in shared memory, and only the normalised output is stored.
  *
  * Tiling: as the mma.sync kernel (attention_mma.cuh), work items of (kv head, request,
- * tile of 128 packed query rows), K/V tiles (here of 128 keys) gathered from the page
- * table with cp.async (zero-filled past the request), fully masked tiles never visited,
+ * tile of 128 packed query rows), K/V tiles (here of 128 keys) read through the page
+ * table, by TMA a page at a time where pages hold 64 keys or more and by cp.async
+ * gathers otherwise (zero-filled past the request), fully masked tiles never visited,
  * each item's KV range walked by one block alone and in order (a request's result does not
  * depend on the rest of the batch). Persistent: one block per SM takes items from the
  * tile scheduler (attention_wgmma_scheduler.cuh) and walks their K/V tiles as one stream,
@@ -23,6 +24,8 @@
  */
 #pragma once
 
+#include <cuda.h>
+
 #include <cstdint>
 
 #include "cuda/attention_wgmma_mainloop.cuh"
@@ -35,9 +38,9 @@ namespace cuda {
 
 // One block per SM (at most hk x tiles_per_request x batch of them), kSm90Threads each.
 template <typename T, int D>
-__global__ void __launch_bounds__(kSm90Threads, 1)
-    paged_attention_wgmma_kernel(const PagedAttnParams p, const int tiles_per_request,
-                                 const int batch) {
+__global__ void __launch_bounds__(kSm90Threads, 1) paged_attention_wgmma_kernel(
+    const PagedAttnParams p, const __grid_constant__ CUtensorMap k_map,
+    const __grid_constant__ CUtensorMap v_map, const int tiles_per_request, const int batch) {
   static_assert(D == 128, "head dim 64 runs the mma.sync kernel (see above)");
 #ifdef TS_SM90A_DEVICE
   extern __shared__ unsigned char smem_raw[];
@@ -60,7 +63,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
 
   if (tid < kSm90Producers) {
     pipe::setmaxnreg_dec<kSm90ProducerRegs>();
-    sm90_producer<T, D>(p, tiles_per_request, batch, sm, tid);
+    sm90_producer<T, D>(p, &k_map, &v_map, tiles_per_request, batch, sm, tid);
     return;
   }
   pipe::setmaxnreg_inc<kSm90ConsumerRegs>();

@@ -3,9 +3,11 @@
  * they pass buffers through.
  *
  * Producer (warpgroup 0): takes the block's work items from the tile scheduler, describes
- * each in shared memory for the consumers, looks up pages and issues the cp.async gathers
- * of Q and K/V tiles into their slots. Each slot is handed over through a "full" mbarrier
- * (arrived on by the copies themselves) and handed back through an "empty" one.
+ * each in shared memory for the consumers, looks up pages and issues the loads of Q and
+ * K/V tiles into their slots: TMA boxes of whole pages where the page size allows, cp.async
+ * gathers for the rest. Each slot is handed over through a "full" mbarrier (arrived on by
+ * the cp.async copies themselves, and waiting for the TMA boxes' bytes) and handed back
+ * through an "empty" one.
  *
  * Consumers (warpgroups 1 and 2): own 64 query rows each of every item and only compute.
  * Per iteration: S_g = Q K_g^T (8 m64n128k16 wgmmas, Q and K K-major in shared memory),
@@ -102,7 +104,8 @@ struct Sm90Smem {
 
 // Warpgroup 0: walks the block's items and their K/V tiles as one stream.
 template <typename T, int D>
-__device__ __forceinline__ void sm90_producer(const PagedAttnParams& p, int tiles_per_request,
+__device__ __forceinline__ void sm90_producer(const PagedAttnParams& p, const void* k_map,
+                                              const void* v_map, int tiles_per_request,
                                               int batch, const Sm90Smem<T>& sm, int tid) {
   Sm90TileScheduler scheduler(p, tiles_per_request, batch);
   int g = 0;  // the stream's tile
@@ -130,27 +133,62 @@ __device__ __forceinline__ void sm90_producer(const PagedAttnParams& p, int tile
           p, q_dst, tid, [](int r, int c) { return wgmma::sw128_offset<kSm90Rows>(r, c); },
           h * kSm90Pass);
     pipe::mbar_arrive_on_copies(&sm.q_full[qs]);
-    // this thread's page in each pass of tile j (a pass is tile j * passes + h of
-    // kSm90Pass keys)
-    constexpr int kPasses = kSm90Keys / kSm90Pass;
-    int page[kPasses];
+    // Tile j's keys below tma_keys(j) come by TMA, one box per page (or per 128 keys of
+    // a longer page) of the kv head, 4 copies a box (K and V, two 64-column panels),
+    // issued by warp 0's lanes; the rest (a request's last, partial page, past it zeros,
+    // or every key when p.kv_tma_rows is 0) by cp.async gathers, each thread copying part
+    // of one key's row per pass of kSm90Pass keys.
+    const int box_rows = p.kv_tma_rows;
+    auto tma_keys = [&](int j) {
+      return box_rows == 0
+                 ? 0
+                 : min(kSm90Keys, max(0, it.t.kv_len - j * kSm90Keys) / box_rows * box_rows);
+    };
+    constexpr int kPasses = kSm90Keys / kSm90Pass, kPerKey = kSm90Producers / kSm90Pass;
+    int page[kPasses];  // this thread's key's page in each pass
+    int box_slot = 0;   // warp 0: the first cache slot of this lane's box
     auto look_up = [&](int j) {
+      const int by_tma = tma_keys(j);
+      if (tid < 32 && tid * box_rows < by_tma) {  // at most 2 boxes a tile
+        const int key = j * kSm90Keys + tid * box_rows;
+        box_slot = static_cast<int>(page_slot(p, __ldg(it.t.pages + page_entry(p, key)), key));
+      }
+      if (by_tma < kSm90Keys) {
 #pragma unroll
-      for (int h = 0; h < kPasses; ++h)
-        page[h] = it.t.page_of<kSm90Pass, kSm90Producers>(p, j * kPasses + h, tid);
+        for (int h = 0; h < kPasses; ++h)
+          page[h] = it.t.page_of<kSm90Pass, kSm90Producers>(p, j * kPasses + h, tid);
+      }
     };
     look_up(0);
     for (int j = 0; j < tiles; ++j, ++g) {
       const int ks = g % kSm90KSlots, vs = g % kSm90VSlots;
+      T* const dk = sm.sK + ks * kSm90Keys * D;
+      T* const dv = sm.sV + vs * kSm90Keys * D;
       pipe::mbar_wait(&sm.k_empty[ks], ((g / kSm90KSlots) & 1) ^ 1);
       pipe::mbar_wait(&sm.v_empty[vs], ((g / kSm90VSlots) & 1) ^ 1);
+      const int by_tma = tma_keys(j);
+      if (by_tma > 0 && tid < 32) {
+        // the bytes before any copy can land; the phase also waits for thread 0's arrival
+        if (tid == 0) pipe::mbar_expect_tx(&sm.kv_full[vs], 2u * by_tma * D * sizeof(T));
+        __syncwarp();
+        if (tid * box_rows < by_tma) {
 #pragma unroll
-      for (int h = 0; h < kPasses; ++h)
-        it.t.load_kv<T, D, kSm90Pass, kSm90Producers>(
-            p, j * kPasses + h, page[h], sm.sK + ks * kSm90Keys * D,
-            sm.sV + vs * kSm90Keys * D, tid, [h](int r, int c) {
-              return wgmma::sw128_offset<kSm90Keys>(r + h * kSm90Pass, c);
-            });
+          for (int panel = 0; panel < D / 64; ++panel) {
+            const int at = panel * kSm90Keys * 64 + tid * box_rows * 64;
+            pipe::tma_load_3d(dk + at, k_map, &sm.kv_full[vs], panel * 64, it.t.kvh, box_slot);
+            pipe::tma_load_3d(dv + at, v_map, &sm.kv_full[vs], panel * 64, it.t.kvh, box_slot);
+          }
+        }
+      }
+      if (by_tma < kSm90Keys) {
+#pragma unroll
+        for (int h = 0; h < kPasses; ++h)
+          if (h * kSm90Pass + tid / kPerKey >= by_tma)
+            it.t.load_kv<T, D, kSm90Pass, kSm90Producers>(
+                p, j * kPasses + h, page[h], dk, dv, tid, [h](int r, int c) {
+                  return wgmma::sw128_offset<kSm90Keys>(r + h * kSm90Pass, c);
+                });
+      }
       pipe::mbar_arrive_on_copies(&sm.kv_full[vs]);
       if (j + 1 < tiles) look_up(j + 1);  // the next tile's pages, while these copies land
     }

@@ -1,52 +1,24 @@
 // Launchers of the sm_90a GEMM kernel with fused epilogues (gemm_sm90.cuh), of which the
 // fused LM head (head.cuh) is the one: the TMA descriptors of both operands, the grid, and
 // the predicate of the calls it serves.
-#include <cuda.h>
-#include <cudaTypedefs.h>
-
 #include <algorithm>
 
 #include "cuda/head.cuh"
 #include "cuda/launch.h"
+#include "cuda/tma_map.h"
 
 namespace tokenspeed {
 namespace cuda {
 namespace {
 
-// cuTensorMapEncodeTiled from the driver the runtime found (no link against libcuda).
-PFN_cuTensorMapEncodeTiled_v12000 encode_tiled() {
-  static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
-    void* f = nullptr;
-    cudaDriverEntryPointQueryResult found{};
-    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault,
-                                         &found) != cudaSuccess ||
-        found != cudaDriverEntryPointSuccess) {
-      cudaGetLastError();  // a missing entry point is an answer, not a pending error
-      return static_cast<PFN_cuTensorMapEncodeTiled_v12000>(nullptr);
-    }
-    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
-  }();
-  return fn;
-}
-
-// A [rows, cols] operand (row stride ld elements) read in boxes of box_rows x kGemmK,
-// 128-byte swizzled as the wgmma descriptors expect; reads past the edges give zeros.
+// A [rows, cols] operand (row stride ld elements) read in boxes of box_rows x kGemmK.
 bool encode(CUtensorMap* map, const void* base, DType dtype, int64_t rows, int64_t cols,
             int64_t ld, int box_rows) {
-  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(rows)};
-  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(ld) * 2};
-  const cuuint32_t box[2] = {kGemmK, static_cast<cuuint32_t>(box_rows)};
-  const cuuint32_t elem_strides[2] = {1, 1};
-  return encode_tiled()(map,
-                        dtype == DType::kBFloat16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
-                                                  : CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
-                        2, const_cast<void*>(base), dims, strides, box, elem_strides,
-                        CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                        CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                        CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+  const uint64_t dims[2] = {static_cast<uint64_t>(cols), static_cast<uint64_t>(rows)};
+  const uint64_t strides[1] = {static_cast<uint64_t>(ld) * 2};
+  const uint32_t box[2] = {kGemmK, static_cast<uint32_t>(box_rows)};
+  return tma_encode_16bit(map, base, dtype, 2, dims, strides, box);
 }
-
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 int k_steps(int64_t k) { return static_cast<int>((k + kGemmK - 1) / kGemmK); }
 
@@ -77,9 +49,9 @@ cudaError_t launch(const void* a, int64_t lda, int64_t rows, const void* b, int6
 bool gemm_sm90_supports(DType dtype, int64_t k, const void* a, int64_t lda, const void* b,
                         int64_t ldb) {
   if (dtype == DType::kFloat32 || k % 8 != 0 || lda % 8 != 0 || ldb % 8 != 0 ||
-      !aligned16(a) || !aligned16(b))
+      !tma_aligned16(a) || !tma_aligned16(b))
     return false;
-  return wgmma::available() && encode_tiled() != nullptr;
+  return wgmma::available() && tma_encode_tiled() != nullptr;
 }
 
 int64_t gemm_sm90_row_tiles(int64_t rows) { return (rows + kGemmRows - 1) / kGemmRows; }

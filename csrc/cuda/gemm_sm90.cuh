@@ -78,22 +78,6 @@ __device__ __forceinline__ void gemm_unit_coords(int u, int row_tiles, int col_g
   col_group = rem / n;
 }
 
-__device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, uint64_t* bar,
-                                            int c0, int c1) {
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
-      " [%0], [%1, {%2, %3}], [%4];\n" ::"r"(pipe::smem_addr(dst)),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(pipe::smem_addr(bar))
-      : "memory");
-}
-
-__device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(
-                   pipe::smem_addr(bar)),
-               "r"(bytes)
-               : "memory");
-}
-
 template <typename T, typename E>
 __global__ void __launch_bounds__(kGemmThreads, 1)
     gemm_sm90_kernel(const __grid_constant__ CUtensorMap map_a,
@@ -124,12 +108,13 @@ __global__ void __launch_bounds__(kGemmThreads, 1)
         for (int k = 0; k < p.k_steps; ++k, ++g) {
           const int st = g % kGemmStages;
           pipe::mbar_wait(&empty[st], ((g / kGemmStages) & 1) ^ 1);
-          mbar_arrive_expect_tx(&full[st], kGemmStageBytes);
+          pipe::mbar_arrive_expect_tx(&full[st], kGemmStageBytes);
           uint8_t* stage = smem + st * kGemmStageBytes;
-          tma_load_2d(stage, &map_a, &full[st], k * kGemmK, un.row_tile * kGemmRows);
-          tma_load_2d(stage + kGemmABytes, &map_b, &full[st], k * kGemmK, E::b_row(p, v, 0));
-          tma_load_2d(stage + kGemmABytes + kGemmBoxBytes, &map_b, &full[st], k * kGemmK,
-                      E::b_row(p, v, 1));
+          pipe::tma_load_2d(stage, &map_a, &full[st], k * kGemmK, un.row_tile * kGemmRows);
+          pipe::tma_load_2d(stage + kGemmABytes, &map_b, &full[st], k * kGemmK,
+                            E::b_row(p, v, 0));
+          pipe::tma_load_2d(stage + kGemmABytes + kGemmBoxBytes, &map_b, &full[st],
+                            k * kGemmK, E::b_row(p, v, 1));
         }
     }
     return;

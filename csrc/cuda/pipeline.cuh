@@ -1,10 +1,12 @@
 /*
  * Primitives of warp-specialised kernels (sm_90): shared-memory mbarriers that hand
- * buffers between a producer and its consumers, cp.async arrivals on them, named barriers
- * over a subset of the block's warps, and warpgroup register reallocation.
+ * buffers between a producer and its consumers, cp.async arrivals and TMA transactions on
+ * them, named barriers over a subset of the block's warps, and warpgroup register
+ * reallocation.
  *
- * An mbarrier counts arrivals; when the count set at init is reached, its phase completes
- * and the next begins. Waiters name the phase by its parity: a buffer's n-th fill is
+ * An mbarrier counts arrivals (and, where TMA copies land, bytes): when the count set at
+ * init is reached and the bytes expected have arrived, its phase completes and the next
+ * begins. Waiters name the phase by its parity: a buffer's n-th fill is
  * phase n of its "full" barrier (wait for parity n & 1), and its producer waits for the
  * consumers' release of fill n - 1 on the "empty" barrier with parity (n & 1) ^ 1, which
  * a fresh barrier reports complete at once (the buffer starts empty).
@@ -40,6 +42,39 @@ __device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
 __device__ __forceinline__ void mbar_arrive_on_copies(uint64_t* bar) {
   asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(smem_addr(bar))
                : "memory");
+}
+
+// Adds `bytes` to the transactions the current phase waits for (TMA copies signal their
+// bytes on it), with or without this thread's arrival.
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_addr(bar)),
+               "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void mbar_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;\n" ::"r"(
+                   smem_addr(bar)),
+               "r"(bytes)
+               : "memory");
+}
+
+// TMA loads of one box of a tensor map (a __grid_constant__ kernel parameter) at the given
+// coordinates (innermost first) into shared memory; its bytes complete on `bar`.
+__device__ __forceinline__ void tma_load_2d(void* dst, const void* map, uint64_t* bar, int c0,
+                                            int c1) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%2, %3}], [%4];\n" ::"r"(smem_addr(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(smem_addr(bar))
+      : "memory");
+}
+__device__ __forceinline__ void tma_load_3d(void* dst, const void* map, uint64_t* bar, int c0,
+                                            int c1, int c2) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%2, %3, %4}], [%5];\n" ::"r"(smem_addr(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(smem_addr(bar))
+      : "memory");
 }
 
 // Waits until the phase of the given parity has completed (acquire).
