@@ -18,7 +18,8 @@ then an fp32 log_softmax gather over the completion tokens.
 ``--tp-sizes`` also scores with tensor-parallel engines (worker processes, one GPU each):
 tokens/s, tokens/s per GPU over tp_size 1's, the device memory each GPU holds after the
 call (reserved by the workers' allocators, so their peak), and the largest difference
-from tp_size 1's log-probs.
+from tp_size 1's log-probs. ``--page-sizes 64`` likewise scores with engines of other KV
+page sizes (speed over the default's, tokens computed after prefix-cache hits).
 """
 from __future__ import annotations
 
@@ -138,6 +139,38 @@ def _used_gib(devices: int) -> list[float]:
             for free, total in (torch.cuda.mem_get_info(d) for d in range(devices))]
 
 
+def page_size_runs(path: Path, sizes: list[int], kv_tokens: int, warm: list[dict],
+                   seqs: list[dict], n_tokens: int, ts_secs: float,
+                   ts_res: list[torch.Tensor]) -> dict:
+    """The same call on engines of each page size in ``sizes`` other than the default:
+    tokens/s, speed over the default page size's, the tokens the model computed (the
+    prefix cache shares whole pages only, so larger pages share less of a prompt) and the
+    largest difference from the default's log-probs."""
+    import inspect
+
+    from tokenspeed import Engine
+    default = inspect.signature(Engine).parameters["page_size"].default
+    row: dict = {}
+    for size in sizes:
+        if size == default:
+            continue
+        _empty_cache()
+        with Engine(str(path), device=DEVICE, dtype="bfloat16", kv_cache_tokens=kv_tokens,
+                    page_size=size) as eng:
+            eng.compute_log_probs(warm)
+            hits = eng.stats()["prefix_hit_tokens"]
+            out, secs, _ = timed(lambda: eng.compute_log_probs(seqs))
+            computed = n_tokens - (eng.stats()["prefix_hit_tokens"] - hits)
+        res = [torch.tensor(x) for x in out["log_probs"]]
+        row.update({f"page{size}_tok_s": n_tokens / secs,
+                    f"page{size}_vs_page{default}": ts_secs / secs,
+                    f"page{size}_computed_tokens": computed,
+                    f"page{size}_max_abs_diff_vs_page{default}": agreement(res, ts_res)[1]})
+        print(f"  page_size {size}: {n_tokens / secs:10.0f} tok/s, {ts_secs / secs:.3f}x "
+              f"page_size {default}'s speed, {computed} tokens computed")
+    return row
+
+
 def tensor_parallel(path: Path, sizes: list[int], kv_tokens: int, warm: list[dict],
                     seqs: list[dict], n_tokens: int, ts_secs: float,
                     ts_res: list[torch.Tensor]) -> dict:
@@ -189,7 +222,7 @@ def agreement(a: list[torch.Tensor], b: list[torch.Tensor]) -> tuple[float, floa
 def run(model_name: str, workload: str, root: Path, budgets: list[int], ref_subset: int,
         kv_tokens: int, grpo_prompts: int, top_logprobs: int = 0,
         deterministic: bool = True, rich_repeats: int = 5,
-        tp_sizes: tuple[int, ...] = (1,)) -> dict:
+        tp_sizes: tuple[int, ...] = (1,), page_sizes: tuple[int, ...] = ()) -> dict:
     from transformers import AutoModelForCausalLM
 
     from tokenspeed import Engine
@@ -255,6 +288,8 @@ def run(model_name: str, workload: str, root: Path, budgets: list[int], ref_subs
     _empty_cache()
     tp_row = tensor_parallel(path, list(tp_sizes), kv_tokens, warm, seqs, n_tokens, ts_secs,
                              ts_res)
+    tp_row.update(page_size_runs(path, list(page_sizes), kv_tokens, warm, seqs, n_tokens,
+                                 ts_secs, ts_res))
     # deterministic mode on the same workload, with its own warm-up
     det_secs, det_res = math.nan, None
     if deterministic:
@@ -356,6 +391,9 @@ def main() -> None:
                     help="skip the run of deterministic mode")
     ap.add_argument("--tp-sizes", type=int, nargs="+", default=[1],
                     help="also score with engines of these tp_size (> 1: one GPU a rank)")
+    ap.add_argument("--page-sizes", type=int, nargs="+", default=[],
+                    help="also score with engines of these KV page sizes (64 and up: the "
+                         "attention kernel loads pages by TMA)")
     args = ap.parse_args()
     global DEVICE
     DEVICE = args.device
@@ -368,7 +406,7 @@ def main() -> None:
             print(f"{model} / {workload}")
             row = run(model, workload, root, args.budgets, args.ref_subset, args.kv_tokens,
                       args.grpo_prompts, args.top_logprobs, not args.no_deterministic,
-                      args.rich_repeats, tuple(args.tp_sizes))
+                      args.rich_repeats, tuple(args.tp_sizes), tuple(args.page_sizes))
             rows.append(row)
             print("  " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                    for k, v in row.items()))
