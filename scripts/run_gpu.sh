@@ -35,8 +35,12 @@ for s in $stages; do
       step bench_logprobs
       timeout 240 python3 bench/bench_logprobs.py 2>&1 | tee "$OUT/bench_logprobs.log" | tail -16 ;;
     bench_attention)
+      # page 16 (the engine's: cp.async gathers), then 64 (TMA)
       step bench_attention
-      timeout 240 python3 bench/bench_attention.py 2>&1 | tee "$OUT/bench_attention.log" | tail -12 ;;
+      for page in 16 64; do
+        timeout 240 python3 bench/bench_attention.py --page $page 2>&1 \
+          | tee -a "$OUT/bench_attention.log" | tail -12
+      done ;;
     bench_rich)
       step bench_rich
       timeout 200 python3 bench/bench_logprobs.py --rich --t 16384 --reps 10 2>&1 \
