@@ -178,6 +178,31 @@ def test_attention_kv_loads_tma_and_cp_async_agree_small(dtype, page, monkeypatc
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("page", [16, 64])
+def test_attention_one_long_request_among_many_short(page, attention_kernel):
+    """The wgmma kernel's blocks claim items from a plan that numbers each request's
+    items (requests without new tokens have none): one long request among many short
+    ones, some with no new tokens or a long cached prefix, all match the reference, and
+    each request alone gives bitwise what it gives in the batch."""
+    gen = torch.Generator().manual_seed(page)
+    n = 70
+    new = torch.randint(0, 6, (n,), generator=gen).tolist()
+    prefix = torch.randint(0, 300, (n,), generator=gen).tolist()
+    new[17], prefix[17] = 3000, 5
+    new[3], prefix[3] = 0, 40
+    new[69], prefix[69] = 2, 1500
+    args = _paged_problem(new, prefix, 28, 4, 128, page, torch.bfloat16, seed=page)
+    out = _check_attention(args, torch.bfloat16)
+    q, kc, vc, table, cu, lens = args
+    for i in (17, 69, 5):
+        s, e = cu[i].item(), cu[i + 1].item()
+        one = tse.paged_prefill_attention(q[s:e], kc, vc, table[i:i + 1],
+                                          torch.tensor([0, e - s], dtype=torch.int32,
+                                                       device=DEV), lens[i:i + 1])
+        assert torch.equal(one, out[s:e]), i
+
+
+@pytest.mark.gpu
 def test_attention_tma_required_where_pages_do_not_tile_fails(monkeypatch):
     """TOKENSPEED_ATTENTION_KV_LOAD=tma is a test hook: pages TMA does not serve (under 64
     keys, or not tiling a 128-key tile) fail the call rather than silently gathering."""

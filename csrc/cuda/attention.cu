@@ -39,7 +39,7 @@ int kv_tma_rows(const PagedAttnParams& p, DType dtype, int d, CUtensorMap* k_map
 
 template <typename T, int D>
 cudaError_t launch_wgmma(const PagedAttnParams& params, DType dtype, int b, int tiles,
-                         KvLoad kv_load, cudaStream_t stream) {
+                         KvLoad kv_load, int32_t* workspace, cudaStream_t stream) {
   PagedAttnParams p = params;
   CUtensorMap k_map{}, v_map{};
   p.kv_tma_rows =
@@ -56,7 +56,10 @@ cudaError_t launch_wgmma(const PagedAttnParams& params, DType dtype, int b, int 
       ? cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) : cudaGetLastError();
   if (err_sm != cudaSuccess) return err_sm;
   const int items = p.hk * tiles * b;  // < 2^31: checked by the caller
-  kernel<<<std::min(items, sms), kSm90Threads, smem, stream>>>(p, k_map, v_map, tiles, b);
+  const Sm90Plan plan{workspace, workspace + b + 1};
+  sm90_plan_kernel<<<1, kSm90PlanThreads, 0, stream>>>(p.cu_seqlens, b, p.hk, p.group, tiles,
+                                                        workspace, plan.counter);
+  kernel<<<std::min(items, sms), kSm90Threads, smem, stream>>>(p, k_map, v_map, plan, b);
   return cudaGetLastError();
 }
 
@@ -95,10 +98,13 @@ bool paged_attention_wgmma_supports(DType dtype, int head_dim) {
 }
 
 cudaError_t launch_paged_attention_wgmma(const PagedAttnParams& p, DType dtype, int batch,
-                                         int tiles, KvLoad kv_load, cudaStream_t stream) {
+                                         int tiles, KvLoad kv_load, int32_t* plan_workspace,
+                                         cudaStream_t stream) {
   return dtype == DType::kBFloat16
-             ? launch_wgmma<__nv_bfloat16, 128>(p, dtype, batch, tiles, kv_load, stream)
-             : launch_wgmma<__half, 128>(p, dtype, batch, tiles, kv_load, stream);
+             ? launch_wgmma<__nv_bfloat16, 128>(p, dtype, batch, tiles, kv_load, plan_workspace,
+                                                stream)
+             : launch_wgmma<__half, 128>(p, dtype, batch, tiles, kv_load, plan_workspace,
+                                         stream);
 }
 
 bool paged_attention_mma_supports(DType dtype, int head_dim) {

@@ -130,11 +130,16 @@ at::Tensor paged_prefill_attention_cuda(const at::Tensor& q, const at::Tensor& k
   // the wgmma kernel numbers its work items with an int
   const bool wgmma = hk * tiles * b <= std::numeric_limits<int>::max() && !mma_sync_forced() &&
                      paged_attention_wgmma_supports(dtype, p.head_dim);
-  C10_CUDA_CHECK(wgmma ? launch_paged_attention_wgmma(p, dtype, static_cast<int>(b),
-                                                      static_cast<int>(tiles),
-                                                      kv_load(), stream)
-                       : launch_paged_attention_mma(p, dtype, static_cast<int>(b),
-                                                    static_cast<int>(tiles), stream));
+  if (wgmma) {
+    // its scheduler's plan (launch.h), from the caching allocator
+    at::Tensor plan = at::empty({b + 2}, q.options().dtype(at::kInt));
+    C10_CUDA_CHECK(launch_paged_attention_wgmma(p, dtype, static_cast<int>(b),
+                                                static_cast<int>(tiles), kv_load(),
+                                                plan.mutable_data_ptr<int32_t>(), stream));
+  } else {
+    C10_CUDA_CHECK(launch_paged_attention_mma(p, dtype, static_cast<int>(b),
+                                              static_cast<int>(tiles), stream));
+  }
   return out;
 }
 

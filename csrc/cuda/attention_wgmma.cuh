@@ -11,9 +11,10 @@
  * table, by TMA a page at a time where pages hold 64 keys or more and by cp.async
  * gathers otherwise (zero-filled past the request), fully masked tiles never visited,
  * each item's KV range walked by one block alone and in order (a request's result does not
- * depend on the rest of the batch). Persistent: one block per SM takes items from the
- * tile scheduler (attention_wgmma_scheduler.cuh) and walks their K/V tiles as one stream,
- * so the next item's Q and first tiles load while the current one computes.
+ * depend on the rest of the batch). Persistent: one block per SM claims items from the
+ * dynamic tile scheduler (attention_wgmma_scheduler.cuh: a plan kernel numbers them first)
+ * and walks their K/V tiles as one stream, so the next item's Q and first tiles load
+ * while the current one computes.
  *
  * This file only sets up shared memory and dispatches the roles (attention_wgmma_mainloop.cuh):
  * warpgroup 0 produces (gathers Q and K/V tiles), warpgroups 1 and 2 consume (compute);
@@ -36,11 +37,12 @@
 namespace tokenspeed {
 namespace cuda {
 
-// One block per SM (at most hk x tiles_per_request x batch of them), kSm90Threads each.
+// One block per SM (at most hk x tiles x batch of them), kSm90Threads each; the plan
+// written by sm90_plan_kernel just before.
 template <typename T, int D>
 __global__ void __launch_bounds__(kSm90Threads, 1) paged_attention_wgmma_kernel(
     const PagedAttnParams p, const __grid_constant__ CUtensorMap k_map,
-    const __grid_constant__ CUtensorMap v_map, const int tiles_per_request, const int batch) {
+    const __grid_constant__ CUtensorMap v_map, const Sm90Plan plan, const int batch) {
   static_assert(D == 128, "head dim 64 runs the mma.sync kernel (see above)");
 #ifdef TS_SM90A_DEVICE
   extern __shared__ unsigned char smem_raw[];
@@ -63,7 +65,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1) paged_attention_wgmma_kernel(
 
   if (tid < kSm90Producers) {
     pipe::setmaxnreg_dec<kSm90ProducerRegs>();
-    sm90_producer<T, D>(p, &k_map, &v_map, tiles_per_request, batch, sm, tid);
+    sm90_producer<T, D>(p, &k_map, &v_map, plan, batch, sm, tid);
     return;
   }
   pipe::setmaxnreg_inc<kSm90ConsumerRegs>();

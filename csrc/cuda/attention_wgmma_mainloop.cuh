@@ -105,9 +105,9 @@ struct Sm90Smem {
 // Warpgroup 0: walks the block's items and their K/V tiles as one stream.
 template <typename T, int D>
 __device__ __forceinline__ void sm90_producer(const PagedAttnParams& p, const void* k_map,
-                                              const void* v_map, int tiles_per_request,
-                                              int batch, const Sm90Smem<T>& sm, int tid) {
-  Sm90TileScheduler scheduler(p, tiles_per_request, batch);
+                                              const void* v_map, Sm90Plan plan, int batch,
+                                              const Sm90Smem<T>& sm, int tid) {
+  Sm90TileScheduler scheduler(plan, batch);
   int g = 0;  // the stream's tile
   for (int k = 0;; ++k) {
     const int qs = k % kSm90QSlots;

@@ -123,15 +123,18 @@ struct PagedAttnParams {
 int paged_attention_rows_per_tile();
 
 // The wgmma kernel: bf16/fp16 with head dim 128 on an sm_90 device (the current one),
-// when the build holds sm_90a code. Persistent: min(Hk x tiles x B, SMs) blocks walk
-// Hk x tiles x B work items, numbered with an int (the caller keeps them below 2^31).
+// when the build holds sm_90a code. Persistent: min(Hk x tiles x B, SMs) blocks claim the
+// work items (at most Hk x tiles x B, numbered with an int: the caller keeps that below
+// 2^31) from a plan a small kernel writes first into plan_workspace ([B + 2] int32 on the
+// device, the caller's, not read before nor after the launch).
 // It loads K/V by TMA a whole page at a time where pages are large enough (64 keys or
 // more), else (and for a request's last, partial page) by cp.async gathers; kv_load can
 // rule TMA out or require it (cudaErrorNotSupported where the call cannot use it).
 enum class KvLoad : int { kAuto, kCpAsync, kTma };
 bool paged_attention_wgmma_supports(DType dtype, int head_dim);
 cudaError_t launch_paged_attention_wgmma(const PagedAttnParams& p, DType dtype, int batch,
-                                         int tiles, KvLoad kv_load, cudaStream_t stream);
+                                         int tiles, KvLoad kv_load, int32_t* plan_workspace,
+                                         cudaStream_t stream);
 
 // The mma.sync kernel: bf16/fp16 with head dim 64 or 128, any device. Grid (Hk, tiles, B).
 bool paged_attention_mma_supports(DType dtype, int head_dim);
