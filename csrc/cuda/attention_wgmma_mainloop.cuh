@@ -57,9 +57,11 @@ constexpr int kSm90QSlots = 2, kSm90KSlots = 2, kSm90VSlots = 3;
 // consumers have retired item k - 2's last S; they may still be storing item k - 3 then
 // (an item is stored during the next one's first tile), so items k - 3 .. k are live.
 constexpr int kSm90ItemSlots = 4;
-// Register budgets after setmaxnreg (128 x 56 + 256 x 224 <= 64K): the consumers use
-// about 190; the producer spills a few of its loop-invariant copy offsets at 56.
-constexpr int kSm90ProducerRegs = 56, kSm90ConsumerRegs = 224;
+// Register budgets after setmaxnreg (128 x 120 + 256 x 192 = 168 x 384, the launch's
+// pool): neither role spills (ptxas). At 56 / 224 the producer spilled 176 bytes and
+// reloaded them from local memory at every item (about 41 loads a warp), which cost the
+// dense shapes 5-13% (bench/NOTES.md).
+constexpr int kSm90ProducerRegs = 120, kSm90ConsumerRegs = 192;
 static_assert(kSm90Rows == kRowsM, "both tiled kernels tile the packed rows alike");
 
 // Q, K and V slots, plus slack to align the tiles to 1024 bytes.
