@@ -639,6 +639,41 @@ def test_prefix_cache_disabled():
     assert st["free_pages"] == st["total_pages"]
 
 
+def test_pages_are_handed_out_next_fit():
+    """Pages come ascending from where the last allocation ended, wrapping at the end of
+    the pool, so a request's pages lie consecutively in the cache while the pool ahead is
+    free (the attention kernel loads a tile of consecutive pages as one TMA box), and pages
+    freed behind are reused only after a lap."""
+    s = make(num_pages=64, page_size=4, enable_prefix_cache=False)
+
+    def pages_of(rid, n_pages):
+        s.add(rid, tokens_of(rid, 4 * n_pages), 1)
+        b = s.schedule()
+        pages = list(b.entries[0].pages)
+        s.complete(b)
+        drain(s)
+        s.check_invariants()
+        return pages
+
+    assert pages_of(0, 10) == list(range(0, 10))
+    assert pages_of(1, 10) == list(range(10, 20))
+    assert pages_of(2, 12) == list(range(20, 32))   # not 0-11, freed first
+    assert pages_of(3, 40) == list(range(32, 64)) + list(range(0, 8))  # wraps
+    # pages still held are stepped over, on the way and after the wrap
+    s.add(4, tokens_of(4, 4 * 3), 1)
+    held = s.schedule()
+    assert list(held.entries[0].pages) == [8, 9, 10]
+    s.add(5, tokens_of(5, 4 * 2), 1)
+    s.add(6, tokens_of(6, 4 * 59), 1)
+    b = s.schedule()
+    assert [list(e.pages) for e in b.entries] == [[11, 12],
+                                                  list(range(13, 64)) + list(range(0, 8))]
+    s.complete(held)
+    s.complete(b)
+    drain(s)
+    assert s.stats()["free_pages"] == 64
+
+
 def test_stats_and_page_states_agree():
     s = make(num_pages=6, page_size=2, max_batch_tokens=3)
     s.add(0, list(range(6)), 0)

@@ -424,7 +424,7 @@ std::string Scheduler::find_violation() const {
       return at + "leaked: not free, not referenced, not cached";
     }
   }
-  if (free != allocator_.num_free()) return "free list size differs from free pages";
+  if (free != allocator_.num_free()) return "the free page count differs from the pages marked free";
   if (referenced != allocator_.num_referenced()) return "referenced page count";
   for (int32_t p = 0; p < n; ++p)
     if (cache_.contains(p) && cache_.writer(p) != 0 &&
