@@ -1,7 +1,9 @@
 """Paged causal prefill attention vs SDPA's flash and cuDNN backends on the same data.
 
-Ours reads K/V through a shuffled page table (page size 16: cp.async gathers; 64 or more:
-TMA a page at a time); the peers get the same data de-paged and contiguous (K/V heads
+Ours reads K/V through a page table, shuffled or (--layout consecutive) with each request's
+pages consecutive in the cache as the engine's next-fit page allocator hands them out
+(page size 16: cp.async gathers where shuffled, a TMA box a 128-key tile where
+consecutive; 64 or more: TMA a page at a time); the peers get the same data de-paged and contiguous (K/V heads
 repeated for GQA), with causal masks aligned at the bottom right (each request's new
 tokens are the last of its sequence). TFLOP/s count only
 unmasked work: 4 * D * Hq * sum over new tokens of the keys they see. The cp_async column
@@ -10,6 +12,7 @@ the mma_sync column our kernel for devices other than sm_90
 (TOKENSPEED_ATTENTION_KERNEL=mma_sync), both on the same data.
 
     python bench/bench_attention.py [--models qwen2.5-7b llama-3-8b] [--page 16]
+        [--layout shuffled|consecutive]
         [--variants TOKENSPEED_ATTENTION_KV_LOAD=cp_async mma_sync ...]
 """
 from __future__ import annotations
@@ -38,11 +41,12 @@ def workloads(seed: int = 0) -> dict[str, tuple[list[int], list[int]]]:
             "ragged16": (ragged_new, ragged_prefix)}
 
 
-def build(new, prefix, hq, hk, d, page, seed=0):
+def build(new, prefix, hq, hk, d, page, seed=0, layout="shuffled"):
     gen = torch.Generator("cuda").manual_seed(seed)
     lens = [a + b for a, b in zip(new, prefix)]
     need = [(n + page - 1) // page for n in lens]
-    perm = torch.randperm(sum(need), device="cuda", generator=gen).to(torch.int32)
+    perm = (torch.randperm(sum(need), device="cuda", generator=gen) if layout == "shuffled"
+            else torch.arange(sum(need), device="cuda")).to(torch.int32)
     table = torch.zeros(len(new), max(need), dtype=torch.int32, device="cuda")
     at = 0
     for i, c in enumerate(need):
@@ -93,13 +97,16 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="+", default=["qwen2.5-7b", "llama-3-8b"])
     ap.add_argument("--page", type=int, default=16)
+    ap.add_argument("--layout", choices=["shuffled", "consecutive"], default="shuffled",
+                    help="the pages of a request: shuffled over the cache, or consecutive")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--variants", nargs="*",
                     default=["TOKENSPEED_ATTENTION_KV_LOAD=cp_async", "mma_sync"],
                     help="other settings of ours to time (TFLOP/s columns): NAME=value, or a "
                          "bare TOKENSPEED_ATTENTION_KERNEL value")
     args = ap.parse_args()
-    print(f"# {torch.cuda.get_device_name()}  torch {torch.__version__}  page {args.page}")
+    print(f"# {torch.cuda.get_device_name()}  torch {torch.__version__}  page {args.page}"
+          f" ({args.layout})")
     variants = [v.split("=", 1)[1] if "=" in v else v for v in args.variants]
     settings = [v.split("=", 1) if "=" in v else ("TOKENSPEED_ATTENTION_KERNEL", v)
                 for v in args.variants]
@@ -112,7 +119,8 @@ def main() -> None:
         spec = MODELS[name]
         hq, hk, d = spec["heads"], spec["kv_heads"], spec["head_dim"]
         for shape, (new, prefix) in workloads().items():
-            q, kc, vc, table, cu, lens = build(new, prefix, hq, hk, d, args.page)
+            q, kc, vc, table, cu, lens = build(new, prefix, hq, hk, d, args.page,
+                                               layout=args.layout)
             flops = 4 * d * hq * sum(sum(p + i + 1 for i in range(n)) for n, p in zip(new, prefix))
             ours_ms = median_ms(lambda i: tse.paged_prefill_attention(q, kc, vc, table, cu, lens),
                                 args.reps)

@@ -35,10 +35,11 @@ for s in $stages; do
       step bench_logprobs
       timeout 240 python3 bench/bench_logprobs.py 2>&1 | tee "$OUT/bench_logprobs.log" | tail -16 ;;
     bench_attention)
-      # page 16 (the engine's: cp.async gathers), then 64 (TMA)
+      # page 16 (the engine's) with each request's pages consecutive (TMA where a half
+      # tile's pages run on) and shuffled (gathers), then 64 (TMA a page at a time)
       step bench_attention
-      for page in 16 64; do
-        timeout 240 python3 bench/bench_attention.py --page $page 2>&1 \
+      for args in "--page 16 --layout consecutive" "--page 16" "--page 64"; do
+        timeout 240 python3 bench/bench_attention.py $args 2>&1 \
           | tee -a "$OUT/bench_attention.log" | tail -12
       done ;;
     bench_rich)

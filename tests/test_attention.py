@@ -92,19 +92,35 @@ def _rel_err(x: torch.Tensor, want: torch.Tensor) -> float:
     return ((x.double() - want).norm() / want.norm().clamp_min(1e-30)).item()
 
 
-def _paged_problem(new, prefix, hq, hk, d, page, dtype, seed):
-    """Random q and caches for requests with `new` tokens after `prefix` cached ones."""
+def _paged_problem(new, prefix, hq, hk, d, page, dtype, seed, runs=False):
+    """Random q and caches for requests with `new` tokens after `prefix` cached ones. Pages
+    are shuffled, or with `runs` each request's pages lie in two runs of consecutive pages
+    (cut at a random place), the runs in random order with random gaps between them."""
     gen = torch.Generator(DEV).manual_seed(seed)
     kv_lens = [a + b for a, b in zip(new, prefix)]
     need = [(L + page - 1) // page for L in kv_lens]
-    total = sum(need) + 3
-    perm = torch.randperm(total, device=DEV, generator=gen).to(torch.int32)
     max_pages = max(need + [1])
     table = torch.full((len(new), max_pages + 1), -1, dtype=torch.int32, device=DEV)
-    at = 0
-    for i, c in enumerate(need):
-        table[i, :c] = perm[at:at + c]
-        at += c
+    if runs:
+        cpu = torch.Generator().manual_seed(seed)
+        pieces = []
+        for i, c in enumerate(need):
+            cut = int(torch.randint(0, c + 1, (1,), generator=cpu))
+            pieces += [(i, 0, cut), (i, cut, c)]
+        total = 0
+        for k in torch.randperm(len(pieces), generator=cpu).tolist():
+            i, lo, hi = pieces[k]
+            total += int(torch.randint(0, 2, (1,), generator=cpu))
+            table[i, lo:hi] = torch.arange(total, total + hi - lo, dtype=torch.int32)
+            total += hi - lo
+        total += 3
+    else:
+        total = sum(need) + 3
+        perm = torch.randperm(total, device=DEV, generator=gen).to(torch.int32)
+        at = 0
+        for i, c in enumerate(need):
+            table[i, :c] = perm[at:at + c]
+            at += c
     kc = torch.randn(total, page, hk, d, device=DEV, generator=gen).to(dtype)
     vc = torch.randn(total, page, hk, d, device=DEV, generator=gen).to(dtype)
     q = torch.randn(sum(new), hq, d, device=DEV, generator=gen).to(dtype)
@@ -157,18 +173,20 @@ def _poison_unread_slots(kc, vc, table, lens):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", sanitized_dtypes(torch.bfloat16, torch.float16))
-@pytest.mark.parametrize("page", [64, 128, 256])
+@pytest.mark.parametrize("page", [4, 16, 32, 64, 128, 256])
 def test_attention_kv_loads_tma_and_cp_async_agree_small(dtype, page, monkeypatch):
     """sm_90: with pages of 64 keys or more the wgmma kernel loads whole pages by TMA
-    (required here) and a request's partial last page by cp.async, zero past its keys.
-    With NaN in every slot no request reads, it matches the reference, and bitwise what
-    cp.async alone and the default choice give."""
+    (required here) and a request's partial last page by cp.async, zero past its keys;
+    with pages of 4-32 keys, a tile's 128 keys by one TMA box where its pages are
+    consecutive in the cache and by cp.async where not (here each request's pages lie in
+    two runs) or past the last whole tile. With NaN in every slot no request reads, it
+    matches the reference, and bitwise what cp.async alone and the default choice give."""
     if not _wgmma_device():
         pytest.skip("the wgmma kernel runs on sm_90 devices")
     monkeypatch.delenv("TOKENSPEED_ATTENTION_KERNEL", raising=False)
     # kv lens: one key, whole pages, a partial last page, 128-key tiles and past them
     new, prefix = [1, 130, 77, 256, 40, 300, 900], [0, 126, 300, 0, 1, 211, 157]
-    args = _paged_problem(new, prefix, 28, 4, 128, page, dtype, seed=page)
+    args = _paged_problem(new, prefix, 28, 4, 128, page, dtype, seed=page, runs=True)
     _poison_unread_slots(args[1], args[2], args[3], args[5])
     monkeypatch.setenv("TOKENSPEED_ATTENTION_KV_LOAD", "tma")
     out = _check_attention(args, dtype)
@@ -204,13 +222,14 @@ def test_attention_one_long_request_among_many_short(page, attention_kernel):
 
 @pytest.mark.gpu
 def test_attention_tma_required_where_pages_do_not_tile_fails(monkeypatch):
-    """TOKENSPEED_ATTENTION_KV_LOAD=tma is a test hook: pages TMA does not serve (under 64
-    keys, or not tiling a 128-key tile) fail the call rather than silently gathering."""
+    """TOKENSPEED_ATTENTION_KV_LOAD=tma is a test hook: pages TMA does not serve (not
+    tiling a 128-key tile, or more than 32 to a tile) fail the call rather than silently
+    gathering."""
     if not _wgmma_device():
         pytest.skip("the wgmma kernel runs on sm_90 devices")
     monkeypatch.delenv("TOKENSPEED_ATTENTION_KERNEL", raising=False)
     monkeypatch.setenv("TOKENSPEED_ATTENTION_KV_LOAD", "tma")
-    for page in (16, 96):
+    for page in (2, 5, 96):
         args = _paged_problem([40], [90], 8, 2, 128, page, torch.bfloat16, seed=1)
         with pytest.raises(RuntimeError, match="not supported"):
             tse.paged_prefill_attention(*args)

@@ -12,29 +12,35 @@ namespace tokenspeed {
 namespace cuda {
 namespace {
 
-// Keys per TMA box of K/V for this call, 0 where its pages are not loaded by TMA. A box is
-// a whole page of one kv head (or a tile's 128 keys of a longer page), so the page size
-// must tile a K/V tile; and boxes of fewer than 64 keys lose to cp.async gathers
-// (bench/NOTES.md), so it must be a multiple of 64 (64, 128, 256, ...). Slots are int32
-// coordinates; the maps must encode.
-int kv_tma_rows(const PagedAttnParams& p, DType dtype, int d, CUtensorMap* k_map,
+// Sets p.kv_tma_rows (keys per TMA box of K/V; 0 where this call's pages are not loaded
+// by TMA) and p.kv_tma_pages (pages a box spans), and encodes the maps. Pages of 64 keys or
+// more that tile a 128-key K/V tile (64, 128, 256, ...) come a page (or a tile's 128 keys
+// of a longer page) a box. Smaller pages that divide 64 keys into at most 16 (4-32 keys)
+// come 64 keys a box where those pages are consecutive in the cache (the kernel checks
+// each half tile): a box per small page loses to the cp.async gathers (bench/NOTES.md).
+// Slots are int32 coordinates; the maps must encode.
+void set_kv_tma(PagedAttnParams& p, DType dtype, int d, CUtensorMap* k_map,
                 CUtensorMap* v_map) {
   const int ps = p.page_size;
-  static_assert(kSm90Keys % 64 == 0, "a 64-key page tiles a K/V tile");
-  if (ps % 64 != 0 || (kSm90Keys % ps != 0 && ps % kSm90Keys != 0) ||
-      p.cache_slots > INT_MAX || !tma_aligned16(p.k_cache) || !tma_aligned16(p.v_cache))
-    return 0;
-  const int rows = std::min(ps, kSm90Keys);
+  p.kv_tma_rows = p.kv_tma_pages = 0;
+  static_assert(kSm90Keys == 128, "boxes of 64 keys halve a K/V tile");
+  const bool page_boxes = ps % 64 == 0 && (kSm90Keys % ps == 0 || ps % kSm90Keys == 0);
+  const bool run_boxes = ps >= 4 && ps < 64 && 64 % ps == 0;
+  if (!(page_boxes || run_boxes) || p.cache_slots > INT_MAX || !tma_aligned16(p.k_cache) ||
+      !tma_aligned16(p.v_cache))
+    return;
+  const int rows = run_boxes ? 64 : std::min(ps, kSm90Keys);
   // [slots, Hk, D], innermost first; a box is 64 columns (one swizzle row) of `rows` slots
   const uint64_t dims[3] = {static_cast<uint64_t>(d), static_cast<uint64_t>(p.hk),
                             static_cast<uint64_t>(p.cache_slots)};
   const uint64_t strides[2] = {static_cast<uint64_t>(d) * 2,
                                static_cast<uint64_t>(p.hk) * d * 2};
   const uint32_t box[3] = {64, 1, static_cast<uint32_t>(rows)};
-  return tma_encode_16bit(k_map, p.k_cache, dtype, 3, dims, strides, box) &&
-                 tma_encode_16bit(v_map, p.v_cache, dtype, 3, dims, strides, box)
-             ? rows
-             : 0;
+  if (tma_encode_16bit(k_map, p.k_cache, dtype, 3, dims, strides, box) &&
+      tma_encode_16bit(v_map, p.v_cache, dtype, 3, dims, strides, box)) {
+    p.kv_tma_rows = rows;
+    p.kv_tma_pages = run_boxes ? 64 / ps : 1;
+  }
 }
 
 template <typename T, int D>
@@ -42,8 +48,8 @@ cudaError_t launch_wgmma(const PagedAttnParams& params, DType dtype, int b, int 
                          KvLoad kv_load, int32_t* workspace, cudaStream_t stream) {
   PagedAttnParams p = params;
   CUtensorMap k_map{}, v_map{};
-  p.kv_tma_rows =
-      kv_load == KvLoad::kCpAsync ? 0 : kv_tma_rows(p, dtype, D, &k_map, &v_map);
+  p.kv_tma_rows = p.kv_tma_pages = 0;
+  if (kv_load != KvLoad::kCpAsync) set_kv_tma(p, dtype, D, &k_map, &v_map);
   if (kv_load == KvLoad::kTma && p.kv_tma_rows == 0) return cudaErrorNotSupported;
   constexpr int smem = paged_attention_wgmma_smem_bytes<D>();
   auto* kernel = &paged_attention_wgmma_kernel<T, D>;

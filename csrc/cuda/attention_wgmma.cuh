@@ -8,8 +8,9 @@
  *
  * Tiling: as the mma.sync kernel (attention_mma.cuh), work items of (kv head, request,
  * tile of 128 packed query rows), K/V tiles (here of 128 keys) read through the page
- * table, by TMA a page at a time where pages hold 64 keys or more and by cp.async
- * gathers otherwise (zero-filled past the request), fully masked tiles never visited,
+ * table, by TMA a page at a time where pages hold 64 keys or more, 64 keys at a time
+ * where smaller pages lie consecutively in the cache, and by cp.async gathers otherwise
+ * (zero-filled past the request), fully masked tiles never visited,
  * each item's KV range walked by one block alone and in order (a request's result does not
  * depend on the rest of the batch). Persistent: one block per SM claims items from the
  * dynamic tile scheduler (attention_wgmma_scheduler.cuh: a plan kernel numbers them first)

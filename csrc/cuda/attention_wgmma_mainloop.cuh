@@ -4,8 +4,9 @@
  *
  * Producer (warpgroup 0): takes the block's work items from the tile scheduler, describes
  * each in shared memory for the consumers, looks up pages and issues the loads of Q and
- * K/V tiles into their slots: TMA boxes of whole pages where the page size allows, cp.async
- * gathers for the rest. Each slot is handed over through a "full" mbarrier (arrived on by
+ * K/V tiles into their slots: TMA boxes of whole pages where pages hold 64 keys or more,
+ * of 64 keys where smaller pages lie consecutively in the cache, cp.async gathers for the
+ * rest. Each slot is handed over through a "full" mbarrier (arrived on by
  * the cp.async copies themselves, and waiting for the TMA boxes' bytes) and handed back
  * through an "empty" one.
  *
@@ -135,57 +136,92 @@ __device__ __forceinline__ void sm90_producer(const PagedAttnParams& p, const vo
           p, q_dst, tid, [](int r, int c) { return wgmma::sw128_offset<kSm90Rows>(r, c); },
           h * kSm90Pass);
     pipe::mbar_arrive_on_copies(&sm.q_full[qs]);
-    // Tile j's keys below tma_keys(j) come by TMA, one box per page (or per 128 keys of
-    // a longer page) of the kv head, 4 copies a box (K and V, two 64-column panels),
-    // issued by warp 0's lanes; the rest (a request's last, partial page, past it zeros,
-    // or every key when p.kv_tma_rows is 0) by cp.async gathers, each thread copying part
-    // of one key's row per pass of kSm90Pass keys.
-    const int box_rows = p.kv_tma_rows;
-    auto tma_keys = [&](int j) {
-      return box_rows == 0
-                 ? 0
-                 : min(kSm90Keys, max(0, it.t.kv_len - j * kSm90Keys) / box_rows * box_rows);
+    // A tile's keys come in two halves of kSm90Pass = 64 keys, by TMA where the bit of the
+    // half is set in the tile's mask, else by cp.async gathers (each thread copying part of
+    // one key's row; zeros past the request). TMA boxes (4 copies a box: K and V, two
+    // 64-column panels), issued by warp 0's lanes 0-1, lie within the request: a box per
+    // page of 64 keys, per tile of 128 keys of a longer page, or, with smaller pages, per
+    // half whose pages are consecutive in the cache (the allocator hands out runs). So a
+    // request's last, partial half (or tile, with pages of 128 or more), halves of
+    // scattered small pages, and every key where p.kv_tma_rows is 0, are gathered.
+    static_assert(kSm90Pass == 64 && kSm90Keys == 2 * kSm90Pass, "a tile is two 64-key halves");
+    const int box_rows = p.kv_tma_rows, box_pages = p.kv_tma_pages, lane = tid % 32;
+    auto whole_boxes = [&](int j) {  // the halves of tile j in boxes within the request
+      const int keys = it.t.kv_len - j * kSm90Keys;
+      if (box_rows == 0) return 0;
+      if (box_rows == kSm90Keys) return keys >= kSm90Keys ? 3 : 0;
+      return (keys >= kSm90Pass ? 1 : 0) | (keys >= kSm90Keys ? 2 : 0);
     };
-    constexpr int kPasses = kSm90Keys / kSm90Pass, kPerKey = kSm90Producers / kSm90Pass;
-    int page[kPasses];  // this thread's key's page in each pass
-    int box_slot = 0;   // warp 0: the first cache slot of this lane's box
-    auto look_up = [&](int j) {
-      const int by_tma = tma_keys(j);
-      if (tid < 32 && tid * box_rows < by_tma) {  // at most 2 boxes a tile
+    constexpr int kPasses = kSm90Keys / kSm90Pass;
+    int page[kPasses];   // this thread's key's page in each pass (half)
+    int box_slot = 0;    // warp 0's lanes 0-1: the first cache slot of the lane's box
+    // Small pages, every warp alike: page `lane` of a tile (lanes of its whole halves), for
+    // the run check at the tile's issue. Loaded a tile earlier than the gathers' pages: a
+    // check waiting on a load issued just behind the previous tile's copies cost the
+    // gathers 7-23% (bench/NOTES.md).
+    int run_entry = -1, run_next = -1;
+    auto load_run = [&](int j) {
+      return lane < __popc(whole_boxes(j)) * box_pages
+                 ? __ldg(it.t.pages + page_entry(p, j * kSm90Keys) + lane)
+                 : -1;
+    };
+    auto look_up = [&](int j) {  // issues the tile's page loads; nothing waits for them
+      const int whole = whole_boxes(j);
+      if (box_pages > 1) {
+        run_entry = j == 0 ? load_run(0) : run_next;
+        run_next = j + 1 < tiles ? load_run(j + 1) : -1;
+      } else if (tid < kSm90Keys / max(box_rows, 1) && (whole >> (tid * box_rows / 64) & 1)) {
         const int key = j * kSm90Keys + tid * box_rows;
         box_slot = static_cast<int>(page_slot(p, __ldg(it.t.pages + page_entry(p, key)), key));
       }
-      if (by_tma < kSm90Keys) {
+      if (box_pages > 1 || whole != 3) {  // halves that may be gathered
 #pragma unroll
         for (int h = 0; h < kPasses; ++h)
           page[h] = it.t.page_of<kSm90Pass, kSm90Producers>(p, j * kPasses + h, tid);
       }
+    };
+    // The halves of tile j loaded by TMA (after look_up(j)). Small pages: a half whose
+    // box_pages (<= 16) pages run consecutively in the cache, wherever they start.
+    auto tma_mask = [&](int j) {
+      int mask = whole_boxes(j);
+      if (box_pages > 1 && mask != 0) {
+        const int first = __shfl_sync(0xffffffffu, run_entry, lane / box_pages * box_pages);
+        const unsigned ok = __ballot_sync(0xffffffffu, run_entry == first + lane % box_pages);
+        const unsigned all = (1u << box_pages) - 1;
+        if ((ok & all) != all) mask &= ~1;
+        if (((ok >> box_pages) & all) != all) mask &= ~2;
+        const int half_first = __shfl_sync(0xffffffffu, run_entry, (lane & 1) * box_pages);
+        if (tid < 2) box_slot = half_first * p.page_size;
+      }
+      return mask;
     };
     look_up(0);
     for (int j = 0; j < tiles; ++j, ++g) {
       const int ks = g % kSm90KSlots, vs = g % kSm90VSlots;
       T* const dk = sm.sK + ks * kSm90Keys * D;
       T* const dv = sm.sV + vs * kSm90Keys * D;
+      const int mask = tma_mask(j);  // while the slots may still be in use
       pipe::mbar_wait(&sm.k_empty[ks], ((g / kSm90KSlots) & 1) ^ 1);
       pipe::mbar_wait(&sm.v_empty[vs], ((g / kSm90VSlots) & 1) ^ 1);
-      const int by_tma = tma_keys(j);
-      if (by_tma > 0 && tid < 32) {
+      if (mask != 0 && tid < 32) {
         // the bytes before any copy can land; the phase also waits for thread 0's arrival
-        if (tid == 0) pipe::mbar_expect_tx(&sm.kv_full[vs], 2u * by_tma * D * sizeof(T));
+        if (tid == 0)
+          pipe::mbar_expect_tx(&sm.kv_full[vs], __popc(mask) * 2u * kSm90Pass * D * sizeof(T));
         __syncwarp();
-        if (tid * box_rows < by_tma) {
+        // lane h issues half h's box; a 128-key box (lane 0) covers both
+        if (box_rows == kSm90Keys ? tid == 0 : tid < 2 && (mask >> tid & 1)) {
 #pragma unroll
           for (int panel = 0; panel < D / 64; ++panel) {
-            const int at = panel * kSm90Keys * 64 + tid * box_rows * 64;
+            const int at = panel * kSm90Keys * 64 + tid * kSm90Pass * 64;
             pipe::tma_load_3d(dk + at, k_map, &sm.kv_full[vs], panel * 64, it.t.kvh, box_slot);
             pipe::tma_load_3d(dv + at, v_map, &sm.kv_full[vs], panel * 64, it.t.kvh, box_slot);
           }
         }
       }
-      if (by_tma < kSm90Keys) {
+      if (mask != 3) {
 #pragma unroll
         for (int h = 0; h < kPasses; ++h)
-          if (h * kSm90Pass + tid / kPerKey >= by_tma)
+          if (!(mask >> h & 1))
             it.t.load_kv<T, D, kSm90Pass, kSm90Producers>(
                 p, j * kPasses + h, page[h], dk, dv, tid, [h](int r, int c) {
                   return wgmma::sw128_offset<kSm90Keys>(r + h * kSm90Pass, c);

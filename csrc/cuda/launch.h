@@ -113,6 +113,7 @@ struct PagedAttnParams {
   int head_dim;
   int64_t cache_slots;       // P * page_size
   int kv_tma_rows;           // wgmma kernel: keys per TMA box of K/V, 0 for none (it sets)
+  int kv_tma_pages;          // wgmma kernel: pages a box spans (> 1: only where consecutive)
 };
 
 // Three kernels, each with the predicate of the calls it serves; attention_host.cpp picks
@@ -128,8 +129,10 @@ int paged_attention_rows_per_tile();
 // 2^31) from a plan a small kernel writes first into plan_workspace ([B + 2] int32 on the
 // device, the caller's, not read before nor after the launch).
 // It loads K/V by TMA a whole page at a time where pages are large enough (64 keys or
-// more), else (and for a request's last, partial page) by cp.async gathers; kv_load can
-// rule TMA out or require it (cudaErrorNotSupported where the call cannot use it).
+// more), 64 keys at a time where smaller pages (4-32 keys, dividing 64) are consecutive
+// in the cache, else (and for a request's last, partial page or half tile) by cp.async
+// gathers; kv_load can rule TMA out or require it (cudaErrorNotSupported where
+// the call cannot use it).
 enum class KvLoad : int { kAuto, kCpAsync, kTma };
 bool paged_attention_wgmma_supports(DType dtype, int head_dim);
 cudaError_t launch_paged_attention_wgmma(const PagedAttnParams& p, DType dtype, int batch,
