@@ -2,9 +2,9 @@
 
 Ours reads K/V through a page table, shuffled or (--layout consecutive) with each request's
 pages consecutive in the cache as the engine's next-fit page allocator hands them out
-(page size 16: cp.async gathers where shuffled, a TMA box a 128-key tile where
-consecutive; 64 or more: TMA a page at a time); the peers get the same data de-paged and contiguous (K/V heads
-repeated for GQA), with causal masks aligned at the bottom right (each request's new
+(page size 16: cp.async gathers where shuffled, a TMA box per 64 keys where consecutive;
+64 or more: TMA a page at a time); the peers get the same data de-paged and contiguous
+(K/V heads repeated for GQA), with causal masks aligned at the bottom right (each request's new
 tokens are the last of its sequence). TFLOP/s count only
 unmasked work: 4 * D * Hq * sum over new tokens of the keys they see. The cp_async column
 is our wgmma kernel with every K/V load a cp.async gather (TOKENSPEED_ATTENTION_KV_LOAD),

@@ -12,17 +12,17 @@ namespace tokenspeed {
 namespace cuda {
 namespace {
 
-// Sets p.kv_tma_rows (keys per TMA box of K/V; 0 where this call's pages are not loaded
-// by TMA) and p.kv_tma_pages (pages a box spans), and encodes the maps. Pages of 64 keys or
-// more that tile a 128-key K/V tile (64, 128, 256, ...) come a page (or a tile's 128 keys
-// of a longer page) a box. Smaller pages that divide 64 keys into at most 16 (4-32 keys)
-// come 64 keys a box where those pages are consecutive in the cache (the kernel checks
-// each half tile): a box per small page loses to the cp.async gathers (bench/NOTES.md).
-// Slots are int32 coordinates; the maps must encode.
+// Sets p.kv_tma_rows (keys per TMA box of K/V) and p.kv_tma_pages (pages a box spans) and
+// encodes the maps where this call's pages are loaded by TMA; leaves them as they are (0,
+// the launcher's) where not. Pages of 64 keys or more that tile a 128-key K/V tile (64,
+// 128, 256, ...) come a page (or a tile's 128 keys of a longer page) a box. Smaller pages
+// that divide 64 keys into at most 16 (4-32 keys) come 64 keys a box where those pages are
+// consecutive in the cache (the kernel checks each half tile): a box per small page loses
+// to the cp.async gathers (bench/NOTES.md). Slots are int32 coordinates; the maps must
+// encode.
 void set_kv_tma(PagedAttnParams& p, DType dtype, int d, CUtensorMap* k_map,
                 CUtensorMap* v_map) {
   const int ps = p.page_size;
-  p.kv_tma_rows = p.kv_tma_pages = 0;
   static_assert(kSm90Keys == 128, "boxes of 64 keys halve a K/V tile");
   const bool page_boxes = ps % 64 == 0 && (kSm90Keys % ps == 0 || ps % kSm90Keys == 0);
   const bool run_boxes = ps >= 4 && ps < 64 && 64 % ps == 0;
