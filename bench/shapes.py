@@ -25,6 +25,13 @@ def _model(model_type: str, hidden: int, layers: int, heads: int, kv_heads: int,
 
 
 MODELS: dict[str, dict] = {
+    # head dim 64
+    "qwen2.5-0.5b": _model("qwen2", 896, 24, 14, 2, 4864, 151936, 0.49e9,
+                           rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                           max_position_embeddings=32768),
+    "llama-3.2-1b": _model("llama", 2048, 16, 32, 8, 8192, 128256, 1.24e9,
+                           rope_theta=5e5, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                           max_position_embeddings=8192),
     "qwen2.5-1.5b": _model("qwen2", 1536, 28, 12, 2, 8960, 151936, 1.54e9,
                            rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True,
                            max_position_embeddings=32768),

@@ -174,7 +174,8 @@ def _poison_unread_slots(kc, vc, table, lens):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", sanitized_dtypes(torch.bfloat16, torch.float16))
 @pytest.mark.parametrize("page", [4, 16, 32, 64, 128, 256])
-def test_attention_kv_loads_tma_and_cp_async_agree_small(dtype, page, monkeypatch):
+@pytest.mark.parametrize("d", [64, 128])
+def test_attention_kv_loads_tma_and_cp_async_agree_small(dtype, page, d, monkeypatch):
     """sm_90: with pages of 64 keys or more the wgmma kernel loads whole pages by TMA
     (required here) and a request's partial last page by cp.async, zero past its keys;
     with pages of 4-32 keys, a tile's 128 keys by one TMA box where its pages are
@@ -186,7 +187,7 @@ def test_attention_kv_loads_tma_and_cp_async_agree_small(dtype, page, monkeypatc
     monkeypatch.delenv("TOKENSPEED_ATTENTION_KERNEL", raising=False)
     # kv lens: one key, whole pages, a partial last page, 128-key tiles and past them
     new, prefix = [1, 130, 77, 256, 40, 300, 900], [0, 126, 300, 0, 1, 211, 157]
-    args = _paged_problem(new, prefix, 28, 4, 128, page, dtype, seed=page, runs=True)
+    args = _paged_problem(new, prefix, 28, 4, d, page, dtype, seed=page + d, runs=True)
     _poison_unread_slots(args[1], args[2], args[3], args[5])
     monkeypatch.setenv("TOKENSPEED_ATTENTION_KV_LOAD", "tma")
     out = _check_attention(args, dtype)
@@ -251,8 +252,9 @@ def test_attention_odd_head_dim_small():
 
 
 @pytest.mark.gpu
-def test_attention_long(attention_kernel):
-    args = _paged_problem([2048], [1500], 28, 4, 128, 16, torch.bfloat16, seed=7)
+@pytest.mark.parametrize("d", [64, 128])
+def test_attention_long(d, attention_kernel):
+    args = _paged_problem([2048], [1500], 28, 4, d, 16, torch.bfloat16, seed=7 + d)
     _check_attention(args, torch.bfloat16)
 
 
@@ -270,10 +272,11 @@ def test_attention_many_short_requests_small(attention_kernel):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("page", [16, 64])
-def test_attention_batch_independent(page, attention_kernel):
+@pytest.mark.parametrize("d", [64, 128])
+def test_attention_batch_independent(page, d, attention_kernel):
     new, prefix = [200, 37, 513, 1], [100, 0, 900, 60]
-    q, kc, vc, table, cu, lens = _paged_problem(new, prefix, 28, 4, 128, page,
-                                                torch.bfloat16, seed=page)
+    q, kc, vc, table, cu, lens = _paged_problem(new, prefix, 28, 4, d, page,
+                                                torch.bfloat16, seed=page + d)
     full = tse.paged_prefill_attention(q, kc, vc, table, cu, lens)
     for i in range(len(new)):
         a, b = cu[i].item(), cu[i + 1].item()

@@ -100,17 +100,22 @@ int paged_attention_rows_per_tile() { return kRowsM; }
 // The kernel needs sm_90a machine code (TOKENSPEED_SM90A: the build targets it) and an
 // sm_90 device to run it.
 bool paged_attention_wgmma_supports(DType dtype, int head_dim) {
-  return dtype != DType::kFloat32 && head_dim == 128 && wgmma::available();
+  return dtype != DType::kFloat32 && (head_dim == 64 || head_dim == 128) && wgmma::available();
 }
 
 cudaError_t launch_paged_attention_wgmma(const PagedAttnParams& p, DType dtype, int batch,
                                          int tiles, KvLoad kv_load, int32_t* plan_workspace,
                                          cudaStream_t stream) {
-  return dtype == DType::kBFloat16
-             ? launch_wgmma<__nv_bfloat16, 128>(p, dtype, batch, tiles, kv_load, plan_workspace,
-                                                stream)
-             : launch_wgmma<__half, 128>(p, dtype, batch, tiles, kv_load, plan_workspace,
-                                         stream);
+  const bool bf16 = dtype == DType::kBFloat16;
+  if (p.head_dim == 64)
+    return bf16 ? launch_wgmma<__nv_bfloat16, 64>(p, dtype, batch, tiles, kv_load,
+                                                  plan_workspace, stream)
+                : launch_wgmma<__half, 64>(p, dtype, batch, tiles, kv_load, plan_workspace,
+                                           stream);
+  return bf16 ? launch_wgmma<__nv_bfloat16, 128>(p, dtype, batch, tiles, kv_load,
+                                                 plan_workspace, stream)
+              : launch_wgmma<__half, 128>(p, dtype, batch, tiles, kv_load, plan_workspace,
+                                          stream);
 }
 
 bool paged_attention_mma_supports(DType dtype, int head_dim) {

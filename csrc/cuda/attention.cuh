@@ -2,8 +2,8 @@
  * Paged causal GQA prefill attention: the kernels of paged_prefill_attention, one header
  * each. The host picks one per call (attention_host.cpp); attention.cu launches them.
  *
- *   attention_wgmma.cuh   bf16/fp16, head dim 128, sm_90 device and sm_90a code in the
- *                         build: warp-specialised wgmma, persistent
+ *   attention_wgmma.cuh   bf16/fp16, head dim 64 or 128, sm_90 device and sm_90a code in
+ *                         the build: warp-specialised wgmma, persistent
  *   attention_mma.cuh     bf16/fp16, head dim 64 or 128, any sm_80+ device: mma.sync
  *   attention_simple.cuh  fp32 and other head dims: one warp per (token, query head)
  *

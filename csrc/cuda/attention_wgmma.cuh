@@ -1,6 +1,6 @@
 /*
  * Paged causal GQA prefill attention for Hopper (sm_90a): warpgroup MMA (wgmma), warp
- * specialised, persistent. bf16/fp16, head dim 128.
+ * specialised, persistent. bf16/fp16, head dim 64 or 128.
  *
  * Fuses Q K^T, the causal mask, the online softmax (fp32 running max and sum) and P V in
  * one kernel. Never writes the scores or probabilities to memory: S and P live in
@@ -20,9 +20,6 @@
  * This file only sets up shared memory and dispatches the roles (attention_wgmma_mainloop.cuh):
  * warpgroup 0 produces (gathers Q and K/V tiles), warpgroups 1 and 2 consume (compute);
  * the producer gives up registers to them (setmaxnreg).
- *
- * D = 128 only: head dim 64 runs the mma.sync kernel (a D = 64 build of this kernel gave
- * wrong results, cause not found: bench/NOTES.md).
  */
 #pragma once
 
@@ -44,7 +41,7 @@ template <typename T, int D>
 __global__ void __launch_bounds__(kSm90Threads, 1) paged_attention_wgmma_kernel(
     const PagedAttnParams p, const __grid_constant__ CUtensorMap k_map,
     const __grid_constant__ CUtensorMap v_map, const Sm90Plan plan, const int batch) {
-  static_assert(D == 128, "head dim 64 runs the mma.sync kernel (see above)");
+  static_assert(D == 64 || D == 128, "a tile row is one or two 64-column panels");
 #ifdef TS_SM90A_DEVICE
   extern __shared__ unsigned char smem_raw[];
   // 128-byte swizzle atoms start on 1024-byte boundaries

@@ -11,9 +11,9 @@
  * through an "empty" one.
  *
  * Consumers (warpgroups 1 and 2): own 64 query rows each of every item and only compute.
- * Per iteration: S_g = Q K_g^T (8 m64n128k16 wgmmas, Q and K K-major in shared memory),
- * then O += P_{g-1} V_{g-1} (8 wgmmas, P from registers, V MN-major and transposed by the
- * instruction); the softmax of tile g runs while the tensor cores do the latter. They
+ * Per iteration: S_g = Q K_g^T (D / 16 m64n128k16 wgmmas, Q and K K-major in shared
+ * memory), then O += P_{g-1} V_{g-1} (8 m64nDk16 wgmmas, P from registers, V MN-major and
+ * transposed by the instruction); the softmax of tile g runs while the tensor cores do the latter. They
  * never meet at a block barrier and take turns to issue their products (ping-pong), so
  * one runs its softmax while the tensor cores serve the other. Every wgmma and wait lies
  * on a path all warps of the warpgroup take: ptxas serialises the wgmmas otherwise
@@ -267,7 +267,7 @@ __device__ __forceinline__ void sm90_consumer(const PagedAttnParams& p, const Sm
     for (int kk = 0; kk < kSm90Keys / 16; ++kk) {
       // 16 keys x D: MN-major, 64-column panels kPanelBytes apart, 8-key groups 1 KB apart
       const uint64_t desc = wgmma::sw128_desc(tv + kk * 16 * 64, kPanelBytes, 1024);
-      wgmma::wgmma_rs_n128<T, 1>(o, pa[kk], desc, 1);
+      wgmma::wgmma_rs<T, 1, D>(o, pa[kk], desc, 1);
     }
   };
 

@@ -123,7 +123,7 @@ struct PagedAttnParams {
 // group) into a tile; tiles = ceil(max new tokens * group / rows_per_tile).
 int paged_attention_rows_per_tile();
 
-// The wgmma kernel: bf16/fp16 with head dim 128 on an sm_90 device (the current one),
+// The wgmma kernel: bf16/fp16 with head dim 64 or 128 on an sm_90 device (the current one),
 // when the build holds sm_90a code. Persistent: min(Hk x tiles x B, SMs) blocks claim the
 // work items (at most Hk x tiles x B, numbered with an int: the caller keeps that below
 // 2^31) from a plan a small kernel writes first into plan_workspace ([B + 2] int32 on the

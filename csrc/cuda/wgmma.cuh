@@ -1,7 +1,7 @@
 /*
  * Hopper warpgroup MMA (wgmma) primitives for sm_90a: shared-memory matrix descriptors,
- * the async fences, and D (+)= A * B: m64n128 with B in shared memory and A in registers
- * or shared memory, m64n256 with both in shared memory.
+ * the async fences, and D (+)= A * B: m64n64 and m64n128 with B in shared memory and A in
+ * registers, m64n128 and m64n256 with both in shared memory.
  *
  * Only valid in the sm_90a compilation pass (TS_SM90A_DEVICE): the kernels that use these
  * call them only there and compile to an empty body elsewhere, and the host never
@@ -138,6 +138,46 @@ __device__ __forceinline__ void wgmma_rs_n128(float (&d)[16][4], const uint32_t 
     TS_WGMMA_RS_N128("f16");
 }
 #undef TS_WGMMA_RS_N128
+
+// D[64 x 64] (+)= A[64 x 16] (registers) * B[16 x 64] (shared memory, descriptor): the
+// 32 accumulators d[8][4], names %0..%31.
+#define TS_WGMMA_RS_N64(TY)                                                                        \
+  asm volatile(                                                                                    \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                                 \
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY " "                                  \
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"                     \
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "          \
+      "{%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}\n"                                              \
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]),                                \
+        "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),                                \
+        "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),                                \
+        "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),                                \
+        "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),                                \
+        "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),                                \
+        "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]),                                \
+        "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])                                 \
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(scale_d), "n"(kTransB))
+
+template <typename T, int kTransB>
+__device__ __forceinline__ void wgmma_rs_n64(float (&d)[8][4], const uint32_t (&a)[4],
+                                            uint64_t desc, int scale_d) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>)
+    TS_WGMMA_RS_N64("bf16");
+  else
+    TS_WGMMA_RS_N64("f16");
+}
+#undef TS_WGMMA_RS_N64
+
+// D[64 x N] (+)= A (registers) * B (shared memory) for the N = 64 and 128 forms above.
+template <typename T, int kTransB, int N>
+__device__ __forceinline__ void wgmma_rs(float (&d)[N / 8][4], const uint32_t (&a)[4],
+                                        uint64_t desc, int scale_d) {
+  static_assert(N == 64 || N == 128, "m64n64 or m64n128");
+  if constexpr (N == 64)
+    wgmma_rs_n64<T, kTransB>(d, a, desc, scale_d);
+  else
+    wgmma_rs_n128<T, kTransB>(d, a, desc, scale_d);
+}
 
 // One asm statement per input type TY ("bf16" or "f16"): D[64 x 128] (+)= A * B with both
 // operands K-major in shared memory.
