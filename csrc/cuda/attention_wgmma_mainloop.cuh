@@ -155,52 +155,49 @@ __device__ __forceinline__ void sm90_producer(const PagedAttnParams& p, const vo
     constexpr int kPasses = kSm90Keys / kSm90Pass;
     int page[kPasses];   // this thread's key's page in each pass (half)
     int box_slot = 0;    // warp 0's lanes 0-1: the first cache slot of the lane's box
+    int mask = 0;        // the halves of the looked-up tile that come by TMA
     // Small pages, every warp alike: page `lane` of a tile (lanes of its whole halves), for
-    // the run check at the tile's issue. Loaded a tile earlier than the gathers' pages: a
-    // check waiting on a load issued just behind the previous tile's copies cost the
-    // gathers 7-23% (bench/NOTES.md).
+    // the run check. Loaded a tile before the check: a check waiting on a load issued just
+    // behind the previous tile's copies cost the gathers 7-23% (bench/NOTES.md).
     int run_entry = -1, run_next = -1;
     auto load_run = [&](int j) {
       return lane < __popc(whole_boxes(j)) * box_pages
                  ? __ldg(it.t.pages + page_entry(p, j * kSm90Keys) + lane)
                  : -1;
     };
-    auto look_up = [&](int j) {  // issues the tile's page loads; nothing waits for them
-      const int whole = whole_boxes(j);
+    // Sets mask and box_slot for tile j and issues the page loads of the halves it gathers
+    // (nothing waits for them): the pages of halves that come by TMA are not loaded, which
+    // cost the consecutive small pages 3-7% (bench/NOTES.md). Small pages: a half comes by
+    // TMA where its box_pages (<= 16) pages run consecutively in the cache, wherever they
+    // start.
+    auto look_up = [&](int j) {
+      mask = whole_boxes(j);
       if (box_pages > 1) {
         run_entry = j == 0 ? load_run(0) : run_next;
         run_next = j + 1 < tiles ? load_run(j + 1) : -1;
-      } else if (tid < kSm90Keys / max(box_rows, 1) && (whole >> (tid * box_rows / 64) & 1)) {
+        if (mask != 0) {
+          const int first = __shfl_sync(0xffffffffu, run_entry, lane / box_pages * box_pages);
+          const unsigned ok = __ballot_sync(0xffffffffu, run_entry == first + lane % box_pages);
+          const unsigned all = (1u << box_pages) - 1;
+          if ((ok & all) != all) mask &= ~1;
+          if (((ok >> box_pages) & all) != all) mask &= ~2;
+          const int half_first = __shfl_sync(0xffffffffu, run_entry, (lane & 1) * box_pages);
+          if (tid < 2) box_slot = half_first * p.page_size;
+        }
+      } else if (tid < kSm90Keys / max(box_rows, 1) && (mask >> (tid * box_rows / 64) & 1)) {
         const int key = j * kSm90Keys + tid * box_rows;
         box_slot = static_cast<int>(page_slot(p, __ldg(it.t.pages + page_entry(p, key)), key));
       }
-      if (box_pages > 1 || whole != 3) {  // halves that may be gathered
 #pragma unroll
-        for (int h = 0; h < kPasses; ++h)
+      for (int h = 0; h < kPasses; ++h)
+        if (!(mask >> h & 1))
           page[h] = it.t.page_of<kSm90Pass, kSm90Producers>(p, j * kPasses + h, tid);
-      }
-    };
-    // The halves of tile j loaded by TMA (after look_up(j)). Small pages: a half whose
-    // box_pages (<= 16) pages run consecutively in the cache, wherever they start.
-    auto tma_mask = [&](int j) {
-      int mask = whole_boxes(j);
-      if (box_pages > 1 && mask != 0) {
-        const int first = __shfl_sync(0xffffffffu, run_entry, lane / box_pages * box_pages);
-        const unsigned ok = __ballot_sync(0xffffffffu, run_entry == first + lane % box_pages);
-        const unsigned all = (1u << box_pages) - 1;
-        if ((ok & all) != all) mask &= ~1;
-        if (((ok >> box_pages) & all) != all) mask &= ~2;
-        const int half_first = __shfl_sync(0xffffffffu, run_entry, (lane & 1) * box_pages);
-        if (tid < 2) box_slot = half_first * p.page_size;
-      }
-      return mask;
     };
     look_up(0);
     for (int j = 0; j < tiles; ++j, ++g) {
       const int ks = g % kSm90KSlots, vs = g % kSm90VSlots;
       T* const dk = sm.sK + ks * kSm90Keys * D;
       T* const dv = sm.sV + vs * kSm90Keys * D;
-      const int mask = tma_mask(j);  // while the slots may still be in use
       pipe::mbar_wait(&sm.k_empty[ks], ((g / kSm90KSlots) & 1) ^ 1);
       pipe::mbar_wait(&sm.v_empty[vs], ((g / kSm90VSlots) & 1) ^ 1);
       if (mask != 0 && tid < 32) {
