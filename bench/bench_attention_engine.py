@@ -1,11 +1,14 @@
-"""End to end: the engine with the attention kernel's K/V loads as chosen (TMA boxes where
-pages allow, bench/bench_attention.py) against the same engine with every load a cp.async
-gather (TOKENSPEED_ATTENTION_KV_LOAD=cp_async), in alternating calls on one engine. The
-prefix cache is flushed before each call, so every call computes the same tokens and the
-pages come from the allocator as in a fresh run.
+"""End to end: the engine with the attention kernel as the device chooses it against the
+same engine under one other setting, in alternating calls on one engine: by default every
+K/V load a cp.async gather (TOKENSPEED_ATTENTION_KV_LOAD=cp_async; the default loads
+TMA boxes where pages allow, bench/bench_attention.py), or e.g. the mma.sync kernel
+(TOKENSPEED_ATTENTION_KERNEL=mma_sync). The prefix cache is flushed before each call, so
+every call computes the same tokens and the pages come from the allocator as in a fresh
+run.
 
-    python bench/bench_kv_load.py [--model qwen2.5-1.5b] [--kv-tokens 65536 262144] [--pairs 3]
-    python bench/bench_kv_load.py --model tiny --device cpu --kv-tokens 8192 --pairs 1 --grpo-prompts 2
+    python bench/bench_attention_engine.py [--model qwen2.5-1.5b] [--kv-tokens 65536 262144]
+        [--pairs 3] [--against TOKENSPEED_ATTENTION_KV_LOAD=cp_async]
+    python bench/bench_attention_engine.py --model tiny --device cpu --kv-tokens 8192 --pairs 1 --grpo-prompts 2
 """
 from __future__ import annotations
 
@@ -22,8 +25,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_scoring  # noqa: E402
 from bench_scoring import MODELS, build_checkpoint, make_workload  # noqa: E402
 
-ENV = "TOKENSPEED_ATTENTION_KV_LOAD"
-
 
 def main() -> None:
     ap = argparse.ArgumentParser()
@@ -33,7 +34,12 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=3)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--grpo-prompts", type=int, default=64)
+    ap.add_argument("--against", default="TOKENSPEED_ATTENTION_KV_LOAD=cp_async",
+                    help="NAME=value: the setting the default is timed against")
     args = ap.parse_args()
+    if "=" not in args.against:
+        ap.error(f"--against takes NAME=value, got {args.against!r}")
+    env, value = args.against.split("=", 1)
     from tokenspeed import Engine
 
     bench_scoring.DEVICE = args.device
@@ -48,33 +54,36 @@ def main() -> None:
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     print(f"# {torch.cuda.get_device_name() if cuda else args.device}  torch "
           f"{torch.__version__}  {args.model} grpo ({n_tokens} tokens)")
-    saved = os.environ.pop(ENV, None)
+    saved = os.environ.pop(env, None)
     try:
         for kv in args.kv_tokens:
             with Engine(str(path), device=args.device, dtype="bfloat16",
                         kv_cache_tokens=kv) as eng:
                 eng.compute_log_probs(warm)
-                secs = {"auto": [], "cp_async": []}
+                secs = {"default": [], "against": []}
                 outs = {}
                 for _ in range(args.pairs):
                     for mode in secs:
-                        os.environ[ENV] = mode
+                        if mode == "against":
+                            os.environ[env] = value
+                        else:
+                            os.environ.pop(env, None)
                         eng.flush_cache()
                         sync()
                         t0 = time.perf_counter()
                         outs[mode] = eng.compute_log_probs(seqs, return_tensors=True)
                         sync()
                         secs[mode].append(time.perf_counter() - t0)
-            same = torch.equal(outs["auto"]["log_probs"], outs["cp_async"]["log_probs"])
-            auto, gathers = statistics.median(secs["auto"]), statistics.median(secs["cp_async"])
-            print(f"kv_tokens {kv}: chosen loads {n_tokens / auto:9.0f} tok/s, gathers only "
-                  f"{n_tokens / gathers:9.0f} tok/s: {gathers / auto:.3f}x; identical "
-                  f"log-probs: {same}", flush=True)
+            a, b = outs["default"]["log_probs"], outs["against"]["log_probs"]
+            diff = (a.double() - b.double()).abs().max().item()
+            mine, other = statistics.median(secs["default"]), statistics.median(secs["against"])
+            print(f"kv_tokens {kv}: default {n_tokens / mine:9.0f} tok/s, {args.against} "
+                  f"{n_tokens / other:9.0f} tok/s: {other / mine:.3f}x; log-probs identical: "
+                  f"{torch.equal(a, b)} (max |diff| {diff:.3g})", flush=True)
     finally:
-        os.environ.pop(ENV, None)
+        os.environ.pop(env, None)
         if saved is not None:
-            os.environ[ENV] = saved
-
+            os.environ[env] = saved
 
 if __name__ == "__main__":
     main()
