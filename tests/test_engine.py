@@ -206,6 +206,8 @@ BAD_INPUTS = [
      r"prompt_token_ids\[1\] is 2.0"),
     ([{"prompt_token_ids": [1, True], "completion_token_ids": [2]}], TypeError,
      r"prompt_token_ids\[1\] is True"),
+    ([{"prompt_token_ids": [1, 2 ** 70], "completion_token_ids": [2]}], ValueError,
+     rf"prompt_token_ids\[1\] is {2 ** 70}, vocabulary"),
     ([{"prompt_token_ids": "abc", "completion_token_ids": [2]}], TypeError, "list of ints"),
     (["not a dict"], TypeError, "sequence 0"),
     ({"prompt_token_ids": [1], "completion_token_ids": [2]}, TypeError, "list of dicts"),

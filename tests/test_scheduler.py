@@ -13,6 +13,8 @@ from collections import defaultdict
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import tokenspeed_ext
 
@@ -744,3 +746,29 @@ def test_route_ids_checked():
         keyed.add(0, [1, 2, 3], 0, [0, 0])
     with pytest.raises(ValueError, match=r"route_ids\[1\] is -2"):
         keyed.add(0, [1, 2, 3], 0, [0, -2, 0])
+
+
+class _Int(int):
+    """An int subclass: valid as an id, but only through the engine's slower checks."""
+
+
+@given(items=st.lists(st.one_of(st.integers(-3, 40), st.booleans(), st.floats(-1, 50),
+                                st.integers(2 ** 31, 2 ** 80), st.integers(-2 ** 80, -2 ** 63),
+                                st.builds(np.int64, st.integers(0, 40)),
+                                st.builds(_Int, st.integers(0, 40)), st.none()),
+                      max_size=30),
+       vocab=st.integers(1, 40))
+@settings(max_examples=300, deadline=None)
+def test_first_bad_id_matches_a_python_scan(items, vocab):
+    """first_bad_id (the engine's one-pass id check): the index of the first item that is
+    not a plain int in [0, vocab) (bools, numpy ints and int subclasses are not; huge ints
+    are out of range), or -1."""
+    want = next((i for i, t in enumerate(items) if type(t) is not int or not 0 <= t < vocab),
+                -1)
+    assert scheduler_module().first_bad_id(items, vocab) == want
+
+
+def test_first_bad_id_takes_lists_only():
+    for value in ((1, 2), "ab", None, np.arange(3)):
+        with pytest.raises(TypeError):
+            scheduler_module().first_bad_id(value, 10)

@@ -6,9 +6,10 @@ was wrong, so front ends (the CLI, a server) can map it to their own line or ite
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,7 +55,9 @@ def token_list(index: int, key: str, value: Any, vocab: int) -> list[int]:
         raise InvalidSequenceError(index, key, f"{key} must be a list of ints, "
                                                f"got {type(value).__name__}")
     tokens = value if isinstance(value, list) else list(value)
-    if set(map(type, tokens)) - {int}:  # the usual list of plain ints skips the loop
+    if _first_bad_id()(tokens, vocab) < 0:  # the usual list of plain ids, in one C++ pass
+        return tokens
+    if set(map(type, tokens)) - {int}:
         for j, t in enumerate(tokens):
             if not _scalar_int(t):
                 raise InvalidSequenceError(index, key, f"{key}[{j}] is {t!r} "
@@ -65,6 +68,14 @@ def token_list(index: int, key: str, value: Any, vocab: int) -> list[int]:
         raise InvalidSequenceError(index, key, f"{key}[{j}] is {tokens[j]}, "
                                                f"vocabulary is [0, {vocab})")
     return tokens
+
+
+@functools.cache
+def _first_bad_id() -> Callable[[list, int], int]:
+    # the scheduler's module, built on first use like the engine's scheduler (imported
+    # here, not at the top, so front ends importing this module's errors build nothing)
+    from tokenspeed_ext import scheduler_module
+    return scheduler_module.first_bad_id
 
 
 def integer_dtype(t: Tensor) -> bool:

@@ -189,18 +189,21 @@ def plan(sequences: Sequence[Mapping[str, Any]], seqs: list[tuple[list[int], lis
         except InvalidSequenceError as e:
             raise ValueError(e.detail) from None
     per_seq = {name: [] for name in FILTERS}
+    # the ids asked at each scored position, laid out only where some are asked
     ids: list[list[int]] = []
-    any_ids = call_ids is not None
+    any_ids = call_ids is not None or any("token_ids" in item for item in sequences)
     for i, (item, (_, completion)) in enumerate(zip(sequences, seqs)):
         for name in FILTERS:
-            value = item.get(name, call[name])
-            try:
-                value = check_filter(name, value)
-            except (TypeError, ValueError) as e:
-                raise InvalidSequenceError(i, name, str(e)) from None
+            value = call[name]
+            if name in item:  # the call's own values are checked above
+                try:
+                    value = check_filter(name, item[name])
+                except (TypeError, ValueError) as e:
+                    raise InvalidSequenceError(i, name, str(e)) from None
             per_seq[name].append(value)
+        if not any_ids:
+            continue
         if "token_ids" in item:
-            any_ids = True
             ids += _per_position_ids(i, item["token_ids"], len(completion), vocab)
         else:
             ids += [call_ids or []] * len(completion)

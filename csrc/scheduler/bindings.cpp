@@ -263,4 +263,23 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
              if (!violation.empty()) throw std::logic_error("scheduler invariant: " + violation);
            },
            "Raise RuntimeError naming the first broken invariant.");
+
+  // The engine's validation of every call's ids (tokenspeed/inputs.py) in one pass: its
+  // Python checks (the items' types, then min and max) took ~50 ns a token, most of the
+  // host's work before a call's first batch (bench/NOTES.md).
+  m.def("first_bad_id",
+        [](const py::list& tokens, int64_t vocab) -> int64_t {
+          const Py_ssize_t n = PyList_GET_SIZE(tokens.ptr());
+          for (Py_ssize_t i = 0; i < n; ++i) {
+            PyObject* t = PyList_GET_ITEM(tokens.ptr(), i);
+            if (!PyLong_CheckExact(t)) return i;
+            int overflow = 0;
+            const long long v = PyLong_AsLongLongAndOverflow(t, &overflow);
+            if (overflow != 0 || v < 0 || v >= vocab) return i;
+          }
+          return -1;
+        },
+        py::arg("tokens"), py::arg("vocab"),
+        "The index of the first item of the list that is not a plain int (bool and other "
+        "int subclasses are not) in [0, vocab), or -1 when there is none.");
 }
