@@ -1,7 +1,7 @@
 /*
  * Hopper warpgroup MMA (wgmma) primitives for sm_90a: shared-memory matrix descriptors,
- * the async fences, and D (+)= A * B: m64n64 and m64n128 with B in shared memory and A in
- * registers, m64n128 and m64n256 with both in shared memory.
+ * the async fences, and D (+)= A * B: m64n64 and m64n128 with A in registers and B in
+ * shared memory, m64n128 and m64n256 with both in shared memory.
  *
  * Only valid in the sm_90a compilation pass (TS_SM90A_DEVICE): the kernels that use these
  * call them only there and compile to an empty body elsewhere, and the host never
@@ -93,14 +93,16 @@ __device__ __forceinline__ void fence_operand(float (&d)[N][4]) {
     for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(d[i][e])::"memory");
 }
 
-// The 64 fp32 accumulators of an m64n128 wgmma: their operand names %0..%63 and the
-// operands, d[16][4] read and written (one pair of macros for every form below).
-#define TS_WGMMA_N128_D_NAMES                                                                      \
-  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"                         \
-  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"                \
+// Accumulator operands of the m64nN wgmmas (d[N / 8][4], read and written), in groups
+// of 32: their names %0..%31 and %32..%63, and the operands d[0..7] and d[8..15]. One
+// pair of NAMES / OPERANDS macros per width serves every form below.
+#define TS_WGMMA_NAMES_0_31                                                                        \
+  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"                          \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+#define TS_WGMMA_NAMES_32_63                                                                       \
   "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"                \
-  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
-#define TS_WGMMA_N128_D_OPERANDS                                                                   \
+  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+#define TS_WGMMA_D_0_7                                                                             \
   "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]),                                      \
   "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),                                      \
   "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),                                      \
@@ -108,7 +110,8 @@ __device__ __forceinline__ void fence_operand(float (&d)[N][4]) {
   "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),                                      \
   "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),                                      \
   "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]),                                      \
-  "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]),                                      \
+  "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+#define TS_WGMMA_D_8_15                                                                            \
   "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]),                                      \
   "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]),                                      \
   "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]),                                  \
@@ -117,67 +120,49 @@ __device__ __forceinline__ void fence_operand(float (&d)[N][4]) {
   "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]),                                  \
   "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]),                                  \
   "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
+#define TS_WGMMA_N64_D_NAMES "{" TS_WGMMA_NAMES_0_31 "}, "
+#define TS_WGMMA_N64_D_OPERANDS TS_WGMMA_D_0_7
+#define TS_WGMMA_N128_D_NAMES "{" TS_WGMMA_NAMES_0_31 "," TS_WGMMA_NAMES_32_63 "}, "
+#define TS_WGMMA_N128_D_OPERANDS TS_WGMMA_D_0_7, TS_WGMMA_D_8_15
 
-// One asm statement per input type TY ("bf16" or "f16") and width 128.
-#define TS_WGMMA_RS_N128(TY)                                                                       \
+// One asm statement of the register-A form for input type TY ("bf16" or "f16") and shape
+// SHAPE: after the accumulators come a[0..3], desc, scale_d and kTransB, whose operand
+// names (numbered after the accumulators') are A_DESC (a, then desc), SCALE and TRANS.
+#define TS_WGMMA_RS(TY, SHAPE, D_NAMES, D_OPERANDS, A_DESC, SCALE, TRANS)                          \
   asm volatile(                                                                                    \
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                                 \
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY " "                                 \
-      TS_WGMMA_N128_D_NAMES                                                                        \
-      "{%64, %65, %66, %67}, %68, p, 1, 1, %70;\n}\n"                                              \
-      : TS_WGMMA_N128_D_OPERANDS                                                                   \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, " SCALE ", 0;\n"                                           \
+      "wgmma.mma_async.sync.aligned." SHAPE ".f32." TY "." TY " "                                  \
+      D_NAMES A_DESC ", p, 1, 1, " TRANS ";\n}\n"                                                   \
+      : D_OPERANDS                                                                                 \
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(scale_d), "n"(kTransB))
+#define TS_WGMMA_RS_N64(TY)                                                                        \
+  TS_WGMMA_RS(TY, "m64n64k16", TS_WGMMA_N64_D_NAMES, TS_WGMMA_N64_D_OPERANDS,                      \
+              "{%32, %33, %34, %35}, %36", "%37", "%38")
+#define TS_WGMMA_RS_N128(TY)                                                                       \
+  TS_WGMMA_RS(TY, "m64n128k16", TS_WGMMA_N128_D_NAMES, TS_WGMMA_N128_D_OPERANDS,                   \
+              "{%64, %65, %66, %67}, %68", "%69", "%70")
 
-// D[64 x 128] (+)= A[64 x 16] (registers) * B[16 x 128] (shared memory, descriptor).
-template <typename T, int kTransB>
-__device__ __forceinline__ void wgmma_rs_n128(float (&d)[16][4], const uint32_t (&a)[4],
-                                             uint64_t desc, int scale_d) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>)
+// D[64 x N] (+)= A[64 x 16] (registers) * B[16 x N] (shared memory, descriptor), N = 64
+// or 128: d holds N / 2 accumulators a thread.
+template <typename T, int kTransB, int N>
+__device__ __forceinline__ void wgmma_rs(float (&d)[N / 8][4], const uint32_t (&a)[4],
+                                        uint64_t desc, int scale_d) {
+  static_assert(N == 64 || N == 128, "m64n64 or m64n128");
+  constexpr bool bf16 = std::is_same_v<T, __nv_bfloat16>;
+  if constexpr (N == 64 && bf16)
+    TS_WGMMA_RS_N64("bf16");
+  else if constexpr (N == 64)
+    TS_WGMMA_RS_N64("f16");
+  else if constexpr (bf16)
     TS_WGMMA_RS_N128("bf16");
   else
     TS_WGMMA_RS_N128("f16");
 }
 #undef TS_WGMMA_RS_N128
-
-// D[64 x 64] (+)= A[64 x 16] (registers) * B[16 x 64] (shared memory, descriptor): the
-// 32 accumulators d[8][4], names %0..%31.
-#define TS_WGMMA_RS_N64(TY)                                                                        \
-  asm volatile(                                                                                    \
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                                 \
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY " "                                  \
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"                     \
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "          \
-      "{%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}\n"                                              \
-      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]),                                \
-        "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),                                \
-        "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),                                \
-        "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),                                \
-        "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),                                \
-        "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),                                \
-        "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]),                                \
-        "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])                                 \
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(scale_d), "n"(kTransB))
-
-template <typename T, int kTransB>
-__device__ __forceinline__ void wgmma_rs_n64(float (&d)[8][4], const uint32_t (&a)[4],
-                                            uint64_t desc, int scale_d) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>)
-    TS_WGMMA_RS_N64("bf16");
-  else
-    TS_WGMMA_RS_N64("f16");
-}
 #undef TS_WGMMA_RS_N64
-
-// D[64 x N] (+)= A (registers) * B (shared memory) for the N = 64 and 128 forms above.
-template <typename T, int kTransB, int N>
-__device__ __forceinline__ void wgmma_rs(float (&d)[N / 8][4], const uint32_t (&a)[4],
-                                        uint64_t desc, int scale_d) {
-  static_assert(N == 64 || N == 128, "m64n64 or m64n128");
-  if constexpr (N == 64)
-    wgmma_rs_n64<T, kTransB>(d, a, desc, scale_d);
-  else
-    wgmma_rs_n128<T, kTransB>(d, a, desc, scale_d);
-}
+#undef TS_WGMMA_RS
+#undef TS_WGMMA_N64_D_NAMES
+#undef TS_WGMMA_N64_D_OPERANDS
 
 // One asm statement per input type TY ("bf16" or "f16"): D[64 x 128] (+)= A * B with both
 // operands K-major in shared memory.
@@ -202,6 +187,10 @@ __device__ __forceinline__ void wgmma_ss_n128(float (&d)[16][4], uint64_t desc_a
 #undef TS_WGMMA_SS_N128
 #undef TS_WGMMA_N128_D_NAMES
 #undef TS_WGMMA_N128_D_OPERANDS
+#undef TS_WGMMA_NAMES_0_31
+#undef TS_WGMMA_NAMES_32_63
+#undef TS_WGMMA_D_0_7
+#undef TS_WGMMA_D_8_15
 
 // The 128 fp32 accumulators of an m64n256 wgmma (d[32][4]): names %0..%127, operands.
 #define TS_WGMMA_N256_D_NAMES                                                                      \
