@@ -178,9 +178,9 @@ def _poison_unread_slots(kc, vc, table, lens):
 def test_attention_kv_loads_tma_and_cp_async_agree_small(dtype, page, d, monkeypatch):
     """sm_90: with pages of 64 keys or more the wgmma kernel loads whole pages by TMA
     (required here) and a request's partial last page by cp.async, zero past its keys;
-    with pages of 4-32 keys, a tile's 128 keys by one TMA box where its pages are
+    with pages of 4-32 keys, each 64-key half of a tile by one TMA box where its pages are
     consecutive in the cache and by cp.async where not (here each request's pages lie in
-    two runs) or past the last whole tile. With NaN in every slot no request reads, it
+    two runs) or past the request's last whole half. With NaN in every slot no request reads, it
     matches the reference, and bitwise what cp.async alone and the default choice give."""
     if not _wgmma_device():
         pytest.skip("the wgmma kernel runs on sm_90 devices")

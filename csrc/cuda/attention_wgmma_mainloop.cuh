@@ -13,9 +13,9 @@
  * Consumers (warpgroups 1 and 2): own 64 query rows each of every item and only compute.
  * Per iteration: S_g = Q K_g^T (D / 16 m64n128k16 wgmmas, Q and K K-major in shared
  * memory), then O += P_{g-1} V_{g-1} (8 m64nDk16 wgmmas, P from registers, V MN-major and
- * transposed by the instruction); the softmax of tile g runs while the tensor cores do the latter. They
- * never meet at a block barrier and take turns to issue their products (ping-pong), so
- * one runs its softmax while the tensor cores serve the other. Every wgmma and wait lies
+ * transposed by the instruction); the softmax of tile g runs while the tensor cores do
+ * the latter. They never meet at a block barrier and take turns to issue their products
+ * (ping-pong), so one runs its softmax while the tensor cores serve the other. Every wgmma and wait lies
  * on a path all warps of the warpgroup take: ptxas serialises the wgmmas otherwise
  * (C7515/C7518), so both consumers walk all of an item's tiles.
  *
