@@ -135,6 +135,43 @@ def check_bitwise(ckpt, device, dtype, moe, company_seed, n_company, max_batch_t
                     assert out[key][row] == expected[key][0], (key, t, row)
 
 
+# a part's own rich option, per sequence (a session without call-wide rich options
+# takes parts with and without them, so a batch can hold both)
+PER_SEQUENCE = {"top_k": dict(top_k=4), "top_p": dict(top_p=0.8),
+                "token_ids": dict(token_ids=[3, 9])}
+
+
+@pytest.mark.parametrize("device, model", CASES)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@settings(max_examples=8, **HYPOTHESIS)
+@given(kind=st.sampled_from(sorted(PER_SEQUENCE)), rich_first=st.booleans(),
+       max_batch_tokens=st.sampled_from([8, 64, 512]), company_seed=st.integers(0, 2**16))
+def test_plain_part_is_bitwise_independent_of_rich_parts(checkpoints, device, model, dtype,
+                                                          kind, rich_first, max_batch_tokens,
+                                                          company_seed):
+    """A session's plain part (no rich options) sharing batches with a part that asks a
+    filter or ids per sequence scores as the targets alone: the head takes the plain
+    rows' scores as on the plain path, not from the rich batch's logits."""
+    want = alone(checkpoints[model], device, dtype, False, False)
+    gen = torch.Generator().manual_seed(company_seed)
+    rich = [{**seq, **PER_SEQUENCE[kind]}
+            for seq in random_sequences(gen, VOCAB, 3, max_prompt=40, max_completion=30)]
+    with Engine(checkpoints[model], device=device, dtype=dtype, deterministic=True,
+                max_batch_tokens=max_batch_tokens, kv_cache_tokens=1 << 12) as engine:
+        with engine.session(0.8, return_entropy=True) as session:
+            if rich_first:
+                others = session.add(rich)
+            plain = session.add(targets())
+            if not rich_first:
+                others = session.add(rich)
+            while not (plain.done and others.done):
+                session.step()
+            out = plain.result()
+    for t, expected in enumerate(want):
+        for key in OUTPUTS[:2]:
+            assert out[key][t] == expected[key][0], (key, t)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_tp2_scores_are_bitwise_independent_of_the_call(checkpoints, dtype):
     """Under tensor parallelism (two CPU ranks on gloo, launched by the engine): every

@@ -136,16 +136,20 @@ def row_options(runs: Sequence[tuple[RichCall | None, Tensor]], device: torch.de
     part) each: ``runs`` holds each run's RichCall (None: a call that asked for nothing
     beyond plain log-probs, whose rows take the defaults: no filter, no ids) and its rows'
     flat output slots. None when no run has a RichCall: the plain path. top_logprobs is a
-    call-wide option, so every RichCall of a batch has the same."""
+    call-wide option, so every RichCall of a batch has the same. The rows of runs without
+    one are listed as ``plain``: the head scores them as on the plain path, so a plain
+    call's scores do not depend on rich rows sharing its batches."""
     calls = [rich for rich, _ in runs if rich is not None]
     if not calls:
         return None
     width = max((r.token_ids.shape[1] for r in calls if r.token_ids is not None),
                 default=None)
-    top_k, top_p, min_p, ids = [], [], [], []
+    top_k, top_p, min_p, ids, plain = [], [], [], [], []
+    at = 0
     for rich, dst in runs:
         n = len(dst)
         if rich is None:
+            plain.append(torch.arange(at, at + n))
             top_k.append(torch.full((n,), DEFAULTS["top_k"], dtype=torch.int64))
             top_p.append(torch.full((n,), DEFAULTS["top_p"], dtype=torch.float32))
             min_p.append(torch.full((n,), DEFAULTS["min_p"], dtype=torch.float32))
@@ -157,12 +161,14 @@ def row_options(runs: Sequence[tuple[RichCall | None, Tensor]], device: torch.de
             own = (torch.empty(n, 0, dtype=torch.int64)
                    if rich is None or rich.token_ids is None else rich.token_ids[dst])
             ids.append(torch.nn.functional.pad(own, (0, width - own.shape[1]), value=-1))
+        at += n
 
     def rows(parts: list[Tensor]) -> Tensor:
         return torch.cat(parts).to(device, non_blocking=True)
     return RowOptions(rows(top_k), rows(top_p), rows(min_p), calls[0].top_logprobs,
                       None if width is None else rows(ids),
-                      max(r.candidates for r in calls), any(r.filtered for r in calls))
+                      max(r.candidates for r in calls), any(r.filtered for r in calls),
+                      rows(plain) if plain else None)
 
 
 def _pad3(parts: Sequence[Tensor], fill: float, width: int) -> Tensor:

@@ -159,15 +159,23 @@ class LogprobHead(nn.Module):
         """The sampler-filtered log-probs, entropy, top-k and requested-id log-probs of
         every row (sampler_filters.py), from the same read of the logits that gives the
         partials, in bounded row blocks; a second pass over a block's logits only for
-        the rows whose kept set the candidates do not settle."""
+        the rows whose kept set the candidates do not settle. The rows in ``opts.plain``
+        get their log-prob and entropy from ``forward``, as they would in a batch without
+        rich rows."""
         if validate:
             self._check_targets(targets)
         step, block = self._rows_at_once(self._block_width(), hidden)
         blocks = [self._rich_block(hidden[r:r + step], targets[r:r + step], temperature,
                                    opts.rows(r, r + step), block)
                   for r in range(0, hidden.shape[0], step)]
-        return RichRows(*(None if parts[0] is None else torch.cat(parts)
-                          for parts in zip(*(vars(b).values() for b in blocks))))
+        out = RichRows(*(None if parts[0] is None else torch.cat(parts)
+                         for parts in zip(*(vars(b).values() for b in blocks))))
+        if opts.plain is not None:
+            lp, ent = self(hidden.index_select(0, opts.plain),
+                           targets.index_select(0, opts.plain), temperature, True)
+            out.log_probs.index_copy_(0, opts.plain, lp)
+            out.entropy.index_copy_(0, opts.plain, ent)
+        return out
 
     def _block_width(self) -> int:
         """Logits columns a row of a block holds at once. Under tensor parallelism it is

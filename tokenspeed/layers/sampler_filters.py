@@ -71,7 +71,8 @@ def row_cumsum(x: Tensor) -> Tensor:
 @dataclass
 class RowOptions:
     """Per scored row: filters (top_k [S] int64, 0 = off; top_p, min_p [S] fp32) and the
-    rich outputs asked for (top_logprobs k; token_ids [S, n] int64, -1 = no id)."""
+    rich outputs asked for (top_logprobs k; token_ids [S, n] int64, -1 = no id); ``plain``:
+    the rows (int64 indices) of calls that asked for plain log-probs only, or None."""
     top_k: Tensor
     top_p: Tensor
     min_p: Tensor
@@ -79,12 +80,14 @@ class RowOptions:
     token_ids: Tensor | None
     candidates: int  # k of the ops: enough for the filters and the top_logprobs
     filtered: bool = True  # some row has a filter on (False: no candidates needed)
+    plain: Tensor | None = None
 
     @property
     def needs_candidates(self) -> bool:
         return self.filtered or self.top_logprobs > 0
 
     def rows(self, begin: int, end: int) -> RowOptions:
+        """Rows begin .. end - 1 (their rich options; ``plain`` is the whole batch's)."""
         return RowOptions(self.top_k[begin:end], self.top_p[begin:end], self.min_p[begin:end],
                           self.top_logprobs,
                           None if self.token_ids is None else self.token_ids[begin:end],
