@@ -5,6 +5,7 @@ import pytest
 import torch
 from conftest import DEVICES
 
+from tokenspeed.layers.gemm import building_batch_invariant
 from tokenspeed.layers.logprob_head import HeadOptions, LogprobHead, head_logits
 
 VOCAB, HIDDEN = 1000, 64
@@ -41,6 +42,28 @@ def test_head_matches_fp64(device, dtype, vocab_chunk, temperature, fused):
     tol = 1e-4 if exact else (2**-7 if dtype == torch.bfloat16 else 2**-10) * 4 * 8 / temperature
     assert (lp.cpu().double() - ref_lp).abs().max() < tol
     assert (ent.cpu().double() - ref_ent).abs().max() < tol
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fused", [True, False])
+def test_invariant_head_rows_do_not_depend_on_the_batch(device, dtype, fused):
+    """Built in batch-invariant mode, the head scores a row bitwise alike whatever rows
+    come with it: on CUDA the fused op (its kernel for bf16, its fallback for fp32) or the
+    logits path, on the CPU the logits path, each on fixed row blocks (2048 rows on CUDA,
+    so some slices below span two blocks)."""
+    gen = torch.Generator().manual_seed(hash((dtype, fused)) % 2**31)
+    rows = 2500
+    with building_batch_invariant(True):
+        head = LogprobHead(VOCAB, HIDDEN, options=HeadOptions(fused=fused)).to(
+            device=device, dtype=dtype)
+    head.weight.data.copy_(torch.randn(VOCAB, HIDDEN, generator=gen) * 0.5)
+    hidden = torch.randn(rows, HIDDEN, generator=gen).to(device=device, dtype=dtype)
+    targets = torch.randint(0, VOCAB, (rows,), generator=gen).to(device)
+    lp, ent = head(hidden, targets, 0.8, True)
+    for a, b in [(0, 1), (5, 133), (17, 18), (2047, 2049), (100, 2500), (1999, 2300)]:
+        part_lp, part_ent = head(hidden[a:b].clone(), targets[a:b], 0.8, True)
+        assert torch.equal(part_lp, lp[a:b]) and torch.equal(part_ent, ent[a:b]), (a, b)
 
 
 @pytest.mark.parametrize("device", DEVICES)

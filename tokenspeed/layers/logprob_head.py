@@ -117,11 +117,11 @@ class LogprobHead(nn.Module):
                 lp, ent = tse.combine_logprob_partials(
                     self.tp.all_gather(self._shard_partials(hidden, targets, temperature)))
             return lp, ent if return_entropy else None
-        weight = self.head_weight()
         if self._fused(hidden):
-            lp, ent = tse.combine_logprob_partials(tse.head_logprob_partials(
-                hidden, weight, targets, 0, temperature, validate=False)[None])
+            lp, ent = tse.combine_logprob_partials(
+                self._fused_partials(hidden, targets, temperature)[None])
             return lp, ent if return_entropy else None
+        weight = self.head_weight()
         vocab, vocab_chunk = weight.shape[0], self.options.vocab_chunk
         if vocab_chunk is None or vocab_chunk >= vocab:
             # full rows, but a bounded number at a time, so [rows, V] logits stay small
@@ -141,9 +141,24 @@ class LogprobHead(nn.Module):
 
     def _fused(self, hidden: Tensor) -> bool:
         """Whether the partials come from head_logprob_partials, the logits never written:
-        on CUDA, outside batch-invariant mode (whose product runs on fixed row blocks on
-        every device; the op's fused kernel is invariant but its fallback is not)."""
-        return self.options.fused and hidden.is_cuda and not self.invariant
+        on CUDA."""
+        return self.options.fused and hidden.is_cuda
+
+    def _fused_partials(self, hidden: Tensor, targets: Tensor, temperature: float) -> Tensor:
+        """[S, 4] partials of this rank's vocabulary from head_logprob_partials. In
+        batch-invariant mode on fixed row blocks, as every product (gemm.py): the op's
+        fused kernel does not depend on the row count, but its fallback (other devices,
+        fp32) takes its GEMM's algorithm from the shape."""
+        weight = self.head_weight()
+
+        def partials(rows: Tensor, row_targets: Tensor) -> Tensor:
+            return tse.head_logprob_partials(rows, weight, row_targets, self.vocab_start,
+                                             temperature, validate=False)
+        if not self.invariant:
+            return partials(hidden, targets)
+        out = hidden.new_empty((hidden.shape[0], 4), dtype=torch.float32)
+        return in_row_blocks(lambda rows, dest, row_targets: dest.copy_(
+            partials(rows, row_targets)), hidden, row_block(hidden), out, targets)
 
     def _rows_at_once(self, width: int, hidden: Tensor) -> tuple[int, int | None]:
         """Rows per block of [rows, width] logits (bounded), and the row block their GEMM
@@ -274,10 +289,9 @@ class LogprobHead(nn.Module):
 
     def _shard_partials(self, hidden: Tensor, targets: Tensor, temperature: float) -> Tensor:
         """[S, 4] partials of this rank's vocabulary shard, in bounded row blocks."""
-        weight = self.head_weight()
         if self._fused(hidden):
-            return tse.head_logprob_partials(hidden, weight, targets, self.vocab_start,
-                                             temperature, validate=False)
+            return self._fused_partials(hidden, targets, temperature)
+        weight = self.head_weight()
         step, block = self._rows_at_once(weight.shape[0], hidden)
         return torch.cat([
             tse.logprob_partials(head_logits(hidden[r:r + step], weight, block),
