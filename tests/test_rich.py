@@ -26,6 +26,7 @@ from tokenspeed.layers.sampler_filters import (RowOptions, _kept_set_steps, cand
                                                from_key, gather_token_logits, in_order_sum,
                                                merge_candidates, merge_state, row_cumsum,
                                                row_sum)
+from tokenspeed.rich import plan, row_options
 from tokenspeed_ext import reference as ref
 
 TOL = 2e-5  # fp32 log-probs of O(10) logits against float64
@@ -380,6 +381,21 @@ def test_filters_off_equal_the_plain_op(device):
     lp, ent = tse.logprobs(logits, targets, 0.8, return_entropy=True)
     torch.testing.assert_close(got.log_probs, lp, rtol=0, atol=2e-6)
     torch.testing.assert_close(got.entropy, ent, rtol=0, atol=2e-6)
+
+
+def test_row_options_list_the_plain_runs_rows():
+    """A batch's rows come in runs of one call each; the rows of runs without rich options
+    (None) take the default filters and are listed as plain, runs without rows left out."""
+    seqs = [([1, 2], [3, 4, 5]), ([6], [7])]
+    call = plan([{}, {"top_k": 5}], seqs, 50, {})
+    runs = [(None, torch.arange(2)), (call, torch.arange(4)), (None, torch.arange(0)),
+            (None, torch.arange(3))]
+    opts = row_options(runs, torch.device("cpu"))
+    assert opts.plain.tolist() == [0, 1, 6, 7, 8]
+    assert opts.top_k.tolist() == [0, 0, 0, 0, 0, 5, 0, 0, 0]
+    assert row_options([(call, torch.arange(4)), (None, torch.arange(0))],
+                       torch.device("cpu")).plain is None
+    assert row_options([(None, torch.arange(3))], torch.device("cpu")) is None
 
 
 @pytest.mark.parametrize("device", DEVICES)

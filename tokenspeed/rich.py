@@ -149,7 +149,8 @@ def row_options(runs: Sequence[tuple[RichCall | None, Tensor]], device: torch.de
     for rich, dst in runs:
         n = len(dst)
         if rich is None:
-            plain.append(torch.arange(at, at + n))
+            if n:
+                plain.append(torch.arange(at, at + n))
             top_k.append(torch.full((n,), DEFAULTS["top_k"], dtype=torch.int64))
             top_p.append(torch.full((n,), DEFAULTS["top_p"], dtype=torch.float32))
             min_p.append(torch.full((n,), DEFAULTS["min_p"], dtype=torch.float32))
