@@ -3,7 +3,8 @@
 Ours reads K/V through a page table, shuffled or (--layout consecutive) with each request's
 pages consecutive in the cache as the engine's next-fit page allocator hands them out
 (page size 16: cp.async gathers where shuffled, a TMA box per 64 keys where consecutive;
-64 or more: TMA a page at a time); the peers get the same data de-paged and contiguous
+64 or more: TMA a page at a time), or (--layout runs) in runs of --run-pages consecutive
+pages placed anywhere, as a fragmented pool hands them out; the peers get the same data de-paged and contiguous
 (K/V heads repeated for GQA), with causal masks aligned at the bottom right (each request's new
 tokens are the last of its sequence). TFLOP/s count only
 unmasked work: 4 * D * Hq * sum over new tokens of the keys they see. The cp_async column
@@ -12,7 +13,7 @@ the mma_sync column our kernel for devices other than sm_90
 (TOKENSPEED_ATTENTION_KERNEL=mma_sync), both on the same data.
 
     python bench/bench_attention.py [--models qwen2.5-7b llama-3-8b] [--page 16]
-        [--layout shuffled|consecutive]
+        [--layout shuffled|consecutive|runs] [--run-pages R]
         [--variants TOKENSPEED_ATTENTION_KV_LOAD=cp_async mma_sync ...]
 """
 from __future__ import annotations
@@ -41,18 +42,33 @@ def workloads(seed: int = 0) -> dict[str, tuple[list[int], list[int]]]:
             "ragged16": (ragged_new, ragged_prefix)}
 
 
-def build(new, prefix, hq, hk, d, page, seed=0, layout="shuffled"):
+def build(new, prefix, hq, hk, d, page, seed=0, layout="shuffled", run_pages=4):
+    """layout: shuffled (every page anywhere), consecutive (each request's pages in order,
+    the requests one after another), runs (each request's pages in runs of run_pages,
+    the runs anywhere)."""
     gen = torch.Generator("cuda").manual_seed(seed)
     lens = [a + b for a, b in zip(new, prefix)]
     need = [(n + page - 1) // page for n in lens]
-    perm = (torch.randperm(sum(need), device="cuda", generator=gen) if layout == "shuffled"
-            else torch.arange(sum(need), device="cuda")).to(torch.int32)
     table = torch.zeros(len(new), max(need), dtype=torch.int32, device="cuda")
-    at = 0
-    for i, c in enumerate(need):
-        table[i, :c] = perm[at:at + c]
-        at += c
-    kc = torch.randn(sum(need), page, hk, d, device="cuda", generator=gen).to(torch.bfloat16)
+    if layout == "runs":
+        runs = [-(-c // run_pages) for c in need]
+        order = torch.randperm(sum(runs), device="cuda", generator=gen).to(torch.int32)
+        at = 0
+        for i, c in enumerate(need):
+            first = order[at:at + runs[i]].repeat_interleave(run_pages)[:c] * run_pages
+            table[i, :c] = first + torch.arange(c, device="cuda", dtype=torch.int32) % run_pages
+            at += runs[i]
+        pages = sum(runs) * run_pages
+    else:
+        perm = (torch.randperm(sum(need), device="cuda", generator=gen)
+                if layout == "shuffled" else torch.arange(sum(need), device="cuda")
+                ).to(torch.int32)
+        at = 0
+        for i, c in enumerate(need):
+            table[i, :c] = perm[at:at + c]
+            at += c
+        pages = sum(need)
+    kc = torch.randn(pages, page, hk, d, device="cuda", generator=gen).to(torch.bfloat16)
     vc = torch.randn_like(kc)
     q = torch.randn(sum(new), hq, d, device="cuda", generator=gen).to(torch.bfloat16)
     cu = torch.tensor([0] + torch.tensor(new).cumsum(0).tolist(), dtype=torch.int32,
@@ -97,8 +113,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="+", default=["qwen2.5-7b", "llama-3-8b"])
     ap.add_argument("--page", type=int, default=16)
-    ap.add_argument("--layout", choices=["shuffled", "consecutive"], default="shuffled",
-                    help="the pages of a request: shuffled over the cache, or consecutive")
+    ap.add_argument("--layout", choices=["shuffled", "consecutive", "runs"],
+                    default="shuffled",
+                    help="the pages of a request: shuffled over the cache, consecutive, or "
+                         "in runs of --run-pages consecutive pages, the runs shuffled")
+    ap.add_argument("--run-pages", type=int, default=4)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--variants", nargs="*",
                     default=["TOKENSPEED_ATTENTION_KV_LOAD=cp_async", "mma_sync"],
@@ -120,7 +139,7 @@ def main() -> None:
         hq, hk, d = spec["heads"], spec["kv_heads"], spec["head_dim"]
         for shape, (new, prefix) in workloads().items():
             q, kc, vc, table, cu, lens = build(new, prefix, hq, hk, d, args.page,
-                                               layout=args.layout)
+                                               layout=args.layout, run_pages=args.run_pages)
             flops = 4 * d * hq * sum(sum(p + i + 1 for i in range(n)) for n, p in zip(new, prefix))
             ours_ms = median_ms(lambda i: tse.paged_prefill_attention(q, kc, vc, table, cu, lens),
                                 args.reps)
