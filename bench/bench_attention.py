@@ -1,16 +1,16 @@
 """Paged causal prefill attention vs SDPA's flash and cuDNN backends on the same data.
 
-Ours reads K/V through a page table, shuffled or (--layout consecutive) with each request's
-pages consecutive in the cache as the engine's next-fit page allocator hands them out
-(page size 16: cp.async gathers where shuffled, a TMA box per 64 keys where consecutive;
-64 or more: TMA a page at a time), or (--layout runs) in runs of --run-pages consecutive
-pages placed anywhere, as a fragmented pool hands them out; the peers get the same data de-paged and contiguous
-(K/V heads repeated for GQA), with causal masks aligned at the bottom right (each request's new
-tokens are the last of its sequence). TFLOP/s count only
-unmasked work: 4 * D * Hq * sum over new tokens of the keys they see. The cp_async column
-is our wgmma kernel with every K/V load a cp.async gather (TOKENSPEED_ATTENTION_KV_LOAD),
-the mma_sync column our kernel for devices other than sm_90
-(TOKENSPEED_ATTENTION_KERNEL=mma_sync), both on the same data.
+Ours reads K/V through a page table, shuffled or (--layout consecutive) with each
+request's pages consecutive in the cache as the engine's next-fit page allocator hands
+them out, or (--layout runs) in runs of --run-pages consecutive pages placed anywhere, as
+a fragmented pool hands them out (page size 16: cp.async gathers where pages are
+scattered, a TMA box per 64 keys where consecutive; 64 or more: TMA a page at a time);
+the peers get the same data de-paged and contiguous (K/V heads repeated for GQA), with
+causal masks aligned at the bottom right (each request's new tokens are the last of its
+sequence). TFLOP/s count only unmasked work: 4 * D * Hq * sum over new tokens of the keys
+they see. The cp_async column is our wgmma kernel with every K/V load a cp.async gather
+(TOKENSPEED_ATTENTION_KV_LOAD), the mma_sync column our kernel for devices other than
+sm_90 (TOKENSPEED_ATTENTION_KERNEL=mma_sync), both on the same data.
 
     python bench/bench_attention.py [--models qwen2.5-7b llama-3-8b] [--page 16]
         [--layout shuffled|consecutive|runs] [--run-pages R]
