@@ -87,7 +87,8 @@ class RowOptions:
         return self.filtered or self.top_logprobs > 0
 
     def rows(self, begin: int, end: int) -> RowOptions:
-        """Rows begin .. end - 1 (their rich options; ``plain`` is the whole batch's)."""
+        """Rows begin .. end - 1: their rich options (``plain`` stays the whole batch's
+        concern, None here)."""
         return RowOptions(self.top_k[begin:end], self.top_p[begin:end], self.min_p[begin:end],
                           self.top_logprobs,
                           None if self.token_ids is None else self.token_ids[begin:end],
