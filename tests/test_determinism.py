@@ -172,6 +172,50 @@ def test_plain_part_is_bitwise_independent_of_rich_parts(checkpoints, device, mo
             assert out[key][t] == expected[key][0], (key, t)
 
 
+@pytest.mark.parametrize("device, model", CASES)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@settings(max_examples=6, **HYPOTHESIS)
+@given(kind=st.sampled_from(sorted(PER_SEQUENCE)), data=st.data(),
+       max_batch_tokens=st.sampled_from([8, 64, 512]), company_seed=st.integers(0, 2**16))
+def test_plain_sequences_are_bitwise_independent_of_rich_ones_in_the_call(
+        checkpoints, device, model, dtype, kind, data, max_batch_tokens, company_seed):
+    """Sequences that ask nothing of their own, in one call with sequences that ask a
+    filter or ids, score as alone (the requested ids, an output of the whole call, aside)."""
+    want = alone(checkpoints[model], device, dtype, False, False)
+    gen = torch.Generator().manual_seed(company_seed)
+    rich = [{**seq, **PER_SEQUENCE[kind]}
+            for seq in random_sequences(gen, VOCAB, 3, max_prompt=40, max_completion=30)]
+    mixed = targets() + rich
+    order = data.draw(st.permutations(range(len(mixed))))
+    with Engine(checkpoints[model], device=device, dtype=dtype, deterministic=True,
+                max_batch_tokens=max_batch_tokens, kv_cache_tokens=1 << 12) as engine:
+        out = engine.compute_log_probs([mixed[i] for i in order], 0.8, return_entropy=True)
+    for t, expected in enumerate(want):
+        for key in OUTPUTS[:2]:
+            assert out[key][order.index(t)] == expected[key][0], (key, t)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_tp2_merged_session_part_scores_as_its_own_call(checkpoints, dtype):
+    """Under tensor parallelism a session merges its parts into one call per step: a part
+    that asks nothing beyond log-probs, merged with one asking ids and a filter per
+    sequence, returns exactly what its own call returns (values and keys)."""
+    ckpt = checkpoints["qwen3"]
+    gen = torch.Generator().manual_seed(9)
+    rich = [{**seq, "token_ids": [1, 5], "top_k": 3}
+            for seq in random_sequences(gen, VOCAB, 2, max_prompt=30, max_completion=20)]
+    with Engine(ckpt, device="cpu", dtype=dtype, deterministic=True, tp_size=2,
+                max_batch_tokens=17) as engine:
+        own = engine.compute_log_probs(targets(), 0.8, return_entropy=True)
+        with engine.session(0.8, return_entropy=True) as session:
+            others = session.add(rich)
+            plain = session.add(targets())
+            while not (plain.done and others.done):
+                session.step()
+            assert plain.result() == own
+            assert "token_ids_logprobs" in others.result()
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_tp2_scores_are_bitwise_independent_of_the_call(checkpoints, dtype):
     """Under tensor parallelism (two CPU ranks on gloo, launched by the engine): every

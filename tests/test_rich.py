@@ -383,19 +383,29 @@ def test_filters_off_equal_the_plain_op(device):
     torch.testing.assert_close(got.entropy, ent, rtol=0, atol=2e-6)
 
 
-def test_row_options_list_the_plain_runs_rows():
-    """A batch's rows come in runs of one call each; the rows of runs without rich options
-    (None) take the default filters and are listed as plain, runs without rows left out."""
+def test_row_options_list_the_plain_rows():
+    """A batch's rows come in runs of one call each. The rows of runs without rich options
+    (None) and of sequences that ask nothing of their own (in a call without top_logprobs
+    or call-wide ids) are listed as plain; a batch whose rows are all plain and ask no
+    extra output takes the plain path (None)."""
+    cpu = torch.device("cpu")
     seqs = [([1, 2], [3, 4, 5]), ([6], [7])]
-    call = plan([{}, {"top_k": 5}], seqs, 50, {})
+    call = plan([{}, {"top_k": 5}], seqs, 50, {})  # rows 0-2 plain, row 3 filtered
     runs = [(None, torch.arange(2)), (call, torch.arange(4)), (None, torch.arange(0)),
             (None, torch.arange(3))]
-    opts = row_options(runs, torch.device("cpu"))
-    assert opts.plain.tolist() == [0, 1, 6, 7, 8]
+    opts = row_options(runs, cpu)
+    assert opts.plain.tolist() == [0, 1, 2, 3, 4, 6, 7, 8]
     assert opts.top_k.tolist() == [0, 0, 0, 0, 0, 5, 0, 0, 0]
-    assert row_options([(call, torch.arange(4)), (None, torch.arange(0))],
-                       torch.device("cpu")).plain is None
-    assert row_options([(None, torch.arange(3))], torch.device("cpu")) is None
+    assert row_options([(call, torch.arange(3, 4)), (None, torch.arange(0))],
+                       cpu).plain is None
+    assert row_options([(call, torch.arange(3)), (None, torch.arange(2))], cpu) is None
+    assert row_options([(None, torch.arange(3))], cpu) is None
+    # requested ids (an extra output) keep the rich path; its plain rows are still listed
+    ids = plan([{}, {"token_ids": [1, 2]}], seqs, 50, {})
+    assert row_options([(ids, torch.arange(3))], cpu).plain.tolist() == [0, 1, 2]
+    # top_logprobs or call-wide ids: every row asks something
+    assert plan([{}, {}], seqs, 50, {"top_logprobs": 2}).plain is None
+    assert plan([{}, {"top_k": 3}], seqs, 50, {"token_ids": [4]}).plain is None
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -72,6 +72,10 @@ class RichCall:
     id_counts: list[int] | None  # ids asked at each of the N positions
     candidates: int
     filtered: bool
+    # [N] bool: the positions of sequences that ask nothing of their own (no filter on, no
+    # ids) in a call without top_logprobs or call-wide ids, scored as on the plain path;
+    # None when there are none
+    plain: Tensor | None = None
     top_ids_out: Tensor | None = None
     top_lp_out: Tensor | None = None
     token_lp_out: Tensor | None = None
@@ -135,10 +139,12 @@ def row_options(runs: Sequence[tuple[RichCall | None, Tensor]], device: torch.de
     """The options of a batch's scored rows, which come in runs of one call (or session
     part) each: ``runs`` holds each run's RichCall (None: a call that asked for nothing
     beyond plain log-probs, whose rows take the defaults: no filter, no ids) and its rows'
-    flat output slots. None when no run has a RichCall: the plain path. top_logprobs is a
+    flat output slots. None when no run has a RichCall, or when every row is plain and the
+    batch asks no extra output: the plain path. top_logprobs is a
     call-wide option, so every RichCall of a batch has the same. The rows of runs without
-    one are listed as ``plain``: the head scores them as on the plain path, so a plain
-    call's scores do not depend on rich rows sharing its batches."""
+    one, and a RichCall's ``plain`` rows, are listed as ``plain``: the head scores them as
+    on the plain path, so a sequence that asks nothing beyond log-probs scores the same
+    whatever rich rows share its batches or its call."""
     calls = [rich for rich, _ in runs if rich is not None]
     if not calls:
         return None
@@ -149,12 +155,13 @@ def row_options(runs: Sequence[tuple[RichCall | None, Tensor]], device: torch.de
     for rich, dst in runs:
         n = len(dst)
         if rich is None:
-            if n:
-                plain.append(torch.arange(at, at + n))
+            plain.append(torch.arange(at, at + n))
             top_k.append(torch.full((n,), DEFAULTS["top_k"], dtype=torch.int64))
             top_p.append(torch.full((n,), DEFAULTS["top_p"], dtype=torch.float32))
             min_p.append(torch.full((n,), DEFAULTS["min_p"], dtype=torch.float32))
         else:
+            if rich.plain is not None:
+                plain.append(rich.plain[dst].nonzero()[:, 0] + at)
             top_k.append(rich.top_k[dst])
             top_p.append(rich.top_p[dst])
             min_p.append(rich.min_p[dst])
@@ -163,6 +170,9 @@ def row_options(runs: Sequence[tuple[RichCall | None, Tensor]], device: torch.de
                    if rich is None or rich.token_ids is None else rich.token_ids[dst])
             ids.append(torch.nn.functional.pad(own, (0, width - own.shape[1]), value=-1))
         at += n
+    plain = [r for r in plain if r.numel()]
+    if width is None and not calls[0].top_logprobs and sum(map(len, plain)) == at:
+        return None  # every row is plain and no row asks an extra output: the plain path
 
     def rows(parts: list[Tensor]) -> Tensor:
         return torch.cat(parts).to(device, non_blocking=True)
@@ -232,8 +242,15 @@ def plan(sequences: Sequence[Mapping[str, Any]], seqs: list[tuple[list[int], lis
             token_ids[r, :len(row)] = torch.tensor(row, dtype=torch.int64)
     open_filter = any(k == 0 and (p < 1.0 or m > 0.0) for k, p, m in
                       zip(per_seq["top_k"], per_seq["top_p"], per_seq["min_p"]))
+    plain = None
+    if not top_logprobs and call_ids is None:
+        asks_nothing = [k == 0 and p == 1.0 and m == 0.0 and "token_ids" not in item
+                        for item, k, p, m in zip(sequences, per_seq["top_k"],
+                                                 per_seq["top_p"], per_seq["min_p"])]
+        if any(asks_nothing):
+            plain = flat(asks_nothing, torch.bool)
     return RichCall(top_logprobs, flat(per_seq["top_k"], torch.int64),
                     flat(per_seq["top_p"], torch.float32), flat(per_seq["min_p"], torch.float32),
                     token_ids, [len(r) for r in ids] if any_ids else None,
                     candidate_count(top_logprobs, max(per_seq["top_k"], default=0),
-                                    open_filter), filtered)
+                                    open_filter), filtered, plain)

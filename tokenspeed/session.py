@@ -26,7 +26,7 @@ unwritten); the session is then closed and its unfinished parts never finish.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -557,6 +557,11 @@ class MergedSession:
             # (weight_version) apply to every part as they are
             p.output = {k: v[start:start + n] if isinstance(v, list) else v
                         for k, v in out.items()}
+            if self._rich_options.get("token_ids") is None and not any(
+                    isinstance(s, Mapping) and "token_ids" in s for s in p.sequences):
+                # requested ids are the merged call's output; a part that asked none
+                # returns what its own call would
+                p.output.pop("token_ids_logprobs", None)
             start += n
         return parts
 
