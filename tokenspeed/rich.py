@@ -140,11 +140,11 @@ def row_options(runs: Sequence[tuple[RichCall | None, Tensor]], device: torch.de
     part) each: ``runs`` holds each run's RichCall (None: a call that asked for nothing
     beyond plain log-probs, whose rows take the defaults: no filter, no ids) and its rows'
     flat output slots. None when no run has a RichCall, or when every row is plain and the
-    batch asks no extra output: the plain path. top_logprobs is a
-    call-wide option, so every RichCall of a batch has the same. The rows of runs without
-    one, and a RichCall's ``plain`` rows, are listed as ``plain``: the head scores them as
-    on the plain path, so a sequence that asks nothing beyond log-probs scores the same
-    whatever rich rows share its batches or its call."""
+    batch asks no extra output: the plain path. top_logprobs is a call-wide option, so
+    every RichCall of a batch has the same. The rows of runs without one, and a RichCall's
+    ``plain`` rows, are listed as ``plain``: the head scores them as on the plain path, so
+    a sequence that asks nothing beyond log-probs scores the same whatever rich rows share
+    its batches or its call."""
     calls = [rich for rich, _ in runs if rich is not None]
     if not calls:
         return None
@@ -224,8 +224,9 @@ def plan(sequences: Sequence[Mapping[str, Any]], seqs: list[tuple[list[int], lis
             ids += _per_position_ids(i, item["token_ids"], len(completion), vocab)
         else:
             ids += [call_ids or []] * len(completion)
-    filtered = any(per_seq["top_k"]) or any(p < 1.0 for p in per_seq["top_p"]) or any(
-        per_seq["min_p"])
+    filter_on = [k != 0 or p < 1.0 or m > 0.0 for k, p, m in
+                 zip(per_seq["top_k"], per_seq["top_p"], per_seq["min_p"])]
+    filtered = any(filter_on)
     if not (filtered or top_logprobs or any_ids):
         return None
     lengths = [len(c) for _, c in seqs]
@@ -244,9 +245,8 @@ def plan(sequences: Sequence[Mapping[str, Any]], seqs: list[tuple[list[int], lis
                       zip(per_seq["top_k"], per_seq["top_p"], per_seq["min_p"]))
     plain = None
     if not top_logprobs and call_ids is None:
-        asks_nothing = [k == 0 and p == 1.0 and m == 0.0 and "token_ids" not in item
-                        for item, k, p, m in zip(sequences, per_seq["top_k"],
-                                                 per_seq["top_p"], per_seq["min_p"])]
+        asks_nothing = [not on and "token_ids" not in item
+                        for item, on in zip(sequences, filter_on)]
         if any(asks_nothing):
             plain = flat(asks_nothing, torch.bool)
     return RichCall(top_logprobs, flat(per_seq["top_k"], torch.int64),
