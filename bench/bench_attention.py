@@ -10,7 +10,9 @@ causal masks aligned at the bottom right (each request's new tokens are the last
 sequence). TFLOP/s count only unmasked work: 4 * D * Hq * sum over new tokens of the keys
 they see. The cp_async column is our wgmma kernel with every K/V load a cp.async gather
 (TOKENSPEED_ATTENTION_KV_LOAD), the mma_sync column our kernel for devices other than
-sm_90 (TOKENSPEED_ATTENTION_KERNEL=mma_sync), both on the same data.
+sm_90 (TOKENSPEED_ATTENTION_KERNEL=mma_sync), both on the same data. The timed calls of
+ours, the variants and the peers are taken in turn (medians of --reps each), so a drift
+of the clocks over the run falls on all of them alike.
 
     python bench/bench_attention.py [--models qwen2.5-7b llama-3-8b] [--page 16]
         [--layout shuffled|consecutive|runs] [--run-pages R]
@@ -28,7 +30,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from shapes import MODELS, median_ms  # noqa: E402
+from shapes import MODELS, interleaved_median_ms  # noqa: E402
 
 import tokenspeed_ext as tse  # noqa: E402
 
@@ -80,6 +82,17 @@ def depaged(kc, table, lens):
     page = kc.shape[1]
     return [kc[table[i, :(n + page - 1) // page].long()].flatten(0, 1)[:n]
             for i, n in enumerate(lens.tolist())]
+
+
+def with_env(name: str, value: str, fn):
+    """fn with the environment variable ``name`` set to ``value`` for each call."""
+    def run(i):
+        os.environ[name] = value
+        try:
+            return fn(i)
+        finally:
+            del os.environ[name]
+    return run
 
 
 def sdpa_peer(q, ks, vs, new, prefix, hq, backend):
@@ -141,40 +154,41 @@ def main() -> None:
             q, kc, vc, table, cu, lens = build(new, prefix, hq, hk, d, args.page,
                                                layout=args.layout, run_pages=args.run_pages)
             flops = 4 * d * hq * sum(sum(p + i + 1 for i in range(n)) for n, p in zip(new, prefix))
-            ours_ms = median_ms(lambda i: tse.paged_prefill_attention(q, kc, vc, table, cu, lens),
-                                args.reps)
-            out = tse.paged_prefill_attention(q, kc, vc, table, cu, lens)
+            def call(i, args=(q, kc, vc, table, cu, lens)):
+                return tse.paged_prefill_attention(*args)
+            out = call(0)
             # other settings of ours, for comparison: the mma.sync kernel that devices
             # other than sm_90 run, the wgmma kernel with cp.async K/V loads only
-            variant_tfs = []
+            fns = {"ours": call}
             for env, value in settings:
-                os.environ[env] = value
-                try:
-                    v_ms = median_ms(lambda i: tse.paged_prefill_attention(
-                        q, kc, vc, table, cu, lens), args.reps)
-                finally:
-                    del os.environ[env]
-                variant_tfs.append(f"{flops / v_ms / 1e9:12.0f} | ")
+                fns[f"{env}={value}"] = with_env(env, value, call)
             ks, vs = depaged(kc, table, lens), depaged(vc, table, lens)
-            cells, diff = [], float("nan")
+            diff = float("nan")
             for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION):
                 try:
                     run = sdpa_peer(q, ks, vs, new, prefix, hq, backend)
-                    ms = median_ms(run, args.reps)
-                    cells.append(f"{flops / ms / 1e9:6.0f} {ours_ms and ms / ours_ms:5.2f}")
-                    if backend == SDPBackend.FLASH_ATTENTION:
-                        ref = run(0)
-                        ref = (ref.transpose(1, 2).reshape(out.shape) if torch.is_tensor(ref)
-                               else torch.cat([r[0].transpose(0, 1) for r in ref]))
-                        diff = (out.float() - ref.float()).abs().max().item()
+                    ref = run(0)
                 except RuntimeError as err:
-                    cells.append(f"{'n/a':>6} {'':>5}")
                     print(f"  {backend.name} unavailable for {shape}: {str(err)[:120]}")
+                    continue
+                fns[backend.name] = run
+                if backend == SDPBackend.FLASH_ATTENTION:
+                    ref = (ref.transpose(1, 2).reshape(out.shape) if torch.is_tensor(ref)
+                           else torch.cat([r[0].transpose(0, 1) for r in ref]))
+                    diff = (out.float() - ref.float()).abs().max().item()
+            ms = interleaved_median_ms(fns, args.reps)
+            ours_ms = ms["ours"]
+            variant_tfs = "".join(f"{flops / ms[f'{env}={value}'] / 1e9:12.0f} | "
+                                  for env, value in settings)
+            cells = [f"{flops / ms[b.name] / 1e9:6.0f} {ms[b.name] / ours_ms:5.2f}"
+                     if b.name in ms else f"{'n/a':>6} {'':>5}"
+                     for b in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION)]
             line = (f"{name:>12} {shape:>9} | {ours_ms:8.3f} {flops / ours_ms / 1e9:6.0f} | "
-                    f"{''.join(variant_tfs)}{cells[0]} | {cells[1]} | {diff:.3g}")
+                    f"{variant_tfs}{cells[0]} | {cells[1]} | {diff:.3g}")
             rows.append(line)
             print(line, flush=True)
-            del q, kc, vc, ks, vs, out
+            del q, kc, vc, ks, vs, out, fns, call
+            run = ref = None  # the peers' copies of the data
             torch.cuda.empty_cache()
     print("\n".join(["", "summary (peer columns: their TFLOP/s, their time / ours)"] + rows))
 

@@ -85,6 +85,29 @@ def median_ms(fn: Callable[[int], object], reps: int = 20, warmup: int = 3) -> f
     return statistics.median(times)
 
 
+def interleaved_median_ms(fns: dict[str, Callable[[int], object]], reps: int = 20,
+                          warmup: int = 3) -> dict[str, float]:
+    """median_ms of each of ``fns``, their timed calls taken in turn (a round of one call
+    each, the order rotating by a step every round), so that a drift of the device's
+    clocks over the run (power, heat) falls on every peer alike and their ratios hold."""
+    names = list(fns)
+    for name in names:
+        for i in range(warmup):
+            fns[name](i)
+    torch.cuda.synchronize()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(reps):
+        for k in range(len(names)):
+            name = names[(i + k) % len(names)]
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fns[name](i)
+            end.record()
+            end.synchronize()
+            times[name].append(start.elapsed_time(end))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def back_to_back_ms(fn: Callable[[int], object], reps: int = 20, warmup: int = 3) -> float:
     """Time per call of `reps` calls enqueued back to back between two CUDA events (best
     of three): the steady state of a caller that keeps the device busy, as the engine
@@ -121,6 +144,6 @@ def copy_bandwidth(nbytes: int = 2 << 30) -> float:
     """Device-to-device copy rate in bytes/s (bytes read plus bytes written)."""
     src = torch.empty(nbytes // 2, dtype=torch.int16, device="cuda").random_()
     dst = torch.empty_like(src)
-    ms = median_ms(lambda i: dst.copy_(src), reps=10)
+    ms = median_ms(lambda i, d=dst, s=src: d.copy_(s), reps=10)
     del src, dst
     return 2 * nbytes / (ms * 1e-3)
