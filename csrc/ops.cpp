@@ -23,8 +23,9 @@ TORCH_LIBRARY(tokenspeed, m) {
   // logprob_partials of logits = hidden [T, H] x weight [Vs, H]^T (the LM head's product,
   // fp32 from 16-bit operands) without writing them: hidden and weight of one dtype, unit
   // stride along H, weight the rows of ids [vocab_start, vocab_start + Vs) -> [T, 4].
+  // batch_invariant: a row's partials do not depend on the other rows of the call.
   m.def("head_logprob_partials(Tensor hidden, Tensor weight, Tensor targets, int vocab_start, "
-        "float temperature=1.0, bool validate=True) -> Tensor");
+        "float temperature=1.0, bool validate=True, bool batch_invariant=False) -> Tensor");
   // Merge S shards' partials [S, T, 4] in shard order -> (logprobs [T], entropy [T]).
   m.def("combine_logprob_partials(Tensor partials) -> (Tensor, Tensor)");
   // logprob_partials plus the shard's k (1..64) largest x = logits * (1 / temperature),

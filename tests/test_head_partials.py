@@ -1,7 +1,8 @@
 """The op head_logprob_partials (the log-prob partials of the LM head's product, the logits never
 written) against the float64 reference on fresh random inputs, on CPU and on CUDA: the
 fused kernel (16-bit operands, H and row strides multiples of 8) and the fallback of
-every other call; the fused kernel's rows do not depend on the batch (bitwise); real widths;
+every other call; the fused kernel's rows, and every path's with batch_invariant, do not
+depend on the batch (bitwise); real widths;
 opcheck, torch.compile and argument checks.
 """
 from __future__ import annotations
@@ -126,6 +127,28 @@ def test_head_rows_do_not_depend_on_the_batch():
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_batch_invariant_rows_do_not_depend_on_the_batch(device, dtype):
+    """batch_invariant=True: a row's partials are bitwise alike in every slice that holds
+    it, on the fused kernel (CUDA bf16) and the fallback (CUDA fp32, CPU), whose last row
+    block is then padded: single rows, slices within one block and across blocks (CPU
+    blocks of 104 rows here, CUDA fallback blocks of 1677)."""
+    g = torch.Generator().manual_seed(5)
+    t, v = 2000, 40_000
+    hidden, weight = make_head(g, t, v, 64, dtype, device, 4.0, 0)
+    targets = torch.randint(0, v, (t,), generator=g).to(device)
+    full = tse.head_logprob_partials(hidden, weight, targets, 0, 0.9, batch_invariant=True)
+    for a, b in [(0, 1), (7, 8), (5, 133), (100, 1900), (1676, 1679), (1990, 2000)]:
+        part = tse.head_logprob_partials(hidden[a:b].clone(), weight, targets[a:b], 0, 0.9,
+                                         batch_invariant=True)
+        assert torch.equal(part, full[a:b]), (a, b)
+    exact, own = reference_scores(hidden, weight, targets, 0, 0.9)
+    lp, ent = tse.combine_logprob_partials(full[None])
+    assert_within_own_error(lp, exact[0], own[0], what="logprob")
+    assert_within_own_error(ent, exact[1], own[1], what="entropy")
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_head_partials_empty_rows(device):
     hidden = torch.randn(0, 64, device=device, dtype=torch.bfloat16)
     weight = torch.randn(10, 64, device=device, dtype=torch.bfloat16)
@@ -147,8 +170,9 @@ def small_args(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device):
     hidden, weight, targets = small_args(device)
-    torch.library.opcheck(torch.ops.tokenspeed.head_logprob_partials,
-                          (hidden, weight, targets, 3, 1.1))
+    for invariant in (False, True):
+        torch.library.opcheck(torch.ops.tokenspeed.head_logprob_partials,
+                              (hidden, weight, targets, 3, 1.1, True, invariant))
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -43,7 +43,8 @@ def logprob_partials(logits: Tensor, targets: Tensor, vocab_start: int,
 
 
 def head_logprob_partials(hidden: Tensor, weight: Tensor, targets: Tensor, vocab_start: int = 0,
-                          temperature: float = 1.0, validate: bool = True) -> Tensor:
+                          temperature: float = 1.0, validate: bool = True,
+                          batch_invariant: bool = False) -> Tensor:
     """``logprob_partials(hidden @ weight.T, ...)`` without writing the logits.
 
     hidden [T, H] and weight [Vs, H] (the LM head's rows of ids vocab_start .. +Vs) of one
@@ -51,9 +52,13 @@ def head_logprob_partials(hidden: Tensor, weight: Tensor, targets: Tensor, vocab
     operands). On an H100/H200 (sm_90) with bf16/fp16 operands the partials come from the
     GEMM's epilogue; elsewhere from the fp32 product in bounded row blocks. Returns [T, 4]
     fp32, as ``logprob_partials``; ``combine_logprob_partials(p[None])`` finishes them.
+    ``batch_invariant``: each row's partials are bitwise the same whatever other rows share
+    the call (the fused kernel always is; the fallback then pads its last row block to a
+    whole one, as its GEMM's algorithm follows the shape).
     """
     return _ops.head_logprob_partials.default(hidden, weight, targets, int(vocab_start),
-                                              float(temperature), bool(validate))
+                                              float(temperature), bool(validate),
+                                              bool(batch_invariant))
 
 
 def combine_logprob_partials(partials: Tensor) -> tuple[Tensor, Tensor]:
@@ -199,7 +204,7 @@ def _logprob_partials_fake(logits, targets, vocab_start, temperature=1.0, valida
 
 @torch.library.register_fake("tokenspeed::head_logprob_partials")
 def _head_logprob_partials_fake(hidden, weight, targets, vocab_start, temperature=1.0,
-                                validate=True):
+                                validate=True, batch_invariant=False):
     _same_device("head_logprob_partials", hidden=hidden, weight=weight, targets=targets)
     return hidden.new_empty((hidden.shape[0], 4), dtype=torch.float32)
 

@@ -198,10 +198,12 @@ at::Tensor logprob_partials_cpu(const at::Tensor& logits, const at::Tensor& targ
 }
 
 // The product in fp32 (16-bit operands widened first, so every product is exact), a bounded
-// block of rows at a time, each block's rows through row_state as logprob_partials does.
+// block of rows at a time, each block's rows through row_state as logprob_partials does;
+// with batch_invariant the last block zero-padded to the others' rows (the GEMM's blocking
+// follows the shape).
 at::Tensor head_logprob_partials_cpu(const at::Tensor& hidden, const at::Tensor& weight,
                                      const at::Tensor& targets, int64_t vocab_start,
-                                     double temperature, bool validate) {
+                                     double temperature, bool validate, bool batch_invariant) {
   check_head_inputs(hidden, weight, targets);
   check_temperature(temperature);
   check_vocab_start(vocab_start);
@@ -212,7 +214,9 @@ at::Tensor head_logprob_partials_cpu(const at::Tensor& hidden, const at::Tensor&
   const int64_t step = std::max<int64_t>(1, (int64_t(1) << 22) / v);
   for (int64_t r = 0; r < rows; r += step) {
     const int64_t n = std::min(step, rows - r);
-    const at::Tensor logits = at::mm(hidden.narrow(0, r, n).to(at::kFloat), w.t());
+    at::Tensor block = hidden.narrow(0, r, n).to(at::kFloat);
+    if (batch_invariant && n < step) block = at::constant_pad_nd(block, {0, 0, 0, step - n});
+    const at::Tensor logits = at::mm(block, w.t()).narrow(0, 0, n);
     out.narrow(0, r, n).copy_(shard_partials(logits, targets.narrow(0, r, n), vocab_start,
                                              temperature, false, kNoBlockFn));
   }

@@ -100,11 +100,13 @@ at::Tensor logprob_partials_cuda(const at::Tensor& logits, const at::Tensor& tar
   return out;
 }
 
-// The fused kernel where gemm_sm90_supports says it serves the call; else the fp32
-// product a bounded block of rows at a time, through logprob_partials' kernels.
+// The fused kernel where gemm_sm90_supports says it serves the call (its split and K
+// order fixed by V and H: batch-invariant as it is); else the fp32 product a bounded block
+// of rows at a time, through logprob_partials' kernels, the last block zero-padded to the
+// others' rows where batch_invariant asks (cuBLAS picks its algorithm by the shape).
 at::Tensor head_logprob_partials_cuda(const at::Tensor& hidden, const at::Tensor& weight,
                                       const at::Tensor& targets, int64_t vocab_start,
-                                      double temperature, bool validate) {
+                                      double temperature, bool validate, bool batch_invariant) {
   check_head_inputs(hidden, weight, targets);
   check_cuda(hidden, "hidden");
   check_temperature(temperature);
@@ -132,12 +134,17 @@ at::Tensor head_logprob_partials_cuda(const at::Tensor& hidden, const at::Tensor
     merge(state, splits, 1, splits, rows, inv_temp, out.data_ptr<float>(), nullptr, nullptr,
           stream);
   } else {
-    const int64_t step = std::max<int64_t>(1, (int64_t(1) << 26) / v);
+    // fp32 logits of at most 2^26 elements a block; batch-invariant blocks also of at most
+    // 2048 rows, as a call of fewer rows is padded to a whole block
+    int64_t step = std::max<int64_t>(1, (int64_t(1) << 26) / v);
+    if (batch_invariant) step = std::min<int64_t>(step, 2048);
     for (int64_t r = 0; r < rows; r += step) {
       const int64_t n = std::min(step, rows - r);
-      const at::Tensor block = hidden.narrow(0, r, n);
-      const at::Tensor logits = dtype == DType::kFloat32 ? at::mm(block, weight.t())
-                                                         : at::mm(block, weight.t(), at::kFloat);
+      at::Tensor block = hidden.narrow(0, r, n);
+      if (batch_invariant && n < step) block = at::constant_pad_nd(block, {0, 0, 0, step - n});
+      at::Tensor logits = dtype == DType::kFloat32 ? at::mm(block, weight.t())
+                                                   : at::mm(block, weight.t(), at::kFloat);
+      logits = logits.narrow(0, 0, n);
       const at::Tensor state =
           chunk_states(logits, targets.narrow(0, r, n), vocab_start, temperature, stream);
       const int64_t chunks = state.size(1);

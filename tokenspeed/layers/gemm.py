@@ -45,24 +45,21 @@ def row_block(x: Tensor) -> int:
     return ROW_BLOCK[x.device.type]
 
 
-def in_row_blocks(product: Callable[..., Tensor], x: Tensor, block: int, out: Tensor,
-                  *aligned: Tensor) -> Tensor:
-    """product(rows, dest, *aligned rows) over x's rows in blocks of exactly ``block`` rows
-    (the last zero-padded, as are ``aligned``'s, tensors of x's row count cut alike),
-    each block's result written by the product into its rows of ``out`` (no
-    concatenation pass): the product never sees another row count."""
+def in_row_blocks(product: Callable[[Tensor, Tensor], Tensor], x: Tensor, block: int,
+                  out: Tensor) -> Tensor:
+    """product(rows, dest) over x's rows in blocks of exactly ``block`` rows (the last
+    zero-padded), each block's result written by the product into its rows of ``out``
+    (no concatenation pass): the product never sees another row count."""
     n = x.shape[0]
     full = n - n % block
     for i in range(0, full, block):
-        product(x[i:i + block], out[i:i + block], *(a[i:i + block] for a in aligned))
+        product(x[i:i + block], out[i:i + block])
     if full < n:
-        def padded(t: Tensor) -> Tensor:
-            tail = t.new_zeros((block, *t.shape[1:]))
-            tail[:n - full] = t[full:]
-            return tail
-        dest = out.new_empty((block, *out.shape[1:]))
-        product(padded(x), dest, *(padded(a) for a in aligned))
-        out[full:] = dest[:n - full]
+        tail = x.new_zeros((block, *x.shape[1:]))
+        tail[:n - full] = x[full:]
+        padded = out.new_empty((block, *out.shape[1:]))
+        product(tail, padded)
+        out[full:] = padded[:n - full]
     return out
 
 

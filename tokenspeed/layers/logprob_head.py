@@ -145,20 +145,12 @@ class LogprobHead(nn.Module):
         return self.options.fused and hidden.is_cuda
 
     def _fused_partials(self, hidden: Tensor, targets: Tensor, temperature: float) -> Tensor:
-        """[S, 4] partials of this rank's vocabulary from head_logprob_partials. In
-        batch-invariant mode on fixed row blocks, as every product (gemm.py): the op's
-        fused kernel does not depend on the row count, but its fallback (other devices,
-        fp32) takes its GEMM's algorithm from the shape."""
-        weight = self.head_weight()
-
-        def partials(rows: Tensor, row_targets: Tensor) -> Tensor:
-            return tse.head_logprob_partials(rows, weight, row_targets, self.vocab_start,
-                                             temperature, validate=False)
-        if not self.invariant:
-            return partials(hidden, targets)
-        out = hidden.new_empty((hidden.shape[0], 4), dtype=torch.float32)
-        return in_row_blocks(lambda rows, dest, row_targets: dest.copy_(
-            partials(rows, row_targets)), hidden, row_block(hidden), out, targets)
+        """[S, 4] partials of this rank's vocabulary from head_logprob_partials, asked to
+        be batch-invariant in that mode (its fused kernel is; its fallback, on other
+        devices or in fp32, then pads its row blocks)."""
+        return tse.head_logprob_partials(hidden, self.head_weight(), targets, self.vocab_start,
+                                         temperature, validate=False,
+                                         batch_invariant=self.invariant)
 
     def _rows_at_once(self, width: int, hidden: Tensor) -> tuple[int, int | None]:
         """Rows per block of [rows, width] logits (bounded), and the row block their GEMM
