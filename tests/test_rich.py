@@ -394,15 +394,16 @@ def test_row_options_list_the_plain_rows():
     runs = [(None, torch.arange(2)), (call, torch.arange(4)), (None, torch.arange(0)),
             (None, torch.arange(3))]
     opts = row_options(runs, cpu)
-    assert opts.plain.tolist() == [0, 1, 2, 3, 4, 6, 7, 8]
+    assert opts.plain.tolist() == [0, 1, 2, 3, 4, 6, 7, 8] and opts.rich.tolist() == [5]
     assert opts.top_k.tolist() == [0, 0, 0, 0, 0, 5, 0, 0, 0]
-    assert row_options([(call, torch.arange(3, 4)), (None, torch.arange(0))],
-                       cpu).plain is None
+    opts = row_options([(call, torch.arange(3, 4)), (None, torch.arange(0))], cpu)
+    assert opts.plain is None and opts.rich is None
     assert row_options([(call, torch.arange(3)), (None, torch.arange(2))], cpu) is None
     assert row_options([(None, torch.arange(3))], cpu) is None
     # requested ids (an extra output) keep the rich path; its plain rows are still listed
     ids = plan([{}, {"token_ids": [1, 2]}], seqs, 50, {})
-    assert row_options([(ids, torch.arange(3))], cpu).plain.tolist() == [0, 1, 2]
+    opts = row_options([(ids, torch.arange(3))], cpu)
+    assert opts.plain.tolist() == [0, 1, 2] and opts.rich is None
     # top_logprobs or call-wide ids: every row asks something
     assert plan([{}, {}], seqs, 50, {"top_logprobs": 2}).plain is None
     assert plan([{}, {"top_k": 3}], seqs, 50, {"token_ids": [4]}).plain is None

@@ -142,9 +142,10 @@ def row_options(runs: Sequence[tuple[RichCall | None, Tensor]], device: torch.de
     flat output slots. None when no run has a RichCall, or when every row is plain and the
     batch asks no extra output: the plain path. top_logprobs is a call-wide option, so
     every RichCall of a batch has the same. The rows of runs without one, and a RichCall's
-    ``plain`` rows, are listed as ``plain``: the head scores them as on the plain path, so
-    a sequence that asks nothing beyond log-probs scores the same whatever rich rows share
-    its batches or its call."""
+    ``plain`` rows, are listed as ``plain`` (the rest as ``rich``): the head scores them as
+    on the plain path, so a sequence that asks nothing beyond log-probs scores the same
+    whatever rich rows share its batches or its call, and only the rich rows take the rich
+    pass."""
     calls = [rich for rich, _ in runs if rich is not None]
     if not calls:
         return None
@@ -176,10 +177,15 @@ def row_options(runs: Sequence[tuple[RichCall | None, Tensor]], device: torch.de
 
     def rows(parts: list[Tensor]) -> Tensor:
         return torch.cat(parts).to(device, non_blocking=True)
+    others = None  # the rows that are not plain, where some are
+    if plain:
+        asks = torch.ones(at, dtype=torch.bool)
+        asks[torch.cat(plain)] = False
+        others = [asks.nonzero()[:, 0]] if asks.any() else None
     return RowOptions(rows(top_k), rows(top_p), rows(min_p), calls[0].top_logprobs,
                       None if width is None else rows(ids),
                       max(r.candidates for r in calls), any(r.filtered for r in calls),
-                      rows(plain) if plain else None)
+                      rows(plain) if plain else None, rows(others) if others else None)
 
 
 def _pad3(parts: Sequence[Tensor], fill: float, width: int) -> Tensor:

@@ -9,6 +9,7 @@ same way and merges the ranks' partials with the same op.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -168,21 +169,44 @@ class LogprobHead(nn.Module):
         partials, in bounded row blocks; a second pass over a block's logits only for
         the rows whose kept set the candidates do not settle. The rows in ``opts.plain``
         get their log-prob and entropy from ``forward``, as they would in a batch without
-        rich rows."""
+        rich rows, and placeholders for the extra outputs (id -1, log-prob -inf: nothing
+        reads them); only ``opts.rich`` go through the rich pass."""
         if validate:
             self._check_targets(targets)
+        if opts.plain is None:
+            return self._rich_rows(hidden, targets, temperature, opts)
+        rows = hidden.shape[0]
+        out = RichRows(hidden.new_empty(rows, dtype=torch.float32),
+                       hidden.new_empty(rows, dtype=torch.float32), None, None, None)
+        if opts.top_logprobs:
+            out.top_ids = targets.new_full((rows, opts.top_logprobs), -1, dtype=torch.int64)
+            out.top_logprobs = hidden.new_full((rows, opts.top_logprobs), -math.inf,
+                                               dtype=torch.float32)
+        if opts.token_ids is not None:
+            out.token_logprobs = hidden.new_full(opts.token_ids.shape, -math.inf,
+                                                 dtype=torch.float32)
+        lp, ent = self(hidden.index_select(0, opts.plain), targets.index_select(0, opts.plain),
+                       temperature, True)
+        out.log_probs.index_copy_(0, opts.plain, lp)
+        out.entropy.index_copy_(0, opts.plain, ent)
+        if opts.rich is not None:
+            some = self._rich_rows(hidden.index_select(0, opts.rich),
+                                   targets.index_select(0, opts.rich), temperature,
+                                   opts.take(opts.rich))
+            for name, value in vars(some).items():
+                if value is not None:
+                    getattr(out, name).index_copy_(0, opts.rich, value)
+        return out
+
+    def _rich_rows(self, hidden: Tensor, targets: Tensor, temperature: float,
+                   opts: RowOptions) -> RichRows:
+        """forward_rich of rows that are all rich."""
         step, block = self._rows_at_once(self._block_width(), hidden)
         blocks = [self._rich_block(hidden[r:r + step], targets[r:r + step], temperature,
                                    opts.rows(r, r + step), block)
                   for r in range(0, hidden.shape[0], step)]
-        out = RichRows(*(None if parts[0] is None else torch.cat(parts)
-                         for parts in zip(*(vars(b).values() for b in blocks))))
-        if opts.plain is not None:
-            lp, ent = self(hidden.index_select(0, opts.plain),
-                           targets.index_select(0, opts.plain), temperature, True)
-            out.log_probs.index_copy_(0, opts.plain, lp)
-            out.entropy.index_copy_(0, opts.plain, ent)
-        return out
+        return RichRows(*(None if parts[0] is None else torch.cat(parts)
+                          for parts in zip(*(vars(b).values() for b in blocks))))
 
     def _block_width(self) -> int:
         """Logits columns a row of a block holds at once. Under tensor parallelism it is

@@ -72,7 +72,9 @@ def row_cumsum(x: Tensor) -> Tensor:
 class RowOptions:
     """Per scored row: filters (top_k [S] int64, 0 = off; top_p, min_p [S] fp32) and the
     rich outputs asked for (top_logprobs k; token_ids [S, n] int64, -1 = no id); ``plain``:
-    the rows (int64 indices) of calls that asked for plain log-probs only, or None."""
+    the rows (int64 indices) of sequences that asked for plain log-probs only, None when
+    there are none (every row is rich); with them, ``rich``: the other rows, None when
+    there are none."""
     top_k: Tensor
     top_p: Tensor
     min_p: Tensor
@@ -81,6 +83,7 @@ class RowOptions:
     candidates: int  # k of the ops: enough for the filters and the top_logprobs
     filtered: bool = True  # some row has a filter on (False: no candidates needed)
     plain: Tensor | None = None
+    rich: Tensor | None = None
 
     @property
     def needs_candidates(self) -> bool:
@@ -92,6 +95,14 @@ class RowOptions:
         return RowOptions(self.top_k[begin:end], self.top_p[begin:end], self.min_p[begin:end],
                           self.top_logprobs,
                           None if self.token_ids is None else self.token_ids[begin:end],
+                          self.candidates, self.filtered)
+
+    def take(self, index: Tensor) -> RowOptions:
+        """The rows ``index`` (int64, on the options' device): their rich options."""
+        def sub(x: Tensor) -> Tensor:
+            return x.index_select(0, index)
+        return RowOptions(sub(self.top_k), sub(self.top_p), sub(self.min_p), self.top_logprobs,
+                          None if self.token_ids is None else sub(self.token_ids),
                           self.candidates, self.filtered)
 
 
@@ -272,8 +283,7 @@ def _settle(args: tuple[Tensor, ...], tau: Tensor, s_kept: Tensor, w_kept: Tenso
         def sub(x: Tensor) -> Tensor:
             return x.index_select(0, rows)
 
-        sub_opts = RowOptions(sub(opts.top_k), sub(opts.top_p), sub(opts.min_p),
-                              opts.top_logprobs, None, opts.candidates, opts.filtered)
+        sub_opts = opts.take(rows)
         # the steps' row indices are into the subset: the pass gets the block's
         slow = _kept_set_steps(sub(big_s), sub(big_w), sub(ref_m), sub(values), sub(ids),
                                sub_opts, lambda r, thr, rm: mass_above(rows[r], thr, rm),
