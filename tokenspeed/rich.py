@@ -151,18 +151,17 @@ def row_options(runs: Sequence[tuple[RichCall | None, Tensor]], device: torch.de
         return None
     width = max((r.token_ids.shape[1] for r in calls if r.token_ids is not None),
                 default=None)
-    top_k, top_p, min_p, ids, plain = [], [], [], [], []
-    at = 0
+    top_k, top_p, min_p, ids, plain = [], [], [], [], []  # plain: [n] bool a run
     for rich, dst in runs:
         n = len(dst)
         if rich is None:
-            plain.append(torch.arange(at, at + n))
+            plain.append(torch.ones(n, dtype=torch.bool))
             top_k.append(torch.full((n,), DEFAULTS["top_k"], dtype=torch.int64))
             top_p.append(torch.full((n,), DEFAULTS["top_p"], dtype=torch.float32))
             min_p.append(torch.full((n,), DEFAULTS["min_p"], dtype=torch.float32))
         else:
-            if rich.plain is not None:
-                plain.append(rich.plain[dst].nonzero()[:, 0] + at)
+            plain.append(torch.zeros(n, dtype=torch.bool) if rich.plain is None
+                         else rich.plain[dst])
             top_k.append(rich.top_k[dst])
             top_p.append(rich.top_p[dst])
             min_p.append(rich.min_p[dst])
@@ -170,22 +169,20 @@ def row_options(runs: Sequence[tuple[RichCall | None, Tensor]], device: torch.de
             own = (torch.empty(n, 0, dtype=torch.int64)
                    if rich is None or rich.token_ids is None else rich.token_ids[dst])
             ids.append(torch.nn.functional.pad(own, (0, width - own.shape[1]), value=-1))
-        at += n
-    plain = [r for r in plain if r.numel()]
-    if width is None and not calls[0].top_logprobs and sum(map(len, plain)) == at:
+    is_plain = torch.cat(plain)
+    plain_rows = is_plain.nonzero()[:, 0]
+    if width is None and not calls[0].top_logprobs and len(plain_rows) == len(is_plain):
         return None  # every row is plain and no row asks an extra output: the plain path
 
     def rows(parts: list[Tensor]) -> Tensor:
         return torch.cat(parts).to(device, non_blocking=True)
-    others = None  # the rows that are not plain, where some are
-    if plain:
-        asks = torch.ones(at, dtype=torch.bool)
-        asks[torch.cat(plain)] = False
-        others = [asks.nonzero()[:, 0]] if asks.any() else None
+    rich_rows = (~is_plain).nonzero()[:, 0]
+    some_plain = len(plain_rows) > 0
     return RowOptions(rows(top_k), rows(top_p), rows(min_p), calls[0].top_logprobs,
                       None if width is None else rows(ids),
                       max(r.candidates for r in calls), any(r.filtered for r in calls),
-                      rows(plain) if plain else None, rows(others) if others else None)
+                      rows([plain_rows]) if some_plain else None,
+                      rows([rich_rows]) if some_plain and len(rich_rows) else None)
 
 
 def _pad3(parts: Sequence[Tensor], fill: float, width: int) -> Tensor:
@@ -247,8 +244,7 @@ def plan(sequences: Sequence[Mapping[str, Any]], seqs: list[tuple[list[int], lis
         token_ids = torch.full((len(ids), width), -1, dtype=torch.int64)
         for r, row in enumerate(ids):
             token_ids[r, :len(row)] = torch.tensor(row, dtype=torch.int64)
-    open_filter = any(k == 0 and (p < 1.0 or m > 0.0) for k, p, m in
-                      zip(per_seq["top_k"], per_seq["top_p"], per_seq["min_p"]))
+    open_filter = any(on and k == 0 for on, k in zip(filter_on, per_seq["top_k"]))
     plain = None
     if not top_logprobs and call_ids is None:
         asks_nothing = [not on and "token_ids" not in item
