@@ -92,19 +92,23 @@ def _rel_err(x: torch.Tensor, want: torch.Tensor) -> float:
     return ((x.double() - want).norm() / want.norm().clamp_min(1e-30)).item()
 
 
-def _paged_problem(new, prefix, hq, hk, d, page, dtype, seed, runs=False):
+def _paged_problem(new, prefix, hq, hk, d, page, dtype, seed, runs=False, run_pages=0):
     """Random q and caches for requests with `new` tokens after `prefix` cached ones. Pages
     are shuffled, or with `runs` each request's pages lie in two runs of consecutive pages
-    (cut at a random place), the runs in random order with random gaps between them."""
+    (cut at a random place), or with `run_pages` in runs of that many consecutive pages;
+    the runs in random order with random gaps between them."""
     gen = torch.Generator(DEV).manual_seed(seed)
     kv_lens = [a + b for a, b in zip(new, prefix)]
     need = [(L + page - 1) // page for L in kv_lens]
     max_pages = max(need + [1])
     table = torch.full((len(new), max_pages + 1), -1, dtype=torch.int32, device=DEV)
-    if runs:
+    if runs or run_pages:
         cpu = torch.Generator().manual_seed(seed)
         pieces = []
         for i, c in enumerate(need):
+            if run_pages:
+                pieces += [(i, lo, min(lo + run_pages, c)) for lo in range(0, c, run_pages)]
+                continue
             cut = int(torch.randint(0, c + 1, (1,), generator=cpu))
             pieces += [(i, 0, cut), (i, cut, c)]
         total = 0
@@ -194,6 +198,27 @@ def test_attention_kv_loads_tma_and_cp_async_agree_small(dtype, page, d, monkeyp
     for load in ("cp_async", "auto"):
         monkeypatch.setenv("TOKENSPEED_ATTENTION_KV_LOAD", load)
         assert torch.equal(tse.paged_prefill_attention(*args), out), load
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("page", [4, 16, 32])
+@pytest.mark.parametrize("run_pages", [5, 24])
+def test_attention_kv_load_runs_over_long_requests(page, run_pages, monkeypatch):
+    """Small pages in runs of run_pages consecutive pages, placed anywhere: the wgmma
+    kernel finds which 64-key halves lie within one run (TMA) and which do not (cp.async)
+    a chunk of 16 K/V tiles (2048 keys) at a time. Requests of one to three chunks, runs
+    across the chunks' bounds: bitwise what cp.async alone gives, and the reference."""
+    if not _wgmma_device():
+        pytest.skip("the wgmma kernel runs on sm_90 devices")
+    monkeypatch.delenv("TOKENSPEED_ATTENTION_KERNEL", raising=False)
+    new, prefix = [64, 300, 1, 90], [4040, 2200, 2100, 500]
+    args = _paged_problem(new, prefix, 28, 4, 128, page, torch.bfloat16,
+                          seed=page * run_pages, run_pages=run_pages)
+    _poison_unread_slots(args[1], args[2], args[3], args[5])
+    monkeypatch.setenv("TOKENSPEED_ATTENTION_KV_LOAD", "tma")
+    out = _check_attention(args, torch.bfloat16)
+    monkeypatch.setenv("TOKENSPEED_ATTENTION_KV_LOAD", "cp_async")
+    assert torch.equal(tse.paged_prefill_attention(*args), out)
 
 
 @pytest.mark.gpu

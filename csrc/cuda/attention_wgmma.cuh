@@ -57,7 +57,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1) paged_attention_wgmma_kernel(
   const Sm90Smem<T> sm{sQ, sK, sV, items, q_full, q_empty, kv_full, k_empty, v_empty,
                        softmax_done};
 
-  const int tid = threadIdx.x, lane = tid % 32;
+  const int tid = threadIdx.x;
   if (tid == 0) sm.init_barriers();
   __syncthreads();
 
@@ -67,7 +67,8 @@ __global__ void __launch_bounds__(kSm90Threads, 1) paged_attention_wgmma_kernel(
     return;
   }
   pipe::setmaxnreg_inc<kSm90ConsumerRegs>();
-  sm90_consumer<T, D>(p, sm, tid, lane);
+  // the lane taken here, past setmaxnreg: taken before it, ptxas kept it in local memory
+  sm90_consumer<T, D>(p, sm, tid, tid % 32);
 #endif  // TS_SM90A_DEVICE
 }
 

@@ -156,34 +156,37 @@ __device__ __forceinline__ void sm90_producer(const PagedAttnParams& p, const vo
     int page[kPasses];   // this thread's key's page in each pass (half)
     int box_slot = 0;    // warp 0's lanes 0-1: the first cache slot of the lane's box
     int mask = 0;        // the halves of the looked-up tile that come by TMA
-    // Small pages, every warp alike: page `lane` of a tile (lanes of its whole halves), for
-    // the run check. Loaded a tile before the check: a check waiting on a load issued just
-    // behind the previous tile's copies cost the gathers 7-23% (bench/NOTES.md).
-    int run_entry = -1, run_next = -1;
-    auto load_run = [&](int j) {
-      return lane < __popc(whole_boxes(j)) * box_pages
-                 ? __ldg(it.t.pages + page_entry(p, j * kSm90Keys) + lane)
-                 : -1;
+    // Small pages, every warp alike: bit 2t + h of run_word says that half h of tile
+    // 16c + t (of chunk c) is whole and its box_pages (<= 16) pages run consecutively in
+    // the cache, wherever they start; lane 2t + h holds that half's first page. Checked
+    // a chunk at a time, a lane a half, when the chunk's first tile is looked up: the same
+    // check a tile at a time (shuffles and a ballot per tile, in every producer warp) cost
+    // the dense shapes 5% against pages of 64 keys (bench/NOTES.md).
+    constexpr int kChunkTiles = 16;
+    unsigned run_word = 0;
+    int run_first = 0;
+    auto check_runs = [&](int j) {
+      const int key = (j * kPasses + lane) * kSm90Pass;  // this lane's half's first key
+      bool run = key + kSm90Pass <= it.t.kv_len;
+      if (run) {
+        const int32_t* entry = it.t.pages + page_entry(p, key);
+        run_first = __ldg(entry);
+#pragma unroll 4
+        for (int i = 1; i < box_pages; ++i) run &= __ldg(entry + i) == run_first + i;
+      }
+      run_word = __ballot_sync(0xffffffffu, run);
     };
     // Sets mask and box_slot for tile j and issues the page loads of the halves it gathers
     // (nothing waits for them): the pages of halves that come by TMA are not loaded, which
-    // cost the consecutive small pages 3-7% (bench/NOTES.md). Small pages: a half comes by
-    // TMA where its box_pages (<= 16) pages run consecutively in the cache, wherever they
-    // start.
+    // cost the consecutive small pages 3-7% (bench/NOTES.md).
     auto look_up = [&](int j) {
       mask = whole_boxes(j);
       if (box_pages > 1) {
-        run_entry = j == 0 ? load_run(0) : run_next;
-        run_next = j + 1 < tiles ? load_run(j + 1) : -1;
-        if (mask != 0) {
-          const int first = __shfl_sync(0xffffffffu, run_entry, lane / box_pages * box_pages);
-          const unsigned ok = __ballot_sync(0xffffffffu, run_entry == first + lane % box_pages);
-          const unsigned all = (1u << box_pages) - 1;
-          if ((ok & all) != all) mask &= ~1;
-          if (((ok >> box_pages) & all) != all) mask &= ~2;
-          const int half_first = __shfl_sync(0xffffffffu, run_entry, (lane & 1) * box_pages);
-          if (tid < 2) box_slot = half_first * p.page_size;
-        }
+        const int t = j % kChunkTiles;
+        if (t == 0) check_runs(j);
+        mask &= run_word >> (t * kPasses) & 3;
+        const int first = __shfl_sync(0xffffffffu, run_first, t * kPasses + (lane & 1));
+        if (tid < 2) box_slot = first * p.page_size;
       } else if (tid < kSm90Keys / max(box_rows, 1) && (mask >> (tid * box_rows / 64) & 1)) {
         const int key = j * kSm90Keys + tid * box_rows;
         box_slot = static_cast<int>(page_slot(p, __ldg(it.t.pages + page_entry(p, key)), key));
