@@ -7,7 +7,10 @@ a fragmented pool hands them out (page size 16: cp.async gathers where pages are
 scattered, a TMA box per 64 keys where consecutive; 64 or more: TMA a page at a time);
 the peers get the same data de-paged and contiguous (K/V heads repeated for GQA), with
 causal masks aligned at the bottom right (each request's new tokens are the last of its
-sequence). TFLOP/s count only unmasked work: 4 * D * Hq * sum over new tokens of the keys
+sequence). With --view-page P the same consecutive cache is also read as pages of P keys
+(a view of the same tensor and table), so page sizes compare on the same bytes in one
+process; requests whose pages do not start on a P boundary leave that column n/a.
+TFLOP/s count only unmasked work: 4 * D * Hq * sum over new tokens of the keys
 they see. The cp_async column is our wgmma kernel with every K/V load a cp.async gather
 (TOKENSPEED_ATTENTION_KV_LOAD), the mma_sync column our kernel for devices other than
 sm_90 (TOKENSPEED_ATTENTION_KERNEL=mma_sync), both on the same data. The timed calls of
@@ -16,7 +19,7 @@ of the clocks over the run falls on all of them alike.
 
     python bench/bench_attention.py [--models qwen2.5-7b llama-3-8b] [--page 16]
         [--layout shuffled|consecutive|runs] [--run-pages R]
-        [--variants TOKENSPEED_ATTENTION_KV_LOAD=cp_async mma_sync ...]
+        [--variants TOKENSPEED_ATTENTION_KV_LOAD=cp_async mma_sync ...] [--view-page 64]
 """
 from __future__ import annotations
 
@@ -84,6 +87,22 @@ def depaged(kc, table, lens):
             for i, n in enumerate(lens.tolist())]
 
 
+def page_view(kc, vc, table, lens, page: int):
+    """The cache and table read as pages of `page` keys (a multiple of the cache's), or None
+    where a request's pages do not start on such a boundary or do not run on."""
+    r = page // kc.shape[1]
+    need = (lens + kc.shape[1] - 1) // kc.shape[1]
+    for i, n in enumerate(need.tolist()):
+        row = table[i, :n]
+        if row[0] % r or not torch.equal(row, row[0] + torch.arange(n, device=row.device,
+                                                                     dtype=row.dtype)):
+            return None
+    if kc.shape[0] % r:
+        return None
+    k, v = (c.view(-1, page, *c.shape[2:]) for c in (kc, vc))
+    return k, v, (table[:, ::r] // r).contiguous()
+
+
 def with_env(name: str, value: str, fn):
     """fn with the environment variable ``name`` set to ``value`` for each call."""
     def run(i):
@@ -136,12 +155,19 @@ def main() -> None:
                     default=["TOKENSPEED_ATTENTION_KV_LOAD=cp_async", "mma_sync"],
                     help="other settings of ours to time (TFLOP/s columns): NAME=value, or a "
                          "bare TOKENSPEED_ATTENTION_KERNEL value")
+    ap.add_argument("--view-page", type=int, default=0,
+                    help="also read the consecutive cache as pages of this many keys (a "
+                         "multiple of --page), timed in the same rounds")
     args = ap.parse_args()
+    if args.view_page and (args.layout != "consecutive" or args.view_page % args.page):
+        ap.error("--view-page needs --layout consecutive and a multiple of --page")
     print(f"# {torch.cuda.get_device_name()}  torch {torch.__version__}  page {args.page}"
           f" ({args.layout})")
     variants = [v.split("=", 1)[1] if "=" in v else v for v in args.variants]
     settings = [v.split("=", 1) if "=" in v else ("TOKENSPEED_ATTENTION_KERNEL", v)
                 for v in args.variants]
+    if args.view_page:
+        variants.append(f"as page {args.view_page}")
     header = (f"{'model':>12} {'shape':>9} | {'ours ms':>8} {'TF/s':>6} | "
               + "".join(f"{v[:12]:>12} | " for v in variants) +
               f"{'flash':>6} {'x':>5} | {'cudnn':>6} {'x':>5} | max|ours-flash|")
@@ -162,6 +188,12 @@ def main() -> None:
             fns = {"ours": call}
             for env, value in settings:
                 fns[f"{env}={value}"] = with_env(env, value, call)
+            viewed = page_view(kc, vc, table, lens, args.view_page) if args.view_page else None
+            if viewed is not None:
+                def call_view(i, args=(q, *viewed[:2], viewed[2], cu, lens)):
+                    return tse.paged_prefill_attention(*args)
+                assert torch.equal(call_view(0), out), "the page view reads other keys"
+                fns["view"] = call_view
             ks, vs = depaged(kc, table, lens), depaged(vc, table, lens)
             diff = float("nan")
             for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION):
@@ -180,6 +212,9 @@ def main() -> None:
             ours_ms = ms["ours"]
             variant_tfs = "".join(f"{flops / ms[f'{env}={value}'] / 1e9:12.0f} | "
                                   for env, value in settings)
+            if args.view_page:
+                variant_tfs += (f"{flops / ms['view'] / 1e9:12.0f} | " if "view" in ms
+                                else f"{'n/a':>12} | ")
             cells = [f"{flops / ms[b.name] / 1e9:6.0f} {ms[b.name] / ours_ms:5.2f}"
                      if b.name in ms else f"{'n/a':>6} {'':>5}"
                      for b in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION)]
@@ -187,7 +222,7 @@ def main() -> None:
                     f"{variant_tfs}{cells[0]} | {cells[1]} | {diff:.3g}")
             rows.append(line)
             print(line, flush=True)
-            del q, kc, vc, ks, vs, out, fns, call
+            del q, kc, vc, ks, vs, out, fns, call, viewed
             run = ref = None  # the peers' copies of the data
             torch.cuda.empty_cache()
     print("\n".join(["", "summary (peer columns: their TFLOP/s, their time / ours)"] + rows))

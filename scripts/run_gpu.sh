@@ -36,10 +36,10 @@ for s in $stages; do
       timeout 240 python3 bench/bench_logprobs.py 2>&1 | tee "$OUT/bench_logprobs.log" | tail -16 ;;
     bench_attention)
       # page 16 (the engine's) with each request's pages consecutive (TMA where a half
-      # tile's pages run on) and shuffled (gathers), then 64 (TMA a page at a time), then
-      # head dim 64 against the mma.sync kernel
+      # tile's pages run on; the same cache also read as page 64) and shuffled (gathers),
+      # then 64 (TMA a page at a time), then head dim 64 against the mma.sync kernel
       step bench_attention
-      for args in "--page 16 --layout consecutive" "--page 16" "--page 64" \
+      for args in "--page 16 --layout consecutive --view-page 64" "--page 16" "--page 64" \
           "--models qwen2.5-0.5b llama-3.2-1b --layout consecutive --variants mma_sync"; do
         timeout 240 python3 bench/bench_attention.py $args 2>&1 \
           | tee -a "$OUT/bench_attention.log" | tail -12
