@@ -174,15 +174,20 @@ def row_options(runs: Sequence[tuple[RichCall | None, Tensor]], device: torch.de
     if width is None and not calls[0].top_logprobs and len(plain_rows) == len(is_plain):
         return None  # every row is plain and no row asks an extra output: the plain path
 
+    def on_device(t: Tensor) -> Tensor:
+        return t.to(device, non_blocking=True)
+
     def rows(parts: list[Tensor]) -> Tensor:
-        return torch.cat(parts).to(device, non_blocking=True)
-    rich_rows = (~is_plain).nonzero()[:, 0]
-    some_plain = len(plain_rows) > 0
+        return on_device(torch.cat(parts))
+    plain_out = rich_out = None
+    if len(plain_rows):
+        plain_out = on_device(plain_rows)
+        rich_rows = (~is_plain).nonzero()[:, 0]
+        rich_out = on_device(rich_rows) if len(rich_rows) else None
     return RowOptions(rows(top_k), rows(top_p), rows(min_p), calls[0].top_logprobs,
                       None if width is None else rows(ids),
                       max(r.candidates for r in calls), any(r.filtered for r in calls),
-                      rows([plain_rows]) if some_plain else None,
-                      rows([rich_rows]) if some_plain and len(rich_rows) else None)
+                      plain_out, rich_out)
 
 
 def _pad3(parts: Sequence[Tensor], fill: float, width: int) -> Tensor:
